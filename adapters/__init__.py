@@ -1,0 +1,1 @@
+"""Registry adapters, one package each, found through the discoveryd.adapters entry points."""

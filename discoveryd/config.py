@@ -1,0 +1,340 @@
+"""The YAML config file: schema, loading, and errors that point at the line.
+
+`load(path)` reads the file, validates the daemon's own sections with the
+models below and each entry of `registries:` with the config model of the
+adapter registered for its `kind` (entry-point group `discoveryd.adapters`).
+Any problem raises `ConfigError`, whose `problems` are `file:line: key: message`
+strings, one per problem, all of them at once.
+
+Relative paths in registry configs are resolved by the adapters against
+`Config.base_dir`, the directory of the config file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import cache
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from discoveryd.registry import ENTRY_POINT_GROUP, AdapterSpec, RegistryConfig
+
+DEFAULT_PATHS = (Path("config/discoveryd.yaml"), Path("/etc/discoveryd/discoveryd.yaml"))
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """`100ms`, `5s`, `1m`, `1h`, or a bare number of seconds → seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 100ms, 5s or 1m")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"{value!r} is not a duration such as 100ms, 5s or 1m")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def split_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """`127.0.0.1:15010`, `[::1]:53`, `::1` (with a default port) → (host, port)."""
+    value = value.strip()
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep:
+            raise ValueError(f"{value!r}: missing ']'")
+        port_s = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        host, _, port_s = value.partition(":")
+    else:
+        host, port_s = value, ""
+    if not port_s:
+        if default_port is None:
+            raise ValueError(f"{value!r} has no port (expected host:port)")
+        return host, default_port
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"{value!r}: port must be a number 0-65535")
+    return host, int(port_s)
+
+
+def _hostport(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected host:port")
+    split_hostport(value)
+    return value
+
+
+HostPort = Annotated[str, BeforeValidator(_hostport)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LbPolicy(StrEnum):
+    ROUND_ROBIN = "ROUND_ROBIN"
+    LEAST_REQUEST = "LEAST_REQUEST"
+    RANDOM = "RANDOM"
+
+
+class TlsConfig(_Section):
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+    """When set, clients must present a certificate signed by this CA (mTLS)."""
+
+
+class XdsConfig(_Section):
+    listen: HostPort = "127.0.0.1:15010"
+    tls_listen: HostPort = "127.0.0.1:15012"
+    """Used only when `tls` is set."""
+    tls: TlsConfig | None = None
+    debounce_after: Duration = 0.1
+    debounce_max: Duration = 1.0
+    connect_timeout: Duration = 10.0
+    lb_policy: LbPolicy = LbPolicy.ROUND_ROBIN
+
+
+def _forward_target(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected an upstream resolver 'ip' or 'ip:port'")
+    host, _ = split_hostport(value, 53)
+    ipaddress.ip_address(host)
+    return value
+
+
+class DnsConfig(_Section):
+    listen: list[HostPort] = Field(default_factory=lambda: ["127.0.0.1:15053"])
+    zones: list[str] = Field(default_factory=list)
+    ttl: Duration = 30.0
+    forward: list[Annotated[str, BeforeValidator(_forward_target)]] = Field(default_factory=list)
+    allow_forward_from: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        default_factory=lambda: [
+            ipaddress.ip_network(n)
+            for n in ("127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "::1/128")
+        ]
+    )
+    forward_timeout: Duration = 2.0
+    """Per upstream, per try."""
+    cache_size: int = Field(default=10000, ge=0)
+    """Forwarded answers kept (0: no cache)."""
+    tcp_idle_timeout: Duration = 10.0
+    tcp_max_connections: int = Field(default=1024, ge=1)
+
+    @field_validator("zones")
+    @classmethod
+    def _zones(cls, zones: list[str]) -> list[str]:
+        return [z.strip().rstrip(".").lower() for z in zones]
+
+
+class AdminConfig(_Section):
+    listen: HostPort = "127.0.0.1:15014"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class _Document(_Section):
+    registries: list[dict[str, Any]] = Field(default_factory=list)
+    xds: XdsConfig = Field(default_factory=XdsConfig)
+    dns: DnsConfig = Field(default_factory=DnsConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    log_level: LogLevel = LogLevel.INFO
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A validated config file."""
+
+    path: Path
+    registries: tuple[RegistryConfig, ...]
+    xds: XdsConfig
+    dns: DnsConfig
+    admin: AdminConfig
+    log_level: LogLevel
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def to_dict(self) -> dict[str, Any]:
+        """For /debug/configz: the effective config, defaults filled in."""
+        return {
+            "path": str(self.path),
+            "registries": [r.model_dump(mode="json") for r in self.registries],
+            "xds": self.xds.model_dump(mode="json"),
+            "dns": self.dns.model_dump(mode="json"),
+            "admin": self.admin.model_dump(mode="json"),
+            "log_level": self.log_level.value,
+        }
+
+
+class ConfigError(Exception):
+    """The config cannot be used; `problems` are `file:line: key: message` lines."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+@cache
+def adapters() -> Mapping[str, AdapterSpec]:
+    """Registry kinds installed, from the `discoveryd.adapters` entry points."""
+    found: dict[str, AdapterSpec] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        spec = ep.load()
+        if not isinstance(spec, AdapterSpec):
+            raise TypeError(f"entry point {ep.name} = {ep.value} is not an AdapterSpec")
+        found[ep.name] = spec
+    return found
+
+
+def find_config(explicit: str | os.PathLike[str] | None) -> Path:
+    if explicit is not None:
+        return Path(explicit)
+    for candidate in DEFAULT_PATHS:
+        if candidate.exists():
+            return candidate
+    return DEFAULT_PATHS[0]
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    path = Path(path).expanduser().absolute()
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror or e}"]) from e
+    return parse(text, path)
+
+
+def parse(text: str, path: Path) -> Config:
+    """Validate config text as if read from `path` (for line numbers and base_dir)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        reason = getattr(e, "problem", None) or str(e)
+        raise ConfigError([f"{path}{line}: invalid YAML: {reason}"]) from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}:1: the config must be a mapping of sections"])
+
+    problems: list[str] = []
+    try:
+        doc = _Document.model_validate(data)
+    except ValidationError as e:
+        problems.extend(_format(e, path, node, ()))
+        raise ConfigError(problems) from None
+
+    registries: list[RegistryConfig] = []
+    seen: dict[tuple[str, str], int] = {}
+    kinds = adapters()
+    for i, raw in enumerate(doc.registries):
+        loc: tuple[str | int, ...] = ("registries", i)
+        kind = raw.get("kind")
+        spec = kinds.get(kind) if isinstance(kind, str) else None
+        if spec is None:
+            known = ", ".join(sorted(kinds)) or "none installed"
+            where = _where(path, node, (*loc, "kind") if "kind" in raw else loc)
+            problems.append(f"{where}: registries[{i}].kind: unknown registry kind {kind!r} (known: {known})")
+            continue
+        try:
+            reg = spec.config_model.model_validate(raw)
+        except ValidationError as e:
+            problems.extend(_format(e, path, node, loc))
+            continue
+        key = (reg.kind, reg.name)
+        if key in seen:
+            where = _where(path, node, (*loc, "name"))
+            problems.append(
+                f"{where}: registries[{i}].name: {reg.kind}/{reg.name} is already defined by registries[{seen[key]}]"
+            )
+            continue
+        seen[key] = i
+        registries.append(reg)
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        path=path,
+        registries=tuple(registries),
+        xds=doc.xds,
+        dns=doc.dns,
+        admin=doc.admin,
+        log_level=doc.log_level,
+    )
+
+
+def _format(e: ValidationError, path: Path, node: yaml.Node | None, prefix: tuple[str | int, ...]) -> list[str]:
+    out = []
+    for err in e.errors():
+        loc = (*prefix, *(p for p in err["loc"] if not isinstance(p, str) or not p.startswith("function-")))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        out.append(f"{_where(path, node, loc)}: {dotted(loc)}: {msg}")
+    return out
+
+
+def dotted(loc: Sequence[str | int]) -> str:
+    out = ""
+    for p in loc:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += ("." if out else "") + p
+    return out or "(top)"
+
+
+def _where(path: Path, node: yaml.Node | None, loc: Sequence[str | int]) -> str:
+    """`file:line` of the deepest YAML node along `loc` that exists."""
+    line = 1
+    current = node
+    for part in loc:
+        if current is None:
+            break
+        line = current.start_mark.line + 1
+        nxt: yaml.Node | None = None
+        if isinstance(current, yaml.MappingNode):
+            for k, v in current.value:
+                if isinstance(k, yaml.ScalarNode) and k.value == str(part):
+                    line = k.start_mark.line + 1
+                    nxt = v
+                    break
+        elif isinstance(current, yaml.SequenceNode) and isinstance(part, int) and part < len(current.value):
+            nxt = current.value[part]
+        current = nxt
+    if current is not None:
+        line = current.start_mark.line + 1
+    return f"{path}:{line}"

@@ -1,0 +1,248 @@
+"""The values that flow from registries through the index to the servers.
+
+Adapters build `Service` values (with their `Endpoint`s) and hand them to their
+shard writer (see `discoveryd.registry`). The index merges them into a
+`Snapshot`; the xDS and DNS servers read that. Everything here is immutable:
+once a value has been handed over, nobody changes it, so a snapshot can be
+shared by every connection and every task without copying or locking.
+
+Mappings inside these values (`labels`, `Endpoint.ports`) are plain dicts by
+convention never mutated after construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import NewType
+
+SourceId = NewType("SourceId", str)
+"""`<kind>/<name>` of a configured registry, e.g. `kubernetes/cluster1`."""
+
+Hostname = NewType("Hostname", str)
+"""A fully qualified name, lower case, without the trailing dot."""
+
+
+def source_id(kind: str, name: str) -> SourceId:
+    return SourceId(f"{kind}/{name}")
+
+
+def hostname(name: str) -> Hostname:
+    """Normalise a DNS name: lower case, no trailing dot."""
+    return Hostname(name.strip().rstrip(".").lower())
+
+
+class Protocol(StrEnum):
+    """Port protocols, with Istio's names."""
+
+    HTTP = "HTTP"
+    HTTP2 = "HTTP2"
+    HTTPS = "HTTPS"
+    GRPC = "GRPC"
+    GRPC_WEB = "GRPC-WEB"
+    TCP = "TCP"
+    TLS = "TLS"
+    UDP = "UDP"
+    MONGO = "MONGO"
+    REDIS = "REDIS"
+    MYSQL = "MYSQL"
+
+    @property
+    def is_http2(self) -> bool:
+        return self in (Protocol.HTTP2, Protocol.GRPC, Protocol.GRPC_WEB)
+
+    @property
+    def is_udp(self) -> bool:
+        return self is Protocol.UDP
+
+
+# Port-name prefixes that select a protocol (Istio's protocol selection by name:
+# `http`, `http-web`, `grpc-api`, ...). Kubernetes `appProtocol` wins over this.
+_PREFIXES: dict[str, Protocol] = {
+    "http": Protocol.HTTP,
+    "http2": Protocol.HTTP2,
+    "https": Protocol.HTTPS,
+    "grpc": Protocol.GRPC,
+    "grpc-web": Protocol.GRPC_WEB,
+    "tcp": Protocol.TCP,
+    "tls": Protocol.TLS,
+    "udp": Protocol.UDP,
+    "mongo": Protocol.MONGO,
+    "redis": Protocol.REDIS,
+    "mysql": Protocol.MYSQL,
+}
+
+
+def parse_protocol(value: str) -> Protocol | None:
+    """A protocol from its name in any case (`http2`, `GRPC`, `grpc-web`), or None."""
+    return _PREFIXES.get(value.strip().lower())
+
+
+def protocol_from_port_name(name: str, default: Protocol = Protocol.TCP) -> Protocol:
+    """Istio's selection by port name: `grpc-web` → GRPC-WEB, `http-api` → HTTP, `tcp` → TCP."""
+    lowered = name.lower()
+    if lowered.startswith("grpc-web"):
+        return Protocol.GRPC_WEB
+    prefix = lowered.split("-", 1)[0]
+    return _PREFIXES.get(prefix, default)
+
+
+class Resolution(StrEnum):
+    STATIC = "STATIC"
+    DNS = "DNS"
+    DNS_ROUND_ROBIN = "DNS_ROUND_ROBIN"
+    NONE = "NONE"
+
+
+class Location(StrEnum):
+    MESH_INTERNAL = "MESH_INTERNAL"
+    MESH_EXTERNAL = "MESH_EXTERNAL"
+
+
+class Health(StrEnum):
+    HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
+    DRAINING = "DRAINING"
+    UNKNOWN = "UNKNOWN"
+
+    @property
+    def serving(self) -> bool:
+        """Whether a client without a proxy should be handed this endpoint (DNS)."""
+        return self in (Health.HEALTHY, Health.UNKNOWN)
+
+
+@dataclass(frozen=True, slots=True)
+class Port:
+    number: int
+    name: str
+    protocol: Protocol = Protocol.TCP
+    target_port: int | None = None
+    """The port the workloads listen on, when it differs from `number`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Locality:
+    region: str = ""
+    zone: str = ""
+    subzone: str = ""
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.region, self.zone, self.subzone) if p) or "-"
+
+
+NO_LOCALITY = Locality()
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One workload instance of a service.
+
+    `address` is an IP literal, a `unix://` path, or a hostname (for
+    DNS-resolution services). `ports` maps a service port *name* to the port
+    number on this endpoint; a port not listed here uses the service port's
+    `target_port`, else its `number`.
+    """
+
+    address: str
+    ports: Mapping[str, int] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    locality: Locality = NO_LOCALITY
+    weight: int = 1
+    health: Health = Health.HEALTHY
+    network: str = ""
+    service_account: str = ""
+    hostname: str = ""
+    """Per-endpoint DNS label (Kubernetes pod hostname), `""` when none."""
+    priority: int = 0
+    """SRV priority (SkyDNS); lower is preferred."""
+    source: SourceId = SourceId("")
+    """The registry that reported this endpoint; set by the index on write."""
+
+    @property
+    def is_ip(self) -> bool:
+        return is_ip(self.address)
+
+    def port_for(self, port: Port) -> int:
+        """The number this endpoint serves `port` on."""
+        found = self.ports.get(port.name)
+        if found is not None:
+            return found
+        return port.target_port if port.target_port is not None else port.number
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A service as one registry (or, after merging, the index) sees it."""
+
+    hostname: Hostname
+    namespace: str = "default"
+    ports: tuple[Port, ...] = ()
+    addresses: tuple[str, ...] = ()
+    """VIPs (ClusterIPs, ServiceEntry `addresses`); may hold CIDRs for NONE/STATIC."""
+    resolution: Resolution = Resolution.STATIC
+    location: Location = Location.MESH_INTERNAL
+    labels: Mapping[str, str] = field(default_factory=dict)
+    source: SourceId = SourceId("")
+    endpoints: tuple[Endpoint, ...] = ()
+    name: str = ""
+    """The registry's own name for the object (ServiceEntry/Service name, Consul service)."""
+    export_to: tuple[str, ...] = ()
+    subject_alt_names: tuple[str, ...] = ()
+
+    def port(self, number: int) -> Port | None:
+        for p in self.ports:
+            if p.number == number:
+                return p
+        return None
+
+    def with_endpoints(self, endpoints: tuple[Endpoint, ...]) -> Service:
+        return dataclasses.replace(self, endpoints=endpoints)
+
+    @property
+    def is_wildcard(self) -> bool:
+        return self.hostname.startswith("*.")
+
+
+def is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """A problem with registry input: where it is and what is wrong.
+
+    `where` is `file:line` for files, the key for etcd, the object for
+    Kubernetes; `field` is the dotted path of the offending field, if any.
+    """
+
+    where: str
+    message: str
+    field: str = ""
+
+    def __str__(self) -> str:
+        if self.field:
+            return f"{self.where}: {self.field}: {self.message}"
+        return f"{self.where}: {self.message}"
+
+
+class ZoneFlavor(StrEnum):
+    """Which naming rules the DNS server applies under a zone."""
+
+    PLAIN = "plain"
+    KUBERNETES = "kubernetes"
+    CONSUL = "consul"
+
+
+@dataclass(frozen=True, slots=True)
+class Zone:
+    """A DNS zone the daemon is authoritative for, and the naming rules under it."""
+
+    name: Hostname
+    flavor: ZoneFlavor = ZoneFlavor.PLAIN

@@ -1,0 +1,143 @@
+"""The contract between registry adapters and the daemon.
+
+An adapter is found through the `discoveryd.adapters` entry-point group: the
+entry point's name is the registry `kind` and its object is an `AdapterSpec`
+(the adapter's config model and a factory). For every configured registry the
+supervisor validates that registry's YAML with the config model, builds a
+`Registry` with the factory and runs `Registry.run(shard)` in its own task
+until the task is cancelled (config reload removed it, or shutdown).
+
+The adapter owns exactly one shard of the index, reached only through the
+`ShardWriter` it is given: it replaces everything, or upserts/deletes one
+service, and reports its sync state and input problems. It never sees the
+index, the servers, or another adapter.
+
+Optional capabilities are separate small Protocols (`OfflineChecker`,
+`ZoneProvider`), checked with isinstance, never added to `Registry`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+from discoveryd.model import Hostname, Problem, Service, SourceId, Zone, ZoneFlavor, source_id
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "AdapterContext",
+    "AdapterSpec",
+    "OfflineChecker",
+    "Registry",
+    "RegistryConfig",
+    "ShardWriter",
+    "Zone",
+    "ZoneFlavor",
+    "ZoneProvider",
+]
+
+ENTRY_POINT_GROUP = "discoveryd.adapters"
+
+
+class RegistryConfig(BaseModel):
+    """Keys every registry has. Adapters subclass this with their own keys.
+
+    Unknown keys are errors (`extra="forbid"`), values are immutable once read.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str
+    name: str
+
+    @property
+    def source(self) -> SourceId:
+        return source_id(self.kind, self.name)
+
+
+class ShardWriter(Protocol):
+    """An adapter's only handle on the index: its own shard.
+
+    Every call takes effect at once (a new index version) unless made inside
+    `batch()`, which publishes once on exit. Calls are made from the event
+    loop thread that runs the adapter's task.
+    """
+
+    @property
+    def source(self) -> SourceId: ...
+
+    def replace(self, services: Iterable[Service]) -> None:
+        """Make the shard hold exactly these services (a full sync)."""
+
+    def upsert(self, service: Service) -> None:
+        """Add or replace the service with this hostname."""
+
+    def delete(self, hostname: Hostname) -> None:
+        """Remove the service with this hostname; a missing one is no error."""
+
+    def mark_synced(self) -> None:
+        """The shard reflects the registry now: clears staleness, counts toward readiness."""
+
+    def mark_failing(self, error: str) -> None:
+        """The registry cannot be reached or read: content is kept, marked stale."""
+
+    def set_problems(self, scope: str, problems: Sequence[Problem]) -> None:
+        """Replace the input problems reported for `scope` (a file, a key prefix, ...).
+
+        An empty sequence clears them. Problems are shown in /debug/registryz
+        and counted in metrics; they never remove data by themselves.
+        """
+
+    def batch(self) -> AbstractContextManager[None]:
+        """`with shard.batch(): ...` publishes all writes inside as one version."""
+
+
+@runtime_checkable
+class Registry(Protocol):
+    """A running connection to one registry (Istio's `serviceregistry.Instance`)."""
+
+    config: RegistryConfig
+
+    async def run(self, shard: ShardWriter) -> None:
+        """Sync the shard with the registry until cancelled.
+
+        Must not return while it can still make progress; it retries with
+        backoff (tenacity) on errors and calls `shard.mark_failing` while the
+        registry is unreachable. Cancellation is the only normal way out.
+        """
+
+
+@runtime_checkable
+class ZoneProvider(Protocol):
+    """A registry whose names live under DNS zones of its own (cluster domain, Consul domain)."""
+
+    def zones(self) -> Sequence[Zone]: ...
+
+
+@runtime_checkable
+class OfflineChecker(Protocol):
+    """A registry whose input can be validated without connecting (files)."""
+
+    def check(self) -> Sequence[Problem]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterContext:
+    """What the daemon tells a factory about where it runs."""
+
+    base_dir: Path
+    """The directory of the config file; relative paths in the config are relative to it."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterSpec:
+    """The object an adapter's entry point names."""
+
+    kind: str
+    config_model: type[RegistryConfig]
+    factory: Callable[[RegistryConfig, AdapterContext], Registry]

@@ -1,0 +1,46 @@
+"""Fixtures shared by every test: leaked-task detection and an index to write to."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from discoveryd.index import Index
+
+# Tasks that belong to libraries and outlive a test by design (grpc's aio
+# poller is one per process). Matched against the coroutine's qualified name.
+_ALLOWED_LEFTOVERS = ("_poll_wrapper", "_handle_callback_wrapper", "AioServer")
+
+
+def _leftovers() -> list[asyncio.Task[object]]:
+    current = asyncio.current_task()
+    out = []
+    for task in asyncio.all_tasks():
+        if task is current or task.done():
+            continue
+        name = getattr(task.get_coro(), "__qualname__", "")
+        if any(a in name for a in _ALLOWED_LEFTOVERS):
+            continue
+        out.append(task)
+    return out
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    """Fail a test that leaves asyncio tasks running after its fixtures are torn down."""
+    yield
+    for _ in range(20):  # let cancelled tasks run their cleanup
+        if not _leftovers():
+            return
+        await asyncio.sleep(0.01)
+    leaked = _leftovers()
+    for task in leaked:
+        task.cancel()
+    pytest.fail(f"test leaked {len(leaked)} asyncio task(s): {[repr(t.get_coro()) for t in leaked]}")
+
+
+@pytest.fixture
+def index() -> Index:
+    return Index()
