@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
@@ -204,16 +204,20 @@ class ConfigError(Exception):
         self.problems = list(problems)
 
 
+def adapter_kinds() -> list[str]:
+    """Registry kinds installed (entry-point group `discoveryd.adapters`), without importing them."""
+    return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+
 @cache
-def adapters() -> Mapping[str, AdapterSpec]:
-    """Registry kinds installed, from the `discoveryd.adapters` entry points."""
-    found: dict[str, AdapterSpec] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+def adapter(kind: str) -> AdapterSpec | None:
+    """The adapter for `kind`, imported on first use; None when no such kind is installed."""
+    for ep in entry_points(group=ENTRY_POINT_GROUP, name=kind):
         spec = ep.load()
         if not isinstance(spec, AdapterSpec):
             raise TypeError(f"entry point {ep.name} = {ep.value} is not an AdapterSpec")
-        found[ep.name] = spec
-    return found
+        return spec
+    return None
 
 
 def find_config(explicit: str | os.PathLike[str] | None) -> Path:
@@ -258,13 +262,12 @@ def parse(text: str, path: Path) -> Config:
 
     registries: list[RegistryConfig] = []
     seen: dict[tuple[str, str], int] = {}
-    kinds = adapters()
     for i, raw in enumerate(doc.registries):
         loc: tuple[str | int, ...] = ("registries", i)
         kind = raw.get("kind")
-        spec = kinds.get(kind) if isinstance(kind, str) else None
+        spec = adapter(kind) if isinstance(kind, str) else None
         if spec is None:
-            known = ", ".join(sorted(kinds)) or "none installed"
+            known = ", ".join(adapter_kinds()) or "none installed"
             where = _where(path, node, (*loc, "kind") if "kind" in raw else loc)
             problems.append(f"{where}: registries[{i}].kind: unknown registry kind {kind!r} (known: {known})")
             continue

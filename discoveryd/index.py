@@ -306,11 +306,13 @@ class Shard:
     def replace(self, services: Iterable[Service]) -> None:
         new = {s.hostname: self._stamp(s) for s in services}
         old = self._state.services
-        dirty = self._index._dirty
-        dirty.update(h for h in old if h not in new)
-        dirty.update(h for h, s in new.items() if old.get(h) != s)
+        touched = {h for h in old if h not in new}
+        touched.update(h for h, s in new.items() if old.get(h) != s)
+        if not touched:
+            return
         # Keep identical objects so unchanged hostnames stay unchanged.
         self._state.services = {h: (old[h] if h in old and old[h] == s else s) for h, s in new.items()}
+        self._index._dirty |= touched
         self._index._status_dirty = True
         self._index._publish()
 

@@ -1,0 +1,251 @@
+"""The admin HTTP server: health, readiness, metrics and /debug pages.
+
+Reads only the current `Snapshot` (through `SnapshotSource`) and the callables
+the supervisor hands it for pages owned by other servers (`/debug/syncz` comes
+from the xDS server). It never writes anything.
+
+- `/healthz`: 200 while the process serves.
+- `/readyz`: 200 once every registry has completed its first sync or reported
+  its first failure; 503 with the registries still waiting before that.
+- `/metrics`: Prometheus text; index figures are collected at scrape time from
+  the snapshot, so they cannot drift from what is served.
+- `/debug/registryz`, `/debug/endpointz[?host=]`, `/debug/configz`,
+  `/debug/indexz` (the whole index, what `discoveryd dump` prints), and any
+  extra page the supervisor registers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from discoveryd.config import AdminConfig, split_hostport
+from discoveryd.index import Snapshot, SnapshotSource
+from discoveryd.model import Endpoint, Service
+
+log = logging.getLogger("discoveryd.admin")
+
+DebugPage = Callable[[], Any]
+
+
+def endpoint_json(ep: Endpoint) -> dict[str, Any]:
+    return {
+        "address": ep.address,
+        "ports": dict(ep.ports),
+        "health": ep.health.value,
+        "locality": {"region": ep.locality.region, "zone": ep.locality.zone, "subzone": ep.locality.subzone},
+        "weight": ep.weight,
+        "labels": dict(ep.labels),
+        "network": ep.network,
+        "service_account": ep.service_account,
+        "hostname": ep.hostname,
+        "priority": ep.priority,
+        "source": ep.source,
+    }
+
+
+def service_json(svc: Service) -> dict[str, Any]:
+    return {
+        "hostname": svc.hostname,
+        "name": svc.name,
+        "namespace": svc.namespace,
+        "source": svc.source,
+        "resolution": svc.resolution.value,
+        "location": svc.location.value,
+        "addresses": list(svc.addresses),
+        "ports": [
+            {"number": p.number, "name": p.name, "protocol": p.protocol.value, "target_port": p.target_port}
+            for p in svc.ports
+        ],
+        "labels": dict(svc.labels),
+        "export_to": list(svc.export_to),
+        "subject_alt_names": list(svc.subject_alt_names),
+        "endpoints": [endpoint_json(ep) for ep in svc.endpoints],
+    }
+
+
+def registryz(snap: Snapshot) -> dict[str, Any]:
+    out: dict[str, Any] = {"version": snap.version, "ready": snap.ready, "registries": {}}
+    for source, st in snap.shards.items():
+        out["registries"][source] = {
+            "ready": st.ready,
+            "synced": st.synced,
+            "stale": st.stale,
+            "services": st.services,
+            "endpoints": st.endpoints,
+            "last_sync": st.last_sync,
+            "last_error": st.last_error,
+            "last_error_time": st.last_error_time,
+            "errors_total": st.errors_total,
+            "problems": [{"where": p.where, "field": p.field, "message": p.message} for p in st.problems],
+        }
+    out["conflicts"] = {
+        h: {"winner": c.winner, "sources": list(c.sources)} for h, c in sorted(snap.conflicts.items())
+    }
+    return out
+
+
+def endpointz(snap: Snapshot, host: str | None) -> dict[str, Any]:
+    hosts = [host] if host else sorted(snap.services)
+    out: dict[str, Any] = {}
+    for h in hosts:
+        svc = snap.services.get(h)  # type: ignore[call-overload]
+        if svc is not None:
+            out[h] = {"source": svc.source, "endpoints": [endpoint_json(ep) for ep in svc.endpoints]}
+    return out
+
+
+def indexz(snap: Snapshot) -> dict[str, Any]:
+    return {
+        "version": snap.version,
+        "services": [service_json(snap.services[h]) for h in sorted(snap.services)],
+    }
+
+
+class _IndexCollector(Collector):
+    """Index figures read from the snapshot at scrape time (registered once per process)."""
+
+    def __init__(self) -> None:
+        self.source: SnapshotSource | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.source is None:
+            return
+        snap = self.source.snapshot
+        now = time.time()
+        version = GaugeMetricFamily("discoveryd_index_version", "Version of the current index snapshot.")
+        version.add_metric([], snap.version)
+        services = GaugeMetricFamily(
+            "discoveryd_registry_services", "Services in a registry's shard.", labels=["registry"]
+        )
+        endpoints = GaugeMetricFamily(
+            "discoveryd_registry_endpoints", "Endpoints in a registry's shard.", labels=["registry"]
+        )
+        stale = GaugeMetricFamily(
+            "discoveryd_registry_stale", "1 while a registry is failing and its last content is served.",
+            labels=["registry"],
+        )
+        ready = GaugeMetricFamily(
+            "discoveryd_registry_ready", "1 once a registry has synced or failed once.", labels=["registry"]
+        )
+        age = GaugeMetricFamily(
+            "discoveryd_registry_last_sync_age_seconds", "Seconds since a registry's last full sync.",
+            labels=["registry"],
+        )
+        problems = GaugeMetricFamily(
+            "discoveryd_registry_input_problems", "Input problems currently reported by a registry.",
+            labels=["registry"],
+        )
+        errors = GaugeMetricFamily(
+            "discoveryd_registry_sync_errors", "Sync errors and input problems reported since start.",
+            labels=["registry"],
+        )
+        for source, st in snap.shards.items():
+            services.add_metric([source], st.services)
+            endpoints.add_metric([source], st.endpoints)
+            stale.add_metric([source], 1 if st.stale else 0)
+            ready.add_metric([source], 1 if st.ready else 0)
+            if st.last_sync is not None:
+                age.add_metric([source], max(0.0, now - st.last_sync))
+            problems.add_metric([source], len(st.problems))
+            errors.add_metric([source], st.errors_total)
+        conflicts = GaugeMetricFamily(
+            "discoveryd_index_conflicts", "Hostnames reported by more than one registry."
+        )
+        conflicts.add_metric([], len(snap.conflicts))
+        yield from (version, services, endpoints, stale, ready, age, problems, errors, conflicts)
+
+
+_COLLECTOR = _IndexCollector()
+REGISTRY.register(_COLLECTOR)
+
+
+class AdminServer:
+    """Serves the admin API on `config.listen` until cancelled."""
+
+    def __init__(
+        self,
+        config: AdminConfig,
+        index: SnapshotSource,
+        configz: Callable[[], Mapping[str, Any]],
+        pages: Mapping[str, DebugPage] | None = None,
+    ) -> None:
+        self._config = config
+        self._index = index
+        self._configz = configz
+        self._pages = dict(pages or {})
+        self.started = asyncio.Event()
+        self._port = 0
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/debug/registryz", lambda r: web.json_response(registryz(self._index.snapshot)))
+        app.router.add_get(
+            "/debug/endpointz", lambda r: web.json_response(endpointz(self._index.snapshot, r.query.get("host")))
+        )
+        app.router.add_get("/debug/indexz", lambda r: web.json_response(indexz(self._index.snapshot)))
+        app.router.add_get("/debug/configz", lambda r: web.json_response(dict(self._configz())))
+        for name, page in self._pages.items():
+            app.router.add_get(f"/debug/{name}", _page_handler(page))
+        app.router.add_get("/debug", self._index_page)
+        return app
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        snap = self._index.snapshot
+        waiting = sorted(s for s, st in snap.shards.items() if not st.ready)
+        if waiting:
+            return web.Response(status=503, text="waiting for first sync: " + ", ".join(waiting) + "\n")
+        return web.Response(text="ready\n")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _index_page(self, request: web.Request) -> web.Response:
+        names = ["registryz", "endpointz", "indexz", "configz", *self._pages]
+        return web.Response(text="".join(f"/debug/{n}\n" for n in names))
+
+    async def serve(self) -> None:
+        """Bind and serve until cancelled; cancellation closes the listener and connections."""
+        _COLLECTOR.source = self._index
+        host, port = split_hostport(self._config.listen)
+        runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port, reuse_address=True)
+            try:
+                await site.start()
+            except OSError as e:
+                raise OSError(e.errno, f"admin: cannot listen on {self._config.listen}: {e.strerror}") from e
+            server = site._server
+            sockets = getattr(server, "sockets", None) or []
+            self._port = sockets[0].getsockname()[1] if sockets else port
+            log.info("admin listening on %s:%d", host, self._port)
+            self.started.set()
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+
+def _page_handler(page: DebugPage) -> Callable[[web.Request], Any]:
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(page())
+
+    return handler

@@ -1,0 +1,250 @@
+"""The supervisor: one asyncio TaskGroup that owns every task of the daemon.
+
+It builds the index, one task per configured registry (each writing only its
+own shard), and the xDS, DNS and admin servers. Signals:
+
+- SIGTERM / SIGINT: servers stop accepting, every task is cancelled and
+  awaited, `run()` returns 0.
+- SIGHUP: the config file is read again. A config that does not validate is
+  logged, problem by problem, and the running one is kept. Otherwise
+  registries that were added, removed or changed are started, stopped (their
+  shard dropped) or restarted (their shard kept until the new instance
+  syncs); a server whose section changed is restarted; the others run on.
+
+A registry task that raises is a bug in that adapter, never a reason to stop
+the daemon: it is logged, its shard is marked failing (content kept), and
+the adapter is started again after a backoff.
+
+Readiness is announced to systemd (`READY=1` on $NOTIFY_SOCKET) once every
+registry has completed its first sync or reported its first failure — the
+same rule as /readyz.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from discoveryd import config as config_mod
+from discoveryd.admin import AdminServer
+from discoveryd.config import Config, ConfigError
+from discoveryd.dns import DnsServer
+from discoveryd.index import Index
+from discoveryd.model import Hostname, SourceId, Zone, ZoneFlavor
+from discoveryd.registry import AdapterContext, Registry, RegistryConfig, ZoneProvider
+from discoveryd.xds import XdsServer
+
+log = logging.getLogger("discoveryd.supervisor")
+
+_RESTART_MIN = 1.0
+_RESTART_MAX = 30.0
+
+
+class _Shutdown(Exception):
+    """Raised inside the TaskGroup to cancel every task on a stop signal."""
+
+
+def build_registry(cfg: RegistryConfig, base: Config) -> Registry:
+    spec = config_mod.adapter(cfg.kind)
+    assert spec is not None, "kinds are checked when the config is loaded"
+    return spec.factory(cfg, AdapterContext(base_dir=base.base_dir))
+
+
+def zones_for(cfg: Config, registries: list[Registry]) -> list[Zone]:
+    """The DNS zones: `dns.zones` when set (flavor from a registry's zone of that name), else the registries'."""
+    offered: dict[Hostname, Zone] = {}
+    for reg in registries:
+        if isinstance(reg, ZoneProvider):
+            for zone in reg.zones():
+                offered.setdefault(zone.name, zone)
+    if cfg.dns.zones:
+        return [offered.get(Hostname(z), Zone(Hostname(z), ZoneFlavor.PLAIN)) for z in cfg.dns.zones]
+    return list(offered.values())
+
+
+@dataclass(slots=True)
+class _RegistryTask:
+    config: RegistryConfig
+    registry: Registry
+    task: asyncio.Task[None]
+
+
+@dataclass(slots=True)
+class _ServerTask:
+    section: Any
+    task: asyncio.Task[None]
+    server: Any = None
+
+
+@dataclass(slots=True)
+class Supervisor:
+    config: Config
+    index: Index = field(init=False)
+    _tg: asyncio.TaskGroup | None = None
+    _registries: dict[SourceId, _RegistryTask] = field(default_factory=dict)
+    _servers: dict[str, _ServerTask] = field(default_factory=dict)
+    _reload: asyncio.Event = field(default_factory=asyncio.Event)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.index = Index([r.source for r in self.config.registries])
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                for reg_cfg in self.config.registries:
+                    self._start_registry(reg_cfg)
+                self._start_servers()
+                tg.create_task(self._reload_loop(), name="reload")
+                tg.create_task(self._notify_ready(), name="sd-notify")
+                self.started.set()
+                await self._stop.wait()
+                _sd_notify("STOPPING=1")
+                log.info("stopping")
+                raise _Shutdown
+        except* _Shutdown:
+            pass
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            self._tg = None
+        log.info("stopped")
+        return 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def reload(self) -> None:
+        self._reload.set()
+
+    # -- registries -----------------------------------------------------------------------
+
+    def _start_registry(self, cfg: RegistryConfig) -> None:
+        assert self._tg is not None
+        registry = build_registry(cfg, self.config)
+        shard = self.index.writer(cfg.source)
+        task = self._tg.create_task(self._guard(cfg.source, lambda: registry.run(shard)), name=f"registry:{cfg.source}")
+        self._registries[cfg.source] = _RegistryTask(cfg, registry, task)
+        log.info("registry %s started", cfg.source)
+
+    async def _stop_registry(self, source: SourceId) -> None:
+        entry = self._registries.pop(source)
+        entry.task.cancel()
+        await asyncio.gather(entry.task, return_exceptions=True)
+
+    async def _guard(self, source: SourceId, run: Callable[[], Awaitable[None]]) -> None:
+        """Run an adapter; restart it with backoff if it raises or returns."""
+        delay = _RESTART_MIN
+        while True:
+            try:
+                await run()
+                log.error("registry %s: run() returned; restarting in %.0fs", source, delay)
+            except Exception as e:
+                log.exception("registry %s crashed; restarting in %.0fs", source, delay)
+                self.index.writer(source).mark_failing(f"adapter crashed: {e!r}")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RESTART_MAX)
+
+    # -- servers --------------------------------------------------------------------------
+
+    def _make_server(self, name: str, cfg: Config) -> tuple[Any, Any]:
+        if name == "admin":
+            pages = {"syncz": self._syncz}
+            return cfg.admin, AdminServer(cfg.admin, self.index, lambda: self.config.to_dict(), pages)
+        if name == "xds":
+            return cfg.xds, XdsServer(cfg.xds, self.index)
+        zones = zones_for(cfg, [r.registry for r in self._registries.values()])
+        return cfg.dns, DnsServer(cfg.dns, self.index, zones)
+
+    def _syncz(self) -> Any:
+        entry = self._servers.get("xds")
+        return entry.server.syncz() if entry is not None else {}
+
+    def _start_servers(self, names: tuple[str, ...] = ("admin", "xds", "dns")) -> None:
+        assert self._tg is not None
+        for name in names:
+            section, server = self._make_server(name, self.config)
+            task = self._tg.create_task(server.serve(), name=f"server:{name}")
+            self._servers[name] = _ServerTask(section, task, server)
+
+    async def _stop_server(self, name: str) -> None:
+        entry = self._servers.pop(name)
+        entry.task.cancel()
+        await asyncio.gather(entry.task, return_exceptions=True)
+
+    # -- reload ---------------------------------------------------------------------------
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            _sd_notify("RELOADING=1")
+            try:
+                await self.apply(config_mod.load(self.config.path))
+            except ConfigError as e:
+                for problem in e.problems:
+                    log.error("reload rejected, keeping the running config: %s", problem)
+            finally:
+                _sd_notify("READY=1")
+
+    async def apply(self, new: Config) -> None:
+        """Move the running daemon to `new`, touching only what changed."""
+        old = self.config
+        self.config = new
+        old_regs = {r.source: r for r in old.registries}
+        new_regs = {r.source: r for r in new.registries}
+        for source in old_regs.keys() - new_regs.keys():
+            await self._stop_registry(source)
+            self.index.drop(source)
+            log.info("registry %s removed", source)
+        for source, reg_cfg in new_regs.items():
+            if source not in old_regs:
+                self._start_registry(reg_cfg)
+            elif old_regs[source] != reg_cfg or old.base_dir != new.base_dir:
+                await self._stop_registry(source)
+                self._start_registry(reg_cfg)
+                log.info("registry %s restarted with its new config", source)
+        self.index.set_order([r.source for r in new.registries])
+        for name in ("admin", "xds", "dns"):
+            if self._servers[name].section != getattr(new, name):
+                await self._stop_server(name)
+                self._start_servers((name,))
+                log.info("%s server restarted with its new config", name)
+        dns = self._servers["dns"].server
+        dns.set_zones(zones_for(new, [r.registry for r in self._registries.values()]))
+        log.info("config reloaded from %s", new.path)
+
+    async def _notify_ready(self) -> None:
+        snap = self.index.snapshot
+        while not snap.ready:
+            snap = await self.index.wait(snap.version)
+        log.info("all registries synced (index version %d, %d services)", snap.version, len(snap.services))
+        _sd_notify("READY=1")
+
+
+def _sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), path)
+    except OSError as e:
+        log.warning("sd_notify %s failed: %s", state, e)
