@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -194,14 +194,12 @@ class AdminServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/debug/registryz", lambda r: web.json_response(registryz(self._index.snapshot)))
-        app.router.add_get(
-            "/debug/endpointz", lambda r: web.json_response(endpointz(self._index.snapshot, r.query.get("host")))
-        )
-        app.router.add_get("/debug/indexz", lambda r: web.json_response(indexz(self._index.snapshot)))
-        app.router.add_get("/debug/configz", lambda r: web.json_response(dict(self._configz())))
+        app.router.add_get("/debug/registryz", _json(lambda r: registryz(self._index.snapshot)))
+        app.router.add_get("/debug/endpointz", _json(lambda r: endpointz(self._index.snapshot, r.query.get("host"))))
+        app.router.add_get("/debug/indexz", _json(lambda r: indexz(self._index.snapshot)))
+        app.router.add_get("/debug/configz", _json(lambda r: dict(self._configz())))
         for name, page in self._pages.items():
-            app.router.add_get(f"/debug/{name}", _page_handler(page))
+            app.router.add_get(f"/debug/{name}", _json(lambda r, page=page: page()))
         app.router.add_get("/debug", self._index_page)
         return app
 
@@ -244,8 +242,8 @@ class AdminServer:
             await runner.cleanup()
 
 
-def _page_handler(page: DebugPage) -> Callable[[web.Request], Any]:
+def _json(build: Callable[[web.Request], Any]) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
-        return web.json_response(page())
+        return web.json_response(build(request))
 
     return handler

@@ -66,6 +66,9 @@ class ShardWriter(Protocol):
     Every call takes effect at once (a new index version) unless made inside
     `batch()`, which publishes once on exit. Calls are made from the event
     loop thread that runs the adapter's task.
+
+    Adapters should build services and endpoints with `source=shard.source`:
+    the shard stamps any that lack it, but that copies every such endpoint.
     """
 
     @property

@@ -1,0 +1,220 @@
+"""The real `discoveryd` as a subprocess: run, readiness, SIGHUP reload, SIGTERM, check, version."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import free_port, wait_sync
+
+SE = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  hosts: [{host}]
+  ports:
+    - {{number: 80, name: http, protocol: HTTP}}
+  resolution: STATIC
+  endpoints:
+{endpoints}
+"""
+
+
+def serviceentry(name: str, host: str, *ips: str) -> str:
+    return SE.format(name=name, host=host, endpoints="".join(f"    - address: {ip}\n" for ip in ips))
+
+
+def config_text(admin: int, xds: int, dns: int, registries: str) -> str:
+    return (
+        f"registries:\n{registries}"
+        f"xds:\n  listen: 127.0.0.1:{xds}\n"
+        f"dns:\n  listen: [127.0.0.1:{dns}]\n"
+        f"admin:\n  listen: 127.0.0.1:{admin}\n"
+    )
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "discoveryd.cli", *args], capture_output=True, text=True, timeout=60, cwd=cwd
+    )
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[str]
+    config: Path
+    log: Path
+    admin: int
+    xds: int
+    dns: int
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}{path}", timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def json(self, path: str) -> object:
+        status, body = self.get(path)
+        assert status == 200, body
+        return json.loads(body)
+
+    def logs(self) -> str:
+        return self.log.read_text()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    (tmp_path / "se").mkdir()
+    (tmp_path / "se" / "web.yaml").write_text(serviceentry("web", "web.shop.example", "10.1.0.1", "10.1.0.2"))
+    admin, xds, dns = free_port(), free_port(), free_port()
+    cfg = tmp_path / "discoveryd.yaml"
+    cfg.write_text(config_text(admin, xds, dns, "  - {kind: files, name: local, paths: [se/]}\n"))
+    log = tmp_path / "daemon.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "discoveryd.cli", "run", "--config", str(cfg)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    d = Daemon(proc, cfg, log, admin, xds, dns)
+    try:
+        wait_sync(lambda: d.get("/readyz")[0] == 200, timeout=30, what="daemon ready")
+        yield d
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+def hosts(d: Daemon) -> set[str]:
+    data = d.json("/debug/endpointz")
+    assert isinstance(data, dict)
+    return set(data)
+
+
+def test_run_serves_the_files_and_reports_ready(daemon: Daemon) -> None:
+    eps = daemon.json("/debug/endpointz?host=web.shop.example")
+    assert isinstance(eps, dict)
+    assert {e["address"] for e in eps["web.shop.example"]["endpoints"]} == {"10.1.0.1", "10.1.0.2"}
+    reg = daemon.json("/debug/registryz")
+    assert isinstance(reg, dict)
+    assert reg["registries"]["files/local"]["synced"] is True
+    status, metrics = daemon.get("/metrics")
+    assert 'discoveryd_registry_services{registry="files/local"} 1.0' in metrics
+
+
+def test_sighup_with_a_bad_config_keeps_the_running_one(daemon: Daemon) -> None:
+    good = daemon.config.read_text()
+    daemon.config.write_text(good + "bogus_section: 1\n")
+    os.kill(daemon.proc.pid, signal.SIGHUP)
+    wait_sync(lambda: "reload rejected" in daemon.logs(), what="reload rejected in the log")
+    line = next(ln for ln in daemon.logs().splitlines() if "reload rejected" in ln)
+    assert f"{daemon.config}:" in line and "bogus_section: unknown key" in line
+    assert daemon.proc.poll() is None
+    assert daemon.get("/readyz")[0] == 200
+    assert hosts(daemon) == {"web.shop.example"}
+
+    # A good config afterwards is applied: a new registry starts, the old one is not restarted.
+    before = daemon.json("/debug/registryz")
+    assert isinstance(before, dict)
+    first_sync = before["registries"]["files/local"]["last_sync"]
+    (daemon.config.parent / "more").mkdir()
+    (daemon.config.parent / "more" / "api.yaml").write_text(serviceentry("api", "api.shop.example", "10.2.0.1"))
+    daemon.config.write_text(
+        config_text(
+            daemon.admin,
+            daemon.xds,
+            daemon.dns,
+            "  - {kind: files, name: local, paths: [se/]}\n  - {kind: files, name: more, paths: [more/]}\n",
+        )
+    )
+    os.kill(daemon.proc.pid, signal.SIGHUP)
+    wait_sync(lambda: hosts(daemon) == {"web.shop.example", "api.shop.example"}, what="second registry served")
+    after = daemon.json("/debug/registryz")
+    assert isinstance(after, dict)
+    assert after["registries"]["files/local"]["last_sync"] == first_sync
+
+    # Removing a registry removes its data.
+    daemon.config.write_text(config_text(daemon.admin, daemon.xds, daemon.dns, "  - {kind: files, name: more, paths: [more/]}\n"))
+    os.kill(daemon.proc.pid, signal.SIGHUP)
+    wait_sync(lambda: hosts(daemon) == {"api.shop.example"}, what="first registry dropped")
+
+
+def test_sigterm_stops_cleanly_with_exit_zero(daemon: Daemon) -> None:
+    os.kill(daemon.proc.pid, signal.SIGTERM)
+    assert daemon.proc.wait(15) == 0
+    assert "stopped" in daemon.logs()
+    assert "Traceback" not in daemon.logs()
+
+
+def test_dump_prints_the_index(daemon: Daemon) -> None:
+    out = cli("dump", "--admin", f"127.0.0.1:{daemon.admin}")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert [s["hostname"] for s in data["services"]] == ["web.shop.example"]
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(config_text(port, free_port(), free_port(), "  []\n"))
+        out = cli("run", "--config", str(cfg))
+    assert out.returncode == 1
+    assert f"127.0.0.1:{port}" in out.stderr
+
+
+def test_check_accepts_the_embedded_default_config() -> None:
+    out = cli("check", cwd=Path(__file__).parents[2])
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+
+
+def test_check_reports_file_and_line_of_every_problem(tmp_path: Path) -> None:
+    (tmp_path / "se").mkdir()
+    (tmp_path / "se" / "bad.yaml").write_text(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: bad}\nspec:\n"
+        "  hosts: [bad.example]\n  ports:\n    - {number: 80, name: Not_DNS, protocol: HTTP}\n"
+    )
+    cfg = tmp_path / "discoveryd.yaml"
+    cfg.write_text("registries:\n  - {kind: files, name: local, paths: [se/]}\n")
+    out = cli("check", "--config", str(cfg))
+    assert out.returncode == 1
+    assert f"{tmp_path / 'se' / 'bad.yaml'}:7:" in out.stderr
+    assert "ports[0].name" in out.stderr
+
+
+def test_check_reports_config_errors(tmp_path: Path) -> None:
+    cfg = tmp_path / "discoveryd.yaml"
+    cfg.write_text("dns:\n  ttl: later\n")
+    out = cli("check", "--config", str(cfg))
+    assert out.returncode == 1
+    assert f"{cfg}:2: dns.ttl:" in out.stderr
+
+
+def test_version_from_the_console_script() -> None:
+    script = Path(sys.executable).parent / "discoveryd"
+    out = subprocess.run([str(script), "version"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.startswith("discoveryd ")

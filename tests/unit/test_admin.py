@@ -1,0 +1,89 @@
+"""The admin API against a real Index: readiness, metrics, debug pages."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from discoveryd.admin import AdminServer
+from discoveryd.config import AdminConfig
+from discoveryd.index import Index
+from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, Problem, Protocol, Service, SourceId
+
+A = SourceId("files/a")
+B = SourceId("etcd/b")
+
+
+@pytest.fixture
+async def admin() -> AsyncIterator[tuple[Index, str]]:
+    index = Index([A, B])
+    server = AdminServer(AdminConfig(listen="127.0.0.1:0"), index, lambda: {"hello": "config"}, {"extra": lambda: [1]})
+    task = asyncio.create_task(server.serve())
+    try:
+        await asyncio.wait_for(server.started.wait(), 5)
+        yield index, f"http://127.0.0.1:{server.port}"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def get(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        return resp.status, await resp.text()
+
+
+async def test_readyz_waits_for_every_registry(admin: tuple[Index, str]) -> None:
+    index, base = admin
+    a, b = index.writer(A), index.writer(B)
+    status, body = await get(base + "/readyz")
+    assert status == 503 and "etcd/b" in body and "files/a" in body
+    a.mark_synced()
+    status, body = await get(base + "/readyz")
+    assert status == 503 and "etcd/b" in body and "files/a" not in body
+    b.mark_failing("connection refused")  # a first failure counts: serve what we have
+    assert (await get(base + "/readyz"))[0] == 200
+    assert (await get(base + "/healthz"))[0] == 200
+
+
+async def test_metrics_reflect_the_snapshot(admin: tuple[Index, str]) -> None:
+    index, base = admin
+    shard = index.writer(A)
+    shard.replace(
+        [Service(Hostname("a.example"), ports=(Port(80, "http", Protocol.HTTP),), endpoints=(Endpoint("10.0.0.1"), Endpoint("10.0.0.2")))]
+    )
+    shard.set_problems("x.yaml", [Problem("x.yaml:3", "bad")])
+    index.writer(B).mark_failing("down")
+    _, text = await get(base + "/metrics")
+    assert 'discoveryd_registry_services{registry="files/a"} 1.0' in text
+    assert 'discoveryd_registry_endpoints{registry="files/a"} 2.0' in text
+    assert 'discoveryd_registry_input_problems{registry="files/a"} 1.0' in text
+    assert 'discoveryd_registry_stale{registry="etcd/b"} 1.0' in text
+    assert f"discoveryd_index_version {float(index.snapshot.version)}" in text
+
+
+async def test_debug_pages(admin: tuple[Index, str]) -> None:
+    index, base = admin
+    ep = Endpoint("10.0.0.1", locality=Locality("eu", "eu-1a"), health=Health.DRAINING)
+    index.writer(A).replace([Service(Hostname("a.example"), endpoints=(ep,))])
+    index.writer(B).replace([Service(Hostname("a.example"), endpoints=(Endpoint("10.0.0.9"),))])
+    index.writer(A).set_problems("f.yaml", [Problem("f.yaml:7", "port name must be DNS-1123", "spec.ports[0].name")])
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/debug/registryz") as resp:
+            reg = await resp.json()
+        async with session.get(base + "/debug/endpointz?host=a.example") as resp:
+            eps = await resp.json()
+        async with session.get(base + "/debug/configz") as resp:
+            conf = await resp.json()
+        async with session.get(base + "/debug/extra") as resp:
+            extra = await resp.json()
+    assert reg["registries"]["files/a"]["problems"] == [
+        {"where": "f.yaml:7", "field": "spec.ports[0].name", "message": "port name must be DNS-1123"}
+    ]
+    assert reg["conflicts"]["a.example"] == {"winner": "files/a", "sources": ["files/a", "etcd/b"]}
+    first, second = eps["a.example"]["endpoints"]
+    assert (first["source"], first["health"], first["locality"]["zone"]) == ("files/a", "DRAINING", "eu-1a")
+    assert second["source"] == "etcd/b"
+    assert conf == {"hello": "config"} and extra == [1]
