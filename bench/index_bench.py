@@ -23,6 +23,10 @@ SIZES = (1_000, 10_000)
 ENDPOINTS = 10
 
 
+def _ip(n: int) -> str:
+    return f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}"
+
+
 def _measure(n: int) -> dict[str, float]:
     import gc
 
@@ -43,7 +47,7 @@ def _measure(n: int) -> dict[str, float]:
             source=source,
             endpoints=tuple(
                 Endpoint(
-                    f"10.{(i * ENDPOINTS + e) // 65536 % 256}.{(i * ENDPOINTS + e) // 256 % 256}.{(i * ENDPOINTS + e) % 256}",
+                    _ip(i * ENDPOINTS + e),
                     ports={"http": 8080 + gen},
                     labels={"app": f"svc-{i}", "version": "v1"},
                     locality=Locality("eu-west1", f"eu-west1-{'abc'[e % 3]}"),

@@ -87,9 +87,7 @@ def registryz(snap: Snapshot) -> dict[str, Any]:
             "errors_total": st.errors_total,
             "problems": [{"where": p.where, "field": p.field, "message": p.message} for p in st.problems],
         }
-    out["conflicts"] = {
-        h: {"winner": c.winner, "sources": list(c.sources)} for h, c in sorted(snap.conflicts.items())
-    }
+    out["conflicts"] = {h: {"winner": c.winner, "sources": list(c.sources)} for h, c in sorted(snap.conflicts.items())}
     return out
 
 
@@ -130,22 +128,26 @@ class _IndexCollector(Collector):
             "discoveryd_registry_endpoints", "Endpoints in a registry's shard.", labels=["registry"]
         )
         stale = GaugeMetricFamily(
-            "discoveryd_registry_stale", "1 while a registry is failing and its last content is served.",
+            "discoveryd_registry_stale",
+            "1 while a registry is failing and its last content is served.",
             labels=["registry"],
         )
         ready = GaugeMetricFamily(
             "discoveryd_registry_ready", "1 once a registry has synced or failed once.", labels=["registry"]
         )
         age = GaugeMetricFamily(
-            "discoveryd_registry_last_sync_age_seconds", "Seconds since a registry's last full sync.",
+            "discoveryd_registry_last_sync_age_seconds",
+            "Seconds since a registry's last full sync.",
             labels=["registry"],
         )
         problems = GaugeMetricFamily(
-            "discoveryd_registry_input_problems", "Input problems currently reported by a registry.",
+            "discoveryd_registry_input_problems",
+            "Input problems currently reported by a registry.",
             labels=["registry"],
         )
         errors = GaugeMetricFamily(
-            "discoveryd_registry_sync_errors", "Sync errors and input problems reported since start.",
+            "discoveryd_registry_sync_errors",
+            "Sync errors and input problems reported since start.",
             labels=["registry"],
         )
         for source, st in snap.shards.items():
@@ -157,9 +159,7 @@ class _IndexCollector(Collector):
                 age.add_metric([source], max(0.0, now - st.last_sync))
             problems.add_metric([source], len(st.problems))
             errors.add_metric([source], st.errors_total)
-        conflicts = GaugeMetricFamily(
-            "discoveryd_index_conflicts", "Hostnames reported by more than one registry."
-        )
+        conflicts = GaugeMetricFamily("discoveryd_index_conflicts", "Hostnames reported by more than one registry.")
         conflicts.add_metric([], len(snap.conflicts))
         yield from (version, services, endpoints, stale, ready, age, problems, errors, conflicts)
 
@@ -199,7 +199,7 @@ class AdminServer:
         app.router.add_get("/debug/indexz", _json(lambda r: indexz(self._index.snapshot)))
         app.router.add_get("/debug/configz", _json(lambda r: dict(self._configz())))
         for name, page in self._pages.items():
-            app.router.add_get(f"/debug/{name}", _json(lambda r, page=page: page()))
+            app.router.add_get(f"/debug/{name}", _json(_ignore_request(page)))
         app.router.add_get("/debug", self._index_page)
         return app
 
@@ -247,3 +247,7 @@ def _json(build: Callable[[web.Request], Any]) -> Callable[[web.Request], Awaita
         return web.json_response(build(request))
 
     return handler
+
+
+def _ignore_request(page: DebugPage) -> Callable[[web.Request], Any]:
+    return lambda request: page()

@@ -133,8 +133,7 @@ class DnsConfig(_Section):
     forward: list[Annotated[str, BeforeValidator(_forward_target)]] = Field(default_factory=list)
     allow_forward_from: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
         default_factory=lambda: [
-            ipaddress.ip_network(n)
-            for n in ("127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "::1/128")
+            ipaddress.ip_network(n) for n in ("127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "::1/128")
         ]
     )
     forward_timeout: Duration = 2.0

@@ -388,6 +388,15 @@ def _stamp_endpoint(ep: Endpoint, source: SourceId) -> Endpoint:
         return ep
     # Positional construction: several times cheaper than dataclasses.replace on this hot path.
     return Endpoint(
-        ep.address, ep.ports, ep.labels, ep.locality, ep.weight, ep.health,
-        ep.network, ep.service_account, ep.hostname, ep.priority, source,
+        ep.address,
+        ep.ports,
+        ep.labels,
+        ep.locality,
+        ep.weight,
+        ep.health,
+        ep.network,
+        ep.service_account,
+        ep.hostname,
+        ep.priority,
+        source,
     )

@@ -32,7 +32,7 @@ async def eventually(
             if value:
                 return value  # type: ignore[return-value]
             last = value
-        except Exception as e:  # noqa: BLE001 - reported below
+        except Exception as e:
             last = e
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout}s (last: {last!r})")
@@ -49,7 +49,7 @@ def wait_sync(probe: Callable[[], T], timeout: float = 10.0, interval: float = 0
             if value:
                 return value
             last = value
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             last = e
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout}s (last: {last!r})")

@@ -103,9 +103,7 @@ class AdapterContract:
         good = await harness.put("gamma", [("10.0.2.1", 80)])
         await eventually(lambda: _endpoints(index, good) == {("10.0.2.1", 80)}, what="good service")
         await harness.put_broken("delta")
-        await eventually(
-            lambda: any(st.problems for st in index.snapshot.shards.values()), what="problem reported"
-        )
+        await eventually(lambda: any(st.problems for st in index.snapshot.shards.values()), what="problem reported")
         # The good service is still served, and the adapter still follows changes.
         assert _endpoints(index, good) == {("10.0.2.1", 80)}
         await harness.put("gamma", [("10.0.2.2", 80)])

@@ -117,7 +117,7 @@ def test_run_serves_the_files_and_reports_ready(daemon: Daemon) -> None:
     reg = daemon.json("/debug/registryz")
     assert isinstance(reg, dict)
     assert reg["registries"]["files/local"]["synced"] is True
-    status, metrics = daemon.get("/metrics")
+    _, metrics = daemon.get("/metrics")
     assert 'discoveryd_registry_services{registry="files/local"} 1.0' in metrics
 
 
@@ -153,7 +153,9 @@ def test_sighup_with_a_bad_config_keeps_the_running_one(daemon: Daemon) -> None:
     assert after["registries"]["files/local"]["last_sync"] == first_sync
 
     # Removing a registry removes its data.
-    daemon.config.write_text(config_text(daemon.admin, daemon.xds, daemon.dns, "  - {kind: files, name: more, paths: [more/]}\n"))
+    daemon.config.write_text(
+        config_text(daemon.admin, daemon.xds, daemon.dns, "  - {kind: files, name: more, paths: [more/]}\n")
+    )
     os.kill(daemon.proc.pid, signal.SIGHUP)
     wait_sync(lambda: hosts(daemon) == {"api.shop.example"}, what="first registry dropped")
 

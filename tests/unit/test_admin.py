@@ -52,7 +52,13 @@ async def test_metrics_reflect_the_snapshot(admin: tuple[Index, str]) -> None:
     index, base = admin
     shard = index.writer(A)
     shard.replace(
-        [Service(Hostname("a.example"), ports=(Port(80, "http", Protocol.HTTP),), endpoints=(Endpoint("10.0.0.1"), Endpoint("10.0.0.2")))]
+        [
+            Service(
+                Hostname("a.example"),
+                ports=(Port(80, "http", Protocol.HTTP),),
+                endpoints=(Endpoint("10.0.0.1"), Endpoint("10.0.0.2")),
+            )
+        ]
     )
     shard.set_problems("x.yaml", [Problem("x.yaml:3", "bad")])
     index.writer(B).mark_failing("down")

@@ -108,4 +108,6 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
-    assert problems(tmp_path, "- a\n- b\n") == [f"{tmp_path / 'discoveryd.yaml'}:1: the config must be a mapping of sections"]
+    assert problems(tmp_path, "- a\n- b\n") == [
+        f"{tmp_path / 'discoveryd.yaml'}:1: the config must be a mapping of sections"
+    ]
