@@ -116,7 +116,7 @@ def main(argv: list[str]) -> None:
         )
     )
     print("index RSS = process RSS after the build, minus RSS before the model objects were created")
-    write_results("index", figures, "make bench BENCH_ARGS= (or: .venv/bin/python -m bench index)")
+    write_results("index", figures, "make bench BENCH_ARGS=index")
 
 
 if __name__ == "__main__":
