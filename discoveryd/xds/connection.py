@@ -1,0 +1,422 @@
+"""One xDS stream: what the client subscribed to, what it was sent, what it ACKed.
+
+Data flow: the stream's reader task feeds each request to `on_request`
+(state of the world) or `on_delta_request`; the push loop calls `notify` with
+every new `View` and the names that changed in it. Both only update state and
+set `wake`; neither blocks nor writes. The stream's writer task then drains
+`next_response()`, which builds each response from the newest view at the
+moment it is written. So the "send queue" of a connection is a set of dirty
+names per type, never a list of responses: a client that reads slowly (or not
+at all) gets the newest state when it catches up, nothing piles up, and the
+push loop never waits for it.
+
+Protocol rules (envoy xDS protocol, state of the world and incremental):
+
+- Every response carries a fresh nonce. In SotW a request whose nonce is not
+  the latest one sent for its type is stale and ignored; in delta its
+  subscription changes still apply, only its ACK/NACK is ignored.
+- A request with `error_detail` is a NACK: recorded (log, metric, status) and
+  not answered with the same content; the next change is sent as usual.
+- An ACK that subscribes to nothing new gets no response.
+- LDS/CDS: an empty name list is a wildcard subscription until the client
+  first names a resource; `*` is the explicit wildcard. SotW responses carry
+  the full subscribed state, so a missing resource is a deleted one.
+- EDS/RDS: only the named resources are sent, each response only those that
+  changed or were newly requested (even when unchanged, for warming). Names
+  that do not exist yet are remembered and sent when they appear.
+- Responses are written in the order of `resources.TYPES` (CDS, EDS, LDS,
+  RDS). Resource names are derived one-to-one from (hostname, port), so no
+  surviving resource ever references a removed one: a removal can travel with
+  the additions of the same push.
+- Delta: versions are per resource; `initial_resource_versions` on a new
+  stream suppress resending what the client already has and report what it
+  has that is gone; subscribed names that do not exist are reported once in
+  `removed_resources`.
+
+Everything here runs on the event loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from envoy.service.discovery.v3 import discovery_pb2
+
+from discoveryd.xds import metrics
+from discoveryd.xds.resources import FULL_STATE, SHORT, TYPES, Changes, Resource, View
+
+log = logging.getLogger(__name__)
+
+_NONCES = itertools.count(1)
+_IDS = itertools.count(1)
+CONTROL_PLANE: Final = "discoveryd"
+
+_ABSENT: Final = ""
+"""Delta `known` marker: the client was told this subscribed name does not exist."""
+
+
+class SyncState:
+    SYNCED = "SYNCED"
+    STALE = "STALE"
+    NOT_SENT = "NOT SENT"
+    ERROR = "ERROR"
+
+
+@dataclass(slots=True)
+class TypeState:
+    """Per-type state of one stream. Owned by its `Connection`."""
+
+    type_url: str
+    requested: bool = False
+    """The client has sent at least one request for this type."""
+    wildcard: bool = False
+    named: bool = False
+    """The client has named a resource at least once (ends the implicit wildcard)."""
+    names: set[str] = field(default_factory=set)
+    full: bool = False
+    """SotW full-state type: the whole subscribed state must be sent."""
+    pending: set[str] = field(default_factory=set)
+    """Names to (re)consider in the next response."""
+    must_respond: bool = False
+    """Send a response even if it carries nothing (first wildcard request)."""
+    queued_at: float | None = None
+    """Monotonic time the oldest unsent change was queued (push latency)."""
+    origin: float | None = None
+    """Monotonic creation time of the oldest unsent snapshot change (convergence)."""
+    known: dict[str, str] = field(default_factory=dict)
+    """Resource name → version the client has (delta) or was last sent (SotW)."""
+    nonce: str = ""
+    sent_version: str = ""
+    sent_at: float | None = None
+    sent_origin: float | None = None
+    responses: int = 0
+    acked_nonce: str = ""
+    acked_version: str = ""
+    acked_at: float | None = None
+    nack: str | None = None
+    nack_nonce: str = ""
+    nacks: int = 0
+
+    def subscribed(self, name: str) -> bool:
+        return self.wildcard or name in self.names
+
+    def has_work(self) -> bool:
+        return self.full or self.must_respond or bool(self.pending)
+
+    @property
+    def state(self) -> str:
+        if not self.nonce:
+            return SyncState.NOT_SENT
+        if self.nack is not None and self.nack_nonce == self.nonce:
+            return SyncState.ERROR
+        if self.acked_nonce == self.nonce and not self.has_work():
+            return SyncState.SYNCED
+        return SyncState.STALE
+
+    def queue(self, origin: float | None) -> None:
+        if self.queued_at is None:
+            self.queued_at = time.monotonic()
+        if origin is not None and (self.origin is None or origin < self.origin):
+            self.origin = origin
+
+
+class Connection:
+    """State of one stream. `api` names the service (ADS, CDS, ...); `only` is the type of a per-type service."""
+
+    def __init__(self, api: str, delta: bool, peer: str, view: View, only: str | None = None) -> None:
+        self.id = next(_IDS)
+        self.api = api
+        self.delta = delta
+        self.peer = peer
+        self.only = only
+        self.view = view
+        self.node_id = ""
+        self.cluster = ""
+        self.user_agent = ""
+        self.connected_since = time.time()
+        self.types: dict[str, TypeState] = {t: TypeState(t) for t in TYPES}
+        self.wake = asyncio.Event()
+        self.closed = False
+        """Set when the stream is ending; the writer returns."""
+
+    # -- requests -----------------------------------------------------------------------
+
+    def _type_of(self, type_url: str) -> TypeState | None:
+        if self.only is not None and type_url in ("", self.only):
+            return self.types[self.only]
+        state = self.types.get(type_url)
+        if state is None or (self.only is not None and type_url != self.only):
+            log.warning("xds %s: type %r is not served here; ignored", self.describe(), type_url)
+            return None
+        return state
+
+    def _node(self, node: Any) -> None:
+        if node.id and not self.node_id:
+            self.node_id, self.cluster = node.id, node.cluster
+            agent = node.user_agent_name
+            version = node.user_agent_version or node.user_agent_build_version.version.major_number
+            self.user_agent = f"{agent}/{version}" if agent else ""
+
+    def _ack(self, st: TypeState, nonce: str, version: str, error: Any | None) -> None:
+        now = time.monotonic()
+        short = SHORT[st.type_url]
+        if error is not None:
+            st.nack, st.nack_nonce = f"{error.code}: {error.message}" if error.code else error.message, nonce
+            st.nacks += 1
+            metrics.NACKS.labels(short).inc()
+            log.warning("xds %s rejected %s version %s: %s", self.describe(), short, st.sent_version, st.nack)
+            return
+        st.acked_nonce, st.acked_version, st.acked_at = nonce, version, now
+        if st.sent_origin is not None:
+            metrics.CONVERGENCE_SECONDS.labels(short).observe(now - st.sent_origin)
+            st.sent_origin = None
+
+    def on_request(self, req: discovery_pb2.DiscoveryRequest) -> None:
+        """A state-of-the-world request."""
+        st = self._type_of(req.type_url)
+        if st is None:
+            return
+        self._node(req.node)
+        nonce = req.response_nonce
+        if nonce and st.nonce and nonce != st.nonce:
+            metrics.STALE_NONCES.labels(SHORT[st.type_url]).inc()
+            return
+        if nonce and st.nonce:
+            self._ack(st, nonce, req.version_info, req.error_detail if req.HasField("error_detail") else None)
+        fresh = not nonce or not st.nonce
+        names = set(req.resource_names)
+        st.named = st.named or bool(names)
+        wildcard = "*" in names or (st.type_url in FULL_STATE and not st.named)
+        names.discard("*")
+        added = names - st.names
+        widened = wildcard and not st.wildcard
+        st.requested, st.wildcard, st.names = True, wildcard, names
+        if not wildcard:
+            st.pending &= names
+        if st.type_url in FULL_STATE:
+            if fresh or added or widened:
+                st.full = True
+                st.queue(None)
+        else:
+            new = names if fresh else added
+            if new:
+                st.pending |= new
+                st.queue(None)
+        self._wake_if(st)
+
+    def on_delta_request(self, req: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        """An incremental request."""
+        st = self._type_of(req.type_url)
+        if st is None:
+            return
+        self._node(req.node)
+        subscribe = set(req.resource_names_subscribe)
+        unsubscribe = set(req.resource_names_unsubscribe)
+        resources = self.view.resources[st.type_url]
+        if not st.requested:
+            st.requested = True
+            st.known = dict(req.initial_resource_versions)
+            st.pending |= st.known.keys()
+            if st.type_url in FULL_STATE and not subscribe:
+                st.wildcard = True
+                st.must_respond = True
+                st.pending |= resources.keys()
+        if "*" in subscribe and not st.wildcard:
+            st.wildcard = True
+            st.pending |= resources.keys()
+        if "*" in unsubscribe:
+            st.wildcard = False
+        subscribe.discard("*")
+        unsubscribe.discard("*")
+        for name in unsubscribe:
+            st.names.discard(name)
+            st.known.pop(name, None)
+            st.pending.discard(name)
+        st.names |= subscribe
+        st.pending |= subscribe
+        if subscribe or st.must_respond or st.pending:
+            st.queue(None)
+        nonce = req.response_nonce
+        if nonce:
+            if nonce == st.nonce:
+                self._ack(st, nonce, st.sent_version, req.error_detail if req.HasField("error_detail") else None)
+            else:
+                metrics.STALE_NONCES.labels(SHORT[st.type_url]).inc()
+        self._wake_if(st)
+
+    def close(self) -> None:
+        self.closed = True
+        self.wake.set()
+
+    def _wake_if(self, st: TypeState) -> None:
+        if st.has_work():
+            self.wake.set()
+
+    # -- pushes ---------------------------------------------------------------------------
+
+    def notify(self, view: View, changes: Changes, origin: float) -> None:
+        """A new view; `changes` are the names added, changed or removed since the previous one."""
+        self.view = view
+        for type_url, names in changes.items():
+            st = self.types[type_url]
+            if not st.requested:
+                continue
+            relevant = names if st.wildcard else names & st.names
+            if not relevant:
+                continue
+            if st.type_url in FULL_STATE and not self.delta:
+                st.full = True
+            else:
+                st.pending |= relevant
+            st.queue(origin)
+            self.wake.set()
+
+    def next_response(self) -> tuple[str, bytes, float | None] | None:
+        """The next response to write, in push order, or None when idle.
+
+        Returns (type URL, serialized response, monotonic time its oldest change was queued).
+        """
+        for type_url in TYPES:
+            st = self.types[type_url]
+            if not st.has_work():
+                continue
+            body = self._delta_response(st) if self.delta else self._sotw_response(st)
+            queued_at = st.queued_at
+            st.queued_at = st.origin = None
+            if body is not None:
+                return type_url, body, queued_at
+        return None
+
+    @staticmethod
+    def written(type_url: str, size: int, queued_at: float | None) -> None:
+        """The writer task finished writing a response of `next_response`."""
+        short = SHORT[type_url]
+        metrics.PUSHES.labels(short).inc()
+        metrics.BYTES_SENT.labels(short).inc(size)
+        if queued_at is not None:
+            metrics.PUSH_SECONDS.labels(short).observe(time.monotonic() - queued_at)
+
+    def _sent(self, st: TypeState, version: str) -> str:
+        nonce = str(next(_NONCES))
+        st.nonce, st.sent_version, st.sent_at = nonce, version, time.time()
+        st.responses += 1
+        if st.origin is not None and (st.sent_origin is None or st.origin < st.sent_origin):
+            st.sent_origin = st.origin
+        return nonce
+
+    def _sotw_response(self, st: TypeState) -> bytes | None:
+        table = self.view.resources[st.type_url]
+        if st.type_url in FULL_STATE:
+            st.full = st.must_respond = False
+            chosen: Iterable[Resource] = (
+                table.values() if st.wildcard else [table[n] for n in sorted(st.names) if n in table]
+            )
+            picked = list(chosen)
+            st.known = {r.name: r.version for r in picked}
+        else:
+            names, st.pending = st.pending, set()
+            st.must_respond = False
+            picked = [table[n] for n in sorted(names) if n in table and st.subscribed(n)]
+            if not picked:
+                return None
+            st.known.update((r.name, r.version) for r in picked)
+        version = str(self.view.version)
+        nonce = self._sent(st, version)
+        head = discovery_pb2.DiscoveryResponse(
+            version_info=version, type_url=st.type_url, nonce=nonce
+        ).SerializeToString()
+        parts = [head]
+        for r in picked:
+            parts += (b"\x12", _varint(len(r.body)), r.body)
+        return b"".join(parts)
+
+    def _delta_response(self, st: TypeState) -> bytes | None:
+        table = self.view.resources[st.type_url]
+        names, st.pending = st.pending, set()
+        must, st.must_respond = st.must_respond, False
+        picked: list[Resource] = []
+        removed: list[str] = []
+        for name in sorted(names):
+            r = table.get(name)
+            if r is not None and st.subscribed(name):
+                if st.known.get(name) != r.version:
+                    picked.append(r)
+                    st.known[name] = r.version
+            elif r is None:
+                had = st.known.get(name)
+                if had not in (None, _ABSENT) or (had is None and name in st.names):
+                    removed.append(name)
+                if name in st.names:
+                    st.known[name] = _ABSENT
+                else:
+                    st.known.pop(name, None)
+        if not picked and not removed and not must:
+            return None
+        version = str(self.view.version)
+        nonce = self._sent(st, version)
+        head = discovery_pb2.DeltaDiscoveryResponse(
+            system_version_info=version, type_url=st.type_url, nonce=nonce, removed_resources=removed
+        ).SerializeToString()
+        parts = [head]
+        for r in picked:
+            name_b, ver = r.name.encode(), r.version.encode()
+            size = len(name_b) + len(ver) + len(r.body)
+            inner = size + _vlen(len(name_b)) + _vlen(len(ver)) + _vlen(len(r.body)) + 3
+            parts += (b"\x12", _varint(inner), b"\x0a", _varint(len(ver)), ver)
+            parts += (b"\x12", _varint(len(r.body)), r.body, b"\x1a", _varint(len(name_b)), name_b)
+        return b"".join(parts)
+
+    # -- status ---------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        return f"{self.node_id or '?'}@{self.peer} ({self.api}{' delta' if self.delta else ''} #{self.id})"
+
+    def syncz(self) -> dict[str, Any]:
+        types: dict[str, Any] = {}
+        for type_url, st in self.types.items():
+            if not st.requested and not st.nonce:
+                continue
+            types[SHORT[type_url]] = {
+                "state": st.state,
+                "wildcard": st.wildcard,
+                "subscribed": len(st.names),
+                "resources": sum(1 for v in st.known.values() if v != _ABSENT),
+                "sent_version": st.sent_version,
+                "sent_nonce": st.nonce,
+                "sent_at": st.sent_at,
+                "responses": st.responses,
+                "acked_version": st.acked_version,
+                "acked_nonce": st.acked_nonce,
+                "nack": st.nack,
+                "nacks": st.nacks,
+            }
+        return {
+            "id": self.id,
+            "node": self.node_id,
+            "cluster": self.cluster,
+            "user_agent": self.user_agent,
+            "peer": self.peer,
+            "api": self.api,
+            "delta": self.delta,
+            "connected_since": self.connected_since,
+            "types": types,
+        }
+
+
+def _vlen(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)

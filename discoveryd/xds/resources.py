@@ -1,0 +1,291 @@
+"""xDS resources, built from index snapshots in this one place.
+
+Data flow: the push loop (`discoveryd.xds.server`) hands each new `Snapshot`
+and the hostnames changed since the previous one to `Builder.update`, which
+returns a new immutable `View`: for every type URL, resource name → `Resource`
+(a version and the serialized `google.protobuf.Any`). Only the changed
+hostnames are rebuilt; every other `Resource` object is carried over, so the
+bytes of one resource version are built once and shared by every connection.
+A rebuilt resource whose bytes did not change keeps its old version and is not
+reported as changed, so clients see no push for it.
+
+What one `Service` becomes, per port (UDP ports are skipped):
+
+- Cluster `outbound|<port>||<hostname>`:
+  - STATIC: type EDS over ADS; its ClusterLoadAssignment of the same name.
+  - DNS: STRICT_DNS with the endpoints inline (the hostname itself when the
+    service lists no endpoints).
+  - DNS_ROUND_ROBIN: LOGICAL_DNS with its one endpoint inline; with several
+    endpoints STRICT_DNS instead, since LOGICAL_DNS takes exactly one host.
+  - NONE: ORIGINAL_DST with the CLUSTER_PROVIDED policy, Istio's passthrough
+    cluster: traffic goes to the address the client dialled. No endpoints.
+  HTTP2/GRPC/GRPC-WEB ports get HTTP/2 upstream protocol options.
+- ClusterLoadAssignment (STATIC only): endpoints grouped by locality, each
+  locality weighted by the sum of its endpoint weights (gRPC ignores localities
+  without a weight), endpoint weight, health status, and metadata naming the
+  source registry under the filter key `discoveryd`. Endpoints whose address is
+  neither an IP nor `unix://` cannot be served over EDS and are left out.
+- Listener and RouteConfiguration `<hostname>:<port>` for proxyless gRPC
+  clients: an API listener whose HttpConnectionManager fetches that route
+  configuration over ADS (router filter last), routing everything to the
+  cluster. Not built for NONE services and wildcard hosts, which a gRPC client
+  cannot dial.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from types import MappingProxyType
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2, config_source_pb2, health_check_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import api_listener_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2  # type: ignore[import-untyped]
+from google.protobuf.message import Message  # type: ignore[import-untyped]
+
+from discoveryd.config import LbPolicy
+from discoveryd.index import Snapshot
+from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, Resolution, Service
+
+log = logging.getLogger(__name__)
+
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+
+TYPES = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+"""Every type served, in push order: CDS before EDS, LDS before RDS."""
+
+SHORT = {CLUSTER: "CDS", ENDPOINT: "EDS", LISTENER: "LDS", ROUTE: "RDS"}
+
+FULL_STATE = frozenset({CLUSTER, LISTENER})
+"""Types whose state-of-the-world responses carry every subscribed resource (absent means deleted)."""
+
+METADATA_KEY = "discoveryd"
+"""The filter_metadata key under which clusters and endpoints name their source registry."""
+
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_ADS = config_source_pb2.ConfigSource(
+    ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
+)
+_LB = {
+    LbPolicy.ROUND_ROBIN: cluster_pb2.Cluster.ROUND_ROBIN,
+    LbPolicy.LEAST_REQUEST: cluster_pb2.Cluster.LEAST_REQUEST,
+    LbPolicy.RANDOM: cluster_pb2.Cluster.RANDOM,
+}
+_HEALTH = {
+    Health.HEALTHY: health_check_pb2.HEALTHY,
+    Health.UNHEALTHY: health_check_pb2.UNHEALTHY,
+    Health.DRAINING: health_check_pb2.DRAINING,
+    Health.UNKNOWN: health_check_pb2.UNKNOWN,
+}
+
+
+def cluster_name(host: str, port: int) -> str:
+    return f"outbound|{port}||{host}"
+
+
+def listener_name(host: str, port: int) -> str:
+    return f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One version of one resource; `body` is a serialized `google.protobuf.Any`."""
+
+    name: str
+    version: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """Every resource served for one snapshot version. Immutable; shared by all connections."""
+
+    version: int
+    resources: Mapping[str, Mapping[str, Resource]]
+    """type URL → resource name → resource."""
+    by_host: Mapping[Hostname, tuple[tuple[str, str], ...]]
+    """hostname → the (type URL, name) pairs built from it."""
+
+
+EMPTY_VIEW = View(0, MappingProxyType({t: MappingProxyType({}) for t in TYPES}), MappingProxyType({}))
+
+Changes = Mapping[str, frozenset[str]]
+"""type URL → names added, changed or removed by an update."""
+
+
+@dataclass(frozen=True, slots=True)
+class BuildOptions:
+    connect_timeout: float = 10.0
+    lb_policy: LbPolicy = LbPolicy.ROUND_ROBIN
+
+
+class Builder:
+    """Turns snapshots into views. Owned by the push loop; not shared."""
+
+    def __init__(self, options: BuildOptions) -> None:
+        self._options = options
+        self._timeout = duration_pb2.Duration()
+        self._timeout.FromTimedelta(timedelta(seconds=options.connect_timeout))
+
+    def update(self, old: View, snapshot: Snapshot, changed: Iterable[Hostname] | None) -> tuple[View, Changes]:
+        """The view of `snapshot`, rebuilding only `changed` hostnames (all of them when None)."""
+        hosts = set(snapshot.services) | set(old.by_host) if changed is None else set(changed)
+        tables = {t: dict(old.resources[t]) for t in TYPES}
+        by_host = dict(old.by_host)
+        touched: dict[str, set[str]] = {t: set() for t in TYPES}
+        version = str(snapshot.version)
+        for host in hosts:
+            previous = {key: tables[key[0]].pop(key[1]) for key in by_host.pop(host, ()) if key[1] in tables[key[0]]}
+            service = snapshot.services.get(host)
+            built = self.build(service) if service is not None else []
+            keys = []
+            for type_url, name, message in built:
+                body = _pack(type_url, message)
+                before = previous.pop((type_url, name), None)
+                if before is not None and before.body == body:
+                    tables[type_url][name] = before
+                else:
+                    tables[type_url][name] = Resource(name, version, body)
+                    touched[type_url].add(name)
+                keys.append((type_url, name))
+            for type_url, name in previous:
+                touched[type_url].add(name)
+            if keys:
+                by_host[host] = tuple(keys)
+        view = View(
+            snapshot.version,
+            MappingProxyType({t: MappingProxyType(tables[t]) for t in TYPES}),
+            MappingProxyType(by_host),
+        )
+        return view, {t: frozenset(names) for t, names in touched.items() if names}
+
+    def build(self, service: Service) -> list[tuple[str, str, Message]]:
+        """The (type URL, name, message) resources of one service."""
+        out: list[tuple[str, str, Message]] = []
+        for port in service.ports:
+            if port.protocol.is_udp:
+                continue
+            cluster = self._cluster(service, port)
+            if cluster is None:
+                continue
+            out.append((CLUSTER, cluster.name, cluster))
+            if cluster.type == cluster_pb2.Cluster.EDS:
+                out.append((ENDPOINT, cluster.name, _assignment(cluster.name, service, port)))
+            if service.resolution is not Resolution.NONE and not service.is_wildcard:
+                name = listener_name(service.hostname, port.number)
+                out.append((LISTENER, name, _listener(name)))
+                out.append((ROUTE, name, _route(name, service.hostname, cluster.name)))
+        return out
+
+    def _cluster(self, service: Service, port: Port) -> cluster_pb2.Cluster | None:
+        name = cluster_name(service.hostname, port.number)
+        c = cluster_pb2.Cluster(name=name, lb_policy=_LB[self._options.lb_policy])
+        c.connect_timeout.CopyFrom(self._timeout)
+        c.metadata.filter_metadata[METADATA_KEY].CopyFrom(_struct({"source": service.source}))
+        resolution = service.resolution
+        if resolution is Resolution.STATIC:
+            c.type = cluster_pb2.Cluster.EDS
+            c.eds_cluster_config.eds_config.CopyFrom(_ADS)
+            c.eds_cluster_config.service_name = name
+        elif resolution is Resolution.NONE:
+            c.type = cluster_pb2.Cluster.ORIGINAL_DST
+            c.lb_policy = cluster_pb2.Cluster.CLUSTER_PROVIDED
+        else:
+            targets: list[tuple[str, int, Endpoint | None]] = [
+                (ep.address, ep.port_for(port), ep) for ep in service.endpoints if not ep.address.startswith("unix://")
+            ]
+            if not targets:
+                if service.is_wildcard:
+                    log.debug("%s: DNS resolution of a wildcard host without endpoints: no cluster", name)
+                    return None
+                targets = [(service.hostname, port.target_port or port.number, None)]
+            logical = resolution is Resolution.DNS_ROUND_ROBIN and len(targets) == 1
+            c.type = cluster_pb2.Cluster.LOGICAL_DNS if logical else cluster_pb2.Cluster.STRICT_DNS
+            c.dns_lookup_family = cluster_pb2.Cluster.V4_PREFERRED
+            c.load_assignment.cluster_name = name
+            group = c.load_assignment.endpoints.add()
+            for address, number, ep in targets:
+                lb = group.lb_endpoints.add()
+                lb.endpoint.address.socket_address.address = address
+                lb.endpoint.address.socket_address.port_value = number
+                if ep is not None:
+                    _fill_endpoint(lb, ep)
+        if port.protocol.is_http2:
+            options = http_protocol_options_pb2.HttpProtocolOptions()
+            options.explicit_http_config.http2_protocol_options.CopyFrom(protocol_pb2.Http2ProtocolOptions())
+            c.typed_extension_protocol_options[_HTTP_OPTIONS].Pack(options)
+        return c
+
+
+def _assignment(name: str, service: Service, port: Port) -> endpoint_pb2.ClusterLoadAssignment:
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+    groups: dict[Locality, list[Endpoint]] = {}
+    for ep in service.endpoints:
+        if ep.is_ip or ep.address.startswith("unix://"):
+            groups.setdefault(ep.locality, []).append(ep)
+    for locality, endpoints in groups.items():
+        group = cla.endpoints.add()
+        group.locality.CopyFrom(
+            base_pb2.Locality(region=locality.region, zone=locality.zone, sub_zone=locality.subzone)
+        )
+        group.load_balancing_weight.value = sum(max(1, ep.weight) for ep in endpoints)
+        for ep in endpoints:
+            lb = group.lb_endpoints.add()
+            if ep.is_ip:
+                lb.endpoint.address.socket_address.address = ep.address
+                lb.endpoint.address.socket_address.port_value = ep.port_for(port)
+            else:
+                lb.endpoint.address.pipe.path = ep.address.removeprefix("unix://")
+            _fill_endpoint(lb, ep)
+    return cla
+
+
+def _fill_endpoint(lb: endpoint_components_pb2.LbEndpoint, ep: Endpoint) -> None:
+    lb.health_status = _HEALTH[ep.health]
+    lb.load_balancing_weight.CopyFrom(wrappers_pb2.UInt32Value(value=max(1, ep.weight)))
+    if ep.hostname:
+        lb.endpoint.hostname = ep.hostname
+    lb.metadata.filter_metadata[METADATA_KEY].CopyFrom(_struct({"source": ep.source}))
+
+
+def _listener(name: str) -> listener_pb2.Listener:
+    manager = hcm_pb2.HttpConnectionManager(stat_prefix=name)
+    manager.rds.config_source.CopyFrom(_ADS)
+    manager.rds.route_config_name = name
+    router = manager.http_filters.add(name="envoy.filters.http.router")
+    router.typed_config.Pack(router_pb2.Router())
+    listener = listener_pb2.Listener(name=name, api_listener=api_listener_pb2.ApiListener())
+    listener.api_listener.api_listener.Pack(manager)
+    return listener
+
+
+def _route(name: str, host: str, cluster: str) -> route_pb2.RouteConfiguration:
+    route = route_components_pb2.Route(
+        match=route_components_pb2.RouteMatch(prefix=""),
+        route=route_components_pb2.RouteAction(cluster=cluster),
+    )
+    vhost = route_components_pb2.VirtualHost(name=name, domains=[name, host], routes=[route])
+    return route_pb2.RouteConfiguration(name=name, virtual_hosts=[vhost])
+
+
+def _struct(fields: Mapping[str, str]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(fields)
+    return s
+
+
+def _pack(type_url: str, message: Message) -> bytes:
+    value = message.SerializeToString(deterministic=True)
+    packed: bytes = any_pb2.Any(type_url=type_url, value=value).SerializeToString(deterministic=True)
+    return packed

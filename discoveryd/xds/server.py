@@ -1,0 +1,321 @@
+"""The xDS gRPC server: streams in, the push loop, TLS, health.
+
+Data flow: `serve()` builds the first `View` from the index, binds the
+listeners and then runs the push loop: wait for a newer snapshot, debounce
+(`debounce_after` of quiet, at most `debounce_max` after the first change),
+diff once against the snapshot of the current view, rebuild only the changed
+hostnames (`resources.Builder`) and hand the new view and its changed names to
+every open `Connection`. Each stream runs two tasks: its reader applies
+requests to the connection, its writer (the gRPC handler itself) drains the
+connection's responses. The push loop only marks state; a stream that cannot
+be written to blocks only its own writer.
+
+Services: AggregatedDiscoveryService (SotW and delta), the per-type Cluster,
+Endpoint, Listener and Route discovery services (SotW and delta), and
+grpc.health.v1.Health. Responses are written as pre-serialized bytes.
+
+TLS (`xds.tls`): a second listener whose certificate and key, and client CA
+when mTLS is on, are re-read when the files change (checked on each new
+handshake; a change that does not load is logged and the old one kept).
+
+Cancellation of `serve()` ends every stream (its writer returns, the client
+sees the stream close and reconnects elsewhere), stops the server with a short
+grace, and re-raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from discoveryd.config import TlsConfig, XdsConfig, split_hostport
+from discoveryd.index import Snapshot, SnapshotSource, diff
+from discoveryd.xds import metrics
+from discoveryd.xds.connection import Connection
+from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ENDPOINT, LISTENER, ROUTE, Builder, BuildOptions, View
+
+log = logging.getLogger(__name__)
+
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+_SERVICES: tuple[tuple[str, str, str, str, str | None], ...] = (
+    # (gRPC service, SotW method, delta method, api name, type or None for all)
+    (ADS_SERVICE, "StreamAggregatedResources", "DeltaAggregatedResources", "ADS", None),
+    ("envoy.service.cluster.v3.ClusterDiscoveryService", "StreamClusters", "DeltaClusters", "CDS", CLUSTER),
+    ("envoy.service.endpoint.v3.EndpointDiscoveryService", "StreamEndpoints", "DeltaEndpoints", "EDS", ENDPOINT),
+    ("envoy.service.listener.v3.ListenerDiscoveryService", "StreamListeners", "DeltaListeners", "LDS", LISTENER),
+    ("envoy.service.route.v3.RouteDiscoveryService", "StreamRoutes", "DeltaRoutes", "RDS", ROUTE),
+)
+
+_GRACE = 1.0
+"""Seconds streams get to finish when the server stops."""
+
+_OPTIONS = (
+    ("grpc.so_reuseport", 0),  # a second daemon on the same port must fail to bind, not share it
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+)
+
+
+class XdsServer:
+    """Serves the index over xDS. Owned by the supervisor; see the module docstring."""
+
+    def __init__(self, config: XdsConfig, index: SnapshotSource) -> None:
+        self._config = config
+        self._index = index
+        self._builder = Builder(BuildOptions(config.connect_timeout, config.lb_policy))
+        self._view: View = EMPTY_VIEW
+        self._built_from = Snapshot()
+        self._connections: dict[int, Connection] = {}
+        self._ports: list[int] = []
+        self.started = asyncio.Event()
+        """Set once every listener is bound and serving."""
+
+    @property
+    def ports(self) -> list[int]:
+        """Bound ports after start: plaintext first, then TLS when configured."""
+        return list(self._ports)
+
+    @property
+    def view(self) -> View:
+        """The resources currently served."""
+        return self._view
+
+    @property
+    def connections(self) -> list[Connection]:
+        return list(self._connections.values())
+
+    async def serve(self) -> None:
+        self._rebuild(self._index.snapshot, None)
+        server = grpc.aio.server(options=_OPTIONS)
+        server.add_generic_rpc_handlers(self._handlers())
+        healthz = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(healthz, server)
+        for service in ("", *(s[0] for s in _SERVICES)):
+            await healthz.set(service, health_pb2.HealthCheckResponse.SERVING)
+        try:
+            self._ports = [_bind(server, self._config.listen, None)]
+            if self._config.tls is not None:
+                self._ports.append(_bind(server, self._config.tls_listen, _tls_credentials(self._config.tls)))
+        except BaseException:
+            await server.stop(None)
+            raise
+        await server.start()
+        log.info("xds listening on %s", ", ".join(self._addresses()))
+        self.started.set()
+        try:
+            await self._push_loop()
+        finally:
+            self.started.clear()
+            await healthz.enter_graceful_shutdown()
+            for conn in self._connections.values():
+                conn.close()
+            await server.stop(_GRACE)
+
+    def syncz(self) -> dict[str, Any]:
+        """Per-connection sync state, for /debug/syncz and `discoveryd status`."""
+        return {
+            "version": str(self._view.version),
+            "snapshot_version": self._built_from.version,
+            "resources": {k.rsplit(".", 1)[-1]: len(v) for k, v in self._view.resources.items()},
+            "connections": [c.syncz() for c in self._connections.values()],
+        }
+
+    # -- push loop --------------------------------------------------------------------------
+
+    async def _push_loop(self) -> None:
+        after, most = self._config.debounce_after, self._config.debounce_max
+        while True:
+            snap = await self._index.wait(self._built_from.version)
+            changed = self._index.changed_between(self._built_from.version, snap.version)
+            if changed is not None and not changed:
+                self._built_from = snap
+                continue
+            origin = snap.created
+            first = last = time.monotonic()
+            while True:
+                timeout = min(last + after, first + most) - time.monotonic()
+                if timeout <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(timeout):
+                        snap = await self._index.wait(snap.version)
+                except TimeoutError:
+                    break
+                last = time.monotonic()
+            snap = self._index.snapshot
+            self._rebuild(snap, self._index.changed_between(self._built_from.version, snap.version), origin)
+
+    def _rebuild(self, snap: Snapshot, changed: frozenset[Any] | None, origin: float | None = None) -> None:
+        if changed is None:
+            changed = diff(self._built_from, snap)
+        started = time.monotonic()
+        view, changes = self._builder.update(self._view, snap, changed)
+        metrics.BUILD_SECONDS.observe(time.monotonic() - started)
+        self._built_from = snap
+        if not changes:
+            return
+        self._view = view
+        stamp = origin if origin is not None else snap.created
+        for conn in self._connections.values():
+            conn.notify(view, changes, stamp)
+
+    # -- streams ----------------------------------------------------------------------------
+
+    def _handlers(self) -> list[grpc.GenericRpcHandler]:
+        out = []
+        for service, sotw, delta, api, only in _SERVICES:
+            methods = {
+                sotw: grpc.stream_stream_rpc_method_handler(
+                    self._stream_handler(api, False, only),
+                    request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                    response_serializer=_raw,
+                ),
+                delta: grpc.stream_stream_rpc_method_handler(
+                    self._stream_handler(api, True, only),
+                    request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                    response_serializer=_raw,
+                ),
+            }
+            out.append(grpc.method_handlers_generic_handler(service, methods))
+        return out
+
+    def _stream_handler(
+        self, api: str, delta: bool, only: str | None
+    ) -> Callable[[AsyncIterator[Any], grpc.aio.ServicerContext[Any, bytes]], Coroutine[Any, Any, None]]:
+        async def handle(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, bytes]) -> None:
+            await self._stream(requests, context, api, delta, only)
+
+        return handle
+
+    async def _stream(
+        self,
+        requests: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext[Any, bytes],
+        api: str,
+        delta: bool,
+        only: str | None,
+    ) -> None:
+        """Runs one stream: this task writes, a child task reads. Returns when either side ends."""
+        conn = Connection(api, delta, context.peer(), self._view, only)
+        self._connections[conn.id] = conn
+        metrics.CONNECTED.inc()
+        reader = asyncio.create_task(self._read(conn, requests), name=f"xds-read-{conn.id}")
+        try:
+            while not conn.closed:
+                await conn.wake.wait()
+                conn.wake.clear()
+                while not conn.closed and (out := conn.next_response()) is not None:
+                    type_url, body, queued_at = out
+                    await context.write(body)
+                    conn.written(type_url, len(body), queued_at)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            del self._connections[conn.id]
+            metrics.CONNECTED.dec()
+            log.debug("xds %s closed", conn.describe())
+
+    @staticmethod
+    async def _read(conn: Connection, requests: AsyncIterator[Any]) -> None:
+        """Applies each request to `conn`; closes it when the client half-closes or the stream fails."""
+        handle = conn.on_delta_request if conn.delta else conn.on_request
+        try:
+            async for request in requests:
+                handle(request)
+        except grpc.aio.AioRpcError as e:
+            log.debug("xds %s: read ended: %s", conn.describe(), e.code())
+        except Exception:
+            log.exception("xds %s: bad request; closing the stream", conn.describe())
+        finally:
+            conn.close()
+
+    def _addresses(self) -> list[str]:
+        out = [f"{split_hostport(self._config.listen)[0]}:{self._ports[0]} (plaintext)"]
+        if len(self._ports) > 1:
+            out.append(f"{split_hostport(self._config.tls_listen)[0]}:{self._ports[1]} (TLS)")
+        return out
+
+
+def _raw(body: bytes) -> bytes:
+    return body
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    host, port = split_hostport(address)
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_secure_port(target, credentials) if credentials else server.add_insecure_port(target)
+    except RuntimeError as e:
+        raise OSError(errno.EADDRNOTAVAIL, f"xds: cannot listen on {address}: {e}") from e
+    if not bound:
+        raise OSError(errno.EADDRINUSE, f"xds: cannot listen on {address}")
+    return int(bound)
+
+
+class _CertFiles:
+    """The TLS files of `xds.tls`, re-read when one of them changes (gRPC calls `fetch` per new handshake)."""
+
+    def __init__(self, tls: TlsConfig) -> None:
+        self._tls = tls
+        self._paths = [p for p in (tls.cert_file, tls.key_file, tls.client_ca_file) if p is not None]
+        self._stamp: tuple[tuple[int, int], ...] = ()
+
+    def _stat(self) -> tuple[tuple[int, int], ...]:
+        out = []
+        for path in self._paths:
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                raise OSError(e.errno, f"xds.tls: cannot read {path}: {e.strerror}") from e
+            out.append((st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
+    def load(self) -> Any:
+        """The certificate configuration from the files now; OSError naming the file that cannot be read."""
+
+        def read(path: Path) -> bytes:
+            try:
+                return path.read_bytes()
+            except OSError as e:
+                raise OSError(e.errno, f"xds.tls: cannot read {path}: {e.strerror}") from e
+
+        stamp = self._stat()
+        tls = self._tls
+        ca = read(tls.client_ca_file) if tls.client_ca_file is not None else None
+        config = grpc.ssl_server_certificate_configuration([(read(tls.key_file), read(tls.cert_file))], ca)
+        self._stamp = stamp
+        return config
+
+    def fetch(self) -> Any:
+        """A new configuration when a file changed since the last load, else None (keep the current one)."""
+        try:
+            if self._stat() == self._stamp:
+                return None
+            config = self.load()
+        except OSError as e:
+            log.error("%s; keeping the current certificate", e)
+            return None
+        log.info("xds.tls: certificate files changed; reloaded")
+        return config
+
+
+def _tls_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    files = _CertFiles(tls)
+    return grpc.dynamic_ssl_server_credentials(
+        files.load(), files.fetch, require_client_authentication=tls.client_ca_file is not None
+    )
