@@ -172,7 +172,8 @@ def _name(packed: any_pb2.Any) -> str:
 def endpoints_of(response: Any) -> dict[str, list[str]]:
     """cluster name → "ip:port" of every endpoint, from an EDS response."""
     out: dict[str, list[str]] = {}
-    anys = [r.resource for r in response.resources] if response.DESCRIPTOR.name.startswith("Delta") else response.resources
+    delta = isinstance(response, discovery_pb2.DeltaDiscoveryResponse)
+    anys = [r.resource for r in response.resources] if delta else response.resources
     for packed in anys:
         cla = endpoint_pb2.ClusterLoadAssignment()
         packed.Unpack(cla)
