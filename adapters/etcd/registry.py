@@ -1,0 +1,386 @@
+"""Watch one etcd key prefix and keep the registry's shard equal to it.
+
+Data flow, in the registry's own task (`run`):
+
+1. connect to one of the configured endpoints (the next one after a failure),
+   authenticate when a username is set;
+2. list the prefix in pages, all pages read at the revision of the first one,
+   parse every key with the configured format (`formats.py`) and
+   `shard.replace` the result, then `shard.mark_synced`;
+3. watch the prefix from that revision + 1 and apply each watch response's
+   events as one `shard.batch()`: only the hostnames whose members changed
+   are rebuilt (`formats.assemble`) and upserted or deleted. A lease that
+   expires arrives as a DELETE like any other;
+4. when the connection breaks, `shard.mark_failing` (the content stays,
+   marked stale), reconnect with exponential backoff and jitter, and resume
+   the watch from the last revision seen + 1; when etcd has compacted that
+   revision away, list again and replace (step 2).
+
+A key whose value does not parse is skipped and reported with
+`shard.set_problems(<key>, ...)`; the report is cleared when the key is fixed
+or deleted. Nothing a value contains stops the watch.
+
+The adapter speaks etcd's v3 gRPC API through aetcd's generated stubs
+(`aetcd.rpc`) on its own channel: aetcd's `Client` has no TLS, no paged
+range and hands out watch events one at a time, all of which this needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+from aetcd import rpc
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    wait_exponential,
+    wait_random_exponential,
+)
+
+from adapters.etcd.config import EtcdConfig, split_endpoint
+from adapters.etcd.formats import FORMATS, Format, FormatError, Member, assemble
+from discoveryd.model import Hostname, Problem, Zone, ZoneFlavor, hostname
+from discoveryd.registry import RegistryConfig, ShardWriter
+
+log = logging.getLogger(__name__)
+
+_STABLE_AFTER = 1.0
+"""A watch that stayed up this long (seconds) was healthy: its loss resets the backoff."""
+
+
+class EtcdError(Exception):
+    """etcd could not be used: no endpoint reachable, a watch canceled or closed by the server."""
+
+
+class _Compacted(Exception):
+    """The watch's start revision was compacted away: only a new list can catch up."""
+
+    def __init__(self, revision: int) -> None:
+        super().__init__(f"revision compacted up to {revision}")
+        self.revision = revision
+
+
+_TRANSIENT = (grpc.RpcError, OSError, TimeoutError, EtcdError)
+
+
+def describe(error: BaseException) -> str:
+    """A one-line reason for logs and `mark_failing`."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return str(error) or type(error).__name__
+
+
+def _range_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key starting with `prefix`."""
+    end = bytearray(prefix)
+    for i in reversed(range(len(end))):
+        if end[i] < 0xFF:
+            end[i] += 1
+            return bytes(end[: i + 1])
+    return b"\0"
+
+
+@dataclass(slots=True)
+class _Connection:
+    """One gRPC channel to one etcd member, authenticated when configured."""
+
+    endpoint: int
+    """Index into `EtcdConfig.endpoints`."""
+    channel: grpc.aio.Channel
+    kv: Any
+    watch: Any
+    metadata: tuple[tuple[str, str], ...]
+
+
+class _View:
+    """The parsed content of the prefix, and the shard writes that keep the index equal to it.
+
+    Owned by the registry's task; every method runs there.
+    """
+
+    def __init__(self, fmt: Format, prefix: str, shard: ShardWriter) -> None:
+        self._fmt = fmt
+        self._prefix_len = len(prefix)
+        self._shard = shard
+        self._keys: dict[str, tuple[Member, ...]] = {}
+        self._hosts: dict[Hostname, dict[str, Member]] = {}
+        self._problems: set[str] = set()
+        self.revision = 0
+        """Every change up to this revision is applied; 0: a full list is needed."""
+        self.skipped_total = 0
+        """Values that did not parse, since start (a fixed and re-broken key counts again)."""
+
+    def _parse(self, key: str, value: bytes) -> tuple[Member, ...]:
+        try:
+            members = self._fmt.parse(key[self._prefix_len :], value)
+        except FormatError as e:
+            self.skipped_total += 1
+            log.warning("%s: skipped: %s%s", key, f"{e.field}: " if e.field else "", e.message)
+            self._problems.add(key)
+            self._shard.set_problems(key, [Problem(where=key, message=e.message, field=e.field)])
+            return ()
+        self._clear(key)
+        return members
+
+    def _clear(self, key: str) -> None:
+        if key in self._problems:
+            self._problems.discard(key)
+            self._shard.set_problems(key, ())
+
+    def _service(self, host: Hostname) -> None:
+        members = self._hosts.get(host)
+        service = assemble(host, sorted(members.items())) if members else None
+        if service is None:
+            self._hosts.pop(host, None)
+            self._shard.delete(host)
+        else:
+            self._shard.upsert(service)
+
+    def load(self, kvs: Iterable[Any], revision: int) -> None:
+        """Replace everything with a full list read at `revision`. Call inside `shard.batch()`."""
+        before = self._problems
+        self._problems = set()
+        self._keys, self._hosts = {}, {}
+        for kv in kvs:
+            key = kv.key.decode("utf-8", "backslashreplace")
+            members = self._parse(key, kv.value)
+            if members:
+                self._keys[key] = members
+                for m in members:
+                    self._hosts.setdefault(m.service, {})[key] = m
+        for gone in before - self._problems:
+            self._shard.set_problems(gone, ())
+        services = (assemble(h, sorted(ms.items())) for h, ms in self._hosts.items())
+        self._shard.replace(s for s in services if s is not None)
+        self.revision = revision
+
+    def apply(self, events: Sequence[Any]) -> None:
+        """Apply one watch response's events, in order. Call inside `shard.batch()`."""
+        dirty: set[Hostname] = set()
+        for event in events:
+            key = event.kv.key.decode("utf-8", "backslashreplace")
+            for m in self._keys.pop(key, ()):
+                self._hosts[m.service].pop(key, None)
+                dirty.add(m.service)
+            if event.type == rpc.Event.PUT:
+                members = self._parse(key, event.kv.value)
+                if members:
+                    self._keys[key] = members
+                    for m in members:
+                        self._hosts.setdefault(m.service, {})[key] = m
+                        dirty.add(m.service)
+            else:
+                self._clear(key)
+            self.revision = max(self.revision, event.kv.mod_revision)
+        for host in dirty:
+            self._service(host)
+
+
+class EtcdRegistry:
+    """The `Registry` (and `ZoneProvider`) for one etcd cluster."""
+
+    def __init__(self, config: EtcdConfig, base_dir: Path) -> None:
+        self.config: RegistryConfig = config
+        self._config = config
+        self._base_dir = base_dir
+        self._format = FORMATS[config.format].create(hostname(config.domain))
+        self._prefix = config.prefix.encode()
+        self._next = 0
+        """The endpoint to try first on the next connection."""
+
+    def zones(self) -> Sequence[Zone]:
+        return [Zone(hostname(self._config.domain), ZoneFlavor.PLAIN)]
+
+    async def run(self, shard: ShardWriter) -> None:
+        """Sync `shard` with the prefix until cancelled (see the module docstring)."""
+        view = _View(self._format, self._config.prefix, shard)
+
+        def failing(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome is not None else None
+            reason = describe(error) if error is not None else "unknown error"
+            log.warning("etcd %s: %s; retrying in %.2fs", self.config.source, reason, state.upcoming_sleep)
+            shard.mark_failing(reason)
+
+        half_initial, half_max = self._config.backoff_initial / 2, self._config.backoff_max / 2
+        while True:
+            # A fresh retry loop per healthy session, so the backoff starts over after one.
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(_TRANSIENT),
+                wait=wait_exponential(multiplier=half_initial, max=half_max)
+                + wait_random_exponential(multiplier=half_initial, max=half_max),
+                before_sleep=failing,
+                reraise=True,
+            ):
+                with attempt:
+                    await self._session(view, shard)
+
+    async def _session(self, view: _View, shard: ShardWriter) -> None:
+        """Connect, list when needed, and watch. Returns after a healthy watch broke; raises otherwise."""
+        conn = await self._connect()
+        established: float | None = None
+
+        def on_established() -> None:
+            nonlocal established
+            established = time.monotonic()
+
+        try:
+            while True:
+                if view.revision == 0:
+                    kvs, revision = await self._list(conn)
+                    with shard.batch():
+                        view.load(kvs, revision)
+                        shard.mark_synced()
+                    log.info("etcd %s: listed %d keys at revision %d", self.config.source, len(kvs), revision)
+                try:
+                    await self._watch(conn, view, shard, on_established)
+                except _Compacted as e:
+                    log.info("etcd %s: %s; listing again", self.config.source, e)
+                    view.revision = 0
+        except _TRANSIENT as e:
+            self._next = (conn.endpoint + 1) % len(self._config.endpoints)
+            if established is None or time.monotonic() - established < _STABLE_AFTER:
+                raise
+            log.warning("etcd %s: watch lost: %s; reconnecting", self.config.source, describe(e))
+            shard.mark_failing(describe(e))
+        finally:
+            await conn.channel.close()
+
+    async def _connect(self) -> _Connection:
+        """A connection to the first endpoint that answers, starting at `_next`."""
+        endpoints = self._config.endpoints
+        errors = []
+        for i in range(len(endpoints)):
+            index = (self._next + i) % len(endpoints)
+            try:
+                return await self._dial(index)
+            except _TRANSIENT as e:
+                errors.append(f"{endpoints[index]}: {describe(e)}")
+        raise EtcdError("no etcd endpoint reachable (" + "; ".join(errors) + ")")
+
+    async def _dial(self, index: int) -> _Connection:
+        cfg = self._config
+        _, host, port = split_endpoint(cfg.endpoints[index])
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        options: list[tuple[str, Any]] = [
+            ("grpc.keepalive_time_ms", int(cfg.keepalive * 1000)),
+            ("grpc.keepalive_timeout_ms", int(cfg.dial_timeout * 1000)),
+            ("grpc.max_receive_message_length", -1),
+        ]
+        if cfg.secure:
+            credentials = self._credentials()
+            if cfg.tls is not None and cfg.tls.server_name:
+                options.append(("grpc.ssl_target_name_override", cfg.tls.server_name))
+            channel = grpc.aio.secure_channel(target, credentials, options=options)
+        else:
+            channel = grpc.aio.insecure_channel(target, options=options)
+        try:
+            try:
+                await asyncio.wait_for(channel.channel_ready(), cfg.dial_timeout)
+            except TimeoutError:
+                raise EtcdError(f"not connected within {cfg.dial_timeout:g}s") from None
+            metadata: tuple[tuple[str, str], ...] = ()
+            if cfg.username is not None:
+                request = rpc.AuthenticateRequest(name=cfg.username, password=self._password())
+                reply = await rpc.AuthStub(channel).Authenticate(request, timeout=cfg.dial_timeout)
+                metadata = (("token", reply.token),)
+        except BaseException:
+            await channel.close()
+            raise
+        return _Connection(index, channel, rpc.KVStub(channel), rpc.WatchStub(channel), metadata)
+
+    def _path(self, path: Path) -> Path:
+        return self._base_dir / path.expanduser()
+
+    def _read(self, path: Path | None) -> bytes | None:
+        if path is None:
+            return None
+        full = self._path(path)
+        try:
+            return full.read_bytes()
+        except OSError as e:
+            raise EtcdError(f"{full}: cannot read: {e.strerror or e}") from None
+
+    def _password(self) -> str:
+        cfg = self._config
+        if cfg.password is not None:
+            return cfg.password.get_secret_value()
+        data = self._read(cfg.password_file)
+        return (data or b"").decode("utf-8", "replace").rstrip("\r\n")
+
+    def _credentials(self) -> grpc.ChannelCredentials:
+        tls = self._config.tls
+        if tls is None:
+            return grpc.ssl_channel_credentials()
+        return grpc.ssl_channel_credentials(
+            root_certificates=self._read(tls.ca_file),
+            private_key=self._read(tls.key_file),
+            certificate_chain=self._read(tls.cert_file),
+        )
+
+    async def _list(self, conn: _Connection) -> tuple[list[Any], int]:
+        """Every key-value under the prefix, in pages read at one revision, and that revision."""
+        cfg = self._config
+        end = _range_end(self._prefix)
+        key, revision = self._prefix, 0
+        kvs: list[Any] = []
+        while True:
+            request = rpc.RangeRequest(key=key, range_end=end, limit=cfg.page_size, revision=revision)
+            reply = await conn.kv.Range(request, timeout=cfg.request_timeout, metadata=conn.metadata)
+            if revision == 0:
+                revision = reply.header.revision
+            kvs.extend(reply.kvs)
+            if not reply.more or not reply.kvs:
+                return kvs, revision
+            key = reply.kvs[-1].key + b"\0"
+
+    async def _watch(
+        self,
+        conn: _Connection,
+        view: _View,
+        shard: ShardWriter,
+        on_established: Callable[[], None],
+    ) -> None:
+        """Follow the prefix from `view.revision` + 1 until the stream fails (raises)."""
+        cfg = self._config
+        call = conn.watch.Watch(metadata=conn.metadata)
+        try:
+            create = rpc.WatchCreateRequest(
+                key=self._prefix,
+                range_end=_range_end(self._prefix),
+                start_revision=view.revision + 1,
+                progress_notify=True,
+            )
+            await call.write(rpc.WatchRequest(create_request=create))
+            created = False
+            while True:
+                if created:
+                    reply = await call.read()
+                else:
+                    reply = await asyncio.wait_for(call.read(), cfg.request_timeout)
+                if reply is grpc.aio.EOF:
+                    raise EtcdError("watch stream closed by the server")
+                if reply.compact_revision:
+                    raise _Compacted(reply.compact_revision)
+                if reply.canceled:
+                    raise EtcdError(f"watch canceled: {reply.cancel_reason or 'no reason given'}")
+                if reply.created and not created:
+                    created = True
+                    on_established()
+                    shard.mark_synced()
+                if reply.events:
+                    with shard.batch():
+                        view.apply(reply.events)
+                elif not reply.created:
+                    # A progress notification: nothing under the prefix changed up to here.
+                    view.revision = max(view.revision, reply.header.revision)
+        finally:
+            call.cancel()
