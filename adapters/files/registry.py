@@ -1,0 +1,372 @@
+"""The ServiceEntry file registry: files on disk → the registry's shard, kept in step by watching.
+
+Data flow:
+  configured paths ─scan─> YAML files ─parse/validate, per file─> objects ─merge, all files─> services, problems
+      ─> shard.replace(services), shard.set_problems(file, problems)
+
+`FileSet` owns what each file last said. `refresh()` lists the files under
+the configured paths (directories recursively, skipping hidden entries and
+names that are not `*.yaml`, `*.yml` or `*.json`), re-reads the files that
+are new, changed (inode, size, mtime or ctime differ) or named by a watch
+event, and forgets the files that are gone. A file that cannot be read,
+parsed or validated keeps its last good objects; its problems are reported
+until it is fixed. `result()` merges the objects of all files (see `merge`).
+
+`FilesRegistry.run()` does one full refresh, publishes it and marks the shard
+synced, then watches with watchfiles (inotify): configured directories
+recursively; the parent directory of a configured file, and the nearest
+existing ancestor of a path that does not exist yet, non-recursively. Watch
+events are only a trigger for `refresh()`, so editors' write-then-rename,
+Kubernetes ConfigMap symlink swaps and directories appearing are all handled
+the same way. When the set of watched directories must change (a missing
+path appeared, a watched directory went away) the watchers are restarted and
+one more refresh catches what happened in between. If watching fails, the
+shard is marked failing (its content is kept) and watching is retried with
+exponential backoff and jitter.
+
+File reads and directory scans run in a worker thread (`asyncio.to_thread`);
+every shard write happens on the event loop in `run()`'s task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tenacity
+from watchfiles import awatch
+
+from adapters.files.config import FilesConfig
+from adapters.files.merge import build
+from adapters.files.parse import parse_documents
+from adapters.files.validate import Object, read_objects
+from discoveryd.model import Hostname, Problem, Service
+from discoveryd.registry import AdapterContext, RegistryConfig, ShardWriter
+
+log = logging.getLogger("discoveryd.adapters.files")
+
+SUFFIXES = (".yaml", ".yml", ".json")
+MAX_FILE_BYTES = 16 * 1024 * 1024
+"""Larger files are reported, not read: ServiceEntry files are small, anything this big is a mistake."""
+
+# watchfiles groups events until none arrived for STEP_MS (at most DEBOUNCE_MS), so a
+# write lands in the index about 2 * STEP_MS after it happens.
+STEP_MS = 25
+DEBOUNCE_MS = 250
+
+Signature = tuple[int, int, int, int, int]
+"""(device, inode, size, mtime_ns, ctime_ns) of a file, following symlinks."""
+
+
+@dataclass(slots=True)
+class _File:
+    signature: Signature | None
+    objects: tuple[Object, ...] = ()
+    """The last good content; kept while the file is broken."""
+    problems: tuple[Problem, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WatchPlan:
+    recursive: frozenset[str] = frozenset()
+    flat: frozenset[str] = frozenset()
+
+
+@dataclass(slots=True)
+class _Listing:
+    files: dict[str, Signature | None] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    unlisted: dict[str, str] = field(default_factory=dict)
+    """Directories (or roots) that could not be listed → why."""
+
+
+class FileSet:
+    """What the files under the configured paths say. Not thread-safe: one caller at a time."""
+
+    def __init__(self, roots: Sequence[Path], namespace: str) -> None:
+        self.roots = tuple(str(r) for r in roots)
+        self.namespace = namespace
+        self._files: dict[str, _File] = {}
+        self._root_problems: dict[str, tuple[Problem, ...]] = {}
+
+    def refresh(self, named: Collection[str] = ()) -> bool:
+        """Re-read files that are new, changed or `named` (by a watch event); True if anything changed. Blocking."""
+        listing = _scan(self.roots)
+        changed = False
+        for path in list(self._files):
+            if path not in listing.files and not _under_any(path, listing.unlisted):
+                del self._files[path]
+                changed = True
+        for path, signature in listing.files.items():
+            known = self._files.get(path)
+            if known is not None and signature is not None and known.signature == signature and path not in named:
+                continue
+            objects, problems = load_file(path, self.namespace)
+            if known is None:
+                known = self._files[path] = _File(signature)
+            before = (known.objects, known.problems)
+            known.signature = signature
+            if problems:
+                known.problems = tuple(problems)
+            else:
+                known.objects, known.problems = tuple(objects), ()
+            changed = changed or (known.objects, known.problems) != before
+        root_problems: dict[str, tuple[Problem, ...]] = {
+            p: (Problem(p, "does not exist (yet); it is read when it appears"),) for p in listing.missing
+        }
+        root_problems.update({p: (Problem(p, f"cannot list: {why}"),) for p, why in listing.unlisted.items()})
+        if root_problems != self._root_problems:
+            self._root_problems = root_problems
+            changed = True
+        return changed
+
+    def has_content(self, path: str) -> bool:
+        known = self._files.get(path)
+        return known is not None and bool(known.objects)
+
+    def result(self) -> tuple[dict[Hostname, Service], dict[str, tuple[Problem, ...]]]:
+        """The merged services, and the problems by scope (a file or a configured path), both non-empty only."""
+        paths = sorted(self._files)
+        services, between = build([obj for path in paths for obj in self._files[path].objects])
+        problems: dict[str, list[Problem]] = {}
+        for path in paths:
+            if self._files[path].problems:
+                problems[path] = list(self._files[path].problems)
+        for fp in between:
+            problems.setdefault(fp.file, []).append(fp.problem)
+        out = {scope: tuple(ps) for scope, ps in sorted(problems.items())}
+        out.update(self._root_problems)
+        return services, out
+
+    def watch_plan(self) -> WatchPlan:
+        """Directories to watch: configured ones recursively; parents / nearest ancestors flat. Blocking."""
+        recursive: set[str] = set()
+        flat: set[str] = set()
+        for root in self.roots:
+            if os.path.isdir(root):
+                recursive.add(root)
+                continue
+            parent = os.path.dirname(root)
+            while parent != os.path.dirname(parent) and not os.path.isdir(parent):
+                parent = os.path.dirname(parent)
+            flat.add(parent)
+        flat = {d for d in flat if d not in recursive and not _under_any(d, recursive)}
+        return WatchPlan(frozenset(recursive), frozenset(flat))
+
+
+def load_file(path: str, namespace: str) -> tuple[list[Object], list[Problem]]:
+    """Read, parse and validate one file. Never raises for bad input or I/O errors. Blocking."""
+    try:
+        # O_NONBLOCK: a FIFO named *.yaml must not hang the reader; it is refused below.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        return [], [Problem(path, f"cannot read: {e.strerror or e}")]
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return [], [Problem(path, "not a regular file")]
+        if info.st_size > MAX_FILE_BYTES:
+            return [], [Problem(path, f"file is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB; not read")]
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        return [], [Problem(path, f"cannot read: {e.strerror or e}")]
+    finally:
+        os.close(fd)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        return [], [Problem(f"{path}:{line}", "not UTF-8 text")]
+    documents, problems = parse_documents(path, text)
+    if problems:
+        return [], problems
+    return read_objects(documents, namespace)
+
+
+def _wanted(name: str) -> bool:
+    """YAML/JSON files, not hidden files nor editors' backups and swap files (`.x.swp`, `x~`, `#x#`)."""
+    return not name.startswith((".", "#")) and not name.endswith("~") and name.lower().endswith(SUFFIXES)
+
+
+def _signature(path: str) -> Signature | None:
+    """None when the file exists but cannot be stat'ed (it is then read to report why)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _scan(roots: Iterable[str]) -> _Listing:
+    listing = _Listing()
+    for root in roots:
+        try:
+            is_dir = stat.S_ISDIR(os.stat(root).st_mode)
+        except FileNotFoundError:
+            listing.missing.append(root)
+            continue
+        except OSError as e:
+            listing.unlisted[root] = e.strerror or str(e)
+            continue
+        if not is_dir:  # a file named in the config is read whatever its name
+            with contextlib.suppress(FileNotFoundError):
+                listing.files[root] = _signature(root)
+            continue
+
+        _walk(root, listing)
+    return listing
+
+
+def _walk(root: str, listing: _Listing) -> None:
+    def failed(e: OSError) -> None:
+        listing.unlisted[e.filename or root] = e.strerror or str(e)
+
+    for directory, subdirs, names in os.walk(root, onerror=failed):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in names:
+            if _wanted(name):
+                path = os.path.join(directory, name)
+                with contextlib.suppress(FileNotFoundError):  # removed meanwhile, or a dangling symlink
+                    listing.files[path] = _signature(path)
+
+
+def _under_any(path: str, directories: Iterable[str]) -> bool:
+    return any(path.startswith(d.rstrip(os.sep) + os.sep) for d in directories)
+
+
+class FilesRegistry:
+    """A `Registry` and `OfflineChecker` over ServiceEntry / WorkloadEntry files."""
+
+    def __init__(self, config: FilesConfig, context: AdapterContext) -> None:
+        self.config: RegistryConfig = config
+        self.files_config = config
+        self.roots = config.resolved_paths(context.base_dir)
+
+    def check(self) -> Sequence[Problem]:
+        """Every problem in every file, as `discoveryd check` reports them. Blocking; touches no index."""
+        files = FileSet(self.roots, self.files_config.namespace)
+        files.refresh()
+        _, problems = files.result()
+        return [p for ps in problems.values() for p in ps]
+
+    async def run(self, shard: ShardWriter) -> None:
+        """Load everything, mark synced, then follow changes until cancelled."""
+        files = FileSet(self.roots, self.files_config.namespace)
+        publisher = _Publisher(shard, files)
+        await asyncio.to_thread(files.refresh)
+        publisher.publish()
+        shard.mark_synced()
+        while True:
+            retrying = tenacity.AsyncRetrying(
+                wait=tenacity.wait_exponential_jitter(initial=0.5, max=30),
+                retry=tenacity.retry_if_exception_type(Exception),
+                before_sleep=lambda state: _watch_failed(shard, state),
+            )
+            async for attempt in retrying:
+                with attempt:
+                    await self._follow(files, publisher)
+
+    async def _follow(self, files: FileSet, publisher: _Publisher) -> None:
+        """Watch the current plan and refresh on every event; return when the plan must change."""
+        plan = await asyncio.to_thread(files.watch_plan)
+        queue: asyncio.Queue[set[str] | Exception | None] = asyncio.Queue()
+        pumps = [
+            asyncio.create_task(_pump(dirs, recursive, queue), name=f"files-watch:{self.config.source}")
+            for dirs, recursive in ((plan.recursive, True), (plan.flat, False))
+            if dirs
+        ]
+        try:
+            # Pumps add their inotify watches synchronously on their first step, which the event
+            # loop runs before resuming here; the refresh below then sees whatever changed before.
+            await asyncio.sleep(0)
+            await publisher.refresh()
+            publisher.shard.mark_synced()
+            while True:
+                item = await queue.get()
+                named: set[str] = set()
+                while True:
+                    if isinstance(item, Exception):
+                        raise item
+                    if item is None:
+                        return  # a watcher ended: re-plan
+                    named |= item
+                    try:
+                        item = queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        break
+                await publisher.refresh(named)
+                if await asyncio.to_thread(files.watch_plan) != plan:
+                    return
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+
+
+async def _pump(dirs: Collection[str], recursive: bool, queue: asyncio.Queue[set[str] | Exception | None]) -> None:
+    """Forward watch events (paths) to `queue`; an error, or None when the watch ends. Runs until cancelled."""
+    try:
+        watcher = awatch(
+            *sorted(dirs),
+            watch_filter=None,
+            debounce=DEBOUNCE_MS,
+            step=STEP_MS,
+            recursive=recursive,
+            ignore_permission_denied=True,
+        )
+        async with contextlib.aclosing(watcher) as changes:
+            async for batch in changes:
+                queue.put_nowait({path for _, path in batch})
+    except Exception as e:  # handed to the consumer, which retries with backoff
+        queue.put_nowait(e)
+    else:
+        queue.put_nowait(None)
+
+
+def _watch_failed(shard: ShardWriter, state: tenacity.RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome is not None else None
+    delay = state.next_action.sleep if state.next_action is not None else 0.0
+    log.warning("%s: cannot watch files (%s); retrying in %.1fs", shard.source, error, delay)
+    shard.mark_failing(f"cannot watch files: {error}")
+
+
+class _Publisher:
+    """Writes a `FileSet`'s result into the shard, only what changed, and logs problems once."""
+
+    def __init__(self, shard: ShardWriter, files: FileSet) -> None:
+        self.shard = shard
+        self.files = files
+        self._services: dict[Hostname, Service] | None = None
+        self._problems: dict[str, tuple[Problem, ...]] = {}
+
+    async def refresh(self, named: Collection[str] = ()) -> None:
+        if await asyncio.to_thread(self.files.refresh, named):
+            self.publish()
+
+    def publish(self) -> None:
+        services, problems = self.files.result()
+        with self.shard.batch():
+            if services != self._services:
+                self.shard.replace(services.values())
+                self._services = services
+            for scope in self._problems.keys() - problems.keys():
+                self.shard.set_problems(scope, [])
+                log.info("%s: problems cleared", scope)
+            for scope, found in problems.items():
+                if self._problems.get(scope) == found:
+                    continue
+                for problem in found:
+                    log.warning("%s", problem)
+                if self.files.has_content(scope):
+                    log.warning("%s: serving the file's last good content", scope)
+                self.shard.set_problems(scope, found)
+            self._problems = problems

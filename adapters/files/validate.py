@@ -1,0 +1,598 @@
+"""Documents → validated ServiceEntry / WorkloadEntry objects, with Istio's validation rules.
+
+`read_objects(documents, default_namespace)` turns the `Document`s of one
+file into `ServiceEntry` and `WorkloadEntry` values, or reports `Problem`s
+that each name the file:line and the dotted field path (`spec.ports[1].name`).
+Objects of other kinds (a Deployment, a VirtualService) are skipped silently.
+
+The rules are Istio's (`ValidateServiceEntry`, `validateWorkloadEntry`,
+`validateExportTo`), plus what the Kubernetes API server would reject before
+Istio saw the object: unknown fields, wrong types, invalid names and labels.
+Istio's warnings are not reported.
+
+A ServiceEntry is turned into one model `Service` template (every attribute
+but the hostname, with its inline endpoints); `merge` makes one `Service` per
+host and resolves `workloadSelector` against the WorkloadEntries.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import posixpath
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from adapters.files.parse import Document, FieldPath
+from discoveryd.model import (
+    Endpoint,
+    Hostname,
+    Locality,
+    Location,
+    Port,
+    Problem,
+    Protocol,
+    Resolution,
+    Service,
+    hostname,
+    is_ip,
+    parse_protocol,
+    protocol_from_port_name,
+)
+
+API_VERSIONS = ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3")
+SERVICE_ENTRY = "ServiceEntry"
+WORKLOAD_ENTRY = "WorkloadEntry"
+UNIX_PREFIX = "unix://"
+_MAX_UINT32 = 2**32 - 1
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+# Istio accepts upper case in host labels and port names (matching is case-insensitive).
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?$")
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+_OBJECT_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
+_SE_FIELDS = (
+    "hosts",
+    "addresses",
+    "ports",
+    "location",
+    "resolution",
+    "endpoints",
+    "workloadSelector",
+    "exportTo",
+    "subjectAltNames",
+)
+_PORT_FIELDS = ("number", "protocol", "name", "targetPort")
+_WE_FIELDS = ("address", "ports", "labels", "network", "locality", "weight", "serviceAccount")
+_SELECTOR_FIELDS = ("labels",)
+_HTTP = frozenset({Protocol.HTTP, Protocol.HTTP2, Protocol.GRPC, Protocol.GRPC_WEB})
+_TLS = frozenset({Protocol.HTTPS, Protocol.TLS})
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRef:
+    """Which object, and where it is declared (for messages about it)."""
+
+    kind: str
+    namespace: str
+    name: str
+    file: str
+    where: str
+    """`file:line` of `metadata.name`."""
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name} ({self.where})"
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    name: Hostname
+    where: str
+    field: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEntry:
+    ref: ObjectRef
+    hosts: tuple[Host, ...]
+    template: Service
+    """All attributes but `hostname`; `endpoints` are the inline ones."""
+    selector: Mapping[str, str] | None
+    """`workloadSelector.labels`; None when the entry has no selector."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadEntry:
+    ref: ObjectRef
+    endpoint: Endpoint
+    """The workload as an endpoint; `labels` are what selectors match."""
+
+
+Object = ServiceEntry | WorkloadEntry
+
+T = TypeVar("T")
+E = TypeVar("E", bound=StrEnum)
+
+
+@dataclass(frozen=True, slots=True)
+class _PortDecl:
+    port: Port
+    declared: Protocol | None
+    """The protocol as written; None when unset (then `port.protocol` comes from the name)."""
+
+
+def read_objects(documents: Sequence[Document], default_namespace: str) -> tuple[list[Object], list[Problem]]:
+    """The ServiceEntries and WorkloadEntries among `documents`, and the problems found in them."""
+    objects: list[Object] = []
+    problems: list[Problem] = []
+    for doc in documents:
+        check = _Checker(doc)
+        obj = check.object(default_namespace)
+        problems.extend(check.problems)
+        if obj is not None and not check.problems:
+            objects.append(obj)
+    return objects, problems
+
+
+def valid_fqdn(name: str) -> bool:
+    """Istio's ValidateFQDN: DNS-1123 labels (any case), at most 255 characters, a trailing dot allowed."""
+    name = name[:-1] if name.endswith(".") else name
+    if not name or len(name) > 255:
+        return False
+    return all(len(label) <= 63 and _HOST_LABEL.match(label) for label in name.split("."))
+
+
+def labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+class _Checker:
+    """Reads one document, collecting problems against its field paths."""
+
+    def __init__(self, doc: Document) -> None:
+        self.doc = doc
+        self.problems: list[Problem] = []
+
+    def fail(self, path: FieldPath, message: str) -> None:
+        self.problems.append(self.doc.problem(path, message))
+
+    # -- typed access -------------------------------------------------------------------
+
+    def _typed(self, value: Any, path: FieldPath, check: Callable[[Any], bool], what: str) -> Any:
+        if value is None or check(value):
+            return value
+        self.fail(path, f"must be {what}, not {_describe(value)}")
+        return None
+
+    def mapping(self, value: Any, path: FieldPath, fields: Sequence[str] | None = None) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = self._typed(value, path, lambda v: isinstance(v, dict), "an object")
+        if found is not None and fields is not None:
+            for key in found:
+                if key not in fields:
+                    self.unknown(path, key, fields)
+        return found
+
+    def unknown(self, path: FieldPath, key: Any, fields: Sequence[str]) -> None:
+        close = difflib.get_close_matches(str(key), fields, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(fields)})"
+        self.fail((*path, str(key)), f"unknown field{hint}")
+
+    def string(self, value: Any, path: FieldPath) -> str | None:
+        found: str | None = self._typed(value, path, lambda v: isinstance(v, str), "a string")
+        return found
+
+    def integer(self, value: Any, path: FieldPath, low: int, high: int) -> int | None:
+        found: int | None = self._typed(
+            value, path, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"
+        )
+        if found is not None and not low <= found <= high:
+            self.fail(path, f"must be between {low} and {high}, not {found}")
+            return None
+        return found
+
+    def port_number(self, value: Any, path: FieldPath) -> int | None:
+        return self.integer(value, path, 1, 65535)
+
+    def items(self, value: Any, path: FieldPath, read: Callable[[Any, FieldPath], T | None]) -> list[T]:
+        """Each element of a list, read with `read`; elements that fail are left out."""
+        found = self._typed(value, path, lambda v: isinstance(v, list), "a list")
+        out: list[T] = []
+        for i, item in enumerate(found or ()):
+            got = read(item, (*path, i))
+            if got is not None:
+                out.append(got)
+            elif item is None:
+                self.fail((*path, i), "must not be null")
+        return out
+
+    def string_map(self, value: Any, path: FieldPath) -> dict[str, str]:
+        found = self.mapping(value, path) or {}
+        out: dict[str, str] = {}
+        for k, v in found.items():
+            if not isinstance(k, str):
+                self.fail(path, f"key {k!r} must be a string")
+            elif not isinstance(v, str):
+                self.fail((*path, k), f"must be a string, not {_describe(v)} (quote it)")
+            else:
+                out[k] = v
+        return out
+
+    def labels(self, value: Any, path: FieldPath) -> dict[str, str]:
+        """Kubernetes labels: qualified-name keys, short values."""
+        found = self.string_map(value, path)
+        for k, v in found.items():
+            problem = _label_key_problem(k)
+            if problem:
+                self.fail((*path, k), problem)
+            if len(v) > 63 or not _LABEL_VALUE.match(v):
+                self.fail((*path, k), f"invalid label value {v!r}: at most 63 letters, digits, '-', '_' or '.'")
+        return found
+
+    # -- objects --------------------------------------------------------------------------
+
+    def object(self, default_namespace: str) -> Object | None:
+        data = self.doc.data
+        kind = data.get("kind")
+        if kind is None:
+            self.fail((), "missing kind: not a Kubernetes object")
+            return None
+        if not isinstance(kind, str):
+            self.fail(("kind",), f"must be a string, not {_describe(kind)}")
+            return None
+        if kind not in (SERVICE_ENTRY, WORKLOAD_ENTRY):
+            return None  # other kinds may share the directory
+        api_version = data.get("apiVersion")
+        if api_version not in API_VERSIONS:
+            if api_version is None:
+                self.fail(("kind",), f"missing apiVersion (expected one of {', '.join(API_VERSIONS)})")
+            else:
+                self.fail(("apiVersion",), f"unsupported apiVersion {api_version!r} for {kind}")
+            return None
+        self.mapping(data, (), _OBJECT_FIELDS)
+        ref, labels = self.metadata(kind, default_namespace)
+        spec = self.mapping(data.get("spec"), ("spec",)) or {}
+        if ref is None:
+            return None
+        if kind == SERVICE_ENTRY:
+            return self.service_entry(ref, labels, spec)
+        return self.workload_entry(ref, spec)
+
+    def metadata(self, kind: str, default_namespace: str) -> tuple[ObjectRef | None, dict[str, str]]:
+        path: FieldPath = ("metadata",)
+        meta = self.mapping(self.doc.data.get("metadata"), path) or {}
+        name = self.string(meta.get("name"), (*path, "name"))
+        namespace = self.string(meta.get("namespace"), (*path, "namespace"))
+        labels = self.labels(meta.get("labels"), (*path, "labels"))
+        if not name:
+            self.fail(path, "metadata.name is required")
+            return None, labels
+        if len(name) > 253 or not _DNS1123_SUBDOMAIN.match(name):
+            self.fail((*path, "name"), f"invalid name {name!r}: lower-case letters, digits, '-' and '.'")
+        if namespace is not None and (len(namespace) > 63 or not _DNS1123_LABEL.match(namespace)):
+            self.fail((*path, "namespace"), f"invalid namespace {namespace!r}: lower-case letters, digits and '-'")
+        ref = ObjectRef(
+            kind=kind,
+            namespace=namespace or default_namespace,
+            name=name,
+            file=self.doc.file,
+            where=self.doc.where((*path, "name")),
+        )
+        return ref, labels
+
+    def service_entry(self, ref: ObjectRef, labels: dict[str, str], spec: dict[str, Any]) -> ServiceEntry | None:
+        sp: FieldPath = ("spec",)
+        self.mapping(spec, sp, _SE_FIELDS)
+        resolution = self.enum(spec.get("resolution"), (*sp, "resolution"), Resolution, Resolution.NONE)
+        location = self.enum(spec.get("location"), (*sp, "location"), Location, Location.MESH_EXTERNAL)
+        hosts = self.hosts(spec.get("hosts"), (*sp, "hosts"))
+        addresses = self.addresses(spec.get("addresses"), (*sp, "addresses"), resolution)
+        ports = self.ports(spec.get("ports"), (*sp, "ports"))
+        port_names = {decl.port.name for decl in ports}
+        raw_endpoints = spec.get("endpoints")
+        endpoint_count = len(raw_endpoints) if isinstance(raw_endpoints, list) else 0
+
+        selector: dict[str, str] | None = None
+        if spec.get("workloadSelector") is not None:
+            selector = self.selector(spec["workloadSelector"], (*sp, "workloadSelector"))
+            if endpoint_count:
+                self.fail((*sp, "workloadSelector"), "only one of workloadSelector or endpoints can be set")
+        dns = resolution in (Resolution.DNS, Resolution.DNS_ROUND_ROBIN)
+        endpoints = self.items(
+            raw_endpoints, (*sp, "endpoints"), lambda v, p: self.endpoint(v, p, port_names, allow_fqdn=dns)
+        )
+        self.resolution_rules(raw_endpoints if isinstance(raw_endpoints, list) else [], hosts, ports, resolution)
+        export_to = self.export_to(spec.get("exportTo"), (*sp, "exportTo"))
+        sans = self.items(spec.get("subjectAltNames"), (*sp, "subjectAltNames"), self.string)
+
+        if self.problems:
+            return None
+        template = Service(
+            hostname=Hostname(""),
+            namespace=ref.namespace,
+            ports=tuple(decl.port for decl in ports),
+            addresses=tuple(addresses),
+            resolution=resolution,
+            location=location,
+            labels=labels,
+            endpoints=tuple(endpoints),
+            name=ref.name,
+            export_to=tuple(export_to),
+            subject_alt_names=tuple(sans),
+        )
+        return ServiceEntry(ref=ref, hosts=tuple(hosts), template=template, selector=selector)
+
+    def workload_entry(self, ref: ObjectRef, spec: dict[str, Any]) -> WorkloadEntry | None:
+        endpoint = self.endpoint(spec, ("spec",), None, allow_fqdn=True)
+        if endpoint is None or self.problems:
+            return None
+        return WorkloadEntry(ref=ref, endpoint=endpoint)
+
+    # -- ServiceEntry fields ------------------------------------------------------------------
+
+    def enum(self, value: Any, path: FieldPath, enum: type[E], default: E) -> E:
+        if value is None:
+            return default
+        names = [m.value for m in enum]
+        if isinstance(value, str) and value in names:
+            return enum(value)
+        self.fail(path, f"unknown value {value!r} (known: {', '.join(names)})")
+        return default
+
+    def hosts(self, value: Any, path: FieldPath) -> list[Host]:
+        if value is None or value == []:
+            self.fail(path, "at least one host is required")
+        names = self.items(value, path, self.string)
+        out: list[Host] = []
+        seen: set[Hostname] = set()
+        for i, name in enumerate(names):
+            problem = _host_problem(name)
+            if problem:
+                self.fail((*path, i), problem)
+                continue
+            host = hostname(name)
+            if host in seen:
+                self.fail((*path, i), f"duplicate host {name!r}")
+                continue
+            seen.add(host)
+            out.append(Host(host, self.doc.where((*path, i)), self.doc.field((*path, i))))
+        return out
+
+    def addresses(self, value: Any, path: FieldPath, resolution: Resolution) -> list[str]:
+        out: list[str] = []
+        for i, address in enumerate(self.items(value, path, self.string)):
+            address = address.strip()
+            try:
+                if "/" in address:
+                    ipaddress.ip_network(address, strict=False)
+                    if resolution not in (Resolution.NONE, Resolution.STATIC):
+                        self.fail(
+                            (*path, i),
+                            f"CIDR address {address!r} is allowed only with resolution NONE or STATIC, "
+                            f"not {resolution.value}",
+                        )
+                else:
+                    ipaddress.ip_address(address)
+            except ValueError:
+                self.fail((*path, i), f"{address!r} is not an IP address or CIDR block")
+                continue
+            out.append(address)
+        return out
+
+    def ports(self, value: Any, path: FieldPath) -> list[_PortDecl]:
+        ports = self.items(value, path, self.port)
+        names: dict[str, int] = {}
+        numbers: dict[int, int] = {}
+        for i, raw in enumerate(value if isinstance(value, list) else ()):
+            if not isinstance(raw, dict):
+                continue
+            name, number = raw.get("name"), raw.get("number")
+            if isinstance(name, str):
+                if name in names:
+                    self.fail((*path, i, "name"), f"port name {name!r} is already used by ports[{names[name]}]")
+                names.setdefault(name, i)
+            if isinstance(number, int):
+                if number in numbers:
+                    self.fail((*path, i, "number"), f"port {number} is already defined by ports[{numbers[number]}]")
+                numbers.setdefault(number, i)
+        return ports
+
+    def required(
+        self, found: dict[str, Any], key: str, path: FieldPath, read: Callable[[Any, FieldPath], T | None]
+    ) -> T | None:
+        if found.get(key) is None:
+            self.fail((*path, key) if key in found else path, f"{key} is required")
+            return None
+        return read(found[key], (*path, key))
+
+    def port(self, value: Any, path: FieldPath) -> _PortDecl | None:
+        port = self.mapping(value, path, _PORT_FIELDS)
+        if port is None:
+            return None
+        errors = len(self.problems)
+        number = self.required(port, "number", path, self.port_number)
+        name = self.required(port, "name", path, self.string)
+        if name is not None and (len(name) > 63 or not _HOST_LABEL.match(name)):
+            self.fail((*path, "name"), f"invalid port name {name!r}: must be a DNS-1123 label")
+        target = self.port_number(port.get("targetPort"), (*path, "targetPort"))
+        declared = self.string(port.get("protocol"), (*path, "protocol"))
+        protocol: Protocol | None = None
+        if declared:
+            protocol = parse_protocol(declared)
+            if protocol is None:
+                known = ", ".join(p.value for p in Protocol)
+                self.fail((*path, "protocol"), f"unsupported protocol {declared!r} (known: {known})")
+        if len(self.problems) > errors or number is None or name is None:
+            return None
+        # Unset protocol: Istio sniffs; without a proxy to sniff, the port name decides (`grpc-api` → GRPC).
+        effective = protocol or protocol_from_port_name(name)
+        return _PortDecl(Port(number=number, name=name, protocol=effective, target_port=target), protocol)
+
+    def selector(self, value: Any, path: FieldPath) -> dict[str, str] | None:
+        found = self.mapping(value, path, _SELECTOR_FIELDS)
+        if found is None:
+            return None
+        labels = self.string_map(found.get("labels"), (*path, "labels"))
+        for k, v in labels.items():
+            if not k:
+                self.fail((*path, "labels"), "an empty label key is not supported in a selector")
+            if "*" in k or "*" in v:
+                self.fail((*path, "labels", k), "wildcards are not supported in a selector")
+        return labels
+
+    def resolution_rules(
+        self, endpoints: list[Any], hosts: list[Host], ports: list[_PortDecl], resolution: Resolution
+    ) -> None:
+        sp: FieldPath = ("spec",)
+        if resolution is Resolution.NONE and endpoints:
+            self.fail((*sp, "endpoints"), "endpoints are not allowed with resolution NONE")
+        if resolution in (Resolution.DNS, Resolution.DNS_ROUND_ROBIN):
+            if not endpoints:
+                for i, host in enumerate(hosts):
+                    if host.name.startswith("*"):
+                        self.fail(
+                            (*sp, "hosts", i),
+                            f"wildcard host {host.name!r} needs endpoints with resolution {resolution.value} "
+                            "(without endpoints each host is resolved itself, so it must be a FQDN)",
+                        )
+            if resolution is Resolution.DNS_ROUND_ROBIN and len(endpoints) > 1:
+                self.fail(
+                    (*sp, "endpoints"), f"resolution DNS_ROUND_ROBIN allows at most 1 endpoint, not {len(endpoints)}"
+                )
+        if resolution is Resolution.STATIC:
+            unix = any(isinstance(ep, dict) and str(ep.get("address", "")).startswith(UNIX_PREFIX) for ep in endpoints)
+            if unix and len(ports) != 1:
+                self.fail((*sp, "ports"), f"unix endpoints need exactly 1 service port, not {len(ports)}")
+        if resolution is not Resolution.NONE and len(hosts) > 1:
+            # A proxy tells hosts apart by Host header (HTTP) or SNI (TLS); on plain TCP it cannot.
+            for decl in ports:
+                if decl.declared not in _HTTP | _TLS:
+                    shown = decl.declared.value if decl.declared else "of unset protocol"
+                    self.fail(
+                        (*sp, "hosts"),
+                        f"several hosts need HTTP or TLS ports with resolution {resolution.value}, "
+                        f"but port {decl.port.name!r} is {shown}",
+                    )
+                    break
+
+    def export_to(self, value: Any, path: FieldPath) -> list[str]:
+        entries = self.items(value, path, self.string)
+        seen: set[str] = set()
+        for i, entry in enumerate(entries):
+            if entry in seen:
+                self.fail((*path, i), f"duplicate entry {entry!r}")
+            seen.add(entry)
+            if entry not in (".", "*", "~") and (len(entry) > 63 or not _DNS1123_LABEL.match(entry)):
+                self.fail((*path, i), f"{entry!r} must be '.', '*', '~' or a namespace name")
+        if len(entries) > 1 and "*" in seen:
+            self.fail(path, "'*' (every namespace) cannot be combined with other entries")
+        if len(entries) > 1 and "~" in seen:
+            self.fail(path, "'~' (no namespace) cannot be combined with other entries")
+        return entries
+
+    # -- endpoints and WorkloadEntries ----------------------------------------------------------
+
+    def endpoint(
+        self, value: Any, path: FieldPath, service_ports: set[str] | None, *, allow_fqdn: bool
+    ) -> Endpoint | None:
+        """An inline endpoint (`service_ports` set) or a WorkloadEntry spec (`service_ports` None)."""
+        ep = self.mapping(value, path, _WE_FIELDS)
+        if ep is None:
+            return None
+        errors = len(self.problems)
+        address = self.string(ep.get("address"), (*path, "address"))
+        if not address:
+            if ep.get("address") in (None, ""):
+                self.fail((*path, "address") if "address" in ep else path, "address is required")
+        elif address.startswith(UNIX_PREFIX):
+            socket_path = address[len(UNIX_PREFIX) :]
+            if not socket_path.startswith("@") and (not posixpath.isabs(socket_path) or socket_path.endswith("/")):
+                self.fail((*path, "address"), f"{address!r}: a unix address needs an absolute path to a socket")
+            if ep.get("ports"):
+                self.fail((*path, "ports"), f"unix endpoint {address} must not have ports")
+        elif not is_ip(address):
+            if not allow_fqdn:
+                self.fail((*path, "address"), f"{address!r} is not an IP address (resolution STATIC)")
+            elif not valid_fqdn(address):
+                self.fail((*path, "address"), f"{address!r} is not an IP address or a FQDN")
+
+        ports: dict[str, int] = {}
+        for name, number in (self.mapping(ep.get("ports"), (*path, "ports")) or {}).items():
+            ppath = (*path, "ports", str(name))
+            if not isinstance(name, str) or len(name) > 63 or not _HOST_LABEL.match(name):
+                self.fail(ppath, f"invalid port name {name!r}: must be a DNS-1123 label")
+                continue
+            if service_ports is not None and name not in service_ports:
+                known = ", ".join(sorted(service_ports)) or "none"
+                self.fail(ppath, f"port {name!r} is not one of the ServiceEntry's ports ({known})")
+            got = self.port_number(number, ppath)
+            if got is not None:
+                ports[name] = got
+
+        labels = self.labels(ep.get("labels"), (*path, "labels"))
+        network = self.string(ep.get("network"), (*path, "network")) or ""
+        service_account = self.string(ep.get("serviceAccount"), (*path, "serviceAccount")) or ""
+        locality = self.locality(ep.get("locality"), (*path, "locality"))
+        weight = self.integer(ep.get("weight"), (*path, "weight"), 0, _MAX_UINT32)
+        if len(self.problems) > errors or not address:
+            return None
+        return Endpoint(
+            address=address,
+            ports=ports,
+            labels=labels,
+            locality=locality,
+            weight=weight or 1,  # 0 means unset: every endpoint weighs the same
+            network=network,
+            service_account=service_account,
+        )
+
+    def locality(self, value: Any, path: FieldPath) -> Locality:
+        found = self.string(value, path)
+        if not found:
+            return Locality()
+        parts = found.split("/")
+        if len(parts) > 3 or any(not p for p in parts):
+            self.fail(path, f"locality {found!r} must be region[/zone[/subzone]] without empty parts")
+            return Locality()
+        parts += [""] * (3 - len(parts))
+        return Locality(region=parts[0], zone=parts[1], subzone=parts[2])
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, int | float):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    return type(value).__name__
+
+
+def _host_problem(name: str) -> str | None:
+    """Istio's rules for a ServiceEntry host: not `*` alone; a wildcard only as the whole first label."""
+    if name == "*":
+        return "'*' alone is not allowed: a ServiceEntry cannot match every host"
+    rest = name[2:] if name.startswith("*.") else name
+    if "*" in rest:
+        return f"invalid host {name!r}: a wildcard must be the whole first label, as in '*.example.com'"
+    if not valid_fqdn(rest):
+        return f"invalid host {name!r}: expected a DNS name such as 'api.example.com' or '*.example.com'"
+    return None
+
+
+def _label_key_problem(key: str) -> str | None:
+    prefix, sep, name = key.rpartition("/")
+    if sep and (not prefix or len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix)):
+        return f"invalid label key {key!r}: the prefix must be a DNS subdomain"
+    if not name or len(name) > 63 or not _LABEL_NAME.match(name):
+        return f"invalid label key {key!r}: at most 63 letters, digits, '-', '_' or '.'"
+    return None
