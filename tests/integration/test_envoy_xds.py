@@ -1,0 +1,96 @@
+"""A real Envoy, bootstrapped with ADS at discoveryd (state of the world and delta), routing real HTTP traffic.
+
+The index is written directly (a test shard); the files-adapter variant lives in test_envoy_files.py.
+"""
+
+# ruff: noqa: F811 - pytest fixtures imported from xds_fixtures are parameters by design
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from discoveryd.model import Endpoint, Hostname, Port, Protocol, Service
+from discoveryd.xds import metrics
+from tests.helpers import eventually
+from tests.integration.xds_fixtures import Envoy, RunningXds, cluster, http_backend, run_envoy, service, xds  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+WEB = "web.test"
+
+
+def web(port: int, health: str = "HEALTHY") -> Service:
+    """web.test:8080, one loopback endpoint serving port `http` on `port`."""
+    return Service(
+        hostname=Hostname(WEB),
+        ports=(Port(8080, "http", Protocol.HTTP),),
+        endpoints=(Endpoint("127.0.0.1", ports={"http": port}),),
+    )
+
+
+def nacks() -> float:
+    return sum(float(metrics.NACKS.labels(t)._value.get()) for t in ("CDS", "EDS", "LDS", "RDS"))
+
+
+async def assert_no_rejections(envoy: Envoy, nacks_before: float) -> None:
+    assert nacks() == nacks_before, "discoveryd recorded a NACK"
+    assert await envoy.stat("cluster_manager.cds.update_rejected") == 0
+    dump = await envoy.get("/config_dump?include_eds")
+    assert "error_state" not in dump, "envoy reports a rejected resource"
+
+
+@pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC"])
+async def test_envoy_clusters_traffic_moves_and_deletes(xds: RunningXds, tmp_path: Path, api_type: str) -> None:
+    before = nacks()
+    async with http_backend("alpha") as alpha, http_backend("beta") as beta:
+        xds.put(web(alpha), service("other.test", "10.0.0.7", "10.0.0.8", port=9090))
+        async with run_envoy(tmp_path, xds.port, api_type, route_to=cluster(WEB)) as envoy:
+            # /clusters shows both clusters and their endpoints, as sent over CDS + EDS.
+            async def clusters() -> str:
+                return await envoy.get("/clusters")
+
+            text = await eventually(
+                lambda: _all_in(clusters(), [f"{cluster(WEB)}::127.0.0.1:{alpha}::", "10.0.0.8:9090"]),
+                timeout=20,
+                what="clusters and endpoints in envoy",
+            )
+            assert f"{cluster('other.test', 9090)}::10.0.0.7:9090::health_flags::healthy" in text
+
+            # Real traffic through the static listener reaches the backend chosen via EDS.
+            assert await eventually(lambda: _answers(envoy, "alpha"), timeout=20, what="traffic to alpha")
+
+            # Moving the endpoint moves the traffic.
+            xds.put(web(beta), service("other.test", "10.0.0.7", "10.0.0.8", port=9090))
+            assert await eventually(lambda: _answers(envoy, "beta"), timeout=20, what="traffic moved to beta")
+
+            # Deleting a service removes its cluster.
+            xds.put(web(beta))
+            await eventually(
+                lambda: _none_in(clusters(), [cluster("other.test", 9090)]), timeout=20, what="cluster removed"
+            )
+            assert (await envoy.request()) == (200, "beta")
+
+            # The stream is in sync and nothing was rejected, by either side's account.
+            conns = [c for c in xds.server.syncz()["connections"] if c["node"] == f"envoy-{api_type.lower()}"]
+            assert len(conns) == 1 and conns[0]["delta"] == (api_type == "DELTA_GRPC")
+            await eventually(
+                lambda: all(t["state"] == "SYNCED" for t in xds.server.syncz()["connections"][0]["types"].values()),
+                what="envoy synced",
+            )
+            await assert_no_rejections(envoy, before)
+
+
+async def _all_in(text: object, needles: list[str]) -> str | None:
+    body = await text  # type: ignore[misc]
+    return body if all(n in body for n in needles) else None
+
+
+async def _none_in(text: object, needles: list[str]) -> bool:
+    body = await text  # type: ignore[misc]
+    return not any(n in body for n in needles)
+
+
+async def _answers(envoy: Envoy, expected: str) -> bool:
+    return (await envoy.request()) == (200, expected)
