@@ -1,0 +1,12 @@
+"""The DNS server: authoritative for mesh names built from the index, forwarding everything else.
+
+Modules, in data-flow order: `records` (the index snapshot as DNS records),
+`answer` (resolution, wire encoding, the answer cache and its hot path),
+`forward` (upstream resolvers and their cache), `server` (UDP/TCP listeners
+and the protocol rules), `metrics`, and `wire` (reading a query's question
+without a DNS library).
+"""
+
+from discoveryd.dns.server import DnsServer
+
+__all__ = ["DnsServer"]

@@ -1,0 +1,387 @@
+"""Authoritative answers: resolution over the record table, wire encoding, and the answer cache.
+
+Data flow: `Authority.fast()` is the hot path. It reads the question straight
+from the packet (`wire.scan`), looks it up in the cache by the lower-cased
+question name, then by (type, class, size limit, DO), and returns the
+pre-built response with the query's ID, RD/CD bits and question case patched
+in. Answer owner names are compressed against the question, so patching the
+question's case also gives the owner names the query's case.
+
+On a miss the server parses the packet with dnslib and calls `answer()`:
+`resolve()` walks the table (CNAME chains, wildcards per RFC 4592, empty
+non-terminals), `encode()` packs the response with truncation, and the
+result is cached unless the name is not ours (then the caller forwards).
+
+The cache is invalidated by owner name (`forget()`), with the names
+`RecordTable.update()` reports plus their ancestors (empty non-terminals may
+appear or vanish) and, for a changed wildcard, every cached name below it.
+Answers that read other names (CNAME targets, SRV/NS glue) are also
+registered under those names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dnslib import EDNS0, QTYPE, RR, DNSHeader, DNSQuestion, DNSRecord
+
+from discoveryd.dns import metrics
+from discoveryd.dns.records import RecordTable, label
+from discoveryd.dns.wire import MAX_UDP, scan, subkey
+from discoveryd.model import Hostname, Service
+
+NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+BADVERS = 16
+CLASS_IN = 1
+
+_MAX_CHAIN = 8
+"""CNAME hops followed inside our own data."""
+_ROTATIONS = 8
+"""Pre-built orders of a multi-address answer; answers cycle through them."""
+_CACHE_LIMIT = 100_000
+"""Cached answers kept; the oldest names are evicted first."""
+_ANY_ORDER = (QTYPE.CNAME, QTYPE.A, QTYPE.AAAA, QTYPE.SRV, QTYPE.PTR, QTYPE.TXT, QTYPE.SOA, QTYPE.NS)
+"""RFC 8482: ANY gets one RRset, the first of these that exists."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """The content of an authoritative response, before encoding."""
+
+    rcode: int
+    answer: tuple[Any, ...] = ()
+    authority: tuple[Any, ...] = ()
+    additional: tuple[Any, ...] = ()
+    rotate: tuple[int, int] = (0, 0)
+    """answer[start:end] is one address RRset whose order rotates between responses."""
+    reads: frozenset[str] = frozenset()
+    """Owner names read besides the question's (cache dependencies)."""
+
+
+def _find(table: RecordTable, name: str, in_zone: bool) -> Any:
+    """The records answering for `name` (exact, empty non-terminal `{}`, or a wildcard's), or None."""
+    node = table.node(name)
+    if node is not None:
+        return node
+    if in_zone and table.has_descendants(name):
+        return {}
+    rest = name
+    while rest:
+        _, _, rest = rest.partition(".")
+        if table.node(rest) is not None or table.has_descendants(rest):
+            return table.node(f"*.{rest}" if rest else "*")
+    return None
+
+
+def resolve(table: RecordTable, qname: str, qtype: int) -> Resolved | None:
+    """Our answer for (qname, qtype), or None when the name is not ours (forward it).
+
+    A name is ours when it is at or under a zone, or is (or matches a wildcard
+    of) a host or reverse name we hold records for. Names outside every zone
+    never get an empty non-terminal NODATA or an NXDOMAIN from us.
+    """
+    ttl = table.ttl
+    zone = table.zone_of(qname)
+    name = qname
+    answer: list[Any] = []
+    reads: set[str] = set()
+    rotate = (0, 0)
+    rcode = NOERROR
+    for hop in range(_MAX_CHAIN):
+        node = _find(table, name, zone is not None)
+        if node is None:
+            if hop == 0 and zone is None:
+                return None
+            if zone is not None:
+                rcode = NXDOMAIN
+            break
+        owner = label(name)
+        if qtype == QTYPE.ANY:
+            rtype = next((t for t in _ANY_ORDER if t in node), None)
+            if rtype is not None:
+                answer.extend(RR(owner, rtype, CLASS_IN, ttl, rd) for rd in node[rtype])
+            break
+        if qtype in node:
+            start = len(answer)
+            answer.extend(RR(owner, qtype, CLASS_IN, ttl, rd) for rd in node[qtype])
+            if qtype in (QTYPE.A, QTYPE.AAAA) and len(answer) - start > 1:
+                rotate = (start, len(answer))
+            break
+        if QTYPE.CNAME not in node:
+            break
+        cname = node[QTYPE.CNAME][0]
+        answer.append(RR(owner, QTYPE.CNAME, CLASS_IN, ttl, cname))
+        name = ".".join(part.decode("ascii", "replace") for part in cname.label.label).lower()
+        reads.add(name)
+        zone = table.zone_of(name)
+        if zone is None and table.node(name) is None:
+            break
+    authority: list[Any] = []
+    if not answer or rcode == NXDOMAIN:
+        zone = table.zone_of(name)
+        if zone is not None:
+            soa = table.soa(zone)
+            authority.append(RR(label(zone.name), QTYPE.SOA, CLASS_IN, min(ttl, soa.times[4]), soa))
+    additional = _glue(table, answer, reads)
+    return Resolved(rcode, tuple(answer), tuple(authority), tuple(additional), rotate, frozenset(reads))
+
+
+def _glue(table: RecordTable, answer: Sequence[Any], reads: set[str]) -> list[Any]:
+    """A/AAAA of SRV and NS targets we hold, for the additional section."""
+    out: list[Any] = []
+    seen: set[str] = set()
+    for rr in answer:
+        if rr.rtype not in (QTYPE.SRV, QTYPE.NS):
+            continue
+        target_label = rr.rdata.target if rr.rtype == QTYPE.SRV else rr.rdata.label
+        target = ".".join(part.decode("ascii", "replace") for part in target_label.label).lower()
+        if target in seen:
+            continue
+        seen.add(target)
+        reads.add(target)
+        node = table.node(target)
+        if node is None:
+            continue
+        for rtype in (QTYPE.A, QTYPE.AAAA):
+            out.extend(RR(label(target), rtype, CLASS_IN, table.ttl, rd) for rd in node.get(rtype, ()))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Edns:
+    """The client's OPT record, as far as it shapes our response."""
+
+    udp_size: int
+    do: bool
+    version: int = 0
+
+
+def response_limit(edns: Edns | None, tcp: bool) -> int:
+    """Largest response we send: 64 KiB over TCP; over UDP the client's size capped at our 1232, 512 without EDNS."""
+    if tcp:
+        return 0xFFFF
+    if edns is None:
+        return 512
+    return max(512, min(edns.udp_size, MAX_UDP))
+
+
+def opt_record(edns: Edns, rcode: int = NOERROR) -> Any:
+    return EDNS0(udp_len=MAX_UDP, ext_rcode=rcode >> 4, flags="do" if edns.do else "")
+
+
+def encode(
+    qname: Sequence[bytes],
+    qtype: int,
+    qclass: int,
+    rcode: int,
+    *,
+    aa: bool,
+    ra: bool = False,
+    rd: bool = False,
+    qid: int = 0,
+    answer: Sequence[Any] = (),
+    authority: Sequence[Any] = (),
+    additional: Sequence[Any] = (),
+    edns: Edns | None = None,
+    limit: int = 512,
+) -> bytes:
+    """Pack a response that fits `limit`: drop the additional section first (not a truncation,
+    RFC 2181 9), else send header, question and OPT with TC set."""
+    opt = [opt_record(edns, rcode)] if edns is not None else []
+
+    def pack(an: Sequence[Any], ns: Sequence[Any], ar: Sequence[Any], tc: bool) -> bytes:
+        header = DNSHeader(id=qid, qr=1, aa=int(aa), ra=int(ra), rd=int(rd), tc=int(tc), rcode=rcode & 0xF)
+        msg = DNSRecord(header, q=DNSQuestion(tuple(qname), qtype, qclass))
+        msg.rr, msg.auth, msg.ar = list(an), list(ns), [*ar, *opt]
+        packed: bytes = msg.pack()
+        return packed
+
+    out = pack(answer, authority, additional, False)
+    if len(out) <= limit:
+        return out
+    if additional:
+        out = pack(answer, authority, (), False)
+        if len(out) <= limit:
+            return out
+    return pack((), (), (), True)
+
+
+def error_response(data: bytes, rcode: int, question: tuple[Sequence[bytes], int, int] | None = None) -> bytes | None:
+    """A response carrying only `rcode` (and the question, when known) for a query we will not answer."""
+    if len(data) < 12:
+        return None
+    header = DNSHeader(
+        id=int.from_bytes(data[:2], "big"), qr=1, opcode=(data[2] >> 3) & 0xF, rd=data[2] & 1, rcode=rcode
+    )
+    msg = DNSRecord(header)
+    if question is not None:
+        msg.add_question(DNSQuestion(tuple(question[0]), question[1], question[2]))
+    packed: bytes = msg.pack()
+    return packed
+
+
+class _Cached:
+    """One cached response in up to `_ROTATIONS` orders; `heads[rd | cd << 1]` are bytes 2..11 of each."""
+
+    __slots__ = ("counter", "tails", "truncated", "turn", "variants")
+
+    def __init__(self, packed: Sequence[bytes], qname_len: int, counter: Any) -> None:
+        self.variants = tuple(
+            (tuple(bytes((p[2] | rd, p[3] | cd)) + p[4:12] for cd in (0, 0x10) for rd in (0, 1)), p[12 + qname_len :])
+            for p in packed
+        )
+        self.turn = 0
+        self.counter = counter
+        self.tails = len(self.variants)
+        self.truncated = bool(packed[0][2] & 0x02)
+
+    def reply(self, data: bytes, qend: int) -> bytes:
+        heads, tail = self.variants[self.turn % self.tails] if self.tails > 1 else self.variants[0]
+        self.turn += 1
+        self.counter.inc()
+        if self.truncated:
+            metrics.TRUNCATED.inc()
+        return data[:2] + heads[(data[2] & 1) | ((data[3] >> 3) & 2)] + data[12:qend] + tail
+
+
+@dataclass(slots=True)
+class _Slot:
+    name: str
+    answers: dict[int, _Cached] = field(default_factory=dict)
+
+
+def _wire_name(name: str) -> bytes:
+    return b"".join(bytes((len(p),)) + p for p in label(name)) + b"\x00"
+
+
+class Authority:
+    """The record table plus the answer cache in front of it. Owned by one server, used on its loop."""
+
+    def __init__(self, table: RecordTable) -> None:
+        self.table = table
+        self._cache: dict[bytes, _Slot] = {}
+        self._size = 0
+        self._deps: dict[str, set[bytes]] = {}
+
+    # -- hot path ---------------------------------------------------------------------
+
+    def fast(self, data: bytes, tcp: bool) -> bytes | None:
+        """The cached response to a plain query, or None (parse and `answer()` it)."""
+        found = scan(data, tcp)
+        if found is None:
+            return None
+        qend, sub = found
+        slot = self._cache.get(data[12:qend].lower())
+        cached = slot.answers.get(sub) if slot is not None else None
+        if cached is None:
+            metrics.ANSWER_CACHE_MISS.inc()
+            return None
+        metrics.ANSWER_CACHE_HIT.inc()
+        return cached.reply(data, qend)
+
+    # -- miss path --------------------------------------------------------------------
+
+    def answer(
+        self, qname: Sequence[bytes], qtype: int, qclass: int, edns: Edns | None, tcp: bool, qid: int, flags: int
+    ) -> bytes | None:
+        """Our response to the query (cached for the next time), or None when the name is not ours.
+
+        `qname` is as sent; `flags` are bytes 2..3 of the query (RD and CD are copied).
+        """
+        lowered = tuple(part.lower() for part in qname)
+        name = ".".join(p.decode("latin-1").replace(".", "\\.") for p in lowered)
+        resolved = resolve(self.table, name, qtype)
+        if resolved is None:
+            return None
+        limit = response_limit(edns, tcp)
+        packed = [self._encode(lowered, qtype, qclass, resolved, edns, limit, resolved.answer)]
+        start, end = resolved.rotate
+        for turn in range(1, min(end - start, _ROTATIONS)):
+            rrset = resolved.answer[start:end]
+            rotated = (*resolved.answer[:start], *rrset[turn:], *rrset[:turn], *resolved.answer[end:])
+            packed.append(self._encode(lowered, qtype, qclass, resolved, edns, limit, rotated))
+        key = b"".join(bytes((len(p),)) + p for p in lowered) + b"\x00"
+        cached = _Cached(packed, len(key), metrics.query_counter(qtype, resolved.rcode))
+        self._store(key, name, subkey(qtype, qclass, limit, edns is not None and edns.do), cached, resolved.reads)
+        query = qid.to_bytes(2, "big") + bytes(((flags >> 8) & 0xFF, flags & 0xFF))
+        wire = b"".join(bytes((len(p),)) + p for p in qname) + b"\x00"
+        return cached.reply(query + bytes(8) + wire, 12 + len(wire))
+
+    def _encode(
+        self,
+        qname: Sequence[bytes],
+        qtype: int,
+        qclass: int,
+        r: Resolved,
+        edns: Edns | None,
+        limit: int,
+        answer: Sequence[Any],
+    ) -> bytes:
+        return encode(
+            qname,
+            qtype,
+            qclass,
+            r.rcode,
+            aa=True,
+            answer=answer,
+            authority=r.authority,
+            additional=r.additional,
+            edns=edns,
+            limit=limit,
+        )
+
+    def _store(self, key: bytes, name: str, sub: int, cached: _Cached, reads: Iterable[str]) -> None:
+        slot = self._cache.get(key)
+        if slot is None:
+            while self._size >= _CACHE_LIMIT and self._cache:
+                self._size -= len(self._cache.pop(next(iter(self._cache))).answers)
+            slot = self._cache[key] = _Slot(name)
+        if sub not in slot.answers:
+            self._size += 1
+        slot.answers[sub] = cached
+        for read in reads:
+            self._deps.setdefault(read, set()).add(key)
+
+    # -- invalidation -----------------------------------------------------------------
+
+    def load(self, services: dict[Hostname, Service] | Any) -> None:
+        self.table.load(services)
+        self.clear()
+
+    def update(self, services: Any, changed: Iterable[Hostname]) -> None:
+        self.forget(self.table.update(services, changed))
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._deps.clear()
+        self._size = 0
+        metrics.RECORD_NAMES.set(self.table.names())
+
+    def forget(self, names: Iterable[str]) -> None:
+        """Drop cached answers that may depend on these owner names."""
+        keys: set[bytes] = set()
+        wildcards: list[str] = []
+        for name in names:
+            for n in (name, *_ancestors(name)):
+                keys.add(_wire_name(n))
+                keys |= self._deps.pop(n, set())
+            if name == "*" or name.startswith("*."):
+                wildcards.append(name[1:])
+        if wildcards:
+            keys.update(k for k, slot in self._cache.items() if any(slot.name.endswith(w) for w in wildcards))
+        for key in keys:
+            slot = self._cache.pop(key, None)
+            if slot is not None:
+                self._size -= len(slot.answers)
+        metrics.RECORD_NAMES.set(self.table.names())
+
+    def cached(self) -> int:
+        return self._size
+
+
+def _ancestors(name: str) -> Iterable[str]:
+    while name:
+        _, _, name = name.partition(".")
+        yield name

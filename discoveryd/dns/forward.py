@@ -1,0 +1,225 @@
+"""Forwarding names outside our zones to the configured upstream resolvers, with a TTL cache.
+
+Data flow: the server calls `Forwarder.resolve()` (in a task of its own, one
+per forwarded query) only for clients inside `dns.allow_forward_from`. The
+upstream query is ours, not the client's: a fresh random ID, a fresh UDP
+socket (random source port), RD set, EDNS with our 1232-byte size and the
+client's DO bit. Each upstream is tried in order with `forward_timeout` per
+try; a truncated UDP reply is retried over TCP with the same upstream; a
+timeout, an unusable reply or SERVFAIL/REFUSED moves on to the next upstream.
+When all fail the client gets SERVFAIL.
+
+Replies are cached by (lower-cased name, type, class, DO) for the smallest TTL
+in the answer, or for negative replies min(SOA TTL, SOA MINIMUM) (RFC 2308);
+the cache is an LRU of `cache_size` entries. A cached reply is served with
+its TTLs decreased by its age, and re-encoded for each client (ID, question
+case, OPT, size limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dnslib import EDNS0, QTYPE, RR, DNSHeader, DNSQuestion, DNSRecord
+
+from discoveryd.dns import metrics
+from discoveryd.dns.answer import NOERROR, NXDOMAIN, SERVFAIL, Edns, encode, response_limit
+from discoveryd.dns.wire import MAX_UDP
+
+MAX_CACHE_TTL = 86400
+"""Cap on how long any forwarded reply is kept."""
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    reply: Any
+    """The upstream's DNSRecord (never mutated)."""
+    stored: float
+    expires: float
+
+
+class UpstreamError(Exception):
+    """One exchange with one upstream did not give a usable reply."""
+
+
+class Forwarder:
+    """Upstream exchanges and the forward cache. Used from one event loop."""
+
+    def __init__(self, upstreams: Sequence[Upstream], timeout: float, cache_size: int) -> None:
+        self.upstreams = tuple(upstreams)
+        self._timeout = timeout
+        self._cache_size = cache_size
+        self._cache: OrderedDict[tuple[bytes, int, int, bool], _Entry] = OrderedDict()
+
+    async def resolve(
+        self,
+        qname: Sequence[bytes],
+        qtype: int,
+        qclass: int,
+        edns: Edns | None,
+        tcp: bool,
+        qid: int,
+        rd: bool,
+    ) -> bytes:
+        """The client's response: from the cache, else from the first upstream that answers, else SERVFAIL."""
+        do = edns is not None and edns.do
+        key = (b"".join(bytes((len(p),)) + p.lower() for p in qname), qtype, qclass, do)
+        now = time.monotonic()
+        entry = self._cache.get(key)
+        if entry is not None and entry.expires > now:
+            self._cache.move_to_end(key)
+            metrics.FORWARDED.labels("cached").inc()
+            reply, age = entry.reply, int(now - entry.stored)
+        else:
+            reply, age = await self._exchange(qname, qtype, qclass, do), 0
+            if reply is None:
+                metrics.FORWARDED.labels("failed").inc()
+                metrics.query_counter(qtype, SERVFAIL).inc()
+                return encode(qname, qtype, qclass, SERVFAIL, aa=False, ra=True, rd=rd, qid=qid, edns=edns)
+            metrics.FORWARDED.labels("answered").inc()
+            self._store(key, reply, now)
+        rcode = reply.header.rcode
+        metrics.query_counter(qtype, rcode).inc()
+        out = encode(
+            qname,
+            qtype,
+            qclass,
+            rcode,
+            aa=False,
+            ra=True,
+            rd=rd,
+            qid=qid,
+            answer=[_aged(rr, age) for rr in reply.rr],
+            authority=[_aged(rr, age) for rr in reply.auth],
+            additional=[_aged(rr, age) for rr in reply.ar if rr.rtype != QTYPE.OPT],
+            edns=edns,
+            limit=response_limit(edns, tcp),
+        )
+        if out[2] & 0x02:
+            metrics.TRUNCATED.inc()
+        return out
+
+    async def _exchange(self, qname: Sequence[bytes], qtype: int, qclass: int, do: bool) -> Any:
+        for upstream in self.upstreams:
+            qid = secrets.randbits(16)
+            query = DNSRecord(DNSHeader(id=qid, rd=1), q=DNSQuestion(tuple(qname), qtype, qclass))
+            query.add_ar(EDNS0(udp_len=MAX_UDP, flags="do" if do else ""))
+            wire = query.pack()
+            started = time.monotonic()
+            try:
+                reply = _check(await _udp(upstream, wire, self._timeout), qid, qname, qtype, qclass)
+                if reply.header.tc:
+                    reply = _check(await _tcp(upstream, wire, self._timeout), qid, qname, qtype, qclass)
+                if reply.header.rcode not in (NOERROR, NXDOMAIN):
+                    raise UpstreamError(f"rcode {reply.header.rcode}")
+            except (UpstreamError, OSError, TimeoutError) as e:
+                result = "timeout" if isinstance(e, TimeoutError) else "error"
+                metrics.UPSTREAM_SECONDS.labels(str(upstream), result).observe(time.monotonic() - started)
+                continue
+            metrics.UPSTREAM_SECONDS.labels(str(upstream), "ok").observe(time.monotonic() - started)
+            return reply
+        return None
+
+    def _store(self, key: tuple[bytes, int, int, bool], reply: Any, now: float) -> None:
+        ttl = min(_cache_ttl(reply), MAX_CACHE_TTL)
+        if ttl <= 0 or self._cache_size <= 0:
+            return
+        self._cache[key] = _Entry(reply, now, now + ttl)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def cached(self) -> int:
+        return len(self._cache)
+
+
+def _cache_ttl(reply: Any) -> int:
+    rcode = reply.header.rcode
+    if rcode == NOERROR and reply.rr:
+        return int(min(rr.ttl for rr in reply.rr))
+    if rcode in (NOERROR, NXDOMAIN):
+        for rr in reply.auth:
+            if rr.rtype == QTYPE.SOA:
+                return int(min(rr.ttl, rr.rdata.times[4]))
+    return 0
+
+
+def _aged(rr: Any, age: int) -> Any:
+    if not age:
+        return rr
+    return RR(rr.rname, rr.rtype, rr.rclass, max(0, rr.ttl - age), rr.rdata)
+
+
+def _check(wire: bytes, qid: int, qname: Sequence[bytes], qtype: int, qclass: int) -> Any:
+    """The parsed reply, if it answers our query."""
+    try:
+        reply = DNSRecord.parse(wire)
+    except Exception as e:  # dnslib raises several types on malformed input
+        raise UpstreamError(f"malformed reply: {e}") from e
+    if reply.header.id != qid or not reply.header.qr or len(reply.questions) != 1:
+        raise UpstreamError("reply does not match the query")
+    q = reply.questions[0]
+    if (
+        q.qtype != qtype
+        or q.qclass != qclass
+        or tuple(p.lower() for p in q.qname.label) != tuple(p.lower() for p in qname)
+    ):
+        raise UpstreamError("reply is for another question")
+    return reply
+
+
+class _UdpExchange(asyncio.DatagramProtocol):
+    def __init__(self, qid: int) -> None:
+        self.qid = qid.to_bytes(2, "big")
+        self.reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        # Datagrams with another ID are not ours (late replies, spoofing attempts): keep waiting.
+        if data[:2] == self.qid and not self.reply.done():
+            self.reply.set_result(data)
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.reply.done():
+            self.reply.set_exception(exc)
+
+
+async def _udp(upstream: Upstream, wire: bytes, timeout: float) -> bytes:
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        transport, protocol = await loop.create_datagram_endpoint(
+            lambda: _UdpExchange(int.from_bytes(wire[:2], "big")), remote_addr=(upstream.host, upstream.port)
+        )
+        try:
+            transport.sendto(wire)
+            return await protocol.reply
+        finally:
+            transport.close()
+
+
+async def _tcp(upstream: Upstream, wire: bytes, timeout: float) -> bytes:
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
+        try:
+            writer.write(len(wire).to_bytes(2, "big") + wire)
+            await writer.drain()
+            size = int.from_bytes(await reader.readexactly(2), "big")
+            return await reader.readexactly(size)
+        except asyncio.IncompleteReadError as e:
+            raise UpstreamError("connection closed mid-reply") from e
+        finally:
+            writer.close()

@@ -1,0 +1,388 @@
+"""DNS records, built in one place from the index snapshot.
+
+Data flow: the server hands every snapshot (in full once, then only the
+hostnames the index says changed) to `RecordTable`. For each service hostname
+the table computes the records that service contributes (`service_records`),
+keyed by owner name, and merges them into one map `owner name → type →
+rdata`. `update()` returns the owner names whose content or existence changed,
+which is exactly what the answer cache must forget.
+
+Naming rules depend on the zone a hostname falls in:
+
+- KUBERNETES zone `<domain>`, hostname `<svc>.<ns>.svc.<domain>` (Kubernetes DNS
+  specification 1.1.0): a ClusterIP service answers its VIPs and SRV records
+  pointing at the service name; a headless service answers its ready
+  endpoints, one name per endpoint (`<hostname or a-b-c-d>.<svc>...`) and SRV
+  records pointing at those; ExternalName is a CNAME; `dns-version.<domain>`
+  is a TXT record.
+- CONSUL zone `<domain>`, hostname `<svc>.service.<domain>`: `[tag.]<svc>.service[.<dc>].<domain>`
+  answer passing instances, `_<svc>._<tag|tcp>.service[.<dc>].<domain>` is the
+  RFC 2782 SRV form, and SRV targets are `<hex ip>.addr.<dc>.<domain>`.
+- Everything else (ServiceEntry hosts, etcd names, hosts outside every zone):
+  VIPs if the service has any, else a CNAME for DNS resolution with hostname
+  endpoints, else the serving endpoints' addresses, with per-endpoint names
+  for SRV targets. `*.example.com` hosts own the wildcard name itself.
+
+Every IP we answer for also gets a PTR record at its reverse name. Each zone
+apex has SOA and NS records; the NS target `ns.dns.<zone>` resolves to the
+addresses the server listens on.
+
+Owner names are lower-case dotted strings without the trailing dot. A label
+that contains a dot cannot come from the index; query names with such labels
+are escaped by the caller and never match.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dnslib import AAAA, CNAME, NS, PTR, QTYPE, SOA, SRV, TXT, A
+
+from discoveryd.model import (
+    CONSUL_DATACENTER_LABEL,
+    CONSUL_TAG_PREFIX,
+    Endpoint,
+    Health,
+    Hostname,
+    Port,
+    Resolution,
+    Service,
+    Zone,
+    ZoneFlavor,
+)
+
+KUBERNETES_DNS_VERSION = "1.1.0"
+"""The schema version answered at `dns-version.<cluster domain>`."""
+
+_STATIC = Hostname("")
+"""Contributor key of the zone apex records (no service has an empty hostname)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One record's type and data at some owner name. `key` identifies it for de-duplication."""
+
+    rtype: int
+    rdata: Any
+    key: str
+
+
+def record(rtype: int, rdata: Any) -> Record:
+    return Record(rtype, rdata, f"{rtype} {rdata}")
+
+
+def label(name: str) -> tuple[bytes, ...]:
+    """A dotted owner name as dnslib labels (`""` is the root)."""
+    return tuple(name.encode("ascii", "replace").split(b".")) if name else ()
+
+
+def address_record(ip: str) -> Record:
+    parsed = ipaddress.ip_address(ip)
+    if parsed.version == 4:
+        return record(QTYPE.A, A(str(parsed)))
+    return record(QTYPE.AAAA, AAAA(str(parsed)))
+
+
+def reverse_name(ip: str) -> str:
+    return ipaddress.ip_address(ip).reverse_pointer
+
+
+def dashed(ip: str) -> str:
+    """The endpoint label Kubernetes DNS uses when an endpoint has no hostname: `10-0-0-1`."""
+    parsed = ipaddress.ip_address(ip)
+    if parsed.version == 4:
+        return str(parsed).replace(".", "-")
+    return parsed.exploded.replace(":", "-")
+
+
+def consul_hex(ip: str) -> str:
+    """Consul's `addr` label: the address as hex, `c000022a` for 192.0.2.42."""
+    return ipaddress.ip_address(ip).packed.hex()
+
+
+def _ip(value: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
+
+
+def _u16(value: int) -> int:
+    return min(max(value, 0), 0xFFFF)
+
+
+def _srv_owner(port: Port, host: str) -> str | None:
+    if not port.name:
+        return None
+    proto = "udp" if port.protocol.is_udp else "tcp"
+    return f"_{port.name.lower()}._{proto}.{host}"
+
+
+def _cname_target(svc: Service) -> str | None:
+    """The external name of an ExternalName service or a DNS-resolution host with hostname endpoints."""
+    if svc.resolution not in (Resolution.DNS, Resolution.DNS_ROUND_ROBIN):
+        return None
+    for ep in svc.endpoints:
+        if ep.health.serving and not ep.is_ip and "://" not in ep.address and ep.address:
+            return ep.address.rstrip(".").lower()
+    return None
+
+
+class _Builder:
+    """Accumulates one service's records by owner name."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, list[Record]] = defaultdict(list)
+
+    def add(self, owner: str, rec: Record) -> None:
+        self.names[owner].append(rec)
+
+    def address(self, owner: str, ip: str) -> None:
+        self.add(owner, address_record(ip))
+
+    def ptr(self, ip: str, target: str) -> None:
+        self.add(reverse_name(ip), record(QTYPE.PTR, PTR(label(target))))
+
+    def srv(self, owner: str, priority: int, weight: int, port: int, target: str) -> None:
+        self.add(owner, record(QTYPE.SRV, SRV(_u16(priority), _u16(weight), _u16(port), label(target))))
+
+
+def service_records(svc: Service, zone: Zone | None) -> dict[str, list[Record]]:
+    """The records `svc` contributes, by owner name, under the naming rules of `zone` (None: outside every zone)."""
+    b = _Builder()
+    if zone is not None and zone.flavor is ZoneFlavor.KUBERNETES and _is_kubernetes_name(svc.hostname, zone):
+        _kubernetes(svc, b)
+    elif zone is not None and zone.flavor is ZoneFlavor.CONSUL and _is_consul_name(svc.hostname, zone):
+        _consul(svc, zone, b)
+    else:
+        _plain(svc, b)
+    return dict(b.names)
+
+
+def _is_kubernetes_name(host: str, zone: Zone) -> bool:
+    rest = host[: -len(zone.name) - 1].split(".") if host.endswith("." + zone.name) else []
+    return len(rest) == 3 and rest[2] == "svc"
+
+
+def _is_consul_name(host: str, zone: Zone) -> bool:
+    rest = host[: -len(zone.name) - 1].split(".") if host.endswith("." + zone.name) else []
+    return len(rest) == 2 and rest[1] == "service"
+
+
+def _vips(svc: Service) -> list[str]:
+    return [ip for ip in (_ip(a) for a in svc.addresses) if ip is not None]
+
+
+def _with_vips(svc: Service, vips: list[str], b: _Builder, *, srv_weight: int) -> None:
+    host = svc.hostname
+    for ip in vips:
+        b.address(host, ip)
+        if not svc.is_wildcard:
+            b.ptr(ip, host)
+    if svc.is_wildcard:
+        return
+    for port in svc.ports:
+        owner = _srv_owner(port, host)
+        if owner is not None:
+            b.srv(owner, 0, srv_weight, port.number, host)
+
+
+def _with_endpoints(svc: Service, endpoints: Iterable[Endpoint], b: _Builder) -> None:
+    """A/AAAA for each endpoint at the service name, plus a per-endpoint name, PTR and SRV records."""
+    host = svc.hostname
+    for ep in endpoints:
+        ip = _ip(ep.address)
+        if ip is None:
+            continue
+        b.address(host, ip)
+        if svc.is_wildcard:
+            continue
+        name = f"{(ep.hostname or dashed(ip)).lower()}.{host}"
+        b.address(name, ip)
+        b.ptr(ip, name)
+        for port in svc.ports:
+            owner = _srv_owner(port, host)
+            if owner is not None:
+                b.srv(owner, ep.priority, ep.weight, ep.port_for(port), name)
+
+
+def _plain(svc: Service, b: _Builder) -> None:
+    vips = _vips(svc)
+    if vips:
+        _with_vips(svc, vips, b, srv_weight=1)
+        return
+    target = _cname_target(svc)
+    if target is not None:
+        b.add(svc.hostname, record(QTYPE.CNAME, CNAME(label(target))))
+        return
+    _with_endpoints(svc, (ep for ep in svc.endpoints if ep.health.serving), b)
+
+
+def _kubernetes(svc: Service, b: _Builder) -> None:
+    vips = _vips(svc)
+    if vips:
+        _with_vips(svc, vips, b, srv_weight=100)
+        return
+    target = _cname_target(svc)
+    if target is not None:
+        b.add(svc.hostname, record(QTYPE.CNAME, CNAME(label(target))))
+        return
+    # Headless: only ready endpoints; none ready leaves the name without records (NXDOMAIN).
+    _with_endpoints(svc, (ep for ep in svc.endpoints if ep.health is Health.HEALTHY), b)
+
+
+def _consul(svc: Service, zone: Zone, b: _Builder) -> None:
+    name = svc.hostname.split(".", 1)[0]
+    dc = svc.labels.get(CONSUL_DATACENTER_LABEL, "").lower()
+    suffixes = [f"service.{zone.name}"] + ([f"service.{dc}.{zone.name}"] if dc else [])
+    addr_suffix = f"addr.{dc}.{zone.name}" if dc else f"addr.{zone.name}"
+    port = svc.ports[0] if svc.ports else None
+    passing: list[tuple[Endpoint, str, str]] = []
+    for ep in svc.endpoints:
+        ip = _ip(ep.address)
+        if ep.health is Health.HEALTHY and ip is not None:
+            target = f"{consul_hex(ip)}.{addr_suffix}"
+            passing.append((ep, ip, target))
+            b.address(target, ip)
+            b.ptr(ip, target)
+
+    def answer(owner: str, members: list[tuple[Endpoint, str, str]], *, addresses: bool) -> None:
+        for ep, ip, target in members:
+            if addresses:
+                b.address(owner, ip)
+            if port is not None:
+                b.srv(owner, ep.priority, ep.weight, ep.port_for(port), target)
+
+    tags: dict[str, list[tuple[Endpoint, str, str]]] = defaultdict(list)
+    for member in passing:
+        for key in member[0].labels:
+            if key.startswith(CONSUL_TAG_PREFIX) and key != CONSUL_TAG_PREFIX:
+                tags[key[len(CONSUL_TAG_PREFIX) :].lower()].append(member)
+    for suffix in suffixes:
+        answer(f"{name}.{suffix}", passing, addresses=True)
+        answer(f"_{name}._tcp.{suffix}", passing, addresses=False)
+        for tag, members in tags.items():
+            answer(f"{tag}.{name}.{suffix}", members, addresses=True)
+            answer(f"_{name}._{tag}.{suffix}", members, addresses=False)
+
+
+def _ancestors(name: str) -> Iterable[str]:
+    """Proper ancestors of `name`, nearest first, ending with the root `""`."""
+    while name:
+        _, _, name = name.partition(".")
+        yield name
+
+
+class RecordTable:
+    """Owner name → type → records, for every service in the snapshot plus the zone apexes.
+
+    Owned by one `DnsServer` and touched only from its event loop task.
+    """
+
+    def __init__(self, zones: Sequence[Zone], ttl: int, ns_addresses: Sequence[str], serial: int) -> None:
+        self.ttl = ttl
+        self.zones = tuple(sorted(zones, key=lambda z: -len(z.name)))
+        self._serial = serial
+        self._ns_addresses = tuple(ns_addresses)
+        self._contributions: dict[Hostname, dict[str, list[Record]]] = {}
+        self._names: dict[str, dict[int, list[Any]]] = {}
+        self._contributors: dict[str, set[Hostname]] = {}
+        self._below: dict[str, int] = defaultdict(int)
+        self._set(_STATIC, self._zone_records())
+
+    # -- lookups ----------------------------------------------------------------------
+
+    def zone_of(self, name: str) -> Zone | None:
+        """The most specific zone `name` is at or under."""
+        for zone in self.zones:
+            z = zone.name
+            if name == z or name.endswith("." + z) or not z:
+                return zone
+        return None
+
+    def node(self, name: str) -> Mapping[int, list[Any]] | None:
+        """The records at `name` by type, or None when no records are owned there."""
+        return self._names.get(name)
+
+    def has_descendants(self, name: str) -> bool:
+        """Some owner name lies strictly below `name` (so `name` exists, at least as an empty non-terminal)."""
+        return self._below.get(name, 0) > 0
+
+    def soa(self, zone: Zone) -> Any:
+        return SOA(
+            label(f"ns.dns.{zone.name}" if zone.name else "ns.dns"),
+            label(f"hostmaster.{zone.name}" if zone.name else "hostmaster"),
+            (self._serial, 7200, 1800, 86400, self.ttl),
+        )
+
+    def names(self) -> int:
+        return len(self._names)
+
+    # -- updates ----------------------------------------------------------------------
+
+    def load(self, services: Mapping[Hostname, Service]) -> None:
+        """Replace every service's records (first snapshot, lost history, zones changed)."""
+        for host in [h for h in self._contributions if h != _STATIC]:
+            self._set(host, {})
+        for svc in services.values():
+            self._set(svc.hostname, service_records(svc, self.zone_of(svc.hostname)))
+
+    def update(self, services: Mapping[Hostname, Service], changed: Iterable[Hostname]) -> set[str]:
+        """Apply the changed hostnames; return the owner names whose records or existence changed."""
+        affected: set[str] = set()
+        for host in changed:
+            svc = services.get(host)
+            new = service_records(svc, self.zone_of(host)) if svc is not None else {}
+            affected |= self._set(host, new)
+        return affected
+
+    def _set(self, host: Hostname, records: dict[str, list[Record]]) -> set[str]:
+        old = self._contributions.pop(host, {})
+        if records:
+            self._contributions[host] = records
+        touched = {n for n in old if old[n] != records.get(n)} | {n for n in records if n not in old}
+        for name in touched:
+            contributors = self._contributors.setdefault(name, set())
+            if name in records:
+                contributors.add(host)
+            else:
+                contributors.discard(host)
+            existed = name in self._names
+            if contributors:
+                self._names[name] = self._merge(name, contributors)
+            else:
+                del self._contributors[name]
+                self._names.pop(name, None)
+            if existed != (name in self._names):
+                step = 1 if not existed else -1
+                for parent in _ancestors(name):
+                    self._below[parent] += step
+                    if not self._below[parent]:
+                        del self._below[parent]
+        return touched
+
+    def _merge(self, name: str, contributors: set[Hostname]) -> dict[int, list[Any]]:
+        by_type: dict[int, list[Any]] = {}
+        seen: set[str] = set()
+        for host in sorted(contributors):
+            for rec in self._contributions[host][name]:
+                if rec.key not in seen:
+                    seen.add(rec.key)
+                    by_type.setdefault(rec.rtype, []).append(rec.rdata)
+        return by_type
+
+    def _zone_records(self) -> dict[str, list[Record]]:
+        b = _Builder()
+        for zone in self.zones:
+            ns = f"ns.dns.{zone.name}" if zone.name else "ns.dns"
+            b.add(zone.name, record(QTYPE.SOA, self.soa(zone)))
+            b.add(zone.name, record(QTYPE.NS, NS(label(ns))))
+            for ip in self._ns_addresses:
+                b.address(ns, ip)
+            if zone.flavor is ZoneFlavor.KUBERNETES:
+                b.add(f"dns-version.{zone.name}", record(QTYPE.TXT, TXT(KUBERNETES_DNS_VERSION)))
+        return dict(b.names)

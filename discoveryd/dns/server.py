@@ -1,0 +1,341 @@
+"""The DNS server: UDP and TCP listeners in front of the authority and the forwarder.
+
+Data flow per packet: bring the record table up to the index's current
+snapshot if it moved (only the hostnames the index reports changed are
+rebuilt), try the answer cache on the raw bytes (`Authority.fast`), else parse
+with dnslib and apply the protocol rules here (FORMERR, NOTIMP, BADVERS,
+REFUSED), then ask the authority; a name that is not ours goes to the
+forwarder in a task of its own, for clients in `dns.allow_forward_from` only.
+
+TCP follows RFC 7766: any number of queries per connection, each answered as
+soon as it is ready (forwarded ones may overtake), the connection closed after
+`tcp_idle_timeout` without a query, and at most `tcp_max_connections` open
+(further ones are closed at once).
+
+Ownership: `serve()` owns every socket, connection task and forwarding task;
+cancelling it closes them all before it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from dnslib import QTYPE, DNSRecord
+
+from discoveryd.config import DnsConfig, split_hostport
+from discoveryd.dns import metrics
+from discoveryd.dns.answer import BADVERS, FORMERR, NOTIMP, REFUSED, SERVFAIL, Authority, Edns, encode, error_response
+from discoveryd.dns.forward import Forwarder, Upstream
+from discoveryd.dns.records import RecordTable
+from discoveryd.index import Snapshot, SnapshotSource
+from discoveryd.model import Zone
+
+log = logging.getLogger(__name__)
+
+_MAX_FORWARDS = 1024
+"""Forwarded queries in flight; beyond this, new ones get SERVFAIL at once."""
+_BIND_ATTEMPTS = 20
+"""Tries to find a port free for both TCP and UDP when listening on port 0."""
+_CLASS_IN = 1
+_ZONE_TRANSFERS = (QTYPE.AXFR, QTYPE.IXFR)
+
+
+@dataclass(frozen=True, slots=True)
+class _Forward:
+    """A query for a name that is not ours, from a client allowed to forward."""
+
+    qname: tuple[bytes, ...]
+    qtype: int
+    qclass: int
+    edns: Edns | None
+    qid: int
+    rd: bool
+
+
+class DnsServer:
+    """Authoritative for the given zones (and the hosts in the index), forwarding the rest."""
+
+    def __init__(self, config: DnsConfig, index: SnapshotSource, zones: Sequence[Zone]) -> None:
+        self.started = asyncio.Event()
+        self._config = config
+        self._index = index
+        self._ttl = max(0, round(config.ttl))
+        self._serial = int(time.time()) & 0xFFFFFFFF
+        self._ns_addresses = _ns_addresses(config.listen)
+        self._snapshot = index.snapshot
+        self._authority = self._build(zones, self._snapshot)
+        self._forwarder = Forwarder(
+            [Upstream(*split_hostport(f, 53)) for f in config.forward], config.forward_timeout, config.cache_size
+        )
+        self._allowed_nets = tuple(config.allow_forward_from)
+        self._allowed: dict[str, bool] = {}
+        self._addresses: list[tuple[str, int]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._connections: set[asyncio.Task[Any]] = set()
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return list(self._addresses)
+
+    def set_zones(self, zones: Sequence[Zone]) -> None:
+        self._snapshot = self._index.snapshot
+        self._authority = self._build(zones, self._snapshot)
+
+    def _build(self, zones: Sequence[Zone], snapshot: Snapshot) -> Authority:
+        authority = Authority(RecordTable(zones, self._ttl, self._ns_addresses, self._serial))
+        authority.load(snapshot.services)
+        return authority
+
+    def _sync(self) -> None:
+        """Apply the snapshots published since the last packet."""
+        new = self._index.snapshot
+        changed = self._index.changed_between(self._snapshot.version, new.version)
+        if changed is None:
+            self._authority.load(new.services)
+        else:
+            self._authority.update(new.services, changed)
+        self._snapshot = new
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Listen on every `dns.listen` address (UDP and TCP) until cancelled."""
+        servers: list[asyncio.Server] = []
+        transports: list[asyncio.BaseTransport] = []
+        try:
+            for spec in self._config.listen:
+                host, port = split_hostport(spec)
+                server, transport, bound = await self._bind(host, port)
+                servers.append(server)
+                transports.append(transport)
+                self._addresses.append((host, bound))
+                log.info("dns: listening on %s:%d (udp, tcp)", host, bound)
+            self.started.set()
+            await asyncio.Event().wait()
+        finally:
+            for server in servers:
+                server.close()
+            for udp in transports:
+                udp.close()
+            pending = [*self._tasks, *self._connections]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            for server in servers:
+                await server.wait_closed()
+            self._addresses.clear()
+            self.started.clear()
+
+    async def _bind(self, host: str, port: int) -> tuple[asyncio.Server, asyncio.DatagramTransport, int]:
+        loop = asyncio.get_running_loop()
+        for _ in range(_BIND_ATTEMPTS if port == 0 else 1):
+            try:
+                server = await asyncio.start_server(self._tcp_client, host, port, reuse_address=True)
+            except OSError as e:
+                raise OSError(e.errno, f"dns: cannot listen on {host}:{port}/tcp: {e.strerror or e}") from e
+            bound = int(server.sockets[0].getsockname()[1])
+            try:
+                transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(host, bound))
+            except OSError as e:
+                server.close()
+                if port == 0 and e.errno == errno.EADDRINUSE:
+                    continue
+                raise OSError(e.errno, f"dns: cannot listen on {host}:{bound}/udp: {e.strerror or e}") from e
+            return server, transport, bound
+        raise OSError(errno.EADDRINUSE, f"dns: no port free for both udp and tcp on {host}")
+
+    # -- per query --------------------------------------------------------------------
+
+    def handle(self, data: bytes, client: str, tcp: bool) -> bytes | _Forward | None:
+        """The response to one packet, a forwarding job, or None to drop it. Never raises."""
+        try:
+            if self._index.snapshot is not self._snapshot:
+                self._sync()
+            return self._authority.fast(data, tcp) or self._parse(data, client, tcp)
+        except Exception:
+            log.exception("dns: failed to answer a query from %s", client)
+            metrics.DROPPED.labels("error").inc()
+            return error_response(data, SERVFAIL)
+
+    def _parse(self, data: bytes, client: str, tcp: bool) -> bytes | _Forward | None:
+        if len(data) < 12:
+            metrics.DROPPED.labels("short").inc()
+            return None
+        if data[2] & 0x80:
+            metrics.DROPPED.labels("response").inc()
+            return None
+        try:
+            msg = DNSRecord.parse(data)
+        except Exception:  # dnslib raises several types on malformed input
+            metrics.query_counter(0, FORMERR).inc()
+            return error_response(data, FORMERR)
+        qid, rd = msg.header.id, bool(msg.header.rd)
+        question = None
+        if len(msg.questions) == 1:
+            q = msg.questions[0]
+            question = (q.qname.label, q.qtype, q.qclass)
+        if msg.header.opcode != 0:
+            metrics.query_counter(0, NOTIMP).inc()
+            return error_response(data, NOTIMP, question)
+        if question is None:
+            metrics.query_counter(0, FORMERR).inc()
+            return error_response(data, FORMERR)
+        qname, qtype, qclass = question
+        opts = [rr for rr in msg.ar if rr.rtype == QTYPE.OPT]
+        if len(opts) > 1:
+            metrics.query_counter(qtype, FORMERR).inc()
+            return error_response(data, FORMERR, question)
+        edns = None
+        if opts:
+            version = (opts[0].ttl >> 16) & 0xFF
+            edns = Edns(udp_size=opts[0].rclass, do=bool(opts[0].ttl & 0x8000), version=version)
+            if version:
+                metrics.query_counter(qtype, BADVERS).inc()
+                return encode(qname, qtype, qclass, BADVERS, aa=False, rd=rd, qid=qid, edns=edns)
+        if qtype == QTYPE.OPT or qclass != _CLASS_IN or qtype in _ZONE_TRANSFERS:
+            rcode = FORMERR if qtype == QTYPE.OPT else REFUSED
+            metrics.query_counter(qtype, rcode).inc()
+            return encode(qname, qtype, qclass, rcode, aa=False, rd=rd, qid=qid, edns=edns)
+        flags = (data[2] << 8) | data[3]
+        answer = self._authority.answer(qname, qtype, qclass, edns, tcp, qid, flags)
+        if answer is not None:
+            return answer
+        if not self._forwarder.upstreams or not self._may_forward(client):
+            metrics.FORWARDED.labels("refused").inc()
+            metrics.query_counter(qtype, REFUSED).inc()
+            return encode(qname, qtype, qclass, REFUSED, aa=False, rd=rd, qid=qid, edns=edns)
+        if len(self._tasks) >= _MAX_FORWARDS:
+            metrics.FORWARDED.labels("failed").inc()
+            return encode(qname, qtype, qclass, SERVFAIL, aa=False, ra=True, rd=rd, qid=qid, edns=edns)
+        return _Forward(tuple(qname), qtype, qclass, edns, qid, rd)
+
+    def _may_forward(self, client: str) -> bool:
+        allowed = self._allowed.get(client)
+        if allowed is None:
+            try:
+                ip = ipaddress.ip_address(client.partition("%")[0])
+            except ValueError:
+                return False
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            allowed = any(ip in net for net in self._allowed_nets)
+            if len(self._allowed) > 4096:
+                self._allowed.clear()
+            self._allowed[client] = allowed
+        return allowed
+
+    def forward(self, job: _Forward, tcp: bool, send: Any) -> None:
+        """Resolve `job` upstream in a task owned by `serve()`, then `send(response)`."""
+        task = asyncio.get_running_loop().create_task(self._forward(job, tcp, send))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _forward(self, job: _Forward, tcp: bool, send: Any) -> None:
+        try:
+            out = await self._forwarder.resolve(job.qname, job.qtype, job.qclass, job.edns, tcp, job.qid, job.rd)
+        except Exception:
+            log.exception("dns: forwarding %s failed", b".".join(job.qname))
+            out = encode(
+                job.qname, job.qtype, job.qclass, SERVFAIL, aa=False, ra=True, rd=job.rd, qid=job.qid, edns=job.edns
+            )
+        send(out)
+
+    # -- TCP --------------------------------------------------------------------------
+
+    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        metrics.TCP_CONNECTIONS.inc()
+        try:
+            if len(self._connections) > self._config.tcp_max_connections:
+                metrics.DROPPED.labels("tcp_connection_limit").inc()
+                return
+            peer = writer.get_extra_info("peername")
+            client = str(peer[0]) if peer else ""
+            await self._tcp_queries(reader, writer, client)
+        except asyncio.CancelledError:
+            # Only serve() cancels connections, on shutdown. Ending normally keeps asyncio's
+            # stream callback, which reads the task's exception, from raising in the loop.
+            return
+        finally:
+            metrics.TCP_CONNECTIONS.dec()
+            self._connections.discard(task)
+            writer.close()
+
+    async def _tcp_queries(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: str) -> None:
+        idle = self._config.tcp_idle_timeout
+
+        def send(out: bytes) -> None:
+            if not writer.is_closing():
+                writer.write(len(out).to_bytes(2, "big") + out)
+
+        while True:
+            try:
+                async with asyncio.timeout(idle):
+                    size = int.from_bytes(await reader.readexactly(2), "big")
+                    data = await reader.readexactly(size)
+            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                return
+            out = self.handle(data, client, True)
+            if isinstance(out, _Forward):
+                self.forward(out, True, send)
+            elif out is not None:
+                send(out)
+            try:
+                async with asyncio.timeout(idle):
+                    await writer.drain()
+            except (TimeoutError, ConnectionError):
+                return
+
+
+class _Udp(asyncio.DatagramProtocol):
+    """One UDP socket; answers in the receive callback, no task per packet."""
+
+    def __init__(self, server: DnsServer) -> None:
+        self._server = server
+        self._transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # The selector loop's datagram transport does not subclass DatagramTransport.
+        self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        out = self._server.handle(data, addr[0], False)
+        if isinstance(out, _Forward):
+
+            def send(response: bytes) -> None:
+                if not transport.is_closing():
+                    transport.sendto(response, addr)
+
+            self._server.forward(out, False, send)
+        elif out is not None:
+            transport.sendto(out, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for earlier replies (client gone); nothing to do per query.
+        log.debug("dns: udp error: %s", exc)
+
+
+def _ns_addresses(listen: Sequence[str]) -> list[str]:
+    """The listen addresses a client could reach us at (for the apex NS target's A/AAAA)."""
+    out = []
+    for spec in listen:
+        host, _ = split_hostport(spec)
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            continue
+        if not ip.is_unspecified:
+            out.append(str(ip))
+    return out
