@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from discoveryd.model import Endpoint, Hostname, Port, Protocol, Service
+from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, Protocol, Resolution, Service
 from discoveryd.xds import metrics
 from tests.helpers import eventually
 from tests.integration.xds_fixtures import Envoy, RunningXds, cluster, http_backend, run_envoy, service, xds  # noqa: F401
@@ -94,3 +94,43 @@ async def _none_in(text: object, needles: list[str]) -> bool:
 
 async def _answers(envoy: Envoy, expected: str) -> bool:
     return (await envoy.request()) == (200, expected)
+
+
+async def test_envoy_accepts_every_kind_of_cluster(xds: RunningXds, tmp_path: Path) -> None:
+    """STRICT_DNS, LOGICAL_DNS, ORIGINAL_DST, HTTP/2 options, localities, health, pipes: nothing is rejected."""
+    before = nacks()
+    grpc_port = (Port(50051, "grpc", Protocol.GRPC),)
+    xds.put(
+        Service(
+            hostname=Hostname("mixed.test"),
+            ports=grpc_port,
+            endpoints=(
+                Endpoint("10.0.0.1", locality=Locality("us", "east-1", "a"), weight=3),
+                Endpoint("10.0.0.2", locality=Locality("us", "west-1"), health=Health.DRAINING),
+                Endpoint("::1", health=Health.UNHEALTHY),
+                Endpoint("unix:///tmp/mixed.sock"),
+            ),
+        ),
+        Service(hostname=Hostname("localhost"), ports=grpc_port, resolution=Resolution.DNS),
+        Service(
+            hostname=Hostname("rr.test"),
+            ports=grpc_port,
+            resolution=Resolution.DNS_ROUND_ROBIN,
+            endpoints=(Endpoint("localhost"),),
+        ),
+        Service(hostname=Hostname("ext.test"), ports=grpc_port, resolution=Resolution.NONE),
+    )
+    async with run_envoy(tmp_path, xds.port, "GRPC", route_to=cluster(WEB)) as envoy:
+        expected = [cluster(h, 50051) for h in ("mixed.test", "localhost", "rr.test", "ext.test")]
+        text = await eventually(
+            lambda: _all_in(envoy.get("/clusters"), [f"{expected[0]}::10.0.0.2:50051", *expected]),
+            timeout=20,
+            what="every cluster in envoy",
+        )
+        m = expected[0]
+        assert f"{m}::10.0.0.1:50051::weight::3" in text
+        assert f"{m}::10.0.0.2:50051::health_flags::/eds_status_draining" in text
+        assert f"{m}::[::1]:50051::health_flags::/failed_eds_health" in text
+        assert f"{m}::/tmp/mixed.sock::health_flags::healthy" in text
+        assert f"{expected[1]}::127.0.0.1:50051" in text, "STRICT_DNS resolved the hostname itself"
+        await assert_no_rejections(envoy, before)
