@@ -111,17 +111,23 @@ async def test_envoy_accepts_every_kind_of_cluster(xds: RunningXds, tmp_path: Pa
                 Endpoint("unix:///tmp/mixed.sock"),
             ),
         ),
-        Service(hostname=Hostname("localhost"), ports=grpc_port, resolution=Resolution.DNS),
+        # IP literals: Envoy's resolver answers them itself, so no DNS query leaves the machine.
+        Service(
+            hostname=Hostname("dns.test"),
+            ports=grpc_port,
+            resolution=Resolution.DNS,
+            endpoints=(Endpoint("127.0.0.1"), Endpoint("127.0.0.2")),
+        ),
         Service(
             hostname=Hostname("rr.test"),
             ports=grpc_port,
             resolution=Resolution.DNS_ROUND_ROBIN,
-            endpoints=(Endpoint("localhost"),),
+            endpoints=(Endpoint("127.0.0.3"),),
         ),
         Service(hostname=Hostname("ext.test"), ports=grpc_port, resolution=Resolution.NONE),
     )
     async with run_envoy(tmp_path, xds.port, "GRPC", route_to=cluster(WEB)) as envoy:
-        expected = [cluster(h, 50051) for h in ("mixed.test", "localhost", "rr.test", "ext.test")]
+        expected = [cluster(h, 50051) for h in ("mixed.test", "dns.test", "rr.test", "ext.test")]
         text = await eventually(
             lambda: _all_in(envoy.get("/clusters"), [f"{expected[0]}::10.0.0.2:50051", *expected]),
             timeout=20,
@@ -132,5 +138,5 @@ async def test_envoy_accepts_every_kind_of_cluster(xds: RunningXds, tmp_path: Pa
         assert f"{m}::10.0.0.2:50051::health_flags::/eds_status_draining" in text
         assert f"{m}::[::1]:50051::health_flags::/failed_eds_health" in text
         assert f"{m}::/tmp/mixed.sock::health_flags::healthy" in text
-        assert f"{expected[1]}::127.0.0.1:50051" in text, "STRICT_DNS resolved the hostname itself"
+        assert f"{expected[1]}::127.0.0.2:50051" in text and f"{expected[2]}::127.0.0.3:50051" in text
         await assert_no_rejections(envoy, before)
