@@ -267,7 +267,7 @@ class FilesRegistry:
         shard.mark_synced()
         while True:
             retrying = tenacity.AsyncRetrying(
-                wait=tenacity.wait_exponential_jitter(initial=0.5, max=30),
+                wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=30, jitter=1),
                 retry=tenacity.retry_if_exception_type(Exception),
                 before_sleep=lambda state: _watch_failed(shard, state),
             )

@@ -293,7 +293,9 @@ class _Checker:
         hosts = self.hosts(spec.get("hosts"), (*sp, "hosts"))
         addresses = self.addresses(spec.get("addresses"), (*sp, "addresses"), resolution)
         ports = self.ports(spec.get("ports"), (*sp, "ports"))
-        port_names = {decl.port.name for decl in ports}
+        # Names of every declared port, valid or not, so that a bad port is reported once, not again per endpoint.
+        raw_ports = spec.get("ports")
+        port_names = {p["name"] for p in raw_ports or () if isinstance(p, dict) and isinstance(p.get("name"), str)}
         raw_endpoints = spec.get("endpoints")
         endpoint_count = len(raw_endpoints) if isinstance(raw_endpoints, list) else 0
 

@@ -1,0 +1,238 @@
+"""The files adapter against a real Index: the adapter contract, and watching files change on disk.
+
+Every change must land in the index within 1 s of the write (the requirement),
+so the watch tests wait with a 1 s deadline measured from the write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from adapters.files import FilesConfig, FilesRegistry
+from discoveryd.index import Index
+from discoveryd.model import Hostname, Problem, SourceId
+from discoveryd.registry import AdapterContext
+from tests.adapters.contract import AdapterContract
+from tests.helpers import eventually
+
+LANDS_WITHIN = 1.0
+SOURCE = SourceId("files/test")
+
+
+def service_entry(name: str, endpoints: list[tuple[str, int]], host: str | None = None) -> str:
+    """A STATIC ServiceEntry for `<name>.test.internal` whose endpoints serve port `tcp` on their own port."""
+    port = endpoints[0][1] if endpoints else 80
+    lines = [
+        "apiVersion: networking.istio.io/v1",
+        "kind: ServiceEntry",
+        "metadata:",
+        f"  name: {name}",
+        "spec:",
+        f"  hosts: [{host or f'{name}.test.internal'}]",
+        "  location: MESH_INTERNAL",
+        "  resolution: STATIC",
+        "  ports:",
+        f"    - {{number: {port}, name: tcp, protocol: TCP}}",
+        "  endpoints:",
+    ]
+    lines += [f"    - {{address: {ip}, ports: {{tcp: {p}}}}}" for ip, p in endpoints]
+    return "\n".join(lines) + "\n"
+
+
+def registry(base: Path, *paths: str) -> FilesRegistry:
+    config = FilesConfig(kind="files", name="test", paths=list(paths))
+    return FilesRegistry(config, AdapterContext(base_dir=base))
+
+
+class FilesHarness:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.dir = base / "serviceentries"
+        self.dir.mkdir()
+
+    def registry(self) -> FilesRegistry:
+        return registry(self.base, "serviceentries/")
+
+    async def put(self, service: str, endpoints: list[tuple[str, int]]) -> Hostname:
+        (self.dir / f"{service}.yaml").write_text(service_entry(service, endpoints))
+        return Hostname(f"{service}.test.internal")
+
+    async def remove(self, service: str) -> None:
+        (self.dir / f"{service}.yaml").unlink()
+
+    async def put_broken(self, service: str) -> None:
+        (self.dir / f"{service}.yaml").write_text("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nspec: [\n")
+
+
+class TestFilesContract(AdapterContract):
+    @pytest.fixture
+    def harness(self, tmp_path: Path) -> FilesHarness:
+        return FilesHarness(tmp_path)
+
+
+def addresses(index: Index, host: str) -> set[str] | None:
+    svc = index.snapshot.services.get(Hostname(host))
+    return None if svc is None else {ep.address for ep in svc.endpoints}
+
+
+def problems(index: Index) -> tuple[Problem, ...]:
+    return index.snapshot.shards[SOURCE].problems
+
+
+@contextlib.asynccontextmanager
+async def running(reg: FilesRegistry) -> AsyncIterator[Index]:
+    index = Index()
+    task = asyncio.create_task(reg.run(index.writer(SOURCE)))
+    try:
+        await eventually(lambda: index.snapshot.ready, what="first sync")
+        yield index
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+@pytest.fixture
+async def watched(tmp_path: Path) -> AsyncIterator[tuple[Path, Index]]:
+    """A running registry over `<tmp>/se/`, holding `a.yaml` (host a.test.internal, 10.0.0.1)."""
+    directory = tmp_path / "se"
+    directory.mkdir()
+    (directory / "a.yaml").write_text(service_entry("a", [("10.0.0.1", 80)]))
+    async with running(registry(tmp_path, "se")) as index:
+        assert addresses(index, "a.test.internal") == {"10.0.0.1"}
+        yield directory, index
+
+
+async def test_create_lands_within_a_second(watched: tuple[Path, Index]) -> None:
+    directory, index = watched
+    (directory / "b.yaml").write_text(service_entry("b", [("10.0.1.1", 80)]))
+    await eventually(lambda: addresses(index, "b.test.internal") == {"10.0.1.1"}, LANDS_WITHIN, what="create")
+
+
+async def test_modify_lands_within_a_second(watched: tuple[Path, Index]) -> None:
+    directory, index = watched
+    (directory / "a.yaml").write_text(service_entry("a", [("10.0.0.1", 80), ("10.0.0.2", 80)]))
+    want = {"10.0.0.1", "10.0.0.2"}
+    await eventually(lambda: addresses(index, "a.test.internal") == want, LANDS_WITHIN, what="modify")
+
+
+async def test_delete_lands_within_a_second(watched: tuple[Path, Index]) -> None:
+    directory, index = watched
+    (directory / "a.yaml").unlink()
+    await eventually(lambda: addresses(index, "a.test.internal") is None, LANDS_WITHIN, what="delete")
+
+
+async def test_rename_out_of_and_back_into_the_watched_names(watched: tuple[Path, Index]) -> None:
+    directory, index = watched
+    os.rename(directory / "a.yaml", directory / "a.yaml.disabled")
+    await eventually(lambda: addresses(index, "a.test.internal") is None, LANDS_WITHIN, what="renamed away")
+    os.rename(directory / "a.yaml.disabled", directory / "renamed.yml")
+    await eventually(lambda: addresses(index, "a.test.internal") == {"10.0.0.1"}, LANDS_WITHIN, what="renamed back")
+
+
+async def test_atomic_replace_lands_within_a_second(watched: tuple[Path, Index]) -> None:
+    """Editors and config tools write a temporary file and rename it over the original."""
+    directory, index = watched
+    temp = directory / ".a.yaml.tmp"
+    temp.write_text(service_entry("a", [("10.0.0.9", 80)]))
+    os.replace(temp, directory / "a.yaml")
+    await eventually(lambda: addresses(index, "a.test.internal") == {"10.0.0.9"}, LANDS_WITHIN, what="replace")
+
+
+async def test_file_in_a_new_subdirectory_lands(watched: tuple[Path, Index]) -> None:
+    directory, index = watched
+    sub = directory / "team" / "payments"
+    sub.mkdir(parents=True)
+    (sub / "c.yaml").write_text(service_entry("c", [("10.0.2.1", 80)]))
+    await eventually(lambda: addresses(index, "c.test.internal") == {"10.0.2.1"}, LANDS_WITHIN, what="subdir")
+
+
+async def test_editor_temp_and_hidden_files_are_ignored(watched: tuple[Path, Index]) -> None:
+    directory, index = watched
+    for name in (".a.yaml.swp", "a.yaml~", "#a.yaml#", "notes.txt", ".hidden.yaml"):
+        (directory / name).write_text(service_entry("ignored", [("10.9.9.9", 80)]))
+    (directory / "z.yaml").write_text(service_entry("z", [("10.0.3.1", 80)]))
+    await eventually(lambda: addresses(index, "z.test.internal") == {"10.0.3.1"}, LANDS_WITHIN, what="z")
+    assert addresses(index, "ignored.test.internal") is None
+    assert not problems(index)
+
+
+async def test_broken_file_keeps_last_good_content_until_fixed(watched: tuple[Path, Index]) -> None:
+    directory, index = watched
+    path = directory / "a.yaml"
+    path.write_text(service_entry("a", [("10.0.0.1", 80)]).replace("protocol: TCP", "protocol: SMTP"))
+    found = await eventually(lambda: problems(index), LANDS_WITHIN, what="problem reported")
+    assert [(p.where, p.field) for p in found] == [(f"{path}:10", "spec.ports[0].protocol")]
+    assert "unsupported protocol 'SMTP'" in found[0].message
+    assert addresses(index, "a.test.internal") == {"10.0.0.1"}  # the last good content
+
+    path.write_text("kind: ServiceEntry\napiVersion: networking.istio.io/v1\nspec: {hosts: [a.test.internal\n")
+    await eventually(lambda: problems(index) and "invalid YAML" in problems(index)[0].message, LANDS_WITHIN)
+    assert problems(index)[0].where.startswith(f"{path}:")
+    assert addresses(index, "a.test.internal") == {"10.0.0.1"}
+
+    path.write_text(service_entry("a", [("10.0.0.5", 80)]))
+    await eventually(lambda: addresses(index, "a.test.internal") == {"10.0.0.5"}, LANDS_WITHIN, what="fixed")
+    await eventually(lambda: not problems(index), LANDS_WITHIN, what="problems cleared")
+
+
+async def test_deleting_a_broken_file_clears_its_problems(watched: tuple[Path, Index]) -> None:
+    directory, index = watched
+    (directory / "broken.yaml").write_text("kind: [\n")
+    await eventually(lambda: problems(index), LANDS_WITHIN, what="problem reported")
+    (directory / "broken.yaml").unlink()
+    await eventually(lambda: not problems(index), LANDS_WITHIN, what="problems cleared")
+    assert addresses(index, "a.test.internal") == {"10.0.0.1"}
+
+
+async def test_missing_directory_is_reported_and_picked_up_when_created(tmp_path: Path) -> None:
+    async with running(registry(tmp_path, "later/")) as index:
+        [problem] = problems(index)
+        assert problem.where == str(tmp_path / "later")
+        assert "does not exist" in problem.message
+        (tmp_path / "later").mkdir()
+        (tmp_path / "later" / "a.yaml").write_text(service_entry("a", [("10.0.0.1", 80)]))
+        await eventually(lambda: addresses(index, "a.test.internal") == {"10.0.0.1"}, LANDS_WITHIN, what="appeared")
+        await eventually(lambda: not problems(index), LANDS_WITHIN, what="problem cleared")
+        # Now watched recursively like any configured directory.
+        (tmp_path / "later" / "b.yaml").write_text(service_entry("b", [("10.0.0.2", 80)]))
+        await eventually(lambda: addresses(index, "b.test.internal") == {"10.0.0.2"}, LANDS_WITHIN, what="b")
+
+
+async def test_configured_file_is_followed_through_atomic_replace(tmp_path: Path) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text(service_entry("a", [("10.0.0.1", 80)]))
+    (tmp_path / "other.yaml").write_text(service_entry("other", [("10.0.0.7", 80)]))
+    async with running(registry(tmp_path, "mesh.yaml")) as index:
+        assert addresses(index, "a.test.internal") == {"10.0.0.1"}
+        assert addresses(index, "other.test.internal") is None  # only the configured file
+        for ip in ("10.0.0.2", "10.0.0.3"):
+            temp = tmp_path / "mesh.yaml.new"
+            temp.write_text(service_entry("a", [(ip, 80)]))
+            os.replace(temp, path)
+            await eventually(lambda ip=ip: addresses(index, "a.test.internal") == {ip}, LANDS_WITHIN, what=ip)
+
+
+async def test_configmap_symlink_swap_lands(tmp_path: Path) -> None:
+    """Kubernetes mounts a ConfigMap as `x.yaml -> ..data/x.yaml`, `..data -> ..<timestamp>/`, swapped atomically."""
+    mount = tmp_path / "mount"
+    mount.mkdir()
+
+    def publish(version: str, ip: str) -> None:
+        (mount / version).mkdir()
+        (mount / version / "mesh.yaml").write_text(service_entry("a", [(ip, 80)]))
+        os.symlink(version, mount / "..data_tmp")
+        os.replace(mount / "..data_tmp", mount / "..data")
+
+    publish("..v1", "10.0.0.1")
+    os.symlink("..data/mesh.yaml", mount / "mesh.yaml")
+    async with running(registry(tmp_path, "mount")) as index:
+        assert addresses(index, "a.test.internal") == {"10.0.0.1"}
+        publish("..v2", "10.0.0.2")
+        await eventually(lambda: addresses(index, "a.test.internal") == {"10.0.0.2"}, LANDS_WITHIN, what="swap")
