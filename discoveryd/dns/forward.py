@@ -104,9 +104,9 @@ class Forwarder:
             ra=True,
             rd=rd,
             qid=qid,
-            answer=[_aged(rr, age) for rr in reply.rr],
-            authority=[_aged(rr, age) for rr in reply.auth],
-            additional=[_aged(rr, age) for rr in reply.ar if rr.rtype != QTYPE.OPT],
+            answer=[_for_client(rr, age, qname) for rr in reply.rr],
+            authority=[_for_client(rr, age, qname, negative=not reply.rr) for rr in reply.auth],
+            additional=[_for_client(rr, age, qname) for rr in reply.ar if rr.rtype != QTYPE.OPT],
             edns=edns,
             limit=response_limit(edns, tcp),
         )
@@ -159,10 +159,16 @@ def _cache_ttl(reply: Any) -> int:
     return 0
 
 
-def _aged(rr: Any, age: int) -> Any:
-    if not age:
-        return rr
-    return RR(rr.rname, rr.rtype, rr.rclass, max(0, rr.ttl - age), rr.rdata)
+def _for_client(rr: Any, age: int, qname: Sequence[bytes], *, negative: bool = False) -> Any:
+    """`rr` with its TTL decreased by `age`, a negative answer's SOA TTL capped at its MINIMUM
+    (RFC 2308), and the question's own name in the client's case."""
+    ttl = rr.ttl
+    if negative and rr.rtype == QTYPE.SOA:
+        ttl = min(ttl, rr.rdata.times[4])
+    owner = rr.rname
+    if len(owner.label) == len(qname) and all(a.lower() == b.lower() for a, b in zip(owner.label, qname, strict=True)):
+        owner = tuple(qname)
+    return RR(owner, rr.rtype, rr.rclass, max(0, ttl - age), rr.rdata)
 
 
 def _check(wire: bytes, qid: int, qname: Sequence[bytes], qtype: int, qclass: int) -> Any:
