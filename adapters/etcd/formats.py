@@ -28,6 +28,7 @@ from discoveryd.model import (
     Port,
     Resolution,
     Service,
+    SourceId,
     hostname,
     is_ip,
     parse_protocol,
@@ -65,6 +66,8 @@ class Member:
     endpoint: Endpoint
     port: Port | None
     """The service port this endpoint serves (its own number), or None (address only)."""
+    by_name: bool = False
+    """The endpoint's address is a DNS name, not an IP: the service is DNS-resolved."""
 
 
 class Format(Protocol):
@@ -79,8 +82,8 @@ class FormatSpec:
     """Builds the format for a registry's `domain`."""
 
 
-def assemble(host: Hostname, members: Sequence[tuple[str, Member]]) -> Service | None:
-    """The service for `host` from its members, as (key, member), in key order.
+def assemble(host: Hostname, members: Sequence[tuple[str, Member]], source: SourceId) -> Service | None:
+    """The service for `host` from its members, as (key, member), in key order, reported by `source`.
 
     Ports are merged by name; a port's number is the one most endpoints use
     (the lowest on a tie) and each endpoint maps the port name to its own
@@ -99,13 +102,14 @@ def assemble(host: Hostname, members: Sequence[tuple[str, Member]]) -> Service |
         for name, c in sorted(numbers.items())
     )
     endpoints = tuple(m.endpoint for _, m in members)
-    dns = any(not ep.is_ip for ep in endpoints)
+    dns = any(m.by_name for _, m in members)
     return Service(
         hostname=host,
         name=members[0][1].name,
         ports=ports,
         resolution=Resolution.DNS if dns else Resolution.STATIC,
         endpoints=endpoints,
+        source=source,
     )
 
 
@@ -255,7 +259,8 @@ class SkyDns:
             if doc.get("text") is not None:
                 return ()
             raise FormatError("required (an IP or a DNS name)", "host")
-        if not is_ip(host) and not valid_dns_name(host):
+        by_name = not is_ip(host)
+        if by_name and not valid_dns_name(host):
             raise FormatError(f"{host!r} is neither an IP nor a DNS name", "host")
         number = _int(doc, "port", "port", 0, 65535, 0)
         port = Port(number=number, name="tcp", protocol=PortProtocol.TCP) if number else None
@@ -267,7 +272,7 @@ class SkyDns:
             weight=weight,
             priority=priority,
         )
-        members = [Member(service=name, name=name, endpoint=endpoint, port=port)]
+        members = [Member(service=name, name=name, endpoint=endpoint, port=port, by_name=by_name)]
         parent = hostname(".".join(labels[1:]))
         if leaf and len(labels) > 1 and self._in_zone(parent):
             instance = Endpoint(
@@ -277,7 +282,7 @@ class SkyDns:
                 priority=priority,
                 hostname=labels[0],
             )
-            members.append(Member(service=parent, name=parent, endpoint=instance, port=port))
+            members.append(Member(service=parent, name=parent, endpoint=instance, port=port, by_name=by_name))
         return tuple(members)
 
 

@@ -28,6 +28,7 @@ range and hands out watch events one at a time, all of which this needs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -111,6 +112,7 @@ class _View:
         self._fmt = fmt
         self._prefix_len = len(prefix)
         self._shard = shard
+        self._source = shard.source
         self._keys: dict[str, tuple[Member, ...]] = {}
         self._hosts: dict[Hostname, dict[str, Member]] = {}
         self._problems: set[str] = set()
@@ -129,7 +131,9 @@ class _View:
             self._shard.set_problems(key, [Problem(where=key, message=e.message, field=e.field)])
             return ()
         self._clear(key)
-        return members
+        # Stamped here, once per key, so that the shard need not copy endpoints on every rebuild.
+        src = self._source
+        return tuple(dataclasses.replace(m, endpoint=dataclasses.replace(m.endpoint, source=src)) for m in members)
 
     def _clear(self, key: str) -> None:
         if key in self._problems:
@@ -138,7 +142,7 @@ class _View:
 
     def _service(self, host: Hostname) -> None:
         members = self._hosts.get(host)
-        service = assemble(host, sorted(members.items())) if members else None
+        service = assemble(host, sorted(members.items()), self._source) if members else None
         if service is None:
             self._hosts.pop(host, None)
             self._shard.delete(host)
@@ -159,7 +163,7 @@ class _View:
                     self._hosts.setdefault(m.service, {})[key] = m
         for gone in before - self._problems:
             self._shard.set_problems(gone, ())
-        services = (assemble(h, sorted(ms.items())) for h, ms in self._hosts.items())
+        services = (assemble(h, sorted(ms.items()), self._source) for h, ms in self._hosts.items())
         self._shard.replace(s for s in services if s is not None)
         self.revision = revision
 

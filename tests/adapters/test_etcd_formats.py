@@ -10,9 +10,10 @@ from pydantic import ValidationError
 
 from adapters.etcd.config import EtcdConfig
 from adapters.etcd.formats import EtcdNaming, FormatError, SkyDns, assemble
-from discoveryd.model import Health, Hostname, Locality, Protocol, Resolution
+from discoveryd.model import Health, Hostname, Locality, Protocol, Resolution, SourceId
 
 DOMAIN = Hostname("mesh.local")
+SRC = SourceId("etcd/test")
 
 
 def _value(doc: Any) -> bytes:
@@ -112,7 +113,7 @@ def test_skydns_directory_key_and_parents_outside_the_zone() -> None:
 
 def test_skydns_host_name_makes_a_dns_service() -> None:
     members = SkyDns(DOMAIN).parse("local/mesh/ext/a", _value({"host": "Backend.Example.COM.", "port": 443}))
-    service = assemble(Hostname("ext.mesh.local"), [("k", members[1])])
+    service = assemble(Hostname("ext.mesh.local"), [("k", members[1])], SRC)
     assert service is not None
     assert service.resolution is Resolution.DNS
     assert service.endpoints[0].address == "backend.example.com"
@@ -143,13 +144,14 @@ def test_assemble_picks_the_common_port_and_keeps_each_endpoints_own() -> None:
         (f"k{i}", naming.parse(f"api/{i}", _value({"Addr": f"10.0.0.{i}:{port}"}))[0])
         for i, port in enumerate((8080, 9090, 8080), start=1)
     ]
-    service = assemble(Hostname("api.mesh.local"), members)
+    service = assemble(Hostname("api.mesh.local"), members, SRC)
     assert service is not None
     (port,) = service.ports
     assert port.number == 8080
     assert [ep.port_for(port) for ep in service.endpoints] == [8080, 9090, 8080]
     assert service.resolution is Resolution.STATIC
-    assert assemble(Hostname("api.mesh.local"), []) is None
+    assert service.source == SRC
+    assert assemble(Hostname("api.mesh.local"), [], SRC) is None
 
 
 # -- config ---------------------------------------------------------------------------
