@@ -35,7 +35,8 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import Collection, Iterable, Sequence
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,11 @@ MAX_FILE_BYTES = 16 * 1024 * 1024
 STEP_MS = 25
 DEBOUNCE_MS = 250
 
+EMPTY_GRACE = 0.3
+"""A file that had content and is now empty is given this long (in seconds) before its services are
+removed: an in-place write (`open(..., "w")`) truncates before it writes, and a watch event may
+land in between. A file emptied on purpose still takes effect well within a second."""
+
 Signature = tuple[int, int, int, int, int]
 """(device, inode, size, mtime_ns, ctime_ns) of a file, following symlinks."""
 
@@ -70,6 +76,16 @@ class _File:
     objects: tuple[Object, ...] = ()
     """The last good content; kept while the file is broken."""
     problems: tuple[Problem, ...] = ()
+    emptied_at: float | None = None
+    """When the file was first seen empty while it had content (see EMPTY_GRACE)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refreshed:
+    changed: bool
+    """The services or problems may differ from the previous refresh."""
+    recheck_in: float | None = None
+    """Run `refresh()` again after this many seconds even without events (an emptied file's grace)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,29 +105,46 @@ class _Listing:
 class FileSet:
     """What the files under the configured paths say. Not thread-safe: one caller at a time."""
 
-    def __init__(self, roots: Sequence[Path], namespace: str) -> None:
+    def __init__(self, roots: Sequence[Path], namespace: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.roots = tuple(str(r) for r in roots)
         self.namespace = namespace
+        self._clock = clock
         self._files: dict[str, _File] = {}
         self._root_problems: dict[str, tuple[Problem, ...]] = {}
 
-    def refresh(self, named: Collection[str] = ()) -> bool:
-        """Re-read files that are new, changed or `named` (by a watch event); True if anything changed. Blocking."""
+    def refresh(self, named: Collection[str] = ()) -> Refreshed:
+        """Re-read files that are new, changed or `named` (by a watch event). Blocking."""
         listing = _scan(self.roots)
         changed = False
+        recheck: float | None = None
         for path in list(self._files):
             if path not in listing.files and not _under_any(path, listing.unlisted):
                 del self._files[path]
                 changed = True
         for path, signature in listing.files.items():
             known = self._files.get(path)
-            if known is not None and signature is not None and known.signature == signature and path not in named:
+            if (
+                known is not None
+                and signature is not None
+                and known.signature == signature
+                and known.emptied_at is None
+                and path not in named
+            ):
                 continue
             objects, problems = load_file(path, self.namespace)
             if known is None:
                 known = self._files[path] = _File(signature)
-            before = (known.objects, known.problems)
             known.signature = signature
+            if known.objects and not objects and not problems and signature is not None and signature[2] == 0:
+                now = self._clock()
+                if known.emptied_at is None:
+                    known.emptied_at = now
+                wait = known.emptied_at + EMPTY_GRACE - now
+                if wait > 0:
+                    recheck = wait if recheck is None else min(recheck, wait)
+                    continue
+            known.emptied_at = None
+            before = (known.objects, known.problems)
             if problems:
                 known.problems = tuple(problems)
             else:
@@ -124,7 +157,7 @@ class FileSet:
         if root_problems != self._root_problems:
             self._root_problems = root_problems
             changed = True
-        return changed
+        return Refreshed(changed, recheck)
 
     def has_content(self, path: str) -> bool:
         known = self._files.get(path)
@@ -262,8 +295,7 @@ class FilesRegistry:
         """Load everything, mark synced, then follow changes until cancelled."""
         files = FileSet(self.roots, self.files_config.namespace)
         publisher = _Publisher(shard, files)
-        await asyncio.to_thread(files.refresh)
-        publisher.publish()
+        await publisher.refresh()
         shard.mark_synced()
         while True:
             retrying = tenacity.AsyncRetrying(
@@ -288,10 +320,13 @@ class FilesRegistry:
             # Pumps add their inotify watches synchronously on their first step, which the event
             # loop runs before resuming here; the refresh below then sees whatever changed before.
             await asyncio.sleep(0)
-            await publisher.refresh()
+            recheck = await publisher.refresh()
             publisher.shard.mark_synced()
             while True:
-                item = await queue.get()
+                try:
+                    item = await asyncio.wait_for(queue.get(), recheck)
+                except TimeoutError:
+                    item = set()
                 named: set[str] = set()
                 while True:
                     if isinstance(item, Exception):
@@ -303,7 +338,7 @@ class FilesRegistry:
                         item = queue.get_nowait()
                     except asyncio.QueueEmpty:
                         break
-                await publisher.refresh(named)
+                recheck = await publisher.refresh(named)
                 if await asyncio.to_thread(files.watch_plan) != plan:
                     return
         finally:
@@ -348,9 +383,12 @@ class _Publisher:
         self._services: dict[Hostname, Service] | None = None
         self._problems: dict[str, tuple[Problem, ...]] = {}
 
-    async def refresh(self, named: Collection[str] = ()) -> None:
-        if await asyncio.to_thread(self.files.refresh, named):
+    async def refresh(self, named: Collection[str] = ()) -> float | None:
+        """Refresh the files (in a worker thread) and publish; returns when to refresh again unprompted."""
+        refreshed = await asyncio.to_thread(self.files.refresh, named)
+        if refreshed.changed or self._services is None:
             self.publish()
+        return refreshed.recheck_in
 
     def publish(self) -> None:
         services, problems = self.files.result()

@@ -128,6 +128,12 @@ async def test_delete_lands_within_a_second(watched: tuple[Path, Index]) -> None
     await eventually(lambda: addresses(index, "a.test.internal") is None, LANDS_WITHIN, what="delete")
 
 
+async def test_emptying_a_file_removes_its_services_within_a_second(watched: tuple[Path, Index]) -> None:
+    directory, index = watched
+    (directory / "a.yaml").write_text("")
+    await eventually(lambda: addresses(index, "a.test.internal") is None, LANDS_WITHIN, what="emptied")
+
+
 async def test_rename_out_of_and_back_into_the_watched_names(watched: tuple[Path, Index]) -> None:
     directory, index = watched
     os.rename(directory / "a.yaml", directory / "a.yaml.disabled")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from adapters.files import FilesConfig, FilesRegistry
-from adapters.files.registry import FileSet
+from adapters.files.registry import EMPTY_GRACE, FileSet
 from discoveryd.index import Index
 from discoveryd.model import (
     Endpoint,
@@ -331,3 +331,28 @@ def test_unix_socket_endpoint(tmp_path: Path) -> None:
     services, problems = load(tmp_path)
     assert problems == []
     assert [ep.address for ep in services[Hostname("uds.local")].endpoints] == ["unix:///var/run/app.sock"]
+
+
+def test_an_emptied_file_keeps_its_content_for_a_short_grace(tmp_path: Path) -> None:
+    """An in-place write truncates first; a refresh in between must not drop the file's services."""
+    now = [100.0]
+    path = write(tmp_path, "cart.yaml", se("cart", "cart.shop.internal", "10.0.0.1"))
+    files = FileSet((tmp_path,), "default", clock=lambda: now[0])
+    files.refresh()
+    host = Hostname("cart.shop.internal")
+
+    path.write_text("")
+    refreshed = files.refresh()
+    assert not refreshed.changed and refreshed.recheck_in == pytest.approx(EMPTY_GRACE)
+    assert host in files.result()[0]
+
+    path.write_text(se("cart", "cart.shop.internal", "10.0.0.2"))  # the writer finishes
+    refreshed = files.refresh()
+    assert refreshed.changed and refreshed.recheck_in is None
+    assert [ep.address for ep in files.result()[0][host].endpoints] == ["10.0.0.2"]
+
+    path.write_text("")  # emptied on purpose
+    assert files.refresh().recheck_in is not None
+    now[0] += EMPTY_GRACE
+    assert files.refresh().changed
+    assert files.result() == ({}, {})
