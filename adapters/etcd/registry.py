@@ -268,7 +268,7 @@ class EtcdRegistry:
                 return await self._dial(index)
             except _TRANSIENT as e:
                 errors.append(f"{endpoints[index]}: {describe(e)}")
-        raise EtcdError("no etcd endpoint reachable (" + "; ".join(errors) + ")")
+        raise EtcdError("no etcd endpoint usable (" + "; ".join(errors) + ")")
 
     async def _dial(self, index: int) -> _Connection:
         cfg = self._config
@@ -286,16 +286,16 @@ class EtcdRegistry:
             channel = grpc.aio.secure_channel(target, credentials, options=options)
         else:
             channel = grpc.aio.insecure_channel(target, options=options)
+        # The first call connects: it fails at once, with the reason (refused, TLS handshake,
+        # bad credentials), when the member cannot be used, and within dial_timeout otherwise.
         try:
-            try:
-                await asyncio.wait_for(channel.channel_ready(), cfg.dial_timeout)
-            except TimeoutError:
-                raise EtcdError(f"not connected within {cfg.dial_timeout:g}s") from None
             metadata: tuple[tuple[str, str], ...] = ()
             if cfg.username is not None:
                 request = rpc.AuthenticateRequest(name=cfg.username, password=self._password())
                 reply = await rpc.AuthStub(channel).Authenticate(request, timeout=cfg.dial_timeout)
                 metadata = (("token", reply.token),)
+            else:
+                await rpc.MaintenanceStub(channel).Status(rpc.StatusRequest(), timeout=cfg.dial_timeout)
         except BaseException:
             await channel.close()
             raise

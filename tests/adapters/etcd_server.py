@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -33,16 +34,19 @@ ETCD = Path(sys.executable).parent / "etcd"
 
 
 class EtcdServer:
-    def __init__(self, base: Path) -> None:
+    """One etcd member. With `tls` (ca, cert, key PEM paths) it serves https and requires client certificates."""
+
+    def __init__(self, base: Path, tls: tuple[Path, Path, Path] | None = None) -> None:
         self.base = base
         self.data_dir = base / "data"
         self.client_port = free_port()
         self.peer_port = free_port()
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
 
     def start(self) -> None:
         assert self.proc is None, "already running"
@@ -61,6 +65,7 @@ class EtcdServer:
                 "--listen-metrics-urls=",
                 "--log-level=warn",
                 "--unsafe-no-fsync",
+                *self._tls_args(),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -69,12 +74,23 @@ class EtcdServer:
         log.close()
         wait_sync(self._healthy, timeout=30, interval=0.05, what=f"etcd on {self.url} healthy")
 
+    def _tls_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        ca, cert, key = self.tls
+        return [f"--trusted-ca-file={ca}", f"--cert-file={cert}", f"--key-file={key}", "--client-cert-auth"]
+
     def _healthy(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
             tail = (self.base / "etcd.log").read_text(errors="replace")[-2000:]
             raise RuntimeError(f"etcd exited with {self.proc.returncode}:\n{tail}")
-        with urllib.request.urlopen(f"{self.url}/health", timeout=1) as reply:
+        context = None
+        if self.tls is not None:
+            ca, cert, key = self.tls
+            context = ssl.create_default_context(cafile=str(ca))
+            context.load_cert_chain(str(cert), str(key))
+        with urllib.request.urlopen(f"{self.url}/health", timeout=1, context=context) as reply:
             return bool(json.load(reply).get("health") == "true")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -99,6 +115,35 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
         yield server
     finally:
         server.stop()
+
+
+def make_certs(base: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, with the openssl CLI.
+
+    Returns PEM paths: ca, server_cert, server_key, client_cert, client_key.
+    """
+    base.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=base, check=True, capture_output=True)
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca")
+    (base / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        extra = ("-extfile", "server.ext") if name == "server" else ()
+        openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", *extra,
+        )  # fmt: skip
+    return {
+        "ca": base / "ca.pem",
+        "server_cert": base / "server.pem",
+        "server_key": base / "server.key",
+        "client_cert": base / "client.pem",
+        "client_key": base / "client.key",
+    }
 
 
 class TcpProxy:

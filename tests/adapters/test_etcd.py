@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import aetcd
+import grpc
+import grpc.aio
 import pytest
+from aetcd import rpc
 
 from adapters.etcd import ADAPTER, EtcdConfig, EtcdRegistry
 from adapters.etcd import registry as etcd_registry
@@ -25,7 +28,7 @@ from discoveryd.index import Index, ShardStatus
 from discoveryd.model import Health, Hostname, Resolution
 from discoveryd.registry import AdapterContext, Registry, ZoneProvider
 from tests.adapters.contract import AdapterContract
-from tests.adapters.etcd_server import EtcdServer, TcpProxy, etcd
+from tests.adapters.etcd_server import EtcdServer, TcpProxy, etcd, make_certs
 from tests.helpers import eventually
 
 __all__ = ["etcd"]  # the session fixture, imported to be found by pytest
@@ -366,3 +369,80 @@ def test_registry_reads_credentials_relative_to_the_config(tmp_path: Path) -> No
     registry = make_registry(["http://127.0.0.1:1"], "/p/", tmp_path, username="u", password_file="pw")
     assert registry._password() == "s3cret"
     assert isinstance(registry.config, EtcdConfig)
+
+
+# -- security: username/password, TLS with a client certificate ---------------------------
+
+
+def _prefix_end(prefix: str) -> bytes:
+    return prefix[:-1].encode() + bytes([ord(prefix[-1]) + 1])
+
+
+async def _enable_auth(server: EtcdServer, prefix: str) -> None:
+    """root (all keys) and reader (read-only on `prefix`), then auth on."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.client_port}") as channel:
+        auth = rpc.AuthStub(channel)
+        for role in ("root", "reader"):
+            await auth.RoleAdd(rpc.AuthRoleAddRequest(name=role))
+        perm = rpc.Permission(permType=rpc.Permission.READ, key=prefix.encode(), range_end=_prefix_end(prefix))
+        await auth.RoleGrantPermission(rpc.AuthRoleGrantPermissionRequest(name="reader", perm=perm))
+        for user, password in (("root", "rootpw"), ("reader", "readerpw")):
+            await auth.UserAdd(rpc.AuthUserAddRequest(name=user, password=password))
+            await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user=user, role=user))
+        await auth.AuthEnable(rpc.AuthEnableRequest())
+
+
+async def test_username_and_password(prefix: str, tmp_path: Path) -> None:
+    own = EtcdServer(tmp_path)
+    own.start()
+    try:
+        async with connect(own) as c:
+            await c.put(f"{prefix}api/1".encode(), naming("10.10.0.1:80"))
+        await _enable_auth(own, prefix)
+        (tmp_path / "reader.pw").write_text("readerpw\n")
+        reader = make_registry([own.url], prefix, tmp_path, username="reader", password_file="reader.pw")
+        async with running(reader) as index:
+            await eventually(lambda: status(index).synced, what="sync as reader")
+            assert addresses(index, "api.mesh.local") == {("10.10.0.1", 80)}
+            async with aetcd.Client(host="127.0.0.1", port=own.client_port, username="root", password="rootpw") as c:
+                await c.put(f"{prefix}api/2".encode(), naming("10.10.0.2:80"))
+            await eventually(lambda: addresses(index, "api.mesh.local") == {("10.10.0.1", 80), ("10.10.0.2", 80)})
+
+        wrong = make_registry([own.url], prefix, tmp_path, username="reader", password="nope")
+        async with running(wrong) as index:
+            await eventually(lambda: status(index).failed, timeout=10, what="authentication failure reported")
+            assert not status(index).synced
+            assert "authentication failed" in (status(index).last_error or "")
+    finally:
+        own.stop()
+
+
+async def test_tls_with_client_certificate(prefix: str, tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "pki")
+    own = EtcdServer(tmp_path, tls=(certs["ca"], certs["server_cert"], certs["server_key"]))
+    own.start()
+    try:
+        credentials = grpc.ssl_channel_credentials(
+            certs["ca"].read_bytes(), certs["client_key"].read_bytes(), certs["client_cert"].read_bytes()
+        )
+        async with grpc.aio.secure_channel(f"127.0.0.1:{own.client_port}", credentials) as channel:
+            put = rpc.PutRequest(key=f"{prefix}api/1".encode(), value=naming("10.11.0.1:443"))
+            await rpc.KVStub(channel).Put(put, timeout=10)
+
+        # Relative paths: relative to the config file's directory (tmp_path here).
+        tls = {"ca_file": "pki/ca.pem", "cert_file": "pki/client.pem", "key_file": "pki/client.key"}
+        async with running(make_registry([own.url], prefix, tmp_path, tls=tls)) as index:
+            await eventually(lambda: status(index).synced, timeout=10, what="sync over TLS")
+            assert addresses(index, "api.mesh.local") == {("10.11.0.1", 443)}
+
+        no_client_cert = make_registry([own.url], prefix, tmp_path, tls={"ca_file": "pki/ca.pem"})
+        async with running(no_client_cert) as index:
+            await eventually(lambda: status(index).failed, timeout=10, what="refused without a client certificate")
+            assert not status(index).synced
+
+        missing = make_registry([own.url], prefix, tmp_path, tls={"ca_file": "pki/absent.pem"})
+        async with running(missing) as index:
+            await eventually(lambda: status(index).failed, timeout=10, what="unreadable CA reported")
+            assert "absent.pem: cannot read" in (status(index).last_error or "")
+    finally:
+        own.stop()
