@@ -10,7 +10,8 @@ names that are not `*.yaml`, `*.yml` or `*.json`), re-reads the files that
 are new, changed (inode, size, mtime or ctime differ) or named by a watch
 event, and forgets the files that are gone. A file that cannot be read,
 parsed or validated keeps its last good objects; its problems are reported
-until it is fixed. `result()` merges the objects of all files (see `merge`).
+until it is fixed. A file that had content and turns empty keeps it for
+`EMPTY_GRACE` first. `result()` merges the objects of all files (see `merge`).
 
 `FilesRegistry.run()` does one full refresh, publishes it and marks the shard
 synced, then watches with watchfiles (inotify): configured directories

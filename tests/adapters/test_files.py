@@ -242,3 +242,29 @@ async def test_configmap_symlink_swap_lands(tmp_path: Path) -> None:
         assert addresses(index, "a.test.internal") == {"10.0.0.1"}
         publish("..v2", "10.0.0.2")
         await eventually(lambda: addresses(index, "a.test.internal") == {"10.0.0.2"}, LANDS_WITHIN, what="swap")
+
+
+async def test_watch_failure_marks_the_shard_failing_and_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import adapters.files.registry as registry_module
+
+    real_awatch = registry_module.awatch
+    failures = [OSError(28, "inotify watch limit reached")]
+
+    def flaky_awatch(*args: object, **kwargs: object) -> object:
+        if failures:
+            raise failures.pop()
+        return real_awatch(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(registry_module, "awatch", flaky_awatch)
+    directory = tmp_path / "se"
+    directory.mkdir()
+    (directory / "a.yaml").write_text(service_entry("a", [("10.0.0.1", 80)]))
+    async with running(registry(tmp_path, "se")) as index:
+        status = await eventually(lambda: index.snapshot.shards[SOURCE].stale and index.snapshot.shards[SOURCE])
+        assert "inotify watch limit reached" in (status.last_error or "")
+        assert addresses(index, "a.test.internal") == {"10.0.0.1"}  # content kept while failing
+        await eventually(lambda: not index.snapshot.shards[SOURCE].stale, 5.0, what="recovered")
+        (directory / "a.yaml").write_text(service_entry("a", [("10.0.0.2", 80)]))
+        await eventually(lambda: addresses(index, "a.test.internal") == {"10.0.0.2"}, LANDS_WITHIN, what="watching")
