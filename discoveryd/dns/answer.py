@@ -42,6 +42,8 @@ _ROTATIONS = 8
 """Pre-built orders of a multi-address answer; answers cycle through them."""
 _CACHE_LIMIT = 100_000
 """Cached answers kept; the oldest names are evicted first."""
+_EXACT_LIMIT = 50_000
+"""Exact query byte strings remembered per transport; the map restarts empty when full."""
 _ANY_ORDER = (QTYPE.CNAME, QTYPE.A, QTYPE.AAAA, QTYPE.SRV, QTYPE.PTR, QTYPE.TXT, QTYPE.SOA, QTYPE.NS)
 """RFC 8482: ANY gets one RRset, the first of these that exists."""
 
@@ -223,11 +225,15 @@ def error_response(data: bytes, rcode: int, question: tuple[Sequence[bytes], int
 
 
 class _Cached:
-    """One cached response in up to `_ROTATIONS` orders; `heads[rd | cd << 1]` are bytes 2..11 of each."""
+    """One cached response in up to `_ROTATIONS` orders; `heads[rd | cd << 1]` are bytes 2..11 of each.
 
-    __slots__ = ("counter", "tails", "truncated", "turn", "variants")
+    `live` turns False when the cache forgets the entry, so that references held
+    by the exact-query map die with it.
+    """
 
-    def __init__(self, packed: Sequence[bytes], qname_len: int, counter: Any) -> None:
+    __slots__ = ("counter", "live", "tails", "truncated", "turn", "variants")
+
+    def __init__(self, packed: Sequence[bytes], qname_len: int, counter: metrics.Tally) -> None:
         self.variants = tuple(
             (tuple(bytes((p[2] | rd, p[3] | cd)) + p[4:12] for cd in (0, 0x10) for rd in (0, 1)), p[12 + qname_len :])
             for p in packed
@@ -236,13 +242,14 @@ class _Cached:
         self.counter = counter
         self.tails = len(self.variants)
         self.truncated = bool(packed[0][2] & 0x02)
+        self.live = True
 
     def reply(self, data: bytes, qend: int) -> bytes:
         heads, tail = self.variants[self.turn % self.tails] if self.tails > 1 else self.variants[0]
         self.turn += 1
-        self.counter.inc()
+        self.counter.n += 1
         if self.truncated:
-            metrics.TRUNCATED.inc()
+            metrics.TRUNCATED.n += 1
         return data[:2] + heads[(data[2] & 1) | ((data[3] >> 3) & 2)] + data[12:qend] + tail
 
 
@@ -264,11 +271,19 @@ class Authority:
         self._cache: dict[bytes, _Slot] = {}
         self._size = 0
         self._deps: dict[str, set[bytes]] = {}
+        # Query bytes after the ID → (entry, end of question name), per transport: repeat queries
+        # (same name case, flags and EDNS) skip even `scan`.
+        self._exact: tuple[dict[bytes, tuple[_Cached, int]], dict[bytes, tuple[_Cached, int]]] = ({}, {})
 
     # -- hot path ---------------------------------------------------------------------
 
     def fast(self, data: bytes, tcp: bool) -> bytes | None:
         """The cached response to a plain query, or None (parse and `answer()` it)."""
+        exact = self._exact[tcp]
+        known = exact.get(data[2:])
+        if known is not None and known[0].live:
+            metrics.ANSWER_CACHE_HIT.n += 1
+            return known[0].reply(data, known[1])
         found = scan(data, tcp)
         if found is None:
             return None
@@ -276,9 +291,12 @@ class Authority:
         slot = self._cache.get(data[12:qend].lower())
         cached = slot.answers.get(sub) if slot is not None else None
         if cached is None:
-            metrics.ANSWER_CACHE_MISS.inc()
+            metrics.ANSWER_CACHE_MISS.n += 1
             return None
-        metrics.ANSWER_CACHE_HIT.inc()
+        metrics.ANSWER_CACHE_HIT.n += 1
+        if len(exact) >= _EXACT_LIMIT:
+            exact.clear()
+        exact[data[2:]] = (cached, qend)
         return cached.reply(data, qend)
 
     # -- miss path --------------------------------------------------------------------
@@ -336,10 +354,13 @@ class Authority:
         slot = self._cache.get(key)
         if slot is None:
             while self._size >= _CACHE_LIMIT and self._cache:
-                self._size -= len(self._cache.pop(next(iter(self._cache))).answers)
+                self._drop(self._cache.pop(next(iter(self._cache))))
             slot = self._cache[key] = _Slot(name)
-        if sub not in slot.answers:
+        previous = slot.answers.get(sub)
+        if previous is None:
             self._size += 1
+        else:
+            previous.live = False
         slot.answers[sub] = cached
         for read in reads:
             self._deps.setdefault(read, set()).add(key)
@@ -354,9 +375,12 @@ class Authority:
         self.forget(self.table.update(services, changed))
 
     def clear(self) -> None:
+        for slot in self._cache.values():
+            self._drop(slot)
         self._cache.clear()
         self._deps.clear()
-        self._size = 0
+        for exact in self._exact:
+            exact.clear()
         metrics.RECORD_NAMES.set(self.table.names())
 
     def forget(self, names: Iterable[str]) -> None:
@@ -374,8 +398,13 @@ class Authority:
         for key in keys:
             slot = self._cache.pop(key, None)
             if slot is not None:
-                self._size -= len(slot.answers)
+                self._drop(slot)
         metrics.RECORD_NAMES.set(self.table.names())
+
+    def _drop(self, slot: _Slot) -> None:
+        self._size -= len(slot.answers)
+        for cached in slot.answers.values():
+            cached.live = False
 
     def cached(self) -> int:
         return self._size

@@ -1,26 +1,38 @@
 """Prometheus metrics of the DNS server, on the default registry (served by the admin /metrics).
 
-The hot path holds pre-resolved label children (`query_counter`) so that a
-cached answer costs two counter increments and no label lookups.
+The per-query counters (queries by type and rcode, answer cache hits and
+misses, truncations) are plain integer tallies that a collector reads at
+scrape time: a cached answer costs two attribute increments, no lock and no
+label lookup. Everything else uses prometheus_client metrics directly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import cache
 
 from dnslib import QTYPE, RCODE
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
 
-QUERIES = Counter(
-    "discoveryd_dns_queries_total",
-    "DNS queries answered, by query type and response code.",
-    ["qtype", "rcode"],
-)
-ANSWER_CACHE = Counter(
-    "discoveryd_dns_answer_cache_total",
-    "Authoritative answer cache lookups; hit / (hit + miss) is the hit ratio.",
-    ["result"],
-)
+
+class Tally:
+    """A counter for the hot path; read by `_Collector` at scrape time."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.n += amount
+
+
+_QUERIES: dict[tuple[str, str], Tally] = {}
+ANSWER_CACHE_HIT = Tally()
+ANSWER_CACHE_MISS = Tally()
+TRUNCATED = Tally()
+
 FORWARDED = Counter(
     "discoveryd_dns_forwarded_total",
     "Queries for names outside our zones, by outcome: cached, answered (by an upstream), failed (SERVFAIL), "
@@ -32,10 +44,6 @@ UPSTREAM_SECONDS = Histogram(
     "Latency of one exchange with an upstream resolver, by upstream and outcome.",
     ["upstream", "result"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
-)
-TRUNCATED = Counter(
-    "discoveryd_dns_truncated_total",
-    "Responses sent with TC set because they did not fit the client's UDP size.",
 )
 DROPPED = Counter(
     "discoveryd_dns_dropped_total",
@@ -51,17 +59,43 @@ RECORD_NAMES = Gauge(
     "Owner names with records built from the index.",
 )
 
-ANSWER_CACHE_HIT = ANSWER_CACHE.labels("hit")
-ANSWER_CACHE_MISS = ANSWER_CACHE.labels("miss")
-
 _KNOWN_TYPES = frozenset(
     ("A", "AAAA", "ANY", "CNAME", "HTTPS", "MX", "NS", "PTR", "SOA", "SRV", "SVCB", "TXT", "AXFR", "IXFR", "DS")
 )
 
 
 @cache
-def query_counter(qtype: int, rcode: int) -> Counter:
-    """The `discoveryd_dns_queries_total` child for a type and rcode (unusual types share `other`)."""
+def query_counter(qtype: int, rcode: int) -> Tally:
+    """The tally of `discoveryd_dns_queries_total` for a type and rcode (unusual types share `other`)."""
     name = QTYPE.get(qtype, "other")
     rname = "BADVERS" if rcode == 16 else RCODE.get(rcode, str(rcode))
-    return QUERIES.labels(name if name in _KNOWN_TYPES else "other", rname)
+    key = (name if name in _KNOWN_TYPES else "other", rname)
+    return _QUERIES.setdefault(key, Tally())
+
+
+class _Collector:
+    def collect(self) -> Iterator[Metric]:
+        queries = CounterMetricFamily(
+            "discoveryd_dns_queries",
+            "DNS queries answered, by query type and response code.",
+            labels=["qtype", "rcode"],
+        )
+        for (qtype, rcode), tally in sorted(_QUERIES.items()):
+            queries.add_metric([qtype, rcode], tally.n)
+        yield queries
+        lookups = CounterMetricFamily(
+            "discoveryd_dns_answer_cache",
+            "Authoritative answer cache lookups; hit / (hit + miss) is the hit ratio.",
+            labels=["result"],
+        )
+        lookups.add_metric(["hit"], ANSWER_CACHE_HIT.n)
+        lookups.add_metric(["miss"], ANSWER_CACHE_MISS.n)
+        yield lookups
+        yield CounterMetricFamily(
+            "discoveryd_dns_truncated",
+            "Responses sent with TC set because they did not fit the client's UDP size.",
+            value=TRUNCATED.n,
+        )
+
+
+REGISTRY.register(_Collector())

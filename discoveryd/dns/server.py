@@ -22,10 +22,12 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from functools import partial
+from typing import Any
 
 from dnslib import QTYPE, DNSRecord
 
@@ -43,6 +45,10 @@ _MAX_FORWARDS = 1024
 """Forwarded queries in flight; beyond this, new ones get SERVFAIL at once."""
 _BIND_ATTEMPTS = 20
 """Tries to find a port free for both TCP and UDP when listening on port 0."""
+_UDP_BATCH = 64
+"""Datagrams read per readiness callback before yielding to the loop."""
+_UDP_BUFFER = 1 << 20
+"""Requested socket buffer size (the kernel caps it at net.core.[rw]mem_max)."""
 _CLASS_IN = 1
 _ZONE_TRANSFERS = (QTYPE.AXFR, QTYPE.IXFR)
 
@@ -107,14 +113,15 @@ class DnsServer:
 
     async def serve(self) -> None:
         """Listen on every `dns.listen` address (UDP and TCP) until cancelled."""
+        loop = asyncio.get_running_loop()
         servers: list[asyncio.Server] = []
-        transports: list[asyncio.BaseTransport] = []
+        sockets: list[socket.socket] = []
         try:
             for spec in self._config.listen:
                 host, port = split_hostport(spec)
-                server, transport, bound = await self._bind(host, port)
+                server, sock, bound = await self._bind(host, port)
                 servers.append(server)
-                transports.append(transport)
+                sockets.append(sock)
                 self._addresses.append((host, bound))
                 log.info("dns: listening on %s:%d (udp, tcp)", host, bound)
             self.started.set()
@@ -122,8 +129,9 @@ class DnsServer:
         finally:
             for server in servers:
                 server.close()
-            for udp in transports:
-                udp.close()
+            for sock in sockets:
+                loop.remove_reader(sock.fileno())
+                sock.close()
             pending = [*self._tasks, *self._connections]
             for task in pending:
                 task.cancel()
@@ -133,7 +141,7 @@ class DnsServer:
             self._addresses.clear()
             self.started.clear()
 
-    async def _bind(self, host: str, port: int) -> tuple[asyncio.Server, asyncio.DatagramTransport, int]:
+    async def _bind(self, host: str, port: int) -> tuple[asyncio.Server, socket.socket, int]:
         loop = asyncio.get_running_loop()
         for _ in range(_BIND_ATTEMPTS if port == 0 else 1):
             try:
@@ -142,13 +150,14 @@ class DnsServer:
                 raise OSError(e.errno, f"dns: cannot listen on {host}:{port}/tcp: {e.strerror or e}") from e
             bound = int(server.sockets[0].getsockname()[1])
             try:
-                transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(host, bound))
+                sock = _udp_socket(host, bound)
             except OSError as e:
                 server.close()
                 if port == 0 and e.errno == errno.EADDRINUSE:
                     continue
                 raise OSError(e.errno, f"dns: cannot listen on {host}:{bound}/udp: {e.strerror or e}") from e
-            return server, transport, bound
+            loop.add_reader(sock.fileno(), _Udp(self, sock).readable)
+            return server, sock, bound
         raise OSError(errno.EADDRINUSE, f"dns: no port free for both udp and tcp on {host}")
 
     # -- per query --------------------------------------------------------------------
@@ -296,35 +305,54 @@ class DnsServer:
                 return
 
 
-class _Udp(asyncio.DatagramProtocol):
-    """One UDP socket; answers in the receive callback, no task per packet."""
+class _Udp:
+    """One UDP socket, read in batches when readable; answers are sent from the read callback.
 
-    def __init__(self, server: DnsServer) -> None:
+    No transport, protocol or task per packet. A reply that the socket buffer cannot take
+    right now is dropped, as a lost datagram would be; the client retries.
+    """
+
+    def __init__(self, server: DnsServer, sock: socket.socket) -> None:
         self._server = server
-        self._transport: asyncio.DatagramTransport | None = None
+        self._sock = sock
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # The selector loop's datagram transport does not subclass DatagramTransport.
-        self._transport = cast(asyncio.DatagramTransport, transport)
+    def readable(self) -> None:
+        sock, handle = self._sock, self._server.handle
+        for _ in range(_UDP_BATCH):
+            try:
+                data, addr = sock.recvfrom(0xFFFF)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                # ICMP errors for earlier replies surface here (client gone): nothing to do.
+                continue
+            out = handle(data, addr[0], False)
+            if out is None:
+                continue
+            if isinstance(out, _Forward):
+                self._server.forward(out, False, partial(self.send, addr=addr))
+            else:
+                self.send(out, addr)
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        transport = self._transport
-        if transport is None:
-            return
-        out = self._server.handle(data, addr[0], False)
-        if isinstance(out, _Forward):
+    def send(self, out: bytes, addr: Any) -> None:
+        try:
+            self._sock.sendto(out, addr)
+        except OSError:
+            metrics.DROPPED.labels("udp_send").inc()
 
-            def send(response: bytes) -> None:
-                if not transport.is_closing():
-                    transport.sendto(response, addr)
 
-            self._server.forward(out, False, send)
-        elif out is not None:
-            transport.sendto(out, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP errors for earlier replies (client gone); nothing to do per query.
-        log.debug("dns: udp error: %s", exc)
+def _udp_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _UDP_BUFFER)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _ns_addresses(listen: Sequence[str]) -> list[str]:
