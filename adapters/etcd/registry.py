@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,19 @@ class _Connection:
     metadata: tuple[tuple[str, str], ...]
 
 
+def _key(kv: Any) -> str:
+    return str(kv.key.decode("utf-8", "backslashreplace"))
+
+
+@dataclass(slots=True)
+class _Listing:
+    """A full list being read page by page; nothing reaches the shard until `_View.commit`."""
+
+    keys: dict[str, tuple[Member, ...]] = field(default_factory=dict)
+    problems: dict[str, Problem] = field(default_factory=dict)
+    count: int = 0
+
+
 class _View:
     """The parsed content of the prefix, and the shard writes that keep the index equal to it.
 
@@ -118,25 +132,23 @@ class _View:
         self._problems: set[str] = set()
         self.revision = 0
         """Every change up to this revision is applied; 0: a full list is needed."""
-        self.skipped_total = 0
-        """Values that did not parse, since start (a fixed and re-broken key counts again)."""
 
-    def _parse(self, key: str, value: bytes) -> tuple[Member, ...]:
+    def _parse(self, kv: Any) -> tuple[str, tuple[Member, ...] | Problem]:
+        key = _key(kv)
         try:
-            members = self._fmt.parse(key[self._prefix_len :], value)
+            members = self._fmt.parse(key[self._prefix_len :], kv.value)
         except FormatError as e:
-            self.skipped_total += 1
             log.warning("%s: skipped: %s%s", key, f"{e.field}: " if e.field else "", e.message)
-            self._problems.add(key)
-            self._shard.set_problems(key, [Problem(where=key, message=e.message, field=e.field)])
-            return ()
-        self._clear(key)
+            return key, Problem(where=key, message=e.message, field=e.field)
         # Stamped here, once per key, so that the shard need not copy endpoints on every rebuild.
         src = self._source
-        return tuple(dataclasses.replace(m, endpoint=dataclasses.replace(m.endpoint, source=src)) for m in members)
+        return key, tuple(dataclasses.replace(m, endpoint=dataclasses.replace(m.endpoint, source=src)) for m in members)
 
-    def _clear(self, key: str) -> None:
-        if key in self._problems:
+    def _report(self, key: str, problem: Problem | None) -> None:
+        if problem is not None:
+            self._problems.add(key)
+            self._shard.set_problems(key, [problem])
+        elif key in self._problems:
             self._problems.discard(key)
             self._shard.set_problems(key, ())
 
@@ -149,20 +161,27 @@ class _View:
         else:
             self._shard.upsert(service)
 
-    def load(self, kvs: Iterable[Any], revision: int) -> None:
-        """Replace everything with a full list read at `revision`. Call inside `shard.batch()`."""
-        before = self._problems
-        self._problems = set()
-        self._keys, self._hosts = {}, {}
+    def add(self, listing: _Listing, kvs: Sequence[Any]) -> None:
+        """Parse one page of a full list into `listing`."""
+        listing.count += len(kvs)
         for kv in kvs:
-            key = kv.key.decode("utf-8", "backslashreplace")
-            members = self._parse(key, kv.value)
-            if members:
-                self._keys[key] = members
-                for m in members:
-                    self._hosts.setdefault(m.service, {})[key] = m
-        for gone in before - self._problems:
-            self._shard.set_problems(gone, ())
+            key, parsed = self._parse(kv)
+            if isinstance(parsed, Problem):
+                listing.problems[key] = parsed
+            elif parsed:
+                listing.keys[key] = parsed
+
+    def commit(self, listing: _Listing, revision: int) -> None:
+        """Replace everything with a full list read at `revision`. Call inside `shard.batch()`."""
+        for key in self._problems - listing.problems.keys():
+            self._shard.set_problems(key, ())
+        self._problems = set()
+        for key, problem in listing.problems.items():
+            self._report(key, problem)
+        self._keys, self._hosts = listing.keys, {}
+        for key, members in self._keys.items():
+            for m in members:
+                self._hosts.setdefault(m.service, {})[key] = m
         services = (assemble(h, sorted(ms.items()), self._source) for h, ms in self._hosts.items())
         self._shard.replace(s for s in services if s is not None)
         self.revision = revision
@@ -171,19 +190,19 @@ class _View:
         """Apply one watch response's events, in order. Call inside `shard.batch()`."""
         dirty: set[Hostname] = set()
         for event in events:
-            key = event.kv.key.decode("utf-8", "backslashreplace")
+            if event.type == rpc.Event.PUT:
+                key, parsed = self._parse(event.kv)
+            else:
+                key, parsed = _key(event.kv), ()
             for m in self._keys.pop(key, ()):
                 self._hosts[m.service].pop(key, None)
                 dirty.add(m.service)
-            if event.type == rpc.Event.PUT:
-                members = self._parse(key, event.kv.value)
-                if members:
-                    self._keys[key] = members
-                    for m in members:
-                        self._hosts.setdefault(m.service, {})[key] = m
-                        dirty.add(m.service)
-            else:
-                self._clear(key)
+            self._report(key, parsed if isinstance(parsed, Problem) else None)
+            if isinstance(parsed, tuple) and parsed:
+                self._keys[key] = parsed
+                for m in parsed:
+                    self._hosts.setdefault(m.service, {})[key] = m
+                    dirty.add(m.service)
             self.revision = max(self.revision, event.kv.mod_revision)
         for host in dirty:
             self._service(host)
@@ -239,11 +258,12 @@ class EtcdRegistry:
         try:
             while True:
                 if view.revision == 0:
-                    kvs, revision = await self._list(conn)
+                    listing = _Listing()
+                    revision = await self._list(conn, functools.partial(view.add, listing))
                     with shard.batch():
-                        view.load(kvs, revision)
+                        view.commit(listing, revision)
                         shard.mark_synced()
-                    log.info("etcd %s: listed %d keys at revision %d", self.config.source, len(kvs), revision)
+                    log.info("etcd %s: listed %d keys at revision %d", self.config.source, listing.count, revision)
                 try:
                     await self._watch(conn, view, shard, on_established)
                 except _Compacted as e:
@@ -330,20 +350,19 @@ class EtcdRegistry:
             certificate_chain=self._read(tls.cert_file),
         )
 
-    async def _list(self, conn: _Connection) -> tuple[list[Any], int]:
-        """Every key-value under the prefix, in pages read at one revision, and that revision."""
+    async def _list(self, conn: _Connection, on_page: Callable[[Sequence[Any]], None]) -> int:
+        """Hand every key-value under the prefix to `on_page`, in pages read at one revision; that revision."""
         cfg = self._config
         end = _range_end(self._prefix)
         key, revision = self._prefix, 0
-        kvs: list[Any] = []
         while True:
             request = rpc.RangeRequest(key=key, range_end=end, limit=cfg.page_size, revision=revision)
             reply = await conn.kv.Range(request, timeout=cfg.request_timeout, metadata=conn.metadata)
             if revision == 0:
                 revision = reply.header.revision
-            kvs.extend(reply.kvs)
+            on_page(reply.kvs)
             if not reply.more or not reply.kvs:
-                return kvs, revision
+                return int(revision)
             key = reply.kvs[-1].key + b"\0"
 
     async def _watch(

@@ -92,10 +92,12 @@ def addresses(index: Index, host: str) -> set[tuple[str, int]] | None:
     return {(ep.address, ep.port_for(p)) for ep in svc.endpoints for p in svc.ports}
 
 
-def _counting(load: Callable[..., None], calls: list[int]) -> Callable[..., None]:
-    def wrapper(self: Any, kvs: Any, revision: int) -> None:
+def _counting(commit: Callable[..., None], calls: list[int]) -> Callable[..., None]:
+    """Wraps `_View.commit` (a full list replacing the shard) to record each one's revision."""
+
+    def wrapper(self: Any, listing: Any, revision: int) -> None:
         calls.append(revision)
-        load(self, kvs, revision)
+        commit(self, listing, revision)
 
     return wrapper
 
@@ -251,8 +253,10 @@ async def test_unreachable_etcd_marks_failing(prefix: str, tmp_path: Path) -> No
 
 
 async def test_compaction_while_disconnected_forces_a_relist(
-    client: aetcd.Client, etcd: EtcdServer, prefix: str, tmp_path: Path
+    client: aetcd.Client, etcd: EtcdServer, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    lists: list[int] = []
+    monkeypatch.setattr(etcd_registry._View, "commit", _counting(etcd_registry._View.commit, lists))
     await client.put(f"{prefix}kept/1".encode(), naming("10.6.0.1:80"))
     await client.put(f"{prefix}gone/1".encode(), naming("10.6.0.2:80"))
     proxy = TcpProxy(etcd.client_port)
@@ -275,6 +279,7 @@ async def test_compaction_while_disconnected_forces_a_relist(
             assert addresses(index, "kept.mesh.local") == {("10.6.0.1", 80), ("10.6.0.3", 80)}
             assert addresses(index, "new.mesh.local") == {("10.6.0.4", 80)}
             await eventually(lambda: not status(index).stale, what="fresh again")
+            assert len(lists) == 2 and lists[1] >= put.header.revision, lists
             # And the watch runs again after the relist.
             await client.put(f"{prefix}after/1".encode(), naming("10.6.0.5:80"))
             await eventually(lambda: addresses(index, "after.mesh.local") == {("10.6.0.5", 80)}, what="watching")
@@ -288,7 +293,7 @@ async def test_resume_after_reconnect_without_relist(
     # Count every watch as stable, so that losing it takes the reconnect-at-once path.
     monkeypatch.setattr(etcd_registry, "_STABLE_AFTER", 0.0)
     lists: list[int] = []
-    monkeypatch.setattr(etcd_registry._View, "load", _counting(etcd_registry._View.load, lists))
+    monkeypatch.setattr(etcd_registry._View, "commit", _counting(etcd_registry._View.commit, lists))
     proxy = TcpProxy(etcd.client_port)
     try:
         async with running(make_registry([proxy.url], prefix, tmp_path)) as index:
