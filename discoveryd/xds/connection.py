@@ -57,6 +57,12 @@ _NONCES = itertools.count(1)
 _IDS = itertools.count(1)
 CONTROL_PLANE: Final = "discoveryd"
 
+# Per-type metric children, looked up once: these run for every response and every ACK.
+_PUSHES = {s: metrics.PUSHES.labels(s) for s in SHORT.values()}
+_BYTES_SENT = {s: metrics.BYTES_SENT.labels(s) for s in SHORT.values()}
+_PUSH_SECONDS = {s: metrics.PUSH_SECONDS.labels(s) for s in SHORT.values()}
+_CONVERGENCE = {s: metrics.CONVERGENCE_SECONDS.labels(s) for s in SHORT.values()}
+
 _ABSENT: Final = ""
 """Delta `known` marker: the client was told this subscribed name does not exist."""
 
@@ -79,6 +85,8 @@ class TypeState:
     named: bool = False
     """The client has named a resource at least once (ends the implicit wildcard)."""
     names: set[str] = field(default_factory=set)
+    names_key: bytes = b""
+    """The resource names of the last SotW request, serialized: a cheap "subscription unchanged" test."""
     full: bool = False
     """SotW full-state type: the whole subscribed state must be sent."""
     pending: set[str] = field(default_factory=set)
@@ -174,7 +182,7 @@ class Connection:
             return
         st.acked_nonce, st.acked_version, st.acked_at = nonce, version, now
         if st.sent_origin is not None:
-            metrics.CONVERGENCE_SECONDS.labels(short).observe(now - st.sent_origin)
+            _CONVERGENCE[short].observe(now - st.sent_origin)
             st.sent_origin = None
 
     def on_request(self, req: discovery_pb2.DiscoveryRequest) -> None:
@@ -190,6 +198,10 @@ class Connection:
         if nonce and st.nonce:
             self._ack(st, nonce, req.version_info, req.error_detail if req.HasField("error_detail") else None)
         fresh = not nonce or not st.nonce
+        key = _names_key(req)
+        if not fresh and key == st.names_key:
+            return  # an ACK or NACK that keeps the subscription: the common case, kept cheap
+        st.names_key = key
         names = set(req.resource_names)
         st.named = st.named or bool(names)
         wildcard = "*" in names or (st.type_url in FULL_STATE and not st.named)
@@ -297,10 +309,10 @@ class Connection:
     def written(type_url: str, size: int, queued_at: float | None) -> None:
         """The writer task finished writing a response of `next_response`."""
         short = SHORT[type_url]
-        metrics.PUSHES.labels(short).inc()
-        metrics.BYTES_SENT.labels(short).inc(size)
+        _PUSHES[short].inc()
+        _BYTES_SENT[short].inc(size)
         if queued_at is not None:
-            metrics.PUSH_SECONDS.labels(short).observe(time.monotonic() - queued_at)
+            _PUSH_SECONDS[short].observe(time.monotonic() - queued_at)
 
     def _sent(self, st: TypeState, version: str) -> str:
         nonce = str(next(_NONCES))
@@ -407,6 +419,16 @@ class Connection:
             "connected_since": self.connected_since,
             "types": types,
         }
+
+
+def _names_key(req: discovery_pb2.DiscoveryRequest) -> bytes:
+    """The request's resource names as bytes, built in C: comparing these is far cheaper than building sets."""
+    only = discovery_pb2.DiscoveryRequest()
+    only.CopyFrom(req)
+    for name in ("version_info", "node", "response_nonce", "error_detail"):
+        only.ClearField(name)
+    key: bytes = only.SerializeToString()
+    return key
 
 
 def _vlen(n: int) -> int:

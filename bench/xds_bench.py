@@ -1,0 +1,354 @@
+"""xDS push benchmark: convergence, CPU and bytes per push, memory per client, against a floor.
+
+`python -m bench xds [--clients=1,100,1000] [--pushes=N] [--services=1000] [--endpoints=10]`
+
+The daemon's `XdsServer` runs in this process on a loopback port with an index
+of `--services` services of `--endpoints` endpoints each. A client subprocess
+opens one ADS stream per client (each on its own channel, hence its own TCP
+connection), subscribes to every cluster (CDS wildcard, EDS by name) and ACKs
+every response. A push is one service's endpoints changing in the index;
+its convergence time runs from that write to the server receiving the ACK of
+the last client (server clock, no debounce: `debounce_after` 0, so the
+figure is the machinery; the configured debounce adds to it). CPU is this
+process's (server) CPU time over the push; bytes are response payload bytes
+written. Memory per client is the server's RSS growth with all clients
+connected and synced, divided by their number.
+
+The floor is a minimal grpc.aio server measured in the same run with the same
+client process: it writes one pre-serialized response (the very bytes of an
+EDS push) to every stream and waits for every ACK. discoveryd/floor compares
+the two medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import resource
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+
+from bench.common import median, percentile, rss_bytes, table, write_results
+from discoveryd.config import XdsConfig
+from discoveryd.index import Index, Shard
+from discoveryd.model import Endpoint, Hostname, Port, Protocol, Service, SourceId
+from discoveryd.xds import XdsServer, metrics
+from discoveryd.xds.resources import CLUSTER, ENDPOINT
+
+ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+
+
+def _service(i: int, endpoints: int, generation: int = 0) -> Service:
+    return Service(
+        hostname=Hostname(f"svc{i}.bench.local"),
+        ports=(Port(8080, "http", Protocol.HTTP),),
+        endpoints=tuple(
+            Endpoint(f"10.{generation % 250}.{i % 250}.{e + 1}", labels={"app": f"svc{i}"}) for e in range(endpoints)
+        ),
+    )
+
+
+def _cluster_names(services: int) -> list[str]:
+    return [f"outbound|8080||svc{i}.bench.local" for i in range(services)]
+
+
+# -- the client subprocess --------------------------------------------------------------------
+
+
+async def _client_stream(target: str, i: int, names: list[str]) -> None:
+    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", -1)]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        call = channel.stream_stream(
+            ADS,
+            request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+            response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+        )()
+        node = {"id": f"bench-{os.getpid()}-{i}", "cluster": "bench"}
+        first = discovery_pb2.DiscoveryRequest(type_url=CLUSTER)
+        first.node.id, first.node.cluster = node["id"], node["cluster"]
+        await call.write(first)
+        await call.write(discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=names))
+        async for response in call:
+            subscribed = names if response.type_url == ENDPOINT else []
+            await call.write(
+                discovery_pb2.DiscoveryRequest(
+                    type_url=response.type_url,
+                    version_info=response.version_info,
+                    response_nonce=response.nonce,
+                    resource_names=subscribed,
+                )
+            )
+
+
+async def _client_main(target: str, streams: int, services: int) -> None:
+    names = _cluster_names(services)
+    tasks = []
+    for i in range(streams):
+        tasks.append(asyncio.create_task(_client_stream(target, i, names)))
+        if i % 50 == 49:
+            await asyncio.sleep(0.05)  # do not open a thousand TCP connections in one burst
+    print("STARTED", flush=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def _clients(target: str, streams: int, services: int) -> AsyncIterator[asyncio.subprocess.Process]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.xds_bench", "--client", target, str(streams), str(services),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                async with asyncio.timeout(10):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def _wait(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout}s")
+        await asyncio.sleep(0.002)
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _sent_bytes() -> float:
+    return sum(float(metrics.BYTES_SENT.labels(t)._value.get()) for t in ("CDS", "EDS", "LDS", "RDS"))
+
+
+# -- discoveryd --------------------------------------------------------------------------------
+
+
+async def _measure_discoveryd(clients: int, pushes: int, services: int, endpoints: int) -> dict[str, Any]:
+    index = Index()
+    shard: Shard = index.writer(SourceId("bench/b"))
+    shard.replace([_service(i, endpoints) for i in range(services)])
+    shard.mark_synced()
+    server = XdsServer(XdsConfig(listen="127.0.0.1:0", debounce_after=0.0, debounce_max=0.0), index)
+    serving = asyncio.create_task(server.serve())
+    await server.started.wait()
+    rss_before = rss_bytes()
+    target = f"127.0.0.1:{server.ports[0]}"
+    try:
+        async with _clients(target, clients, services):
+            t_connect = time.monotonic()
+
+            def synced() -> bool:
+                conns = server.connections
+                return len(conns) == clients and all(
+                    c.types[ENDPOINT].acked_nonce and c.types[ENDPOINT].acked_nonce == c.types[ENDPOINT].nonce
+                    and c.types[CLUSTER].acked_nonce == c.types[CLUSTER].nonce
+                    for c in conns
+                )  # fmt: skip
+
+            await _wait(synced, 600, "initial sync of every client")
+            initial_sync = time.monotonic() - t_connect
+            rss_after = rss_bytes()
+            results: list[float] = []
+            cpu: list[float] = []
+            sent: list[float] = []
+            per_client: list[float] = []
+            for p in range(1, pushes + 1):
+                i = p % services
+                conns = server.connections
+                before_nonces = {c.id: c.types[ENDPOINT].nonce for c in conns}
+                cpu0, bytes0 = _cpu(), _sent_bytes()
+                t0 = time.monotonic()
+                shard.upsert(_service(i, endpoints, generation=p))
+
+                def converged(conns: list[Any] = conns, before_nonces: dict[int, str] = before_nonces) -> bool:
+                    return all(
+                        c.types[ENDPOINT].nonce != before_nonces[c.id]
+                        and c.types[ENDPOINT].acked_nonce == c.types[ENDPOINT].nonce
+                        for c in conns
+                    )
+
+                await _wait(converged, 120, f"push {p}")
+                acks = [c.types[ENDPOINT].acked_at or t0 for c in conns]
+                results.append(max(acks) - t0)
+                per_client.extend(a - t0 for a in acks)
+                cpu.append(_cpu() - cpu0)
+                sent.append(_sent_bytes() - bytes0)
+                await asyncio.sleep(0.02)
+            push_body = _push_response(server, _cluster_names(services)[pushes % services])
+    finally:
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+    return {
+        "clients": clients,
+        "initial_sync_s": initial_sync,
+        "convergence_median_s": median(results),
+        "convergence_p99_s": percentile(results, 99),
+        "per_client_ack_median_s": median(per_client),
+        "cpu_s_per_push": median(cpu),
+        "bytes_per_push": median(sent),
+        "rss_per_client_bytes": (rss_after - rss_before) / clients,
+        "push_response": push_body,
+    }
+
+
+def _push_response(server: XdsServer, name: str) -> bytes:
+    """The bytes of an EDS push of one cluster, as discoveryd writes them."""
+    r = server.view.resources[ENDPOINT][name]
+    head = discovery_pb2.DiscoveryResponse(version_info=r.version, type_url=ENDPOINT, nonce="1").SerializeToString()
+    return head + b"\x12" + _varint(len(r.body)) + r.body
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+# -- the floor ---------------------------------------------------------------------------------
+
+
+class _Floor:
+    """A grpc.aio server that writes one pre-serialized response to every open stream on `push()`."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.streams: dict[int, asyncio.Queue[bytes]] = {}
+        self.acks: dict[int, float] = {}
+        self.generation = 0
+
+    async def handle(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, bytes]) -> None:
+        key = id(context)
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.streams[key] = queue
+
+        async def read() -> None:
+            async for request in requests:
+                if request.response_nonce:
+                    self.acks[key] = time.monotonic()
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                await context.write(await queue.get())
+        finally:
+            reader.cancel()
+            self.streams.pop(key, None)
+
+    def push(self) -> None:
+        self.acks.clear()
+        for queue in self.streams.values():
+            queue.put_nowait(self.body)
+
+
+async def _measure_floor(clients: int, pushes: int, services: int, body: bytes) -> dict[str, Any]:
+    floor = _Floor(body)
+    server = grpc.aio.server()
+    handler = grpc.stream_stream_rpc_method_handler(
+        floor.handle, request_deserializer=discovery_pb2.DiscoveryRequest.FromString, response_serializer=bytes
+    )
+    service, method = ADS.strip("/").split("/")
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {method: handler})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    results: list[float] = []
+    cpu: list[float] = []
+    try:
+        async with _clients(f"127.0.0.1:{port}", clients, services):
+            await _wait(lambda: len(floor.streams) == clients, 600, "floor clients connected")
+            await asyncio.sleep(0.5)  # their initial requests (unanswered here) have arrived
+            for _ in range(pushes):
+                cpu0 = _cpu()
+                t0 = time.monotonic()
+                floor.push()
+                await _wait(lambda: len(floor.acks) == clients, 120, "floor push")
+                results.append(max(floor.acks.values()) - t0)
+                cpu.append(_cpu() - cpu0)
+                await asyncio.sleep(0.02)
+    finally:
+        await server.stop(0)
+    return {
+        "convergence_median_s": median(results),
+        "convergence_p99_s": percentile(results, 99),
+        "cpu_s_per_push": median(cpu),
+    }
+
+
+# -- entry points ------------------------------------------------------------------------------
+
+
+async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    figures: dict[str, Any] = {"services": args.services, "endpoints": args.services * args.endpoints, "runs": []}
+    for clients in args.clients:
+        pushes = args.pushes if clients < 1000 else max(10, args.pushes // 2)
+        ours = await _measure_discoveryd(clients, pushes, args.services, args.endpoints)
+        body = ours.pop("push_response")
+        floor = await _measure_floor(clients, pushes, args.services, body)
+        ours["floor"] = floor
+        ours["pushes"] = pushes
+        ours["ratio_median"] = ours["convergence_median_s"] / floor["convergence_median_s"]
+        figures["runs"].append(ours)
+        print(f"  {clients} clients done", flush=True)
+    return figures
+
+
+def main(argv: list[str]) -> None:
+    if argv and argv[0] == "--client":
+        target, streams, services = argv[1], int(argv[2]), int(argv[3])
+        asyncio.run(_client_main(target, streams, services))
+        return
+    parser = argparse.ArgumentParser(prog="python -m bench xds")
+    parser.add_argument("--clients", default="1,100,1000", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--pushes", type=int, default=40)
+    parser.add_argument("--services", type=int, default=1000)
+    parser.add_argument("--endpoints", type=int, default=10, help="per service")
+    args = parser.parse_args(argv)
+    figures = asyncio.run(_run(args))
+    ms = 1000.0
+    rows = []
+    for run in figures["runs"]:
+        f = run["floor"]
+        rows.append(
+            [
+                run["clients"],
+                f"{run['convergence_median_s'] * ms:.1f}",
+                f"{run['convergence_p99_s'] * ms:.1f}",
+                f"{f['convergence_median_s'] * ms:.1f}",
+                f"{f['convergence_p99_s'] * ms:.1f}",
+                f"{run['ratio_median']:.2f}",
+                f"{run['cpu_s_per_push'] * ms:.1f}",
+                f"{f['cpu_s_per_push'] * ms:.1f}",
+                f"{run['bytes_per_push'] / 1024:.1f}",
+                f"{run['rss_per_client_bytes'] / 1024:.0f}",
+                f"{run['initial_sync_s']:.2f}",
+            ]
+        )
+    header = [
+        "clients", "conv p50 ms", "conv p99 ms", "floor p50 ms", "floor p99 ms", "ours/floor",
+        "cpu ms/push", "floor cpu ms", "KiB/push", "RSS KiB/client", "initial sync s",
+    ]  # fmt: skip
+    print(f"{figures['services']} services, {figures['endpoints']} endpoints; no debounce")
+    print(table(rows, header))
+    command = "python -m bench xds " + " ".join(argv)
+    write_results("xds", figures, command.strip())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
