@@ -56,6 +56,18 @@ _HOST_LABEL = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?$")
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
+_ISTIO_NETWORKING_KINDS = (
+    "DestinationRule",
+    "EnvoyFilter",
+    "Gateway",
+    "ProxyConfig",
+    "ServiceEntry",
+    "Sidecar",
+    "VirtualService",
+    "WorkloadEntry",
+    "WorkloadGroup",
+)
+"""Kinds of Istio's networking API group: skipped quietly; any other kind in that group is a typo."""
 _OBJECT_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
 _SE_FIELDS = (
     "hosts",
@@ -246,6 +258,11 @@ class _Checker:
             self.fail(("kind",), f"must be a string, not {_describe(kind)}")
             return None
         if kind not in (SERVICE_ENTRY, WORKLOAD_ENTRY):
+            group = str(data.get("apiVersion", "")).partition("/")[0]
+            if group == "networking.istio.io" and kind not in _ISTIO_NETWORKING_KINDS:
+                close = difflib.get_close_matches(kind, _ISTIO_NETWORKING_KINDS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.fail(("kind",), f"unknown kind {kind!r} in networking.istio.io{hint}")
             return None  # other kinds may share the directory
         api_version = data.get("apiVersion")
         if api_version not in API_VERSIONS:

@@ -335,6 +335,12 @@ DOCUMENT_CASES = [
         "unsupported apiVersion 'networking.istio.io/v2' for ServiceEntry",
     ),
     (
+        "misspelt-kind",
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntri  # <-\nmetadata: {name: a}\nspec: {hosts: [a.b]}",
+        "kind",
+        "unknown kind 'ServiceEntri' in networking.istio.io (did you mean 'ServiceEntry'?)",
+    ),
+    (
         "missing-api-version",
         "kind: ServiceEntry  # <-\nmetadata: {name: a}\nspec: {hosts: [a.b]}",
         "kind",
