@@ -9,7 +9,7 @@ bytes of one resource version are built once and shared by every connection.
 A rebuilt resource whose bytes did not change keeps its old version and is not
 reported as changed, so clients see no push for it.
 
-What one `Service` becomes, per port (UDP ports are skipped):
+What one `Service` becomes, per port (UDP ports and numbers outside 1-65535 are skipped):
 
 - Cluster `outbound|<port>||<hostname>`:
   - STATIC: type EDS over ADS; its ClusterLoadAssignment of the same name.
@@ -24,7 +24,8 @@ What one `Service` becomes, per port (UDP ports are skipped):
   locality weighted by the sum of its endpoint weights (gRPC ignores localities
   without a weight), endpoint weight, health status, and metadata naming the
   source registry under the filter key `discoveryd`. Endpoints whose address is
-  neither an IP nor `unix://` cannot be served over EDS and are left out.
+  neither an IP nor `unix://`, or whose port is not 1-65535, cannot be served
+  and are left out (Envoy would reject the whole resource).
 - Listener and RouteConfiguration `<hostname>:<port>` for proxyless gRPC
   clients: an API listener whose HttpConnectionManager fetches that route
   configuration over ADS (router filter last), routing everything to the
@@ -148,7 +149,7 @@ class Builder:
         for host in hosts:
             previous = {key: tables[key[0]].pop(key[1]) for key in by_host.pop(host, ()) if key[1] in tables[key[0]]}
             service = snapshot.services.get(host)
-            built = self.build(service) if service is not None else []
+            built = self._build_or_skip(service) if service is not None else []
             keys = []
             for type_url, name, message in built:
                 body = _pack(type_url, message)
@@ -170,11 +171,19 @@ class Builder:
         )
         return view, {t: frozenset(names) for t, names in touched.items() if names}
 
+    def _build_or_skip(self, service: Service) -> list[tuple[str, str, Message]]:
+        """`build`, or nothing when the service holds values no resource can carry (logged, not raised)."""
+        try:
+            return self.build(service)
+        except (ValueError, TypeError) as e:
+            log.error("xds: %s (from %s) cannot be served: %s", service.hostname, service.source, e)
+            return []
+
     def build(self, service: Service) -> list[tuple[str, str, Message]]:
         """The (type URL, name, message) resources of one service."""
         out: list[tuple[str, str, Message]] = []
         for port in service.ports:
-            if port.protocol.is_udp:
+            if port.protocol.is_udp or not _valid_port(port.number):
                 continue
             cluster = self._cluster(service, port)
             if cluster is None:
@@ -203,7 +212,9 @@ class Builder:
             c.lb_policy = cluster_pb2.Cluster.CLUSTER_PROVIDED
         else:
             targets: list[tuple[str, int, Endpoint | None]] = [
-                (ep.address, ep.port_for(port), ep) for ep in service.endpoints if not ep.address.startswith("unix://")
+                (ep.address, ep.port_for(port), ep)
+                for ep in service.endpoints
+                if not ep.address.startswith("unix://") and _valid_port(ep.port_for(port))
             ]
             if not targets:
                 if service.is_wildcard:
@@ -232,7 +243,7 @@ def _assignment(name: str, service: Service, port: Port) -> endpoint_pb2.Cluster
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
     groups: dict[Locality, list[Endpoint]] = {}
     for ep in service.endpoints:
-        if ep.is_ip or ep.address.startswith("unix://"):
+        if ep.address.startswith("unix://") or (ep.is_ip and _valid_port(ep.port_for(port))):
             groups.setdefault(ep.locality, []).append(ep)
     for locality, endpoints in groups.items():
         group = cla.endpoints.add()
@@ -257,6 +268,10 @@ def _fill_endpoint(lb: endpoint_components_pb2.LbEndpoint, ep: Endpoint) -> None
     if ep.hostname:
         lb.endpoint.hostname = ep.hostname
     lb.metadata.filter_metadata[METADATA_KEY].CopyFrom(_struct({"source": ep.source}))
+
+
+def _valid_port(number: int) -> bool:
+    return 0 < number < 65536
 
 
 def _listener(name: str) -> listener_pb2.Listener:

@@ -188,3 +188,18 @@ def test_update_rebuilds_only_what_changed_and_keeps_unchanged_versions() -> Non
     assert changes[CLUSTER] == {"outbound|80||a.test"} and changes[LISTENER] == {"a.test:80"}
     assert "outbound|80||a.test" not in v4.resources[ENDPOINT]
     assert Hostname("a.test") not in v4.by_host
+
+
+def test_values_no_resource_can_carry_are_left_out_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    view = build(
+        svc("ports.test", Endpoint("10.0.0.1", ports={"http": 70000}), Endpoint("10.0.0.2")),
+        svc("badport.test", Endpoint("10.0.0.3"), ports=(Port(0, "http"), Port(70000, "http2"), Port(81, "ok"))),
+        svc("weight.test", Endpoint("10.0.0.4", weight=2**40)),
+        svc("fine.test", Endpoint("10.0.0.5")),
+    )
+    cla = unpack(view, ENDPOINT, "outbound|80||ports.test")
+    assert [lb.endpoint.address.socket_address.address for lb in cla.endpoints[0].lb_endpoints] == ["10.0.0.2"]
+    assert [n for n in view.resources[CLUSTER] if "badport" in n] == ["outbound|81||badport.test"]
+    assert not [n for n in view.resources[CLUSTER] if "weight.test" in n]
+    assert "outbound|80||fine.test" in view.resources[CLUSTER]
+    assert "weight.test (from files/t) cannot be served" in caplog.text
