@@ -275,3 +275,18 @@ async def test_tls_missing_file_is_named(index: Index, tmp_path: Path) -> None:
     tls = {"cert_file": tmp_path / "nope.crt", "key_file": tmp_path / "nope.key"}
     with pytest.raises(OSError, match=re.escape("nope.crt")):
         await start_xds(index, tls=tls, tls_listen="127.0.0.1:0")
+
+
+async def test_listens_on_ipv6_loopback(index: Index) -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    server, task = await start_xds(index, listen="[::1]:0")
+    try:
+        async with grpc.aio.insecure_channel(f"[::1]:{server.ports[0]}") as ch:
+            reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await stop(task)
