@@ -174,7 +174,7 @@ class FileSet:
                 problems[path] = list(self._files[path].problems)
         for fp in between:
             problems.setdefault(fp.file, []).append(fp.problem)
-        out = {scope: tuple(ps) for scope, ps in sorted(problems.items())}
+        out = {scope: tuple(sorted(dict.fromkeys(ps), key=_line)) for scope, ps in sorted(problems.items())}
         out.update(self._root_problems)
         return services, out
 
@@ -271,6 +271,12 @@ def _walk(root: str, listing: _Listing) -> None:
                 path = os.path.join(directory, name)
                 with contextlib.suppress(FileNotFoundError):  # removed meanwhile, or a dangling symlink
                     listing.files[path] = _signature(path)
+
+
+def _line(problem: Problem) -> int:
+    """The line number of a `file:line` location; 0 for a bare path (sorts first)."""
+    line = problem.where.rpartition(":")[2]
+    return int(line) if line.isdigit() else 0
 
 
 def _under_any(path: str, directories: Iterable[str]) -> bool:

@@ -490,3 +490,13 @@ def test_config_errors(raw: dict[str, object], error: str) -> None:
 
     with pytest.raises(ValidationError, match=error.replace("[", r"\[").replace("]", r"\]")):
         FilesConfig.model_validate({"kind": "files", "name": "t", **raw})
+
+
+def test_problems_of_a_file_come_in_line_order(tmp_path: Path) -> None:
+    text = HEADER + '  ports: [{number: 0, name: http}]\n  hosts: ["*"]\n  resolution: STATIK\n'
+    path, problems, _ = check(tmp_path, text)
+    assert [(p.where, p.field) for p in problems] == [
+        (f"{path}:6", "spec.ports[0].number"),
+        (f"{path}:7", "spec.hosts[0]"),
+        (f"{path}:8", "spec.resolution"),
+    ]
