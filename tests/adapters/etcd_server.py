@@ -182,6 +182,8 @@ class TcpProxy:
     def close(self) -> None:
         self._closed = True
         self.block()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
         self._listener.close()
         self._acceptor.join(timeout=5)
         for t in self._threads:
