@@ -356,3 +356,23 @@ def test_an_emptied_file_keeps_its_content_for_a_short_grace(tmp_path: Path) -> 
     now[0] += EMPTY_GRACE
     assert files.refresh().changed
     assert files.result() == ({}, {})
+
+
+def test_a_file_that_becomes_unreadable_keeps_its_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import adapters.files.registry as registry_module
+
+    path = write(tmp_path, "cart.yaml", se("cart", "cart.shop.internal", "10.0.0.1"))
+    files = FileSet((tmp_path,), "default")
+    files.refresh()
+    real_open = registry_module.os.open
+
+    def deny(p: str, flags: int, *args: int) -> int:
+        if p == str(path):
+            raise PermissionError(13, "Permission denied", p)
+        return real_open(p, flags, *args)
+
+    monkeypatch.setattr(registry_module.os, "open", deny)
+    assert files.refresh(named={str(path)}).changed
+    services, problems = files.result()
+    assert Hostname("cart.shop.internal") in services
+    assert problems == {str(path): (Problem(str(path), "cannot read: Permission denied"),)}
