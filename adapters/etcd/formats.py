@@ -78,8 +78,8 @@ class Format(Protocol):
 @dataclass(frozen=True, slots=True)
 class FormatSpec:
     default_prefix: str
-    create: Callable[[Hostname], Format]
-    """Builds the format for a registry's `domain`."""
+    create: Callable[[Hostname, SourceId], Format]
+    """Builds the format for a registry's `domain`; its endpoints carry the registry's `SourceId`."""
 
 
 def assemble(host: Hostname, members: Sequence[tuple[str, Member]], source: SourceId) -> Service | None:
@@ -167,8 +167,9 @@ class EtcdNaming:
     named after its protocol (`grpc`, `http`, ...).
     """
 
-    def __init__(self, domain: Hostname) -> None:
+    def __init__(self, domain: Hostname, source: SourceId) -> None:
         self._domain = domain
+        self._source = source
 
     def parse(self, key: str, value: bytes) -> tuple[Member, ...]:
         service, _, instance = key.partition("/")
@@ -218,6 +219,7 @@ class EtcdNaming:
             weight=_int(meta, "weight", "Metadata.weight", 1, _MAX_WEIGHT, 1),
             health=health,
             network=_str(meta, "network", "Metadata.network"),
+            source=self._source,
         )
         return (Member(service=host, name=service, endpoint=endpoint, port=port),)
 
@@ -235,8 +237,9 @@ class SkyDns:
     for SRV; `ttl` and text-only records are not modelled.
     """
 
-    def __init__(self, domain: Hostname) -> None:
+    def __init__(self, domain: Hostname, source: SourceId) -> None:
         self._domain = domain
+        self._source = source
 
     def _in_zone(self, name: str) -> bool:
         return name == self._domain or name.endswith("." + self._domain)
@@ -271,6 +274,7 @@ class SkyDns:
             ports={"tcp": number} if number else {},
             weight=weight,
             priority=priority,
+            source=self._source,
         )
         members = [Member(service=name, name=name, endpoint=endpoint, port=port, by_name=by_name)]
         parent = hostname(".".join(labels[1:]))
@@ -281,6 +285,7 @@ class SkyDns:
                 weight=weight,
                 priority=priority,
                 hostname=labels[0],
+                source=self._source,
             )
             members.append(Member(service=parent, name=parent, endpoint=instance, port=port, by_name=by_name))
         return tuple(members)

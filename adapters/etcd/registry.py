@@ -28,7 +28,6 @@ range and hands out watch events one at a time, all of which this needs.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import time
@@ -140,9 +139,7 @@ class _View:
         except FormatError as e:
             log.warning("%s: skipped: %s%s", key, f"{e.field}: " if e.field else "", e.message)
             return key, Problem(where=key, message=e.message, field=e.field)
-        # Stamped here, once per key, so that the shard need not copy endpoints on every rebuild.
-        src = self._source
-        return key, tuple(dataclasses.replace(m, endpoint=dataclasses.replace(m.endpoint, source=src)) for m in members)
+        return key, members
 
     def _report(self, key: str, problem: Problem | None) -> None:
         if problem is not None:
@@ -215,7 +212,8 @@ class EtcdRegistry:
         self.config: RegistryConfig = config
         self._config = config
         self._base_dir = base_dir
-        self._format = FORMATS[config.format].create(hostname(config.domain))
+        # Endpoints carry their source from the start, so the shard never copies them to stamp it.
+        self._format = FORMATS[config.format].create(hostname(config.domain), config.source)
         self._prefix = config.prefix.encode()
         self._next = 0
         """The endpoint to try first on the next connection."""

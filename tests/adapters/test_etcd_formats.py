@@ -24,11 +24,13 @@ def _value(doc: Any) -> bytes:
 
 
 def test_naming_minimal_value_is_a_grpc_endpoint() -> None:
-    (m,) = EtcdNaming(DOMAIN).parse("api/10.0.0.1:8080", _value({"Op": 0, "Addr": "10.0.0.1:8080", "Metadata": None}))
+    value = _value({"Op": 0, "Addr": "10.0.0.1:8080", "Metadata": None})
+    (m,) = EtcdNaming(DOMAIN, SRC).parse("api/10.0.0.1:8080", value)
     assert m.service == "api.mesh.local"
     assert m.name == "api"
     assert m.endpoint.address == "10.0.0.1"
     assert m.endpoint.ports == {"grpc": 8080}
+    assert m.endpoint.source == SRC
     assert m.port is not None and (m.port.name, m.port.number, m.port.protocol) == ("grpc", 8080, Protocol.GRPC)
 
 
@@ -46,7 +48,7 @@ def test_naming_metadata_is_mapped() -> None:
             "owner": "ignored",
         },
     }
-    (m,) = EtcdNaming(DOMAIN).parse("Web/i-1", _value(value))
+    (m,) = EtcdNaming(DOMAIN, SRC).parse("Web/i-1", _value(value))
     ep = m.endpoint
     assert m.service == "web.mesh.local"
     assert ep.address == "fd00::7"
@@ -82,7 +84,7 @@ def test_naming_metadata_is_mapped() -> None:
 )
 def test_naming_rejects(key: str, value: bytes, field: str, message: str) -> None:
     with pytest.raises(FormatError) as caught:
-        EtcdNaming(DOMAIN).parse(key, value)
+        EtcdNaming(DOMAIN, SRC).parse(key, value)
     assert caught.value.field == field
     assert message in caught.value.message
 
@@ -92,7 +94,7 @@ def test_naming_rejects(key: str, value: bytes, field: str, message: str) -> Non
 
 def test_skydns_instance_key_serves_its_name_and_its_parent() -> None:
     value = _value({"host": "10.0.0.5", "port": 8080, "priority": 10, "weight": 20, "ttl": 60})
-    own, parent = SkyDns(DOMAIN).parse("local/mesh/api/x1", value)
+    own, parent = SkyDns(DOMAIN, SRC).parse("local/mesh/api/x1", value)
     assert own.service == "x1.api.mesh.local"
     assert parent.service == "api.mesh.local"
     assert parent.endpoint.hostname == "x1"
@@ -103,7 +105,7 @@ def test_skydns_instance_key_serves_its_name_and_its_parent() -> None:
 
 
 def test_skydns_directory_key_and_parents_outside_the_zone() -> None:
-    sky = SkyDns(DOMAIN)
+    sky = SkyDns(DOMAIN, SRC)
     (apex,) = sky.parse("local/mesh/", _value({"host": "10.0.0.1"}))
     assert apex.service == "mesh.local" and apex.port is None and apex.endpoint.ports == {}
     (outside,) = sky.parse("com/example/www", _value({"host": "10.0.0.2"}))
@@ -112,7 +114,7 @@ def test_skydns_directory_key_and_parents_outside_the_zone() -> None:
 
 
 def test_skydns_host_name_makes_a_dns_service() -> None:
-    members = SkyDns(DOMAIN).parse("local/mesh/ext/a", _value({"host": "Backend.Example.COM.", "port": 443}))
+    members = SkyDns(DOMAIN, SRC).parse("local/mesh/ext/a", _value({"host": "Backend.Example.COM.", "port": 443}))
     service = assemble(Hostname("ext.mesh.local"), [("k", members[1])], SRC)
     assert service is not None
     assert service.resolution is Resolution.DNS
@@ -134,12 +136,12 @@ def test_skydns_host_name_makes_a_dns_service() -> None:
 )
 def test_skydns_rejects(key: str, value: bytes, field: str) -> None:
     with pytest.raises(FormatError) as caught:
-        SkyDns(DOMAIN).parse(key, value)
+        SkyDns(DOMAIN, SRC).parse(key, value)
     assert caught.value.field == field
 
 
 def test_assemble_picks_the_common_port_and_keeps_each_endpoints_own() -> None:
-    naming = EtcdNaming(DOMAIN)
+    naming = EtcdNaming(DOMAIN, SRC)
     members = [
         (f"k{i}", naming.parse(f"api/{i}", _value({"Addr": f"10.0.0.{i}:{port}"}))[0])
         for i, port in enumerate((8080, 9090, 8080), start=1)
