@@ -1,4 +1,4 @@
-"""The etcd key layouts and config, without a server: table-driven parse cases and config errors."""
+"""The etcd key layouts and config, without a server: parse cases, config errors, incremental vs full sync."""
 
 from __future__ import annotations
 
@@ -6,10 +6,15 @@ import json
 from typing import Any
 
 import pytest
+from aetcd import rpc
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from adapters.etcd.config import EtcdConfig
-from adapters.etcd.formats import EtcdNaming, FormatError, SkyDns, assemble
+from adapters.etcd.formats import FORMATS, EtcdNaming, FormatError, SkyDns, assemble
+from adapters.etcd.registry import _Listing, _View
+from discoveryd.index import Index
 from discoveryd.model import Health, Hostname, Locality, Protocol, Resolution, SourceId
 
 DOMAIN = Hostname("mesh.local")
@@ -198,3 +203,60 @@ def test_config_errors(extra: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError) as caught:
         EtcdConfig.model_validate({"kind": "etcd", "name": "m", **extra})
     assert message in str(caught.value)
+
+
+# -- incremental watch == full list -----------------------------------------------------
+
+_KEYS = [
+    "api/1",
+    "api/2",
+    "web/1",
+    "local/mesh/db",
+    "local/mesh/api/x1",
+    "local/mesh/api/x2",
+    "local/mesh/",
+]
+_VALUES = [
+    _value({"Addr": "10.0.0.1:80"}),
+    _value({"Addr": "10.0.0.2:81", "Metadata": {"protocol": "http", "weight": 3}}),
+    _value({"host": "10.0.0.3", "port": 80, "priority": 5}),
+    _value({"host": "backend.example.org", "port": 443}),
+    _value({"host": "10.0.0.4"}),
+    _value({"text": "txt only"}),
+    b"{broken",
+]
+
+
+@pytest.mark.parametrize("fmt", ["etcd-naming", "skydns"])
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(_KEYS), st.none() | st.sampled_from(_VALUES)), max_size=30))
+def test_watch_events_end_where_a_full_list_does(fmt: str, ops: list[tuple[str, bytes | None]]) -> None:
+    """Any sequence of puts and deletes, applied as watch events, leaves the shard as a list of the end state."""
+    prefix = "/p/"
+
+    def view(index: Index) -> _View:
+        shard = index.writer(SRC)
+        return _View(FORMATS[fmt].create(DOMAIN, SRC), prefix, shard)
+
+    watched, listed = Index(), Index()
+    incremental = view(watched)
+    incremental.commit(_Listing(), 1)
+    state: dict[str, bytes] = {}
+    for revision, (key, value) in enumerate(ops, start=2):
+        kv = rpc.KeyValue(key=(prefix + key).encode(), value=value or b"", mod_revision=revision)
+        kind = rpc.Event.PUT if value is not None else rpc.Event.DELETE
+        with watched.writer(SRC).batch():
+            incremental.apply([rpc.Event(type=kind, kv=kv)])
+        if value is None:
+            state.pop(key, None)
+        else:
+            state[key] = value
+
+    full = view(listed)
+    listing = _Listing()
+    full.add(listing, [rpc.KeyValue(key=(prefix + k).encode(), value=v) for k, v in sorted(state.items())])
+    full.commit(listing, len(ops) + 1)
+
+    assert dict(watched.snapshot.services) == dict(listed.snapshot.services)
+    assert set(watched.snapshot.shards[SRC].problems) == set(listed.snapshot.shards[SRC].problems)
+    assert incremental.revision == len(ops) + 1
