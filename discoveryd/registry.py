@@ -104,7 +104,9 @@ class ShardWriter(Protocol):
 class Registry(Protocol):
     """A running connection to one registry (Istio's `serviceregistry.Instance`)."""
 
-    config: RegistryConfig
+    @property
+    def config(self) -> RegistryConfig:
+        """The validated config this instance runs with (an adapter's own subclass)."""
 
     async def run(self, shard: ShardWriter) -> None:
         """Sync the shard with the registry until cancelled.
