@@ -1,4 +1,4 @@
-"""End to end: the real `discoveryd run` with an etcd registry, answering DNS for what is put in etcd."""
+"""End to end: the real `discoveryd run` with an etcd registry: DNS answers and /debug/registryz for etcd keys."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aetcd
 import dns.asyncquery
@@ -60,6 +61,11 @@ class _Daemon:
         except (urllib.error.URLError, ConnectionError):
             return False
 
+    def registry(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/debug/registryz", timeout=5) as reply:
+            doc: dict[str, Any] = json.load(reply)
+        return dict(doc["registries"]["etcd/main"])
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -107,3 +113,17 @@ async def test_registered_endpoint_is_answered_and_withdrawn(daemon: _Daemon, et
             return bool(rcode == dns.rcode.NXDOMAIN)
 
         await eventually(gone, timeout=15, what="name withdrawn")
+
+
+def test_bad_value_shows_in_registryz_by_key(daemon: _Daemon, etcd: EtcdServer) -> None:
+    prefix = daemon.config.read_text().split("prefix: ", 1)[1].split("\n", 1)[0]
+    key = f"{prefix}billing/1"
+    subprocess.run(
+        [str(Path(sys.executable).parent / "etcdctl"), f"--endpoints={etcd.url}", "put", key, '{"Addr": "nowhere"}'],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    problems = wait_sync(lambda: daemon.registry()["problems"], timeout=15, what="problem in /debug/registryz")
+    assert problems == [{"where": key, "field": "Addr", "message": "expected ip:port, got 'nowhere'"}]
+    assert daemon.registry()["synced"] and not daemon.registry()["stale"]
