@@ -6,8 +6,13 @@ returns a new immutable `View`: for every type URL, resource name → `Resource`
 (a version and the serialized `google.protobuf.Any`). Only the changed
 hostnames are rebuilt; every other `Resource` object is carried over, so the
 bytes of one resource version are built once and shared by every connection.
-A rebuilt resource whose bytes did not change keeps its old version and is not
+A rebuilt resource whose bytes did not change keeps its old object and is not
 reported as changed, so clients see no push for it.
+
+A resource's version is a hash of its bytes (serialization is deterministic),
+so it means the same thing in every replica and across restarts: a delta
+client reconnecting anywhere with `initial_resource_versions` is resent
+exactly what differs.
 
 What one `Service` becomes, per port (UDP ports and numbers outside 1-65535 are skipped):
 
@@ -35,6 +40,7 @@ What one `Service` becomes, per port (UDP ports and numbers outside 1-65535 are 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -105,6 +111,7 @@ class Resource:
 
     name: str
     version: str
+    """A hash of `body`."""
     body: bytes
 
 
@@ -145,7 +152,6 @@ class Builder:
         tables = {t: dict(old.resources[t]) for t in TYPES}
         by_host = dict(old.by_host)
         touched: dict[str, set[str]] = {t: set() for t in TYPES}
-        version = str(snapshot.version)
         for host in hosts:
             previous = {key: tables[key[0]].pop(key[1]) for key in by_host.pop(host, ()) if key[1] in tables[key[0]]}
             service = snapshot.services.get(host)
@@ -157,7 +163,7 @@ class Builder:
                 if before is not None and before.body == body:
                     tables[type_url][name] = before
                 else:
-                    tables[type_url][name] = Resource(name, version, body)
+                    tables[type_url][name] = Resource(name, hashlib.blake2b(body, digest_size=8).hexdigest(), body)
                     touched[type_url].add(name)
                 keys.append((type_url, name))
             for type_url, name in previous:

@@ -175,7 +175,11 @@ def test_update_rebuilds_only_what_changed_and_keeps_unchanged_versions() -> Non
     assert dict(changes) == {ENDPOINT: {"outbound|80||a.test"}}
     assert v2.resources[CLUSTER]["outbound|80||a.test"] is v1.resources[CLUSTER]["outbound|80||a.test"]
     assert v2.resources[ENDPOINT]["outbound|80||b.test"] is v1.resources[ENDPOINT]["outbound|80||b.test"]
-    assert v2.resources[ENDPOINT]["outbound|80||a.test"].version == str(index.snapshot.version)
+    old, new = v1.resources[ENDPOINT]["outbound|80||a.test"], v2.resources[ENDPOINT]["outbound|80||a.test"]
+    assert new.version != old.version and len(new.version) == 16, "versions are hashes of the bytes"
+    # Another builder (another replica, a restart) gives the same content the same version.
+    again, _ = Builder(BuildOptions()).update(EMPTY_VIEW, index.snapshot, None)
+    assert again.resources[ENDPOINT]["outbound|80||a.test"].version == new.version
 
     # A change that alters no resource is no change at all.
     shard.replace([svc("a.test", Endpoint("10.0.0.9"), labels={"team": "x"}), b])
