@@ -361,3 +361,36 @@ async def test_per_type_service_ignores_other_types(xds: RunningXds, channel: gr
     r = await s.recv()
     assert r.type_url == ENDPOINT
     await s.close()
+
+
+async def test_a_change_goes_only_to_streams_subscribed_to_it(xds: RunningXds, channel: grpc.aio.Channel) -> None:
+    xds.put(service(A, "10.0.0.1"), service(B, "10.0.0.2"))
+    sa, sb = Stream(channel), Stream(channel)
+    sa.node, sb.node = {"id": "a", "cluster": "t"}, {"id": "b", "cluster": "t"}
+    for s, host in ((sa, A), (sb, B)):
+        await s.send(ENDPOINT, resource_names=[cluster(host)])
+        await s.ack(await s.recv(), [cluster(host)])
+    xds.put(service(A, "10.0.0.3"), service(B, "10.0.0.2"))
+    assert endpoints_of(await sa.recv()) == {cluster(A): ["10.0.0.3:8080"]}
+    xds.put(service(A, "10.0.0.3"), service(B, "10.0.0.4"))
+    assert endpoints_of(await sb.recv()) == {cluster(B): ["10.0.0.4:8080"]}, "b heard nothing of a's change"
+    await sa.close()
+    await sb.close()
+
+
+def histogram_count(metric: object, short: str) -> float:
+    samples = metric.labels(short)._child_samples()  # type: ignore[attr-defined]
+    return float(next(s.value for s in samples if s.name == "_count"))
+
+
+async def test_convergence_is_measured_from_index_change_to_ack(xds: RunningXds, channel: grpc.aio.Channel) -> None:
+    xds.put(service(A, "10.0.0.1"))
+    s = Stream(channel)
+    await s.send(ENDPOINT, resource_names=[cluster(A)])
+    await s.ack(await s.recv(), [cluster(A)])
+    before = histogram_count(metrics.CONVERGENCE_SECONDS, "EDS")
+    xds.put(service(A, "10.0.0.2"))
+    r = await s.recv()
+    await s.ack(r, [cluster(A)])
+    await eventually(lambda: histogram_count(metrics.CONVERGENCE_SECONDS, "EDS") == before + 1)
+    await s.close()
