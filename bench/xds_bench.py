@@ -230,13 +230,13 @@ class _Floor:
 
     def __init__(self, body: bytes) -> None:
         self.body = body
-        self.streams: dict[int, asyncio.Queue[bytes]] = {}
+        self.streams: dict[int, asyncio.Queue[bytes | None]] = {}
         self.acks: dict[int, float] = {}
         self.generation = 0
 
     async def handle(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, bytes]) -> None:
         key = id(context)
-        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.streams[key] = queue
 
         async def read() -> None:
@@ -246,8 +246,8 @@ class _Floor:
 
         reader = asyncio.create_task(read())
         try:
-            while True:
-                await context.write(await queue.get())
+            while (body := await queue.get()) is not None:
+                await context.write(body)
         finally:
             reader.cancel()
             self.streams.pop(key, None)
@@ -256,6 +256,11 @@ class _Floor:
         self.acks.clear()
         for queue in self.streams.values():
             queue.put_nowait(self.body)
+
+    def close(self) -> None:
+        """End every stream (the handlers return)."""
+        for queue in self.streams.values():
+            queue.put_nowait(None)
 
 
 async def _measure_floor(clients: int, pushes: int, services: int, body: bytes) -> dict[str, Any]:
@@ -283,7 +288,8 @@ async def _measure_floor(clients: int, pushes: int, services: int, body: bytes) 
                 cpu.append(_cpu() - cpu0)
                 await asyncio.sleep(0.02)
     finally:
-        await server.stop(0)
+        floor.close()
+        await server.stop(1.0)
     return {
         "convergence_median_s": median(results),
         "convergence_p99_s": percentile(results, 99),
