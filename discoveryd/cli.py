@@ -15,7 +15,7 @@ import logging
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from discoveryd import __version__
@@ -49,20 +49,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     log.info("discoveryd %s starting with %s", __version__, cfg.path)
-    try:
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        loop_factory = asyncio.new_event_loop
     code = 1
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         try:
             code = runner.run(Supervisor(cfg).run())
         except* OSError as group:  # a server could not bind: say which, exit 1
-            for e in group.exceptions:
-                log.error("%s", e)
+            for err in group.exceptions:
+                log.error("%s", err)
     return code
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -151,12 +151,14 @@ class Index:
     def changed_between(self, old_version: int, new_version: int) -> frozenset[Hostname] | None:
         if old_version >= new_version:
             return frozenset()
-        if not self._history or self._history[0][0] > old_version + 1:
+        history = self._history
+        if not history or history[0][0] > old_version + 1:
             return None
+        # Versions in the history are consecutive: index by offset, from the recent end.
+        first = history[0][0]
         out: set[Hostname] = set()
-        for version, changed in self._history:
-            if old_version < version <= new_version:
-                out |= changed
+        for i in range(old_version + 1 - first, min(new_version + 1 - first, len(history))):
+            out |= history[i][1]
         return frozenset(out)
 
     # -- write side -------------------------------------------------------------------

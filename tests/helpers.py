@@ -7,17 +7,29 @@ import inspect
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 
 
+@overload
 async def eventually(
-    probe: Callable[[], T | Awaitable[T]],
+    probe: Callable[[], Awaitable[T]], timeout: float = 5.0, interval: float = 0.01, what: str = "condition"
+) -> T: ...
+
+
+@overload
+async def eventually(
+    probe: Callable[[], T], timeout: float = 5.0, interval: float = 0.01, what: str = "condition"
+) -> T: ...
+
+
+async def eventually(
+    probe: Callable[[], Any],
     timeout: float = 5.0,
     interval: float = 0.01,
     what: str = "condition",
-) -> T:
+) -> Any:
     """Call `probe` until it returns a truthy value (returned) or `timeout` passes (AssertionError).
 
     `probe` may be sync or async; an exception counts as "not yet" and is shown if time runs out.
@@ -30,7 +42,7 @@ async def eventually(
             if inspect.isawaitable(value):
                 value = await value
             if value:
-                return value  # type: ignore[return-value]
+                return value
             last = value
         except Exception as e:
             last = e
