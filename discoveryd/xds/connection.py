@@ -98,7 +98,7 @@ class TypeState:
     origin: float | None = None
     """Monotonic creation time of the oldest unsent snapshot change (convergence)."""
     known: dict[str, str] = field(default_factory=dict)
-    """Resource name → version the client has (delta) or was last sent (SotW)."""
+    """Delta: resource name → version the client has (`_ABSENT`: told it does not exist)."""
     nonce: str = ""
     sent_version: str = ""
     sent_at: float | None = None
@@ -202,7 +202,7 @@ class Connection:
         if not fresh and key == st.names_key:
             return  # an ACK or NACK that keeps the subscription: the common case, kept cheap
         st.names_key = key
-        names = set(req.resource_names)
+        names = self._canonical(st.type_url, req.resource_names)
         st.named = st.named or bool(names)
         wildcard = "*" in names or (st.type_url in FULL_STATE and not st.named)
         names.discard("*")
@@ -228,7 +228,7 @@ class Connection:
         if st is None:
             return
         self._node(req.node)
-        subscribe = set(req.resource_names_subscribe)
+        subscribe = self._canonical(st.type_url, req.resource_names_subscribe)
         unsubscribe = set(req.resource_names_unsubscribe)
         resources = self.view.resources[st.type_url]
         if not st.requested:
@@ -261,6 +261,15 @@ class Connection:
             else:
                 metrics.STALE_NONCES.labels(SHORT[st.type_url]).inc()
         self._wake_if(st)
+
+    def _canonical(self, type_url: str, names: Iterable[str]) -> set[str]:
+        """`names` as a set, sharing the view's string objects where the resource exists.
+
+        A client subscribing to a thousand clusters would otherwise keep its own
+        copy of a thousand names for as long as it stays connected.
+        """
+        table = self.view.resources[type_url]
+        return {r.name if (r := table.get(n)) is not None else n for n in names}
 
     def close(self) -> None:
         self.closed = True
@@ -330,14 +339,12 @@ class Connection:
                 table.values() if st.wildcard else [table[n] for n in sorted(st.names) if n in table]
             )
             picked = list(chosen)
-            st.known = {r.name: r.version for r in picked}
         else:
             names, st.pending = st.pending, set()
             st.must_respond = False
             picked = [table[n] for n in sorted(names) if n in table and st.subscribed(n)]
             if not picked:
                 return None
-            st.known.update((r.name, r.version) for r in picked)
         version = str(self.view.version)
         nonce = self._sent(st, version)
         head = discovery_pb2.DiscoveryResponse(
@@ -389,6 +396,13 @@ class Connection:
     def describe(self) -> str:
         return f"{self.node_id or '?'}@{self.peer} ({self.api}{' delta' if self.delta else ''} #{self.id})"
 
+    def _resource_count(self, st: TypeState) -> int:
+        """How many resources the client holds: delta, what it was sent; SotW, what it subscribes to and exists."""
+        if self.delta:
+            return sum(1 for v in st.known.values() if v != _ABSENT)
+        table = self.view.resources[st.type_url]
+        return len(table) if st.wildcard else sum(1 for n in st.names if n in table)
+
     def syncz(self) -> dict[str, Any]:
         types: dict[str, Any] = {}
         for type_url, st in self.types.items():
@@ -398,7 +412,7 @@ class Connection:
                 "state": st.state,
                 "wildcard": st.wildcard,
                 "subscribed": len(st.names),
-                "resources": sum(1 for v in st.known.values() if v != _ABSENT),
+                "resources": self._resource_count(st),
                 "sent_version": st.sent_version,
                 "sent_nonce": st.nonce,
                 "sent_at": st.sent_at,

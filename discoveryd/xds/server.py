@@ -220,8 +220,10 @@ class XdsServer:
                 conn.wake.clear()
                 while not conn.closed and (out := conn.next_response()) is not None:
                     type_url, body, queued_at = out
+                    del out  # an idle stream must not keep its last response (up to megabytes) alive
                     await context.write(body)
                     conn.written(type_url, len(body), queued_at)
+                    del body
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
