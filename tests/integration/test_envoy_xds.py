@@ -64,6 +64,8 @@ async def test_envoy_clusters_traffic_moves_and_deletes(xds: RunningXds, tmp_pat
             # Moving the endpoint moves the traffic.
             xds.put(web(beta), service("other.test", "10.0.0.7", "10.0.0.8", port=9090))
             assert await eventually(lambda: _answers(envoy, "beta"), timeout=20, what="traffic moved to beta")
+            # That push carried only web's assignment; the other cluster keeps its endpoints.
+            assert f"{cluster('other.test', 9090)}::10.0.0.7:9090" in await clusters()
 
             # Deleting a service removes its cluster.
             xds.put(web(beta))
