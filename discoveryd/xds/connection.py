@@ -25,9 +25,11 @@ Protocol rules (envoy xDS protocol, state of the world and incremental):
   changed or were newly requested (even when unchanged, for warming). Names
   that do not exist yet are remembered and sent when they appear.
 - Responses are written in the order of `resources.TYPES` (CDS, EDS, LDS,
-  RDS). Resource names are derived one-to-one from (hostname, port), so no
-  surviving resource ever references a removed one: a removal can travel with
-  the additions of the same push.
+  RDS). A changed EDS cluster is followed by its assignment even when that
+  did not change: Envoy warms the updated cluster until it arrives. Resource
+  names are derived one-to-one from (hostname, port), so no surviving
+  resource ever references a removed one: a removal can travel with the
+  additions of the same push.
 - Delta: versions are per resource; `initial_resource_versions` on a new
   stream suppress resending what the client already has and report what it
   has that is gone; subscribed names that do not exist are reported once in
@@ -49,7 +51,7 @@ from typing import Any, Final
 from envoy.service.discovery.v3 import discovery_pb2
 
 from discoveryd.xds import metrics
-from discoveryd.xds.resources import FULL_STATE, SHORT, TYPES, Changes, Resource, View
+from discoveryd.xds.resources import CLUSTER, ENDPOINT, FULL_STATE, SHORT, TYPES, Changes, Resource, View
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +286,9 @@ class Connection:
     def notify(self, view: View, changes: Changes, origin: float) -> None:
         """A new view; `changes` are the names added, changed or removed since the previous one."""
         self.view = view
+        clusters = changes.get(CLUSTER)
+        if clusters:
+            self._rewarm(clusters, origin)
         for type_url, names in changes.items():
             st = self.types[type_url]
             if not st.requested:
@@ -297,6 +302,27 @@ class Connection:
                 st.pending |= relevant
             st.queue(origin)
             self.wake.set()
+
+    def _rewarm(self, clusters: frozenset[str], origin: float) -> None:
+        """Resend the assignments of changed EDS clusters, changed or not.
+
+        Envoy replaces an updated cluster by a new one that stays warming until
+        it receives its ClusterLoadAssignment (or its fetch timeout, 15 s by
+        default, passes). The assignment goes out right after the cluster, in
+        push order.
+        """
+        st = self.types[ENDPOINT]
+        if not st.requested:
+            return
+        assignments = self.view.resources[ENDPOINT]
+        names = {n for n in clusters if n in assignments and st.subscribed(n)}
+        if not names:
+            return
+        for name in names:
+            st.known.pop(name, None)
+        st.pending |= names
+        st.queue(origin)
+        self.wake.set()
 
     def next_response(self) -> tuple[str, bytes, float | None] | None:
         """The next response to write, in push order, or None when idle.

@@ -142,3 +142,27 @@ async def test_envoy_accepts_every_kind_of_cluster(xds: RunningXds, tmp_path: Pa
         assert f"{m}::/tmp/mixed.sock::health_flags::healthy" in text
         assert f"{expected[1]}::127.0.0.2:50051" in text and f"{expected[2]}::127.0.0.3:50051" in text
         await assert_no_rejections(envoy, before)
+
+
+@pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC"])
+async def test_envoy_cluster_change_without_endpoint_change_does_not_stall(
+    xds: RunningXds, tmp_path: Path, api_type: str
+) -> None:
+    """An updated EDS cluster warms again in Envoy and needs its assignment, unchanged or not."""
+    xds.put(service(WEB, "10.0.0.1"))
+    async with run_envoy(tmp_path, xds.port, api_type, route_to=cluster(WEB)) as envoy:
+        await eventually(
+            lambda: _all_in(envoy.get("/clusters"), [f"{cluster(WEB)}::10.0.0.1:8080"]), timeout=20, what="cluster"
+        )
+        updated = await envoy.stat("cluster_manager.cluster_modified")
+        # The port becomes HTTP/2: a new cluster, the very same assignment.
+        xds.put(service(WEB, "10.0.0.1", protocol=Protocol.HTTP2))
+
+        async def warmed() -> bool:
+            return (
+                await envoy.stat("cluster_manager.cluster_modified") > updated
+                and await envoy.stat("cluster_manager.warming_clusters") == 0
+            )
+
+        # Envoy's own fetch timeout is 15 s; well before it, the update must be active.
+        await eventually(warmed, timeout=5, what="updated cluster active")

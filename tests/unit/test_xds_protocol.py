@@ -13,6 +13,7 @@ import grpc
 import pytest
 from google.rpc import status_pb2
 
+from discoveryd.model import Protocol
 from discoveryd.xds import metrics
 from discoveryd.xds.connection import Connection
 from discoveryd.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
@@ -393,4 +394,26 @@ async def test_convergence_is_measured_from_index_change_to_ack(xds: RunningXds,
     r = await s.recv()
     await s.ack(r, [cluster(A)])
     await eventually(lambda: histogram_count(metrics.CONVERGENCE_SECONDS, "EDS") == before + 1)
+    await s.close()
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_changed_cluster_is_followed_by_its_unchanged_assignment(
+    xds: RunningXds, channel: grpc.aio.Channel, delta: bool
+) -> None:
+    xds.put(service(A, "10.0.0.1"))
+    s = Stream(channel, delta)
+    await s.send(CLUSTER)
+    await s.ack(await s.recv())
+    if delta:
+        await s.send(ENDPOINT, resource_names_subscribe=[cluster(A)])
+    else:
+        await s.send(ENDPOINT, resource_names=[cluster(A)])
+    first = await s.recv()
+    await s.ack(first, [cluster(A)])
+    await processed(xds, ENDPOINT, lambda st: st.acked_nonce == first.nonce)
+    xds.put(service(A, "10.0.0.1", protocol=Protocol.GRPC))  # the cluster changes, the assignment does not
+    cds, eds = await s.recv(), await s.recv()
+    assert (cds.type_url, eds.type_url) == (CLUSTER, ENDPOINT)
+    assert endpoints_of(eds) == endpoints_of(first)
     await s.close()
