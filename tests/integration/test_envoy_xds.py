@@ -14,7 +14,17 @@ import pytest
 from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, Protocol, Resolution, Service
 from discoveryd.xds import metrics
 from tests.helpers import eventually
-from tests.integration.xds_fixtures import Envoy, RunningXds, cluster, http_backend, run_envoy, service, xds  # noqa: F401
+from tests.integration.xds_fixtures import (  # noqa: F401
+    Envoy,
+    RunningXds,
+    cluster,
+    http_backend,
+    run_envoy,
+    service,
+    start_xds,
+    stop,
+    xds,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -166,3 +176,30 @@ async def test_envoy_cluster_change_without_endpoint_change_does_not_stall(
 
         # Envoy's own fetch timeout is 15 s; well before it, the update must be active.
         await eventually(warmed, timeout=5, what="updated cluster active")
+
+
+@pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC"])
+async def test_envoy_reconnects_to_a_restarted_server_and_converges(
+    xds: RunningXds, tmp_path: Path, api_type: str
+) -> None:
+    """A replica going away: Envoy keeps serving what it has, reconnects to the new one and converges."""
+    before = nacks()
+    async with http_backend("alpha") as alpha, http_backend("beta") as beta:
+        xds.put(web(alpha), service("other.test", "10.0.0.7"))
+        async with run_envoy(tmp_path, xds.port, api_type, route_to=cluster(WEB)) as envoy:
+            assert await eventually(lambda: _answers(envoy, "alpha"), timeout=20, what="traffic to alpha")
+            await stop(xds.task)
+            assert await _answers(envoy, "alpha"), "Envoy keeps its last configuration while the server is away"
+            xds.put(web(beta), service("third.test", "10.0.0.9"))
+            server, task = await start_xds(xds.index, listen=f"127.0.0.1:{xds.port}")
+            try:
+                assert await eventually(lambda: _answers(envoy, "beta"), timeout=30, what="converged after reconnect")
+                await eventually(
+                    lambda: _none_in(envoy.get("/clusters"), [cluster("other.test")]), timeout=10, what="stale gone"
+                )
+                assert cluster("third.test") in await envoy.get("/clusters")
+                (conn,) = server.syncz()["connections"]
+                assert conn["node"] == f"envoy-{api_type.lower()}"
+                await assert_no_rejections(envoy, before)
+            finally:
+                await stop(task)
