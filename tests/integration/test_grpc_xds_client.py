@@ -27,6 +27,8 @@ pytestmark = pytest.mark.integration
 HOST, PORT = "api.test", 50051
 METHOD = "/test.Who/Name"
 
+# Prints the spread of `count` calls, then calls until `count` answers in a row come from the backend named in
+# its stdin (the test writes it after moving the endpoints), printing how many calls that took.
 CLIENT = """
 import collections, json, sys
 import grpc
@@ -34,8 +36,14 @@ import grpc
 target, count = sys.argv[1], int(sys.argv[2])
 with grpc.insecure_channel(f"xds:///{target}") as channel:
     who = channel.unary_unary(sys.argv[3])
-    seen = collections.Counter(who(b"", timeout=20, wait_for_ready=True).decode() for _ in range(count))
-print(json.dumps(seen))
+    call = lambda: who(b"", timeout=20, wait_for_ready=True).decode()
+    print(json.dumps(collections.Counter(call() for _ in range(count))), flush=True)
+    only = sys.stdin.readline().strip()
+    calls = streak = 0
+    while streak < count and calls < 10000:
+        calls += 1
+        streak = streak + 1 if call() == only else 0
+    print(json.dumps({"calls": calls, "streak": streak}), flush=True)
 """
 
 
@@ -73,7 +81,7 @@ def bootstrap(xds_port: int) -> str:
     )
 
 
-async def test_grpc_xds_client_spreads_over_both_backends(xds: RunningXds) -> None:
+async def test_grpc_xds_client_spreads_over_both_backends_and_follows_updates(xds: RunningXds) -> None:
     nacks = sum(float(metrics.NACKS.labels(t)._value.get()) for t in ("CDS", "EDS", "LDS", "RDS"))
     async with grpc_backend("one") as one, grpc_backend("two") as two:
         xds.put(
@@ -96,18 +104,35 @@ async def test_grpc_xds_client_spreads_over_both_backends(xds: RunningXds) -> No
             "40",
             METHOD,
             env=env,
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         try:
             async with asyncio.timeout(60):
-                out, err = await proc.communicate()
+                line = await proc.stdout.readline()
+                assert line, (await proc.stderr.read()).decode()[-3000:]
+                seen = json.loads(line)
+                assert set(seen) == {"one", "two"}, seen
+                assert min(seen.values()) >= 5, f"round robin should spread 40 calls over both: {seen}"
+
+                # Endpoint "one" leaves the service: the client follows the EDS update.
+                xds.put(
+                    Service(
+                        hostname=Hostname(HOST),
+                        ports=(Port(PORT, "grpc", Protocol.GRPC),),
+                        endpoints=(Endpoint("127.0.0.1", ports={"grpc": two}),),
+                    )
+                )
+                proc.stdin.write(b"two\n")
+                await proc.stdin.drain()
+                moved = json.loads(await proc.stdout.readline())
+                assert moved["streak"] == 40, moved
+                await proc.wait()
         finally:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-        assert proc.returncode == 0, err.decode()[-3000:]
-        seen = json.loads(out)
-        assert set(seen) == {"one", "two"}, seen
-        assert min(seen.values()) >= 5, f"round robin should spread 40 calls over both: {seen}"
+        assert proc.returncode == 0, (await proc.stderr.read()).decode()[-3000:]
     assert sum(float(metrics.NACKS.labels(t)._value.get()) for t in ("CDS", "EDS", "LDS", "RDS")) == nacks
