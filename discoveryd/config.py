@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -33,30 +32,11 @@ from pydantic import (
     field_validator,
 )
 
-from discoveryd.registry import ENTRY_POINT_GROUP, AdapterSpec, RegistryConfig
+from discoveryd.registry import ENTRY_POINT_GROUP, AdapterSpec, Duration, RegistryConfig, parse_duration
+
+__all__ = ["Config", "ConfigError", "Duration", "load", "parse_duration", "split_hostport"]
 
 DEFAULT_PATHS = (Path("config/discoveryd.yaml"), Path("/etc/discoveryd/discoveryd.yaml"))
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(value: Any) -> float:
-    """`100ms`, `5s`, `1m`, `1h`, or a bare number of seconds → seconds."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 100ms, 5s or 1m")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError(f"{value!r} is not a duration such as 100ms, 5s or 1m")
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 def split_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:

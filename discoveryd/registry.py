@@ -18,13 +18,14 @@ Optional capabilities are separate small Protocols (`OfflineChecker`,
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Annotated, Any, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from discoveryd.model import Hostname, Problem, Service, SourceId, Zone, ZoneFlavor, source_id
 
@@ -32,6 +33,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "AdapterContext",
     "AdapterSpec",
+    "Duration",
     "OfflineChecker",
     "Registry",
     "RegistryConfig",
@@ -42,6 +44,29 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "discoveryd.adapters"
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """`100ms`, `5s`, `1m`, `1h`, or a bare number of seconds → seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 100ms, 5s or 1m")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"{value!r} is not a duration such as 100ms, 5s or 1m")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""A config value in seconds, written `100ms`, `5s`, `1m`, `1h` or as a number: the one duration syntax."""
 
 
 class RegistryConfig(BaseModel):

@@ -8,7 +8,6 @@ credentials are picked up on the next reconnect.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -16,28 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from adapters.etcd.formats import FORMATS, valid_dns_name
-from discoveryd.registry import RegistryConfig
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def _duration(value: Any) -> float:
-    """`100ms`, `5s`, `1m`, or a bare number of seconds → seconds (the daemon's duration syntax)."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 100ms, 5s or 1m")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError(f"{value!r} is not a duration such as 100ms, 5s or 1m")
-
-
-Duration = Annotated[float, BeforeValidator(_duration)]
+from discoveryd.registry import Duration, RegistryConfig
 
 
 def split_endpoint(url: str) -> tuple[str, str, int]:
