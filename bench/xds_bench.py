@@ -40,6 +40,7 @@ from discoveryd.config import XdsConfig
 from discoveryd.index import Index, Shard
 from discoveryd.model import Endpoint, Hostname, Port, Protocol, Service, SourceId
 from discoveryd.xds import XdsServer, metrics
+from discoveryd.xds.connection import varint
 from discoveryd.xds.resources import CLUSTER, ENDPOINT
 
 ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
@@ -210,16 +211,7 @@ def _push_response(server: XdsServer, name: str) -> bytes:
     """The bytes of an EDS push of one cluster, as discoveryd writes them."""
     r = server.view.resources[ENDPOINT][name]
     head = discovery_pb2.DiscoveryResponse(version_info=r.version, type_url=ENDPOINT, nonce="1").SerializeToString()
-    return head + b"\x12" + _varint(len(r.body)) + r.body
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+    return head + b"\x12" + varint(len(r.body)) + r.body
 
 
 # -- the floor ---------------------------------------------------------------------------------

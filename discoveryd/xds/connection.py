@@ -378,7 +378,7 @@ class Connection:
         ).SerializeToString()
         parts = [head]
         for r in picked:
-            parts += (b"\x12", _varint(len(r.body)), r.body)
+            parts += (b"\x12", varint(len(r.body)), r.body)
         return b"".join(parts)
 
     def _delta_response(self, st: TypeState) -> bytes | None:
@@ -413,8 +413,8 @@ class Connection:
             name_b, ver = r.name.encode(), r.version.encode()
             size = len(name_b) + len(ver) + len(r.body)
             inner = size + _vlen(len(name_b)) + _vlen(len(ver)) + _vlen(len(r.body)) + 3
-            parts += (b"\x12", _varint(inner), b"\x0a", _varint(len(ver)), ver)
-            parts += (b"\x12", _varint(len(r.body)), r.body, b"\x1a", _varint(len(name_b)), name_b)
+            parts += (b"\x12", varint(inner), b"\x0a", varint(len(ver)), ver)
+            parts += (b"\x12", varint(len(r.body)), r.body, b"\x1a", varint(len(name_b)), name_b)
         return b"".join(parts)
 
     # -- status ---------------------------------------------------------------------------
@@ -475,7 +475,7 @@ def _vlen(n: int) -> int:
     return max(1, (n.bit_length() + 6) // 7)
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
