@@ -7,7 +7,10 @@ discoveryd, Knot, discoveryd, Knot, ... with dnsperf cycling over all N names
 (shuffled) for `--duration` seconds per round, after one warm-up pass each.
 
 Figures: queries per second and p99 latency (from dnsperf's per-query log, at
-saturation: `-c 4 -q 100`), the QPS ratio discoveryd / Knot, discoveryd's QPS
+saturation: `-c 4 -q 100`), the server's CPU time per answered query (from
+/proc; on two cores dnsperf itself can saturate its CPU before a fast server
+does, so this is the fairer efficiency figure), the QPS ratio discoveryd /
+Knot and the CPU-per-query ratio Knot / discoveryd, discoveryd's QPS
 while the index changes 10 times per second, and discoveryd's resident memory
 with N and with `--big` names (after loading, and after answering each name once).
 
@@ -169,12 +172,23 @@ def _wait_answering(port: int, timeout: float = 30.0) -> None:
 # -- dnsperf --------------------------------------------------------------------------------
 
 
-def dnsperf(port: int, datafile: Path, *, duration: float | None = None, passes: int | None = None) -> dict[str, Any]:
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def dnsperf(
+    port: int, datafile: Path, *, duration: float | None = None, passes: int | None = None, pid: int | None = None
+) -> dict[str, Any]:
+    """One dnsperf run; with `pid`, also the server's CPU microseconds per answered query."""
     cmd = ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(datafile), "-c", "4", "-q", "100", "-v"]
     cmd += ["-l", str(duration)] if duration else ["-n", str(passes or 1)]
+    cpu_before = _cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(
         cmd, capture_output=True, text=True, check=True, preexec_fn=lambda: os.sched_setaffinity(0, CLIENT_CPU)
     ).stdout
+    cpu = _cpu_seconds(pid) - cpu_before if pid else 0.0
     latencies: list[float] = []
     figures: dict[str, Any] = {}
     for line in out.splitlines():
@@ -188,6 +202,8 @@ def dnsperf(port: int, datafile: Path, *, duration: float | None = None, passes:
             figures["completed"] = int(line.split(":")[1].split()[0])
     figures["p99_ms"] = percentile(latencies, 99) * 1000
     figures["p50_ms"] = percentile(latencies, 50) * 1000
+    if pid and figures.get("completed"):
+        figures["server_cpu_us_per_query"] = cpu / figures["completed"] * 1e6
     return figures
 
 
@@ -229,28 +245,45 @@ def main(argv: list[str]) -> None:
         data = _datafile(work, args.names, "queries.txt")
         runs: dict[str, list[dict[str, Any]]] = {"discoveryd": [], "knot": []}
         d_port, k_port = _free_port(), _free_port()
-        with discoveryd(args.names, d_port), knot(args.names, k_port, work):
+        with discoveryd(args.names, d_port) as d_proc, knot(args.names, k_port, work) as k_proc:
             dnsperf(d_port, data, passes=1)
             dnsperf(k_port, data, passes=1)
             for _ in range(args.rounds):
-                runs["discoveryd"].append(dnsperf(d_port, data, duration=args.duration))
-                runs["knot"].append(dnsperf(k_port, data, duration=args.duration))
+                runs["discoveryd"].append(dnsperf(d_port, data, duration=args.duration, pid=d_proc.pid))
+                runs["knot"].append(dnsperf(k_port, data, duration=args.duration, pid=k_proc.pid))
         rows = []
         for server, results in runs.items():
             qps = sum(r["qps"] for r in results) / len(results)
             p99 = max(r["p99_ms"] for r in results)
+            cpu = sum(r["server_cpu_us_per_query"] for r in results) / len(results)
             lost = sum(r.get("lost", 0) for r in results)
-            figures[server] = {"qps": round(qps), "p99_ms": round(p99, 3), "lost": lost, "runs": results}
-            rows.append([server, f"{qps:,.0f}", f"{p99:.3f}", lost])
+            figures[server] = {
+                "qps": round(qps),
+                "p99_ms": round(p99, 3),
+                "server_cpu_us_per_query": round(cpu, 2),
+                "lost": lost,
+                "runs": results,
+            }
+            rows.append([server, f"{qps:,.0f}", f"{p99:.3f}", f"{cpu:.2f}", lost])
         ratio = figures["discoveryd"]["qps"] / figures["knot"]["qps"]
         figures["qps_ratio_discoveryd_over_knot"] = round(ratio, 3)
+        cpu_ratio = figures["knot"]["server_cpu_us_per_query"] / figures["discoveryd"]["server_cpu_us_per_query"]
+        figures["cpu_efficiency_ratio_discoveryd_over_knot"] = round(cpu_ratio, 3)
 
         port = _free_port()
-        with discoveryd(args.names, port, churn=10.0):
+        with discoveryd(args.names, port, churn=10.0) as proc:
             dnsperf(port, data, passes=1)
-            churned = dnsperf(port, data, duration=args.duration)
+            churned = dnsperf(port, data, duration=args.duration, pid=proc.pid)
         figures["discoveryd_churn_10_per_s"] = churned
-        rows.append(["discoveryd, 10 changes/s", f"{churned['qps']:,.0f}", f"{churned['p99_ms']:.3f}", churned["lost"]])
+        rows.append(
+            [
+                "discoveryd, 10 changes/s",
+                f"{churned['qps']:,.0f}",
+                f"{churned['p99_ms']:.3f}",
+                f"{churned['server_cpu_us_per_query']:.2f}",
+                churned["lost"],
+            ]
+        )
 
         memory = []
         for names in (args.names, args.big):
@@ -268,8 +301,8 @@ def main(argv: list[str]) -> None:
                 "startup_s": round(load_s, 2),
             }
 
-    print(table(rows, ["server", "QPS", "p99 ms", "lost"]))
-    print(f"QPS ratio discoveryd / Knot: {ratio:.2f}")
+    print(table(rows, ["server", "QPS", "p99 ms", "server CPU us/query", "lost"]))
+    print(f"QPS ratio discoveryd / Knot: {ratio:.2f}; CPU per query ratio Knot / discoveryd: {cpu_ratio:.2f}")
     print()
     print(table(memory, ["names", "RSS MiB loaded", "RSS MiB after answering all", "startup s"]))
     write_results("dns", figures, command)

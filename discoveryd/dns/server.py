@@ -24,15 +24,14 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from dnslib import QTYPE, DNSRecord
 
 from discoveryd.config import DnsConfig, split_hostport
-from discoveryd.dns import metrics
+from discoveryd.dns import metrics, udp
 from discoveryd.dns.answer import BADVERS, FORMERR, NOTIMP, REFUSED, SERVFAIL, Authority, Edns, encode, error_response
 from discoveryd.dns.forward import Forwarder, Upstream
 from discoveryd.dns.records import RecordTable
@@ -45,8 +44,6 @@ _MAX_FORWARDS = 1024
 """Forwarded queries in flight; beyond this, new ones get SERVFAIL at once."""
 _BIND_ATTEMPTS = 20
 """Tries to find a port free for both TCP and UDP when listening on port 0."""
-_UDP_BATCH = 64
-"""Datagrams read per readiness callback before yielding to the loop."""
 _UDP_BUFFER = 1 << 20
 """Requested socket buffer size (the kernel caps it at net.core.[rw]mem_max)."""
 _CLASS_IN = 1
@@ -156,7 +153,7 @@ class DnsServer:
                 if port == 0 and e.errno == errno.EADDRINUSE:
                     continue
                 raise OSError(e.errno, f"dns: cannot listen on {host}:{bound}/udp: {e.strerror or e}") from e
-            loop.add_reader(sock.fileno(), _Udp(self, sock).readable)
+            loop.add_reader(sock.fileno(), udp.reader(sock, self).readable)
             return server, sock, bound
         raise OSError(errno.EADDRINUSE, f"dns: no port free for both udp and tcp on {host}")
 
@@ -172,6 +169,25 @@ class DnsServer:
             log.exception("dns: failed to answer a query from %s", client)
             metrics.DROPPED.labels("error").inc()
             return error_response(data, SERVFAIL)
+
+    def answer_fast(self, data: bytes) -> bytes | None:
+        """UDP hot path (`udp.Answerer`): the cached reply, or None. Never raises."""
+        try:
+            if self._index.snapshot is not self._snapshot:
+                self._sync()
+            return self._authority.fast(data, False)
+        except Exception:
+            log.exception("dns: answer cache failed")
+            metrics.DROPPED.labels("error").inc()
+            return None
+
+    def answer(self, data: bytes, client: Any, send: Callable[[bytes], None]) -> bytes | None:
+        """UDP miss path (`udp.Answerer`): the reply, or None when dropped or forwarded (then `send` gets it)."""
+        out = self.handle(data, str(client[0]), False)
+        if isinstance(out, _Forward):
+            self.forward(out, False, send)
+            return None
+        return out
 
     def _parse(self, data: bytes, client: str, tcp: bool) -> bytes | _Forward | None:
         if len(data) < 12:
@@ -240,13 +256,13 @@ class DnsServer:
             self._allowed[client] = allowed
         return allowed
 
-    def forward(self, job: _Forward, tcp: bool, send: Any) -> None:
+    def forward(self, job: _Forward, tcp: bool, send: Callable[[bytes], None]) -> None:
         """Resolve `job` upstream in a task owned by `serve()`, then `send(response)`."""
         task = asyncio.get_running_loop().create_task(self._forward(job, tcp, send))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _forward(self, job: _Forward, tcp: bool, send: Any) -> None:
+    async def _forward(self, job: _Forward, tcp: bool, send: Callable[[bytes], None]) -> None:
         try:
             out = await self._forwarder.resolve(job.qname, job.qtype, job.qclass, job.edns, tcp, job.qid, job.rd)
         except Exception:
@@ -303,42 +319,6 @@ class DnsServer:
                     await writer.drain()
             except (TimeoutError, ConnectionError):
                 return
-
-
-class _Udp:
-    """One UDP socket, read in batches when readable; answers are sent from the read callback.
-
-    No transport, protocol or task per packet. A reply that the socket buffer cannot take
-    right now is dropped, as a lost datagram would be; the client retries.
-    """
-
-    def __init__(self, server: DnsServer, sock: socket.socket) -> None:
-        self._server = server
-        self._sock = sock
-
-    def readable(self) -> None:
-        sock, handle = self._sock, self._server.handle
-        for _ in range(_UDP_BATCH):
-            try:
-                data, addr = sock.recvfrom(0xFFFF)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                # ICMP errors for earlier replies surface here (client gone): nothing to do.
-                continue
-            out = handle(data, addr[0], False)
-            if out is None:
-                continue
-            if isinstance(out, _Forward):
-                self._server.forward(out, False, partial(self.send, addr=addr))
-            else:
-                self.send(out, addr)
-
-    def send(self, out: bytes, addr: Any) -> None:
-        try:
-            self._sock.sendto(out, addr)
-        except OSError:
-            metrics.DROPPED.labels("udp_send").inc()
 
 
 def _udp_socket(host: str, port: int) -> socket.socket:

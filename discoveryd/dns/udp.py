@@ -1,0 +1,218 @@
+"""UDP serving: read every ready datagram per wake-up, answer from the read callback.
+
+Data flow: the event loop calls `readable()` when the socket has datagrams.
+Each one goes to `Answerer.answer_fast` (the answer cache, no parsing); on a
+miss the peer address is decoded and the packet goes to `Answerer.answer`,
+which may return a forwarding job (sent later through `send`).
+
+On Linux, `MmsgSocket` moves up to 64 datagrams per system call each way
+(recvmmsg/sendmmsg through ctypes, with buffers allocated once); elsewhere,
+or if libc lacks those calls, `PlainSocket` uses recvfrom/sendto. Both drop a
+reply the socket buffer cannot take right now, as the network might: the
+client retries.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+import struct
+import sys
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from discoveryd.dns import metrics
+
+BATCH = 64
+"""Datagrams per recvmmsg/sendmmsg call (and per wake-up for the plain socket)."""
+_RECV_SIZE = 4096
+"""Largest query accepted over UDP; longer datagrams are dropped."""
+_SEND_SIZE = 2048
+"""Reply slot size; UDP replies are at most 1232 bytes, larger ones go out with sendto."""
+_NAME_SIZE = 28
+"""sizeof(struct sockaddr_in6), enough for either family."""
+_MSG_DONTWAIT = 0x40
+_MSG_TRUNC = 0x20
+
+
+class Answerer(Protocol):
+    def answer_fast(self, data: bytes) -> bytes | None:
+        """The cached reply to a UDP query, or None."""
+
+    def answer(self, data: bytes, client: Any, send: Callable[[bytes], None]) -> bytes | None:
+        """The reply to a UDP query from `client` (an address tuple), or None (dropped, or sent later via `send`)."""
+
+
+class PlainSocket:
+    """recvfrom/sendto, one datagram per call."""
+
+    def __init__(self, sock: socket.socket, answerer: Answerer) -> None:
+        self._sock = sock
+        self._answerer = answerer
+
+    def readable(self) -> None:
+        sock, fast, answer = self._sock, self._answerer.answer_fast, self._answerer.answer
+        for _ in range(BATCH):
+            try:
+                data, addr = sock.recvfrom(0xFFFF)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # ICMP errors for earlier replies (client gone)
+            out = fast(data)
+            if out is None:
+                out = answer(data, addr, _sender(sock, addr))
+            if out is not None:
+                _sendto(sock, out, addr)
+
+
+def _sendto(sock: socket.socket, out: bytes, addr: Any) -> None:
+    try:
+        sock.sendto(out, addr)
+    except OSError:
+        metrics.DROPPED.labels("udp_send").inc()
+
+
+def _sender(sock: socket.socket, addr: Any) -> Callable[[bytes], None]:
+    return lambda out: _sendto(sock, out, addr)
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+class _Msghdr(ctypes.Structure):
+    _fields_ = [
+        ("name", ctypes.c_void_p),
+        ("namelen", ctypes.c_uint32),
+        ("iov", ctypes.c_void_p),
+        ("iovlen", ctypes.c_size_t),
+        ("control", ctypes.c_void_p),
+        ("controllen", ctypes.c_size_t),
+        ("flags", ctypes.c_int),
+    ]
+
+
+class _Mmsghdr(ctypes.Structure):
+    _fields_ = [("hdr", _Msghdr), ("len", ctypes.c_uint)]
+
+
+_SIZE = ctypes.sizeof(_Mmsghdr)
+_NAMELEN = _Msghdr.namelen.offset
+_FLAGS = _Msghdr.flags.offset
+_LEN = _Mmsghdr.len.offset
+_IOV_LEN = _Iovec.len.offset
+_IOV_SIZE = ctypes.sizeof(_Iovec)
+
+
+def _libc_mmsg() -> tuple[Any, Any] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        recv, send = libc.recvmmsg, libc.sendmmsg
+    except (OSError, AttributeError):
+        return None
+    recv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
+    send.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+    return recv, send
+
+
+_MMSG = _libc_mmsg()
+
+
+class MmsgSocket:
+    """recvmmsg/sendmmsg with fixed buffers: `BATCH` receive slots, `BATCH` reply slots.
+
+    Replies reuse the sender's address bytes from the receive slot, so a cache hit never
+    builds a Python address tuple.
+    """
+
+    def __init__(self, sock: socket.socket, answerer: Answerer) -> None:
+        assert _MMSG is not None
+        self._recvmmsg, self._sendmmsg = _MMSG
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._answerer = answerer
+        self._family = sock.family
+        self._rbuf = ctypes.create_string_buffer(BATCH * _RECV_SIZE)
+        self._sbuf = ctypes.create_string_buffer(BATCH * _SEND_SIZE)
+        self._names = ctypes.create_string_buffer(BATCH * _NAME_SIZE)
+        self._riov = (_Iovec * BATCH)()
+        self._siov = (_Iovec * BATCH)()
+        self._rmsgs = (_Mmsghdr * BATCH)()
+        self._smsgs = (_Mmsghdr * BATCH)()
+        rbase, sbase = ctypes.addressof(self._rbuf), ctypes.addressof(self._sbuf)
+        self._name_at = [ctypes.addressof(self._names) + i * _NAME_SIZE for i in range(BATCH)]
+        for i in range(BATCH):
+            self._riov[i].base, self._riov[i].len = rbase + i * _RECV_SIZE, _RECV_SIZE
+            hdr = self._rmsgs[i].hdr
+            hdr.name, hdr.namelen = self._name_at[i], _NAME_SIZE
+            hdr.iov, hdr.iovlen = ctypes.addressof(self._riov[i]), 1
+            self._siov[i].base = sbase + i * _SEND_SIZE
+            self._smsgs[i].hdr.iov, self._smsgs[i].hdr.iovlen = ctypes.addressof(self._siov[i]), 1
+        self._rview = memoryview(self._rmsgs).cast("B")
+        self._sview = memoryview(self._smsgs).cast("B")
+        self._siov_view = memoryview(self._siov).cast("B")
+        self._rdata = memoryview(self._rbuf).cast("B")
+        self._sdata = memoryview(self._sbuf).cast("B")
+        self._names_view = memoryview(self._names).cast("B")
+        self._used = BATCH
+
+    def readable(self) -> None:
+        while self._batch() == BATCH:
+            pass
+
+    def _batch(self) -> int:
+        rview, pack_into, unpack_from = self._rview, struct.pack_into, struct.unpack_from
+        for i in range(self._used):
+            pack_into("I", rview, i * _SIZE + _NAMELEN, _NAME_SIZE)
+        n = int(self._recvmmsg(self._fd, self._rmsgs, BATCH, _MSG_DONTWAIT, None))
+        if n <= 0:
+            self._used = 0
+            return 0
+        self._used = n
+        fast, rdata, sdata = self._answerer.answer_fast, self._rdata, self._sdata
+        replies = 0
+        for i in range(n):
+            base = i * _SIZE
+            size = unpack_from("I", rview, base + _LEN)[0]
+            if unpack_from("i", rview, base + _FLAGS)[0] & _MSG_TRUNC:
+                metrics.DROPPED.labels("oversized").inc()
+                continue
+            start = i * _RECV_SIZE
+            data = bytes(rdata[start : start + size])
+            out = fast(data)
+            if out is None:
+                addr = self._address(i, unpack_from("I", rview, base + _NAMELEN)[0])
+                out = self._answerer.answer(data, addr, _sender(self._sock, addr))
+                if out is None:
+                    continue
+            if len(out) > _SEND_SIZE:
+                _sendto(self._sock, out, self._address(i, unpack_from("I", rview, base + _NAMELEN)[0]))
+                continue
+            slot = replies * _SEND_SIZE
+            sdata[slot : slot + len(out)] = out
+            pack_into("N", self._siov_view, replies * _IOV_SIZE + _IOV_LEN, len(out))
+            pack_into("P", self._sview, replies * _SIZE, self._name_at[i])
+            pack_into("I", self._sview, replies * _SIZE + _NAMELEN, unpack_from("I", rview, base + _NAMELEN)[0])
+            replies += 1
+        if replies:
+            sent = int(self._sendmmsg(self._fd, self._smsgs, replies, _MSG_DONTWAIT))
+            if sent < replies:
+                metrics.DROPPED.labels("udp_send").inc(replies - max(sent, 0))
+        return n
+
+    def _address(self, i: int, namelen: int) -> Any:
+        """The peer of receive slot `i` as a socket address tuple."""
+        start = i * _NAME_SIZE
+        raw = bytes(self._names_view[start : start + namelen])
+        port = int.from_bytes(raw[2:4], "big")
+        if self._family == socket.AF_INET6:
+            return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, 0, int.from_bytes(raw[24:28], sys.byteorder))
+        return (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
+
+
+def reader(sock: socket.socket, answerer: Answerer) -> PlainSocket | MmsgSocket:
+    """The fastest UDP reader this platform supports for `sock`."""
+    return MmsgSocket(sock, answerer) if _MMSG is not None else PlainSocket(sock, answerer)
