@@ -23,7 +23,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from discoveryd.config import DnsConfig
-from discoveryd.dns import DnsServer
+from discoveryd.dns import DnsServer, udp
 from discoveryd.index import Index
 from discoveryd.model import (
     CONSUL_DATACENTER_LABEL,
@@ -40,7 +40,7 @@ from discoveryd.model import (
     ZoneFlavor,
 )
 from tests.helpers import eventually
-from tests.unit.test_dns_harness import CLUSTER, ask, raw_udp, rrs, running
+from tests.unit.test_dns_harness import CLUSTER, ask, raw_udp, rrs, running, upstream_server
 
 SOA_CLUSTER = "cluster.local. 30 IN SOA ns.dns.cluster.local. hostmaster.cluster.local. {serial} 7200 1800 86400 30"
 SOA_CONSUL = "consul. 30 IN SOA ns.dns.consul. hostmaster.consul. {serial} 7200 1800 86400 30"
@@ -588,3 +588,31 @@ async def test_metrics_count_queries_and_cache_hits(server: DnsServer) -> None:
     for _ in range(2):
         await ask(server, "big.mesh.local.", "A", edns=False)
     assert sample("discoveryd_dns_truncated_total") == t0 + 2
+
+
+@pytest.mark.parametrize("batched", [True, False])
+async def test_udp_readers_answer_hits_misses_and_forwards(
+    index: Index, monkeypatch: pytest.MonkeyPatch, batched: bool
+) -> None:
+    if not batched:
+        monkeypatch.setattr(udp, "_MMSG", None)
+    elif udp._MMSG is None:
+        pytest.skip("recvmmsg/sendmmsg not available here")
+    fill(index)
+    async with upstream_server("ok") as up, running(index, forward=[up.address]) as srv:
+        for _ in range(2):  # a miss, then a cache hit
+            reply = await ask(srv, "web.default.svc.cluster.local.", "A")
+            assert rrs(reply.answer) == ["web.default.svc.cluster.local. 30 IN A 10.96.0.10"]
+        forwarded = await ask(srv, "elsewhere.example.", "A")
+        assert rrs(forwarded.answer) == ["elsewhere.example. 300 IN A 192.0.2.1"]
+
+
+async def test_ipv6_listener(index: Index) -> None:
+    fill(index)
+    async with running(index, listen=["[::1]:0"], forward=[]) as srv:
+        assert srv.addresses[0][0] == "::1"
+        reply = await ask(srv, "web.default.svc.cluster.local.", "A")
+        assert rrs(reply.answer) == ["web.default.svc.cluster.local. 30 IN A 10.96.0.10"]
+        assert (await ask(srv, "elsewhere.example.", "A", "tcp")).rcode() == dns.rcode.REFUSED
+        ns = await ask(srv, "cluster.local.", "NS")
+        assert rrs(ns.additional) == ["ns.dns.cluster.local. 30 IN AAAA ::1"]

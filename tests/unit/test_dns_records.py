@@ -1,0 +1,180 @@
+"""Records built from services, table bookkeeping, resolution edge cases, and the raw question scanner."""
+
+from __future__ import annotations
+
+import dns.message
+import dns.rdatatype
+from dnslib import QTYPE
+from hypothesis import given
+from hypothesis import strategies as st
+
+from discoveryd.dns.answer import NOERROR, NXDOMAIN, Authority, resolve
+from discoveryd.dns.records import RecordTable, consul_hex, dashed, service_records
+from discoveryd.dns.wire import MAX_UDP, scan, subkey
+from discoveryd.model import (
+    CONSUL_TAG_PREFIX,
+    Endpoint,
+    Health,
+    Hostname,
+    Port,
+    Resolution,
+    Service,
+    Zone,
+    ZoneFlavor,
+)
+
+MESH = Zone(Hostname("mesh.local"))
+K8S = Zone(Hostname("cluster.local"), ZoneFlavor.KUBERNETES)
+CONSUL = Zone(Hostname("consul"), ZoneFlavor.CONSUL)
+
+
+def table(*services: Service, zones: tuple[Zone, ...] = (MESH, K8S, CONSUL)) -> RecordTable:
+    t = RecordTable(zones, 30, ["127.0.0.1"], 1)
+    t.load({s.hostname: s for s in services})
+    return t
+
+
+def owners(svc: Service, zone: Zone | None) -> dict[str, list[str]]:
+    return {name: sorted(str(r.rdata) for r in recs) for name, recs in service_records(svc, zone).items()}
+
+
+def test_label_helpers() -> None:
+    assert dashed("10.0.0.1") == "10-0-0-1"
+    assert dashed("fd00::1") == "fd00-0000-0000-0000-0000-0000-0000-0001"
+    assert consul_hex("192.0.2.42") == "c000022a"
+
+
+def test_plain_service_skips_what_is_not_an_ip() -> None:
+    svc = Service(
+        Hostname("odd.mesh.local"),
+        addresses=("10.0.0.0/24",),
+        resolution=Resolution.NONE,
+        endpoints=(
+            Endpoint("unix:///run/app.sock"),
+            Endpoint("not-an-ip.example"),
+            Endpoint("fd00::5", hostname="Pod-A"),
+            Endpoint("10.0.0.9", health=Health.UNHEALTHY),
+        ),
+    )
+    got = owners(svc, MESH)
+    assert got["odd.mesh.local"] == ["fd00::5"]
+    assert got["pod-a.odd.mesh.local"] == ["fd00::5"]
+    assert "10-0-0-9.odd.mesh.local" not in got
+    assert list(got) == [
+        "odd.mesh.local",
+        "pod-a.odd.mesh.local",
+        "5.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa",
+    ]
+
+
+def test_kubernetes_name_rules_apply_only_to_service_names() -> None:
+    # Not <svc>.<ns>.svc.<domain>: plain rules (unknown health counts as serving), not headless rules.
+    svc = Service(Hostname("odd.cluster.local"), endpoints=(Endpoint("10.0.0.1", health=Health.UNKNOWN),))
+    assert owners(svc, K8S)["odd.cluster.local"] == ["10.0.0.1"]
+    headless = Service(Hostname("h.ns.svc.cluster.local"), endpoints=(Endpoint("10.0.0.1", health=Health.UNKNOWN),))
+    assert owners(headless, K8S) == {}
+
+
+def test_consul_without_datacenter_uses_plain_addr_names() -> None:
+    svc = Service(
+        Hostname("web.service.consul"),
+        ports=(Port(80, "http"),),
+        endpoints=(Endpoint("10.0.0.1", labels={CONSUL_TAG_PREFIX + "V2": ""}),),
+    )
+    got = owners(svc, CONSUL)
+    assert got["0a000001.addr.consul"] == ["10.0.0.1"]
+    assert got["v2.web.service.consul"] == ["0 1 80 0a000001.addr.consul.", "10.0.0.1"]
+    assert got["_web._v2.service.consul"] == ["0 1 80 0a000001.addr.consul."]
+
+
+def test_table_forgets_everything_it_was_given() -> None:
+    svc = Service(Hostname("a.b.mesh.local"), ports=(Port(80, "http"),), endpoints=(Endpoint("10.0.0.1"),))
+    t = table(svc)
+    static = RecordTable((MESH, K8S, CONSUL), 30, ["127.0.0.1"], 1).names()
+    assert t.names() > static and t.has_descendants("b.mesh.local")
+    affected = t.update({}, [svc.hostname])
+    assert {"a.b.mesh.local", "_http._tcp.a.b.mesh.local", "1.0.0.10.in-addr.arpa"} <= affected
+    assert t.names() == static
+    assert not t.has_descendants("b.mesh.local") and not t.has_descendants("in-addr.arpa")
+
+
+def test_shared_owner_names_merge_and_unmerge() -> None:
+    one = Service(Hostname("one.mesh.local"), addresses=("10.0.0.1",))
+    two = Service(Hostname("two.mesh.local"), addresses=("10.0.0.1",))
+    t = table(one, two)
+    ptr = t.node("1.0.0.10.in-addr.arpa")
+    assert ptr is not None and sorted(str(p) for p in ptr[QTYPE.PTR]) == ["one.mesh.local.", "two.mesh.local."]
+    t.update({one.hostname: one}, [two.hostname])
+    ptr = t.node("1.0.0.10.in-addr.arpa")
+    assert ptr is not None and [str(p) for p in ptr[QTYPE.PTR]] == ["one.mesh.local."]
+
+
+def test_wildcard_outside_zones_yields_to_a_closer_encloser() -> None:
+    t = table(
+        Service(Hostname("*.example.com"), addresses=("240.0.0.1",)),
+        Service(Hostname("api.example.com"), addresses=("240.0.0.2",)),
+    )
+    assert resolve(t, "x.example.com", QTYPE.A) is not None
+    assert resolve(t, "x.api.example.com", QTYPE.A) is None  # closest encloser api.example.com has no wildcard
+    assert resolve(t, "example.com", QTYPE.A) is None
+
+
+def test_cname_loop_terminates() -> None:
+    t = table(
+        Service(Hostname("a.mesh.local"), resolution=Resolution.DNS, endpoints=(Endpoint("b.mesh.local"),)),
+        Service(Hostname("b.mesh.local"), resolution=Resolution.DNS, endpoints=(Endpoint("a.mesh.local"),)),
+    )
+    resolved = resolve(t, "a.mesh.local", QTYPE.A)
+    assert resolved is not None and resolved.rcode == NOERROR
+    assert 2 <= len(resolved.answer) <= 8
+
+
+def test_cname_to_missing_in_zone_name_is_nxdomain() -> None:
+    t = table(Service(Hostname("a.mesh.local"), resolution=Resolution.DNS, endpoints=(Endpoint("gone.mesh.local"),)))
+    resolved = resolve(t, "a.mesh.local", QTYPE.A)
+    assert resolved is not None and resolved.rcode == NXDOMAIN and len(resolved.answer) == 1
+    assert [rr.rtype for rr in resolved.authority] == [QTYPE.SOA]
+
+
+def test_authority_forgets_changed_names_and_their_ancestors() -> None:
+    svc = Service(Hostname("x.y.mesh.local"), endpoints=(Endpoint("10.0.0.1"),))
+    authority = Authority(table(svc))
+    for name in ("x.y.mesh.local", "y.mesh.local", "other.mesh.local"):
+        authority.answer(tuple(p.encode() for p in name.split(".")), QTYPE.A, 1, None, False, 1, 0x0100)
+    assert authority.cached() == 3
+    authority.update({}, [svc.hostname])
+    assert authority.cached() == 1  # other.mesh.local's NXDOMAIN does not depend on x.y
+
+
+@given(
+    name=st.sampled_from(["a.mesh.local.", "WWW.Example.COM.", ".", "_http._tcp.x.y."]),
+    rdtype=st.sampled_from(["A", "AAAA", "SRV", "HTTPS", "ANY"]),
+    edns=st.sampled_from([False, 0]),
+    payload=st.integers(0, 65535),
+    do=st.booleans(),
+    tcp=st.booleans(),
+)
+def test_scan_reads_what_dnspython_wrote(
+    name: str, rdtype: str, edns: int | bool, payload: int, do: bool, tcp: bool
+) -> None:
+    query = dns.message.make_query(name, rdtype, use_edns=edns, payload=payload, want_dnssec=do and edns is not False)
+    wire = query.to_wire()
+    qend = 12 + len(query.question[0].name.to_wire())
+    if edns is False:
+        limit, want_do = 512, False
+    else:
+        limit, want_do = max(512, min(payload, MAX_UDP)), do
+    expected = subkey(dns.rdatatype.from_text(rdtype), 1, 0xFFFF if tcp else limit, want_do)
+    assert scan(wire, tcp) == (qend, expected)
+
+
+def test_scan_declines_everything_but_plain_queries() -> None:
+    wire = dns.message.make_query("a.mesh.local.", "A", use_edns=0).to_wire()
+    response = bytearray(wire)
+    response[2] |= 0x80
+    version1 = dns.message.make_query("a.mesh.local.", "A", use_edns=1).to_wire()
+    assert scan(bytes(response), False) is None
+    assert scan(version1, False) is None
+    assert scan(wire + b"\x00", False) is None
+    assert scan(wire[:-1], False) is None
+    assert scan(wire[:20], False) is None
