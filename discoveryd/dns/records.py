@@ -64,15 +64,14 @@ _STATIC = Hostname("")
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One record's type and data at some owner name. `key` identifies it for de-duplication."""
+    """One record's type and data (a dnslib RD, compared by value) at some owner name."""
 
     rtype: int
     rdata: Any
-    key: str
 
 
 def record(rtype: int, rdata: Any) -> Record:
-    return Record(rtype, rdata, f"{rtype} {rdata}")
+    return Record(rtype, rdata)
 
 
 def label(name: str) -> tuple[bytes, ...]:
@@ -151,7 +150,7 @@ class _Builder:
         self.add(owner, record(QTYPE.SRV, SRV(_u16(priority), _u16(weight), _u16(port), label(target))))
 
 
-def service_records(svc: Service, zone: Zone | None) -> dict[str, list[Record]]:
+def service_records(svc: Service, zone: Zone | None) -> dict[str, tuple[Record, ...]]:
     """The records `svc` contributes, by owner name, under the naming rules of `zone` (None: outside every zone)."""
     b = _Builder()
     if zone is not None and zone.flavor is ZoneFlavor.KUBERNETES and _is_kubernetes_name(svc.hostname, zone):
@@ -160,7 +159,7 @@ def service_records(svc: Service, zone: Zone | None) -> dict[str, list[Record]]:
         _consul(svc, zone, b)
     else:
         _plain(svc, b)
-    return dict(b.names)
+    return {name: tuple(recs) for name, recs in b.names.items()}
 
 
 def _is_kubernetes_name(host: str, zone: Zone) -> bool:
@@ -288,9 +287,9 @@ class RecordTable:
         self.zones = tuple(sorted(zones, key=lambda z: -len(z.name)))
         self._serial = serial
         self._ns_addresses = tuple(ns_addresses)
-        self._contributions: dict[Hostname, dict[str, list[Record]]] = {}
-        self._names: dict[str, dict[int, list[Any]]] = {}
-        self._contributors: dict[str, set[Hostname]] = {}
+        self._contributions: dict[Hostname, dict[str, tuple[Record, ...]]] = {}
+        self._names: dict[str, dict[int, tuple[Any, ...]]] = {}
+        self._contributors: dict[str, tuple[Hostname, ...]] = {}
         self._below: dict[str, int] = defaultdict(int)
         self._set(_STATIC, self._zone_records())
 
@@ -304,7 +303,7 @@ class RecordTable:
                 return zone
         return None
 
-    def node(self, name: str) -> Mapping[int, list[Any]] | None:
+    def node(self, name: str) -> Mapping[int, tuple[Any, ...]] | None:
         """The records at `name` by type, or None when no records are owned there."""
         return self._names.get(name)
 
@@ -340,22 +339,20 @@ class RecordTable:
             affected |= self._set(host, new)
         return affected
 
-    def _set(self, host: Hostname, records: dict[str, list[Record]]) -> set[str]:
+    def _set(self, host: Hostname, records: dict[str, tuple[Record, ...]]) -> set[str]:
         old = self._contributions.pop(host, {})
         if records:
             self._contributions[host] = records
         touched = {n for n in old if old[n] != records.get(n)} | {n for n in records if n not in old}
         for name in touched:
-            contributors = self._contributors.setdefault(name, set())
-            if name in records:
-                contributors.add(host)
-            else:
-                contributors.discard(host)
+            others = tuple(h for h in self._contributors.get(name, ()) if h != host)
+            contributors = (*others, host) if name in records else others
             existed = name in self._names
             if contributors:
+                self._contributors[name] = contributors
                 self._names[name] = self._merge(name, contributors)
             else:
-                del self._contributors[name]
+                self._contributors.pop(name, None)
                 self._names.pop(name, None)
             if existed != (name in self._names):
                 step = 1 if not existed else -1
@@ -365,17 +362,17 @@ class RecordTable:
                         del self._below[parent]
         return touched
 
-    def _merge(self, name: str, contributors: set[Hostname]) -> dict[int, list[Any]]:
+    def _merge(self, name: str, contributors: tuple[Hostname, ...]) -> dict[int, tuple[Any, ...]]:
+        """Records of every contributor at `name`, by type, duplicates removed, in hostname order."""
         by_type: dict[int, list[Any]] = {}
-        seen: set[str] = set()
-        for host in sorted(contributors):
+        for host in sorted(contributors) if len(contributors) > 1 else contributors:
             for rec in self._contributions[host][name]:
-                if rec.key not in seen:
-                    seen.add(rec.key)
-                    by_type.setdefault(rec.rtype, []).append(rec.rdata)
-        return by_type
+                same = by_type.setdefault(rec.rtype, [])
+                if len(contributors) == 1 or rec.rdata not in same:
+                    same.append(rec.rdata)
+        return {rtype: tuple(rdatas) for rtype, rdatas in by_type.items()}
 
-    def _zone_records(self) -> dict[str, list[Record]]:
+    def _zone_records(self) -> dict[str, tuple[Record, ...]]:
         b = _Builder()
         for zone in self.zones:
             ns = f"ns.dns.{zone.name}" if zone.name else "ns.dns"
@@ -385,4 +382,4 @@ class RecordTable:
                 b.address(ns, ip)
             if zone.flavor is ZoneFlavor.KUBERNETES:
                 b.add(f"dns-version.{zone.name}", record(QTYPE.TXT, TXT(KUBERNETES_DNS_VERSION)))
-        return dict(b.names)
+        return {name: tuple(recs) for name, recs in b.names.items()}
