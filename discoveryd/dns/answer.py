@@ -21,7 +21,7 @@ registered under those names.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +62,7 @@ class Resolved:
     """Owner names read besides the question's (cache dependencies)."""
 
 
-def _find(table: RecordTable, name: str, in_zone: bool) -> Any:
+def _find(table: RecordTable, name: str, in_zone: bool) -> Mapping[int, tuple[Any, ...]] | None:
     """The records answering for `name` (exact, empty non-terminal `{}`, or a wildcard's), or None."""
     node = table.node(name)
     if node is not None:
@@ -77,12 +77,13 @@ def _find(table: RecordTable, name: str, in_zone: bool) -> Any:
     return None
 
 
-def resolve(table: RecordTable, qname: str, qtype: int) -> Resolved | None:
+def resolve(table: RecordTable, qname: str, qtype: int, qlabels: Sequence[bytes] | None = None) -> Resolved | None:
     """Our answer for (qname, qtype), or None when the name is not ours (forward it).
 
     A name is ours when it is at or under a zone, or is (or matches a wildcard
     of) a host or reverse name we hold records for. Names outside every zone
-    never get an empty non-terminal NODATA or an NXDOMAIN from us.
+    never get an empty non-terminal NODATA or an NXDOMAIN from us. `qlabels`,
+    the question's own labels, name the records owned by the question.
     """
     ttl = table.ttl
     zone = table.zone_of(qname)
@@ -99,7 +100,7 @@ def resolve(table: RecordTable, qname: str, qtype: int) -> Resolved | None:
             if zone is not None:
                 rcode = NXDOMAIN
             break
-        owner = label(name)
+        owner = tuple(qlabels) if hop == 0 and qlabels is not None else label(name)
         if qtype == QTYPE.ANY:
             rtype = next((t for t in _ANY_ORDER if t in node), None)
             if rtype is not None:
@@ -310,7 +311,7 @@ class Authority:
         """
         lowered = tuple(part.lower() for part in qname)
         name = ".".join(p.decode("latin-1").replace(".", "\\.") for p in lowered)
-        resolved = resolve(self.table, name, qtype)
+        resolved = resolve(self.table, name, qtype, lowered)
         if resolved is None:
             return None
         limit = response_limit(edns, tcp)
@@ -367,11 +368,13 @@ class Authority:
 
     # -- invalidation -----------------------------------------------------------------
 
-    def load(self, services: dict[Hostname, Service] | Any) -> None:
+    def load(self, services: Mapping[Hostname, Service]) -> None:
+        """Rebuild every record from `services` and empty the cache."""
         self.table.load(services)
         self.clear()
 
-    def update(self, services: Any, changed: Iterable[Hostname]) -> None:
+    def update(self, services: Mapping[Hostname, Service], changed: Iterable[Hostname]) -> None:
+        """Rebuild the records of the `changed` hostnames and forget the answers that depended on them."""
         self.forget(self.table.update(services, changed))
 
     def clear(self) -> None:

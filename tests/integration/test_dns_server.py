@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import dns.edns
 import dns.flags
 import dns.message
+import dns.name
 import dns.opcode
 import dns.rcode
 import dns.rdatatype
@@ -616,3 +617,11 @@ async def test_ipv6_listener(index: Index) -> None:
         assert (await ask(srv, "elsewhere.example.", "A", "tcp")).rcode() == dns.rcode.REFUSED
         ns = await ask(srv, "cluster.local.", "NS")
         assert rrs(ns.additional) == ["ns.dns.cluster.local. 30 IN AAAA ::1"]
+
+
+async def test_binary_label_under_wildcard_owns_its_answer(server: DnsServer) -> None:
+    name = dns.name.Name([b"\xff\x00X", b"wild", b"example", b"com", b""])
+    raw = await raw_udp(server, dns.message.make_query(name, "A").to_wire())
+    assert raw is not None
+    reply = dns.message.from_wire(raw)
+    assert [(rrset.name, rrset[0].address) for rrset in reply.answer] == [(name, "10.4.0.1")]
