@@ -246,12 +246,29 @@ class _Cached:
         self.live = True
 
     def reply(self, data: bytes, qend: int) -> bytes:
+        """The response to `data`, whose question name ends at `qend`."""
         heads, tail = self.variants[self.turn % self.tails] if self.tails > 1 else self.variants[0]
+        self._count()
+        return data[:2] + heads[(data[2] & 1) | ((data[3] >> 3) & 2)] + data[12:qend] + tail
+
+    def after_id(self, data: bytes, qend: int) -> tuple[bytes, ...]:
+        """Every variant's response to `data` without the ID: fixed for byte-identical queries."""
+        flags = (data[2] & 1) | ((data[3] >> 3) & 2)
+        return tuple(heads[flags] + data[12:qend] + tail for heads, tail in self.variants)
+
+    def pick(self, after_id: tuple[bytes, ...]) -> bytes:
+        """This turn's variant out of `after_id()`."""
+        self._count()
+        return after_id[(self.turn - 1) % self.tails] if self.tails > 1 else after_id[0]
+
+    def _count(self) -> None:
         self.turn += 1
         self.counter.n += 1
         if self.truncated:
             metrics.TRUNCATED.n += 1
-        return data[:2] + heads[(data[2] & 1) | ((data[3] >> 3) & 2)] + data[12:qend] + tail
+
+
+_ExactMap = dict[bytes, tuple[_Cached, tuple[bytes, ...]]]
 
 
 @dataclass(slots=True)
@@ -272,9 +289,9 @@ class Authority:
         self._cache: dict[bytes, _Slot] = {}
         self._size = 0
         self._deps: dict[str, set[bytes]] = {}
-        # Query bytes after the ID → (entry, end of question name), per transport: repeat queries
-        # (same name case, flags and EDNS) skip even `scan`.
-        self._exact: tuple[dict[bytes, tuple[_Cached, int]], dict[bytes, tuple[_Cached, int]]] = ({}, {})
+        # Query bytes after the ID → (entry, its responses after the ID), per transport: a repeated
+        # query (same name case, flags and EDNS) skips even `scan` and costs one concatenation.
+        self._exact: tuple[_ExactMap, _ExactMap] = ({}, {})
 
     # -- hot path ---------------------------------------------------------------------
 
@@ -284,7 +301,7 @@ class Authority:
         known = exact.get(data[2:])
         if known is not None and known[0].live:
             metrics.ANSWER_CACHE_HIT.n += 1
-            return known[0].reply(data, known[1])
+            return data[:2] + known[0].pick(known[1])
         found = scan(data, tcp)
         if found is None:
             return None
@@ -297,7 +314,7 @@ class Authority:
         metrics.ANSWER_CACHE_HIT.n += 1
         if len(exact) >= _EXACT_LIMIT:
             exact.clear()
-        exact[data[2:]] = (cached, qend)
+        exact[data[2:]] = (cached, cached.after_id(data, qend))
         return cached.reply(data, qend)
 
     # -- miss path --------------------------------------------------------------------

@@ -170,16 +170,16 @@ class DnsServer:
             metrics.DROPPED.labels("error").inc()
             return error_response(data, SERVFAIL)
 
-    def answer_fast(self, data: bytes) -> bytes | None:
-        """UDP hot path (`udp.Answerer`): the cached reply, or None. Never raises."""
-        try:
-            if self._index.snapshot is not self._snapshot:
+    def fast_path(self) -> Callable[[bytes, bool], bytes | None]:
+        """UDP batches (`udp.Answerer`): sync with the index, then the answer cache lookup."""
+        if self._index.snapshot is not self._snapshot:
+            try:
                 self._sync()
-            return self._authority.fast(data, False)
-        except Exception:
-            log.exception("dns: answer cache failed")
-            metrics.DROPPED.labels("error").inc()
-            return None
+            except Exception:
+                log.exception("dns: failed to apply index changes; rebuilding on the next packet")
+                metrics.DROPPED.labels("error").inc()
+                self._authority.clear()
+        return self._authority.fast
 
     def answer(self, data: bytes, client: Any, send: Callable[[bytes], None]) -> bytes | None:
         """UDP miss path (`udp.Answerer`): the reply, or None when dropped or forwarded (then `send` gets it)."""

@@ -1,9 +1,10 @@
 """UDP serving: read every ready datagram per wake-up, answer from the read callback.
 
 Data flow: the event loop calls `readable()` when the socket has datagrams.
-Each one goes to `Answerer.answer_fast` (the answer cache, no parsing); on a
-miss the peer address is decoded and the packet goes to `Answerer.answer`,
-which may return a forwarding job (sent later through `send`).
+Each batch starts with `Answerer.fast_path()` (the index cannot change within
+a batch); each datagram goes to that cache lookup (no parsing); on a miss the
+peer address is decoded and the packet goes to `Answerer.answer`, which may
+return a forwarding job's reply later through `send`.
 
 On Linux, `MmsgSocket` moves up to 64 datagrams per system call each way
 (recvmmsg/sendmmsg through ctypes, with buffers allocated once); elsewhere,
@@ -36,8 +37,11 @@ _MSG_TRUNC = 0x20
 
 
 class Answerer(Protocol):
-    def answer_fast(self, data: bytes) -> bytes | None:
-        """The cached reply to a UDP query, or None."""
+    def fast_path(self) -> Callable[[bytes, bool], bytes | None]:
+        """Bring the answers up to date with the index; return the cache lookup for this batch.
+
+        The lookup takes (packet, tcp) and returns the cached reply or None; it never raises.
+        """
 
     def answer(self, data: bytes, client: Any, send: Callable[[bytes], None]) -> bytes | None:
         """The reply to a UDP query from `client` (an address tuple), or None (dropped, or sent later via `send`)."""
@@ -51,7 +55,7 @@ class PlainSocket:
         self._answerer = answerer
 
     def readable(self) -> None:
-        sock, fast, answer = self._sock, self._answerer.answer_fast, self._answerer.answer
+        sock, fast, answer = self._sock, self._answerer.fast_path(), self._answerer.answer
         for _ in range(BATCH):
             try:
                 data, addr = sock.recvfrom(0xFFFF)
@@ -59,7 +63,7 @@ class PlainSocket:
                 return
             except OSError:
                 continue  # ICMP errors for earlier replies (client gone)
-            out = fast(data)
+            out = fast(data, False)
             if out is None:
                 out = answer(data, addr, _sender(sock, addr))
             if out is not None:
@@ -101,6 +105,8 @@ _SIZE = ctypes.sizeof(_Mmsghdr)
 _NAMELEN = _Msghdr.namelen.offset
 _FLAGS = _Msghdr.flags.offset
 _LEN = _Mmsghdr.len.offset
+_FLAGS_AND_LEN = f"i{_LEN - _FLAGS - 4}xI"
+"""One unpack reads msg_flags and msg_len; msg_namelen directly follows msg_name ("PI")."""
 _IOV_LEN = _Iovec.len.offset
 _IOV_SIZE = ctypes.sizeof(_Iovec)
 
@@ -172,17 +178,18 @@ class MmsgSocket:
             self._used = 0
             return 0
         self._used = n
-        fast, rdata, sdata = self._answerer.answer_fast, self._rdata, self._sdata
+        fast, rdata, sdata = self._answerer.fast_path(), self._rdata, self._sdata
+        sview, siov_view, name_at = self._sview, self._siov_view, self._name_at
         replies = 0
         for i in range(n):
             base = i * _SIZE
-            size = unpack_from("I", rview, base + _LEN)[0]
-            if unpack_from("i", rview, base + _FLAGS)[0] & _MSG_TRUNC:
+            flags, size = unpack_from(_FLAGS_AND_LEN, rview, base + _FLAGS)
+            if flags & _MSG_TRUNC:
                 metrics.DROPPED.labels("oversized").inc()
                 continue
             start = i * _RECV_SIZE
             data = bytes(rdata[start : start + size])
-            out = fast(data)
+            out = fast(data, False)
             if out is None:
                 addr = self._address(i, unpack_from("I", rview, base + _NAMELEN)[0])
                 out = self._answerer.answer(data, addr, _sender(self._sock, addr))
@@ -193,9 +200,8 @@ class MmsgSocket:
                 continue
             slot = replies * _SEND_SIZE
             sdata[slot : slot + len(out)] = out
-            pack_into("N", self._siov_view, replies * _IOV_SIZE + _IOV_LEN, len(out))
-            pack_into("P", self._sview, replies * _SIZE, self._name_at[i])
-            pack_into("I", self._sview, replies * _SIZE + _NAMELEN, unpack_from("I", rview, base + _NAMELEN)[0])
+            pack_into("N", siov_view, replies * _IOV_SIZE + _IOV_LEN, len(out))
+            pack_into("PI", sview, replies * _SIZE, name_at[i], unpack_from("I", rview, base + _NAMELEN)[0])
             replies += 1
         if replies:
             sent = int(self._sendmmsg(self._fd, self._smsgs, replies, _MSG_DONTWAIT))
