@@ -141,6 +141,8 @@ class MmsgSocket:
         self._fd = sock.fileno()
         self._answerer = answerer
         self._family = sock.family
+        # The kernel fills in a sockaddr of the socket's family, always of the same length.
+        self._namelen = _NAME_SIZE if sock.family == socket.AF_INET6 else 16
         self._rbuf = ctypes.create_string_buffer(BATCH * _RECV_SIZE)
         self._sbuf = ctypes.create_string_buffer(BATCH * _SEND_SIZE)
         self._names = ctypes.create_string_buffer(BATCH * _NAME_SIZE)
@@ -179,7 +181,7 @@ class MmsgSocket:
             return 0
         self._used = n
         fast, rdata, sdata = self._answerer.fast_path(), self._rdata, self._sdata
-        sview, siov_view, name_at = self._sview, self._siov_view, self._name_at
+        sview, siov_view, name_at, namelen = self._sview, self._siov_view, self._name_at, self._namelen
         replies = 0
         for i in range(n):
             base = i * _SIZE
@@ -201,7 +203,7 @@ class MmsgSocket:
             slot = replies * _SEND_SIZE
             sdata[slot : slot + len(out)] = out
             pack_into("N", siov_view, replies * _IOV_SIZE + _IOV_LEN, len(out))
-            pack_into("PI", sview, replies * _SIZE, name_at[i], unpack_from("I", rview, base + _NAMELEN)[0])
+            pack_into("PI", sview, replies * _SIZE, name_at[i], namelen)
             replies += 1
         if replies:
             sent = int(self._sendmmsg(self._fd, self._smsgs, replies, _MSG_DONTWAIT))
