@@ -9,6 +9,7 @@ try; a truncated UDP reply is retried over TCP with the same upstream; a
 timeout, an unusable reply or SERVFAIL/REFUSED moves on to the next upstream.
 When all fail the client gets SERVFAIL.
 
+Concurrent queries for the same question share one upstream exchange.
 Replies are cached by (lower-cased name, type, class, DO) for the smallest TTL
 in the answer, or for negative replies min(SOA TTL, SOA MINIMUM) (RFC 2308);
 the cache is an LRU of `cache_size` entries. A cached reply is served with
@@ -53,6 +54,10 @@ class _Entry:
     expires: float
 
 
+_Key = tuple[bytes, int, int, bool]
+"""(lower-cased wire name, type, class, DO)."""
+
+
 class UpstreamError(Exception):
     """One exchange with one upstream did not give a usable reply."""
 
@@ -64,7 +69,8 @@ class Forwarder:
         self.upstreams = tuple(upstreams)
         self._timeout = timeout
         self._cache_size = cache_size
-        self._cache: OrderedDict[tuple[bytes, int, int, bool], _Entry] = OrderedDict()
+        self._cache: OrderedDict[_Key, _Entry] = OrderedDict()
+        self._inflight: dict[_Key, asyncio.Future[Any]] = {}
 
     async def resolve(
         self,
@@ -86,13 +92,12 @@ class Forwarder:
             metrics.FORWARDED.labels("cached").inc()
             reply, age = entry.reply, int(now - entry.stored)
         else:
-            reply, age = await self._exchange(qname, qtype, qclass, do), 0
+            reply, age = await self._fetch(key, qname, qtype, qclass, do), 0
             if reply is None:
                 metrics.FORWARDED.labels("failed").inc()
                 metrics.query_counter(qtype, SERVFAIL).inc()
                 return encode(qname, qtype, qclass, SERVFAIL, aa=False, ra=True, rd=rd, qid=qid, edns=edns)
             metrics.FORWARDED.labels("answered").inc()
-            self._store(key, reply, now)
         rcode = reply.header.rcode
         metrics.query_counter(qtype, rcode).inc()
         out = encode(
@@ -113,6 +118,26 @@ class Forwarder:
         if out[2] & 0x02:
             metrics.TRUNCATED.inc()
         return out
+
+    async def _fetch(self, key: _Key, qname: Sequence[bytes], qtype: int, qclass: int, do: bool) -> Any:
+        """The upstream reply for `key` (cached when cacheable), or None; concurrent identical
+        queries share one exchange. Cancelling the task that started it cancels it for all."""
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            reply = await self._exchange(qname, qtype, qclass, do)
+        except BaseException:
+            future.cancel()
+            raise
+        finally:
+            del self._inflight[key]
+        future.set_result(reply)
+        if reply is not None:
+            self._store(key, reply, time.monotonic())
+        return reply
 
     async def _exchange(self, qname: Sequence[bytes], qtype: int, qclass: int, do: bool) -> Any:
         for upstream in self.upstreams:
@@ -135,7 +160,7 @@ class Forwarder:
             return reply
         return None
 
-    def _store(self, key: tuple[bytes, int, int, bool], reply: Any, now: float) -> None:
+    def _store(self, key: _Key, reply: Any, now: float) -> None:
         ttl = min(_cache_ttl(reply), MAX_CACHE_TTL)
         if ttl <= 0 or self._cache_size <= 0:
             return

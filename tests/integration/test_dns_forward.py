@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import dns.flags
+import dns.message
 import dns.rcode
 import dns.rdatatype
 from prometheus_client import REGISTRY
 
+from discoveryd.config import DnsConfig
+from discoveryd.dns import DnsServer
 from discoveryd.index import Index
 from discoveryd.model import Endpoint, Hostname, Service, SourceId
 from tests.helpers import eventually
-from tests.unit.test_dns_harness import ask, rrs, running, upstream_server
+from tests.unit.test_dns_harness import ask, raw_udp, rrs, running, upstream_server
 
 
 async def test_forwarded_answer_has_ra_not_aa_and_is_cached(index: Index) -> None:
@@ -130,3 +135,34 @@ async def test_mesh_names_never_forwarded(index: Index) -> None:
             assert reply.rcode() == dns.rcode.NOERROR and not reply.answer
             assert reply.flags & dns.flags.AA
         assert up.queries.total() == 0
+
+
+async def test_concurrent_identical_queries_share_one_upstream_exchange(index: Index) -> None:
+    async with upstream_server("ok", delay=0.3) as up, running(index, forward=[up.address]) as srv:
+        transports = ["udp"] * 4 + ["tcp"] * 2
+        replies = await asyncio.gather(*(ask(srv, "Same.example.", "A", t) for t in transports))
+        assert [rrs(r.answer) for r in replies] == [["Same.example. 300 IN A 192.0.2.1"]] * len(transports)
+        assert up.queries.total() == 1
+
+
+async def test_shutdown_with_forwards_in_flight_leaves_nothing_behind(index: Index) -> None:
+    async with upstream_server("silent") as up:
+        async with running(index, forward=[up.address], forward_timeout="5s") as srv:
+            host, port = srv.addresses[0]
+            query = dns.message.make_query("pending.example.", "A").to_wire()
+            assert await raw_udp(srv, query, timeout=0.2) is None
+            reader, writer = await asyncio.open_connection(host, port)
+            other = dns.message.make_query("other.example.", "A").to_wire()
+            writer.write(len(other).to_bytes(2, "big") + other)
+            await writer.drain()
+            await eventually(lambda: up.queries.total() >= 2, what="both queries forwarded")
+        # The server is gone: its connection was closed and its port can be bound again.
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        again = DnsServer(DnsConfig(listen=[f"{host}:{port}"]), index, [])
+        task = asyncio.create_task(again.serve())
+        try:
+            await asyncio.wait_for(again.started.wait(), 5)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

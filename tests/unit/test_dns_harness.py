@@ -103,11 +103,13 @@ class Upstream:
 
     mode: "ok" answers A 192.0.2.1 (TTL `ttl`); "nxdomain" answers NXDOMAIN with an SOA;
     "servfail"; "silent" never replies; "truncate" sets TC over UDP and answers fully over TCP.
+    Every reply leaves `delay` seconds after the query arrived.
     """
 
     mode: str = "ok"
     ttl: int = 300
     port: int = 0
+    delay: float = 0.0
     queries: Counter[str] = field(default_factory=Counter)
 
     def reply(self, data: bytes, tcp: bool) -> bytes | None:
@@ -138,8 +140,8 @@ class Upstream:
 
 
 @contextlib.asynccontextmanager
-async def upstream_server(mode: str = "ok", ttl: int = 300) -> AsyncIterator[Upstream]:
-    up = Upstream(mode, ttl, free_port())
+async def upstream_server(mode: str = "ok", ttl: int = 300, delay: float = 0.0) -> AsyncIterator[Upstream]:
+    up = Upstream(mode, ttl, free_port(), delay)
     loop = asyncio.get_running_loop()
 
     class Udp(asyncio.DatagramProtocol):
@@ -149,12 +151,17 @@ async def upstream_server(mode: str = "ok", ttl: int = 300) -> AsyncIterator[Ups
         def datagram_received(self, data: bytes, addr: Any) -> None:
             out = up.reply(data, False)
             if out is not None:
+                loop.call_later(up.delay, self.send, out, addr)
+
+        def send(self, out: bytes, addr: Any) -> None:
+            if not self.transport.is_closing():
                 self.transport.sendto(out, addr)
 
     async def tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             size = int.from_bytes(await reader.readexactly(2), "big")
             out = up.reply(await reader.readexactly(size), True)
+            await asyncio.sleep(up.delay)
             if out is not None:
                 writer.write(len(out).to_bytes(2, "big") + out)
                 await writer.drain()
