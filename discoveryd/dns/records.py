@@ -131,23 +131,36 @@ def _cname_target(svc: Service) -> str | None:
     return None
 
 
+def encodable(name: str) -> bool:
+    """Whether `name` fits the wire: labels of 1..63 bytes, 253 characters in all (the root is `""`)."""
+    if not name:
+        return True
+    if len(name) > 253:
+        return False
+    return all(0 < len(part) <= 63 for part in name.encode("ascii", "replace").split(b"."))
+
+
 class _Builder:
-    """Accumulates one service's records by owner name."""
+    """Accumulates one service's records by owner name, leaving out names that cannot go on the wire."""
 
     def __init__(self) -> None:
         self.names: dict[str, list[Record]] = defaultdict(list)
 
-    def add(self, owner: str, rec: Record) -> None:
-        self.names[owner].append(rec)
+    def add(self, owner: str, rec: Record, target: str = "") -> None:
+        if encodable(owner) and encodable(target):
+            self.names[owner].append(rec)
 
     def address(self, owner: str, ip: str) -> None:
         self.add(owner, address_record(ip))
 
     def ptr(self, ip: str, target: str) -> None:
-        self.add(reverse_name(ip), record(QTYPE.PTR, PTR(label(target))))
+        self.add(reverse_name(ip), record(QTYPE.PTR, PTR(label(target))), target)
 
     def srv(self, owner: str, priority: int, weight: int, port: int, target: str) -> None:
-        self.add(owner, record(QTYPE.SRV, SRV(_u16(priority), _u16(weight), _u16(port), label(target))))
+        self.add(owner, record(QTYPE.SRV, SRV(_u16(priority), _u16(weight), _u16(port), label(target))), target)
+
+    def cname(self, owner: str, target: str) -> None:
+        self.add(owner, record(QTYPE.CNAME, CNAME(label(target))), target)
 
 
 def service_records(svc: Service, zone: Zone | None) -> dict[str, tuple[Record, ...]]:
@@ -216,7 +229,7 @@ def _plain(svc: Service, b: _Builder) -> None:
         return
     target = _cname_target(svc)
     if target is not None:
-        b.add(svc.hostname, record(QTYPE.CNAME, CNAME(label(target))))
+        b.cname(svc.hostname, target)
         return
     _with_endpoints(svc, (ep for ep in svc.endpoints if ep.health.serving), b)
 
@@ -228,7 +241,7 @@ def _kubernetes(svc: Service, b: _Builder) -> None:
         return
     target = _cname_target(svc)
     if target is not None:
-        b.add(svc.hostname, record(QTYPE.CNAME, CNAME(label(target))))
+        b.cname(svc.hostname, target)
         return
     # Headless: only ready endpoints; none ready leaves the name without records (NXDOMAIN).
     _with_endpoints(svc, (ep for ep in svc.endpoints if ep.health is Health.HEALTHY), b)

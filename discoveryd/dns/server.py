@@ -159,12 +159,19 @@ class DnsServer:
 
     # -- per query --------------------------------------------------------------------
 
-    def handle(self, data: bytes, client: str, tcp: bool) -> bytes | _Forward | None:
-        """The response to one packet, a forwarding job, or None to drop it. Never raises."""
+    def handle(self, data: bytes, client: str, tcp: bool, *, cache_tried: bool = False) -> bytes | _Forward | None:
+        """The response to one packet, a forwarding job, or None to drop it. Never raises.
+
+        `cache_tried`: the caller already synced and looked `data` up in the answer cache.
+        """
         try:
-            if self._index.snapshot is not self._snapshot:
-                self._sync()
-            return self._authority.fast(data, tcp) or self._parse(data, client, tcp)
+            if not cache_tried:
+                if self._index.snapshot is not self._snapshot:
+                    self._sync()
+                out = self._authority.fast(data, tcp)
+                if out is not None:
+                    return out
+            return self._parse(data, client, tcp)
         except Exception:
             log.exception("dns: failed to answer a query from %s", client)
             metrics.DROPPED.labels("error").inc()
@@ -183,7 +190,7 @@ class DnsServer:
 
     def answer(self, data: bytes, client: Any, send: Callable[[bytes], None]) -> bytes | None:
         """UDP miss path (`udp.Answerer`): the reply, or None when dropped or forwarded (then `send` gets it)."""
-        out = self.handle(data, str(client[0]), False)
+        out = self.handle(data, str(client[0]), False, cache_tried=True)
         if isinstance(out, _Forward):
             self.forward(out, False, send)
             return None
@@ -238,6 +245,7 @@ class DnsServer:
             return encode(qname, qtype, qclass, REFUSED, aa=False, rd=rd, qid=qid, edns=edns)
         if len(self._tasks) >= _MAX_FORWARDS:
             metrics.FORWARDED.labels("failed").inc()
+            metrics.query_counter(qtype, SERVFAIL).inc()
             return encode(qname, qtype, qclass, SERVFAIL, aa=False, ra=True, rd=rd, qid=qid, edns=edns)
         return _Forward(tuple(qname), qtype, qclass, edns, qid, rd)
 

@@ -178,3 +178,17 @@ def test_scan_declines_everything_but_plain_queries() -> None:
     assert scan(wire + b"\x00", False) is None
     assert scan(wire[:-1], False) is None
     assert scan(wire[:20], False) is None
+
+
+def test_names_that_cannot_go_on_the_wire_are_left_out() -> None:
+    long_label = "x" * 64
+    svc = Service(
+        Hostname(f"{long_label}.mesh.local"),
+        ports=(Port(80, "http"),),
+        endpoints=(Endpoint("10.0.0.1"),),
+    )
+    assert owners(svc, MESH) == {}
+    ext = Service(Hostname("ext.mesh.local"), resolution=Resolution.DNS, endpoints=(Endpoint("a..b.example"),))
+    assert owners(ext, MESH) == {}
+    pod = Service(Hostname("p.mesh.local"), endpoints=(Endpoint("10.0.0.2", hostname=long_label),))
+    assert sorted(owners(pod, MESH)) == ["p.mesh.local"]
