@@ -4,7 +4,8 @@ In process, every packet goes through `DnsServer.handle` (the function both tran
 it must never raise, never hit its own last-resort error path, and return either nothing, a
 forwarding job, or a response carrying the query's ID. Over the wire, a server running in a
 thread of its own gets the same packets over UDP and TCP (including lying length prefixes and
-half-sent messages), and must keep answering a valid query within a deadline after each one.
+half-sent messages), and must keep answering a valid query within a deadline after each one. That
+server runs on uvloop, the loop production uses; every other DNS test runs on asyncio's own.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import dns.message
 import dns.query
 import dns.rcode
 import pytest
+import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
@@ -114,9 +116,9 @@ def test_handler_never_raises(handler: DnsServer, packet: bytes, tcp: bool) -> N
 
 @pytest.fixture(scope="module")
 def threaded_server() -> Iterator[tuple[str, int]]:
-    """A DnsServer on its own event loop in a thread, so that blocking sockets can drive it."""
+    """A DnsServer on its own uvloop (as in production) in a thread, so that blocking sockets can drive it."""
     server = DnsServer(DnsConfig(listen=["127.0.0.1:0"], tcp_idle_timeout="1s"), _index(), [CLUSTER, CONSUL, MESH])
-    loop = asyncio.new_event_loop()
+    loop = uvloop.new_event_loop()
     task: asyncio.Task[None] | None = None
 
     def run() -> None:
