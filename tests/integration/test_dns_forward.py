@@ -126,7 +126,7 @@ async def test_refused_for_clients_outside_allow_forward_from(index: Index) -> N
         assert up.queries["udp"] == 1
 
 
-async def test_mesh_names_never_forwarded(index: Index) -> None:
+async def test_mesh_host_answered_and_its_relatives_forwarded(index: Index) -> None:
     shard = index.writer(SourceId("files/local"))
     shard.replace([Service(Hostname("api.partner.example"), addresses=("240.240.0.9",))])
     async with upstream_server("ok") as up, running(index, forward=[up.address]) as srv:
@@ -135,6 +135,11 @@ async def test_mesh_names_never_forwarded(index: Index) -> None:
             assert reply.rcode() == dns.rcode.NOERROR and not reply.answer
             assert reply.flags & dns.flags.AA
         assert up.queries.total() == 0
+        # Its parent and siblings are not ours: forwarded, never NXDOMAIN'd.
+        for name in ("partner.example.", "www.partner.example.", "x.api.partner.example."):
+            reply = await ask(srv, name, "A")
+            assert rrs(reply.answer) == [f"{name} 300 IN A 192.0.2.1"] and reply.flags & dns.flags.RA
+        assert up.queries.total() == 3
 
 
 async def test_concurrent_identical_queries_share_one_upstream_exchange(index: Index) -> None:
