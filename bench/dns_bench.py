@@ -14,7 +14,7 @@ Knot and the CPU-per-query ratio Knot / discoveryd, discoveryd's QPS
 while the index changes 10 times per second, and discoveryd's resident memory
 with N and with `--big` names (after loading, and after answering each name once).
 
-Run: `python -m bench dns` or `python -m bench.dns_bench [--duration 10] [--rounds 2]`.
+Run: `python -m bench dns` or `python -m bench.dns_bench [--duration 8] [--rounds 3]`.
 Needs `dnsperf` and `knotd` (Debian: `apt-get install dnsperf knot`).
 """
 
@@ -223,8 +223,8 @@ def _datafile(workdir: Path, names: int, name: str) -> Path:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.dns_bench")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured round")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds per server, alternating")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per measured round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per server, alternating")
     parser.add_argument("--names", type=int, default=10_000)
     parser.add_argument("--big", type=int, default=100_000, help="names for the second memory figure")
     parser.add_argument("--serve", nargs=3, metavar=("NAMES", "PORT", "CHURN"), help=argparse.SUPPRESS)
