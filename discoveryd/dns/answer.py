@@ -1,11 +1,15 @@
 """Authoritative answers: resolution over the record table, wire encoding, and the answer cache.
 
-Data flow: `Authority.fast()` is the hot path. It reads the question straight
-from the packet (`wire.scan`), looks it up in the cache by the lower-cased
-question name, then by (type, class, size limit, DO), and returns the
-pre-built response with the query's ID, RD/CD bits and question case patched
-in. Answer owner names are compressed against the question, so patching the
-question's case also gives the owner names the query's case.
+Data flow: `Authority.fast()` is the hot path. A query whose bytes after the
+ID were seen before is answered from an exact-bytes map: the stored response
+minus its ID, prefixed with the query's ID. Otherwise it reads the question
+straight from the packet (`wire.scan`), looks it up in the cache by the
+lower-cased question name, then by (type, class, size limit, DO), and returns
+the pre-built response with the query's ID, RD/CD bits and question case
+patched in. Answer owner names are compressed against the question, so
+patching the question's case also gives the owner names the query's case.
+Multi-address answers are pre-built in up to `_ROTATIONS` orders and served
+in turn.
 
 On a miss the server parses the packet with dnslib and calls `answer()`:
 `resolve()` walks the table (CNAME chains, wildcards per RFC 4592, empty
