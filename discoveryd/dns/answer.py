@@ -281,8 +281,13 @@ _ExactMap = dict[bytes, tuple[_Cached, tuple[bytes, ...]]]
 
 @dataclass(slots=True)
 class _Slot:
+    """The cached answers for one question name (lower-cased wire form `key`)."""
+
+    key: bytes
     name: str
     answers: dict[int, _Cached] = field(default_factory=dict)
+    reads: set[str] = field(default_factory=set)
+    """Other owner names these answers were built from (registered in `Authority._deps`)."""
 
 
 def _wire_name(name: str) -> bytes:
@@ -381,7 +386,7 @@ class Authority:
         if slot is None:
             while self._size >= _CACHE_LIMIT and self._cache:
                 self._drop(self._cache.pop(next(iter(self._cache))))
-            slot = self._cache[key] = _Slot(name)
+            slot = self._cache[key] = _Slot(key, name)
         previous = slot.answers.get(sub)
         if previous is None:
             self._size += 1
@@ -390,6 +395,7 @@ class Authority:
         slot.answers[sub] = cached
         for read in reads:
             self._deps.setdefault(read, set()).add(key)
+            slot.reads.add(read)
 
     # -- invalidation -----------------------------------------------------------------
 
@@ -430,7 +436,14 @@ class Authority:
         metrics.RECORD_NAMES.set(self.table.names())
 
     def _drop(self, slot: _Slot) -> None:
+        """Account for a slot leaving the cache: its entries die, its dependencies go."""
         self._size -= len(slot.answers)
+        for read in slot.reads:
+            keys = self._deps.get(read)
+            if keys is not None:
+                keys.discard(slot.key)
+                if not keys:
+                    del self._deps[read]
         for cached in slot.answers.values():
             cached.live = False
 

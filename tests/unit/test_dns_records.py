@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dns.message
 import dns.rdatatype
+import pytest
 from dnslib import QTYPE
 from hypothesis import given
 from hypothesis import strategies as st
 
+from discoveryd.dns import answer as answer_module
 from discoveryd.dns.answer import NOERROR, NXDOMAIN, Authority, resolve
 from discoveryd.dns.records import RecordTable, consul_hex, dashed, service_records
 from discoveryd.dns.wire import MAX_UDP, scan, subkey
@@ -192,3 +194,17 @@ def test_names_that_cannot_go_on_the_wire_are_left_out() -> None:
     assert owners(ext, MESH) == {}
     pod = Service(Hostname("p.mesh.local"), endpoints=(Endpoint("10.0.0.2", hostname=long_label),))
     assert sorted(owners(pod, MESH)) == ["p.mesh.local"]
+
+
+def test_cache_stays_bounded_under_random_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(answer_module, "_CACHE_LIMIT", 50)
+    wildcard = Service(Hostname("*.w.mesh.local"), resolution=Resolution.DNS, endpoints=(Endpoint("t.mesh.local"),))
+    target = Service(Hostname("t.mesh.local"), endpoints=(Endpoint("10.0.0.1"),))
+    authority = Authority(table(wildcard, target))
+    for i in range(500):
+        out = authority.answer((f"r{i}".encode(), b"w", b"mesh", b"local"), QTYPE.A, 1, None, False, i, 0)
+        assert out is not None
+    assert authority.cached() == 50
+    assert len(authority._deps["t.mesh.local"]) == 50
+    authority.update({wildcard.hostname: wildcard}, [target.hostname])
+    assert authority.cached() == 0 and not authority._deps
