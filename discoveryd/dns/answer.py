@@ -96,18 +96,21 @@ def resolve(table: RecordTable, qname: str, qtype: int, qlabels: Sequence[bytes]
     reads: set[str] = set()
     rotate = (0, 0)
     rcode = NOERROR
+    negative = False
     for hop in range(_MAX_CHAIN):
         node = _find(table, name, zone is not None)
         if node is None:
             if hop == 0 and zone is None:
                 return None
             if zone is not None:
-                rcode = NXDOMAIN
+                rcode, negative = NXDOMAIN, True
             break
         owner = tuple(qlabels) if hop == 0 and qlabels is not None else label(name)
         if qtype == QTYPE.ANY:
             rtype = next((t for t in _ANY_ORDER if t in node), None)
-            if rtype is not None:
+            if rtype is None:
+                negative = True
+            else:
                 answer.extend(RR(owner, rtype, CLASS_IN, ttl, rd) for rd in node[rtype])
             break
         if qtype in node:
@@ -117,6 +120,7 @@ def resolve(table: RecordTable, qname: str, qtype: int, qlabels: Sequence[bytes]
                 rotate = (start, len(answer))
             break
         if QTYPE.CNAME not in node:
+            negative = True
             break
         cname = node[QTYPE.CNAME][0]
         answer.append(RR(owner, QTYPE.CNAME, CLASS_IN, ttl, cname))
@@ -126,11 +130,10 @@ def resolve(table: RecordTable, qname: str, qtype: int, qlabels: Sequence[bytes]
         if zone is None and table.node(name) is None:
             break
     authority: list[Any] = []
-    if not answer or rcode == NXDOMAIN:
-        zone = table.zone_of(name)
-        if zone is not None:
-            soa = table.soa(zone)
-            authority.append(RR(label(zone.name), QTYPE.SOA, CLASS_IN, min(ttl, soa.times[4]), soa))
+    if negative and zone is not None:
+        # RFC 2308: the SOA of the zone that holds the last name, for min(SOA TTL, MINIMUM).
+        soa = table.soa(zone)
+        authority.append(RR(label(zone.name), QTYPE.SOA, CLASS_IN, min(ttl, soa.times[4]), soa))
     additional = _glue(table, answer, reads)
     return Resolved(rcode, tuple(answer), tuple(authority), tuple(additional), rotate, frozenset(reads))
 

@@ -45,6 +45,7 @@ from tests.unit.test_dns_harness import CLUSTER, ask, raw_udp, rrs, running, ups
 
 SOA_CLUSTER = "cluster.local. 30 IN SOA ns.dns.cluster.local. hostmaster.cluster.local. {serial} 7200 1800 86400 30"
 SOA_CONSUL = "consul. 30 IN SOA ns.dns.consul. hostmaster.consul. {serial} 7200 1800 86400 30"
+SOA_MESH = "mesh.local. 30 IN SOA ns.dns.mesh.local. hostmaster.mesh.local. {serial} 7200 1800 86400 30"
 
 
 def _ep(address: str, **kw: object) -> Endpoint:
@@ -313,6 +314,12 @@ CASES = [
             "users.mesh.local. 30 IN A 10.3.0.1",
             "users.mesh.local. 30 IN A 10.3.0.2",
         ),
+    ),
+    Case(
+        "alias.mesh.local.",
+        "AAAA",
+        answer=("alias.mesh.local. 30 IN CNAME users.mesh.local.",),
+        authority=(SOA_MESH,),
     ),
     # Hosts outside every zone: the name itself (or under its wildcard) is ours, its relatives are not.
     Case("api.stripe.com.", "A", answer=("api.stripe.com. 30 IN A 240.240.0.1",)),
