@@ -11,7 +11,7 @@ patching the question's case also gives the owner names the query's case.
 Multi-address answers are pre-built in up to `_ROTATIONS` orders and served
 in turn.
 
-On a miss the server parses the packet with dnslib and calls `answer()`:
+On a miss the server reads the query (`wire.parse`) and calls `answer()`:
 `resolve()` walks the table (CNAME chains, wildcards per RFC 4592, empty
 non-terminals), `encode()` packs the response with truncation, and the
 result is cached unless the name is not ours (then the caller forwards).

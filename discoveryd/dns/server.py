@@ -2,8 +2,8 @@
 
 Data flow per packet: bring the record table up to the index's current
 snapshot if it moved (only the hostnames the index reports changed are
-rebuilt), try the answer cache on the raw bytes (`Authority.fast`), else parse
-with dnslib and apply the protocol rules here (FORMERR, NOTIMP, BADVERS,
+rebuilt), try the answer cache on the raw bytes (`Authority.fast`), else read
+the query (`wire.parse`) and apply the protocol rules here (FORMERR, NOTIMP, BADVERS,
 REFUSED), then ask the authority; a name that is not ours goes to the
 forwarder in a task of its own, for clients in `dns.allow_forward_from` only.
 
@@ -28,10 +28,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dnslib import QTYPE, DNSRecord
+from dnslib import QTYPE
 
 from discoveryd.config import DnsConfig, split_hostport
-from discoveryd.dns import metrics, udp
+from discoveryd.dns import metrics, udp, wire
 from discoveryd.dns.answer import BADVERS, FORMERR, NOTIMP, REFUSED, SERVFAIL, Authority, Edns, encode, error_response
 from discoveryd.dns.forward import Forwarder, Upstream
 from discoveryd.dns.records import RecordTable
@@ -204,39 +204,32 @@ class DnsServer:
             metrics.DROPPED.labels("response").inc()
             return None
         try:
-            msg = DNSRecord.parse(data)
-        except Exception:  # dnslib raises several types on malformed input
+            query = wire.parse(data)
+        except wire.FormatError:
             metrics.query_counter(0, FORMERR).inc()
             return error_response(data, FORMERR)
-        qid, rd = msg.header.id, bool(msg.header.rd)
-        question = None
-        if len(msg.questions) == 1:
-            q = msg.questions[0]
-            question = (q.qname.label, q.qtype, q.qclass)
-        if msg.header.opcode != 0:
+        qid, rd, question = query.qid, bool(query.flags & 0x0100), query.question
+        if query.opcode != 0:
             metrics.query_counter(0, NOTIMP).inc()
             return error_response(data, NOTIMP, question)
         if question is None:
             metrics.query_counter(0, FORMERR).inc()
             return error_response(data, FORMERR)
         qname, qtype, qclass = question
-        opts = [rr for rr in msg.ar if rr.rtype == QTYPE.OPT]
-        if len(opts) > 1:
+        if query.opts > 1:
             metrics.query_counter(qtype, FORMERR).inc()
             return error_response(data, FORMERR, question)
         edns = None
-        if opts:
-            version = (opts[0].ttl >> 16) & 0xFF
-            edns = Edns(udp_size=opts[0].rclass, do=bool(opts[0].ttl & 0x8000), version=version)
-            if version:
+        if query.opts:
+            edns = Edns(udp_size=query.udp_size, do=query.do, version=query.edns_version)
+            if query.edns_version:
                 metrics.query_counter(qtype, BADVERS).inc()
                 return encode(qname, qtype, qclass, BADVERS, aa=False, rd=rd, qid=qid, edns=edns)
         if qtype == QTYPE.OPT or qclass != _CLASS_IN or qtype in _ZONE_TRANSFERS:
             rcode = FORMERR if qtype == QTYPE.OPT else REFUSED
             metrics.query_counter(qtype, rcode).inc()
             return encode(qname, qtype, qclass, rcode, aa=False, rd=rd, qid=qid, edns=edns)
-        flags = (data[2] << 8) | data[3]
-        answer = self._authority.answer(qname, qtype, qclass, edns, tcp, qid, flags)
+        answer = self._authority.answer(qname, qtype, qclass, edns, tcp, qid, query.flags)
         if answer is not None:
             return answer
         if not self._forwarder.upstreams or not self._may_forward(client):
@@ -247,7 +240,7 @@ class DnsServer:
             metrics.FORWARDED.labels("failed").inc()
             metrics.query_counter(qtype, SERVFAIL).inc()
             return encode(qname, qtype, qclass, SERVFAIL, aa=False, ra=True, rd=rd, qid=qid, edns=edns)
-        return _Forward(tuple(qname), qtype, qclass, edns, qid, rd)
+        return _Forward(qname, qtype, qclass, edns, qid, rd)
 
     def _may_forward(self, client: str) -> bool:
         allowed = self._allowed.get(client)

@@ -1,4 +1,4 @@
-"""Reading the question of a plain query straight from the packet, without a DNS library.
+"""Reading queries straight from the packet, without a DNS library.
 
 `scan()` accepts only the common shape: a query (QR=0, opcode QUERY) with one
 uncompressed question, no answer or authority records, and at most one
@@ -6,9 +6,16 @@ additional record that is an EDNS version 0 OPT at the root, ending exactly at
 the end of the packet. Anything else returns None and takes the full parse.
 It returns where the question name ends and the answer cache sub-key
 (`subkey()`), so that a cache hit needs no further decoding.
+
+`parse()` reads any other query: header, question (labels kept as raw bytes,
+so that every legal label works), and the OPT record if any; the server
+applies the protocol rules to the result.
 """
 
 from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
 
 MAX_UDP = 1232
 """The UDP payload size we advertise and never exceed (DNS flag day 2020)."""
@@ -60,3 +67,117 @@ def scan(data: bytes, tcp: bool) -> tuple[int, int] | None:
         limit = (data[fixed + 3] << 8) | data[fixed + 4]
         limit = 512 if limit < 512 else MAX_UDP if limit > MAX_UDP else limit
     return qend, subkey(qtype, qclass, limit, bool(data[fixed + 7] & 0x80))
+
+
+class FormatError(ValueError):
+    """The packet is not a well-formed DNS message (answered with FORMERR)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """What the server needs from a query that `scan()` declined, read by `parse()`."""
+
+    qid: int
+    flags: int
+    """Bytes 2..3 of the header."""
+    question: tuple[tuple[bytes, ...], int, int] | None
+    """(labels as sent, type, class) when QDCOUNT is 1."""
+    opts: int
+    """How many OPT records the additional section holds."""
+    udp_size: int = 512
+    edns_version: int = 0
+    do: bool = False
+
+    @property
+    def opcode(self) -> int:
+        return (self.flags >> 11) & 0xF
+
+
+def parse(data: bytes) -> Query:
+    """Read a query's header, question and OPT record. Labels may hold any bytes (RFC 2181 11).
+
+    Raises FormatError for a message that cannot be read: short, a label or name too long,
+    a compression pointer that does not point backwards, records running past the end.
+    """
+    if len(data) < 12:
+        raise FormatError("shorter than a header")
+    qdcount, ancount, nscount, arcount = struct.unpack_from("!HHHH", data, 4)
+    qid, flags = struct.unpack_from("!HH", data, 0)
+    offset = 12
+    question = None
+    for _ in range(qdcount):
+        labels, offset = _name(data, offset)
+        qtype, qclass = _unpack("!HH", data, offset)
+        offset += 4
+        if qdcount == 1:
+            question = (labels, qtype, qclass)
+    for _ in range(ancount + nscount):
+        offset = _skip_record(data, offset)
+    opts, udp_size, version, do = 0, 512, 0, False
+    for _ in range(arcount):
+        labels, offset = _name(data, offset)
+        rtype, rclass, ttl, rdlength = _unpack("!HHIH", data, offset)
+        offset += 10 + rdlength
+        if offset > len(data):
+            raise FormatError("record data runs past the end")
+        if rtype == _OPT:
+            if labels:
+                raise FormatError("OPT record not at the root")
+            opts += 1
+            if opts == 1:
+                udp_size, version, do = rclass, (ttl >> 16) & 0xFF, bool(ttl & 0x8000)
+    return Query(qid, flags, question, opts, udp_size, version, do)
+
+
+_OPT = 41
+_MAX_NAME = 255
+_MAX_POINTERS = 32
+
+
+def _unpack(fmt: str, data: bytes, offset: int) -> tuple[int, ...]:
+    try:
+        return struct.unpack_from(fmt, data, offset)
+    except struct.error:
+        raise FormatError("message ends inside a record") from None
+
+
+def _name(data: bytes, offset: int) -> tuple[tuple[bytes, ...], int]:
+    """The labels of the name at `offset` and the offset just after it (following compression pointers)."""
+    labels: list[bytes] = []
+    length = 1
+    end = None
+    pointers = 0
+    while True:
+        if offset >= len(data):
+            raise FormatError("message ends inside a name")
+        size = data[offset]
+        if size & 0xC0 == 0xC0:
+            if offset + 1 >= len(data):
+                raise FormatError("message ends inside a compression pointer")
+            target = ((size & 0x3F) << 8) | data[offset + 1]
+            if end is None:
+                end = offset + 2
+            pointers += 1
+            if target >= offset or pointers > _MAX_POINTERS:
+                raise FormatError("compression pointer does not point backwards")
+            offset = target
+            continue
+        if size & 0xC0:
+            raise FormatError("unknown label type")
+        offset += 1
+        if size == 0:
+            return tuple(labels), offset if end is None else end
+        length += size + 1
+        if length > _MAX_NAME or offset + size > len(data):
+            raise FormatError("name too long or cut short")
+        labels.append(data[offset : offset + size])
+        offset += size
+
+
+def _skip_record(data: bytes, offset: int) -> int:
+    _, offset = _name(data, offset)
+    (rdlength,) = _unpack("!H", data, offset + 8)
+    offset += 10 + rdlength
+    if offset > len(data):
+        raise FormatError("record data runs past the end")
+    return offset

@@ -626,10 +626,14 @@ async def test_ipv6_listener(index: Index) -> None:
         assert rrs(ns.additional) == ["ns.dns.cluster.local. 30 IN AAAA ::1"]
 
 
-async def test_unusual_label_under_wildcard_owns_its_answer(server: DnsServer) -> None:
-    # A label holding a dot and a NUL byte (legal on the wire, RFC 2181 11).
-    name = dns.name.Name([b"Dot.ted\x00X", b"wild", b"example", b"com", b""])
+@pytest.mark.parametrize("odd", [b"Dot.ted\x00X", b"\xff\xfe", b"\xc3\x89t\xc3\xa9"])
+async def test_any_label_bytes_under_wildcard(server: DnsServer, odd: bytes) -> None:
+    # Labels may hold any bytes (RFC 2181 11): a dot, NUL, invalid UTF-8, UTF-8.
+    name = dns.name.Name([odd, b"wild", b"example", b"com", b""])
     raw = await raw_udp(server, dns.message.make_query(name, "A").to_wire())
     assert raw is not None
     reply = dns.message.from_wire(raw)
     assert [(rrset.name, rrset[0].address) for rrset in reply.answer] == [(name, "10.4.0.1")]
+    nx = dns.name.Name([odd, b"mesh", b"local", b""])
+    reply = dns.message.from_wire(await raw_udp(server, dns.message.make_query(nx, "A").to_wire()) or b"")
+    assert reply.rcode() == dns.rcode.NXDOMAIN and reply.question[0].name == nx

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import dns.message
 import dns.rdatatype
+import dns.rrset
 import pytest
 from dnslib import QTYPE
 from hypothesis import given
 from hypothesis import strategies as st
 
 from discoveryd.dns import answer as answer_module
+from discoveryd.dns import wire
 from discoveryd.dns.answer import NOERROR, NXDOMAIN, Authority, resolve
 from discoveryd.dns.records import RecordTable, consul_hex, dashed, service_records
 from discoveryd.dns.wire import MAX_UDP, scan, subkey
@@ -208,3 +212,35 @@ def test_cache_stays_bounded_under_random_names(monkeypatch: pytest.MonkeyPatch)
     assert len(authority._deps["t.mesh.local"]) == 50
     authority.update({wildcard.hostname: wildcard}, [target.hostname])
     assert authority.cached() == 0 and not authority._deps
+
+
+def test_parse_reads_question_and_opt_past_other_sections() -> None:
+    query = dns.message.make_query("Mixed.Case.example.", "SRV", use_edns=0, payload=1400, want_dnssec=True)
+    query.answer.append(dns.rrset.from_text("x.example.", 30, "IN", "A", "192.0.2.1"))
+    parsed = wire.parse(query.to_wire())
+    assert parsed.qid == query.id and parsed.opcode == 0
+    assert parsed.question == ((b"Mixed", b"Case", b"example"), dns.rdatatype.SRV, 1)
+    assert (parsed.opts, parsed.udp_size, parsed.edns_version, parsed.do) == (1, 1400, 0, True)
+
+
+@pytest.mark.parametrize(
+    ("tail", "why"),
+    [
+        (b"\xc0\x0c\x00\x01\x00\x01", "pointer to itself"),
+        (b"\xc0\x20\x00\x01\x00\x01", "pointer forwards"),
+        (b"\x41abc\x00\x00\x01\x00\x01", "label type 01"),
+        (b"\x05ab", "cut inside a label"),
+        (b"\x01a\x00\x00", "cut inside the question"),
+        ((b"\x3f" + b"a" * 63) * 4 + b"\x00\x00\x01\x00\x01", "name > 255"),
+    ],
+)
+def test_parse_rejects_malformed_names(tail: bytes, why: str) -> None:
+    header = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+    with pytest.raises(wire.FormatError):
+        wire.parse(header + tail)
+
+
+@given(st.binary(min_size=12, max_size=300))
+def test_parse_raises_only_format_errors(data: bytes) -> None:
+    with contextlib.suppress(wire.FormatError):
+        wire.parse(data)
