@@ -23,6 +23,7 @@ same rule as /readyz.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -78,7 +79,7 @@ class _RegistryTask:
 @dataclass(slots=True)
 class _ServerTask:
     section: Any
-    task: asyncio.Task[None]
+    task: asyncio.Task[Any]
     server: Any = None
 
 
@@ -108,7 +109,7 @@ class Supervisor:
                 self._tg = tg
                 for reg_cfg in self.config.registries:
                     self._start_registry(reg_cfg)
-                self._start_servers()
+                self._start_servers(self.config)
                 tg.create_task(self._reload_loop(), name="reload")
                 tg.create_task(self._notify_ready(), name="sd-notify")
                 self.started.set()
@@ -174,12 +175,37 @@ class Supervisor:
         entry = self._servers.get("xds")
         return entry.server.syncz() if entry is not None else {}
 
-    def _start_servers(self, names: tuple[str, ...] = ("admin", "xds", "dns")) -> None:
+    def _start_servers(self, cfg: Config, names: tuple[str, ...] = ("admin", "xds", "dns")) -> None:
+        """Start servers: one that cannot bind ends the TaskGroup, and `run` exits 1."""
         assert self._tg is not None
         for name in names:
-            section, server = self._make_server(name, self.config)
+            section, server = self._make_server(name, cfg)
             task = self._tg.create_task(server.serve(), name=f"server:{name}")
             self._servers[name] = _ServerTask(section, task, server)
+
+    async def _restart_server(self, name: str, new: Config, old: Config) -> Config:
+        """Restart a server with its new section; if it cannot start, go back to the old one.
+
+        Returns the config actually in force for that server. Only a server
+        that fails again with the section it was running with ends the daemon.
+        """
+        assert self._tg is not None
+        await self._stop_server(name)
+        section, server = self._make_server(name, new)
+        task = self._tg.create_task(_serve_or_report(server), name=f"server:{name}")
+        self._servers[name] = _ServerTask(section, task, server)
+        started = asyncio.ensure_future(server.started.wait())
+        await asyncio.wait({started, task}, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if server.started.is_set():
+            log.info("%s server restarted with its new config", name)
+            return new
+        error = task.result() if task.done() and not task.cancelled() else None
+        log.error("reload: the %s server cannot start with its new config (%s); keeping the previous one", name, error)
+        self._servers.pop(name)
+        fallback = dataclasses.replace(new, **{name: getattr(old, name)})
+        self._start_servers(fallback, (name,))
+        return fallback
 
     async def _stop_server(self, name: str) -> None:
         entry = self._servers.pop(name)
@@ -198,6 +224,8 @@ class Supervisor:
             except ConfigError as e:
                 for problem in e.problems:
                     log.error("reload rejected, keeping the running config: %s", problem)
+            except Exception:
+                log.exception("reload failed part-way; what was applied stays, the rest runs as before")
             finally:
                 _sd_notify("READY=1")
 
@@ -221,11 +249,9 @@ class Supervisor:
         self.index.set_order([r.source for r in new.registries])
         for name in ("admin", "xds", "dns"):
             if self._servers[name].section != getattr(new, name):
-                await self._stop_server(name)
-                self._start_servers((name,))
-                log.info("%s server restarted with its new config", name)
+                self.config = await self._restart_server(name, self.config, old)
         dns = self._servers["dns"].server
-        dns.set_zones(zones_for(new, [r.registry for r in self._registries.values()]))
+        dns.set_zones(zones_for(self.config, [r.registry for r in self._registries.values()]))
         log.info("config reloaded from %s", new.path)
 
     async def _notify_ready(self) -> None:
@@ -234,6 +260,15 @@ class Supervisor:
             snap = await self.index.wait(snap.version)
         log.info("all registries synced (index version %d, %d services)", snap.version, len(snap.services))
         _sd_notify("READY=1")
+
+
+async def _serve_or_report(server: Any) -> OSError | None:
+    """Serve until cancelled; a bind failure is returned to the caller instead of ending the TaskGroup."""
+    try:
+        await server.serve()
+    except OSError as e:
+        return e
+    return None
 
 
 def _sd_notify(state: str) -> None:

@@ -220,3 +220,41 @@ def test_version_from_the_console_script() -> None:
     script = Path(sys.executable).parent / "discoveryd"
     out = subprocess.run([str(script), "version"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and out.stdout.startswith("discoveryd ")
+
+
+def dns_a(port: int, name: str) -> set[str]:
+    import dns.message
+    import dns.query
+
+    reply = dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=port, timeout=1)
+    return {rr.address for rrset in reply.answer for rr in rrset}
+
+
+def test_sighup_moves_a_server_to_its_new_address(daemon: Daemon) -> None:
+    assert dns_a(daemon.dns, "web.shop.example") == {"10.1.0.1", "10.1.0.2"}
+    new_port = free_port()
+    daemon.config.write_text(
+        config_text(daemon.admin, daemon.xds, new_port, "  - {kind: files, name: local, paths: [se/]}\n")
+    )
+    os.kill(daemon.proc.pid, signal.SIGHUP)
+    wait_sync(lambda: dns_a(new_port, "web.shop.example") == {"10.1.0.1", "10.1.0.2"}, what="DNS on the new port")
+    assert "dns server restarted with its new config" in daemon.logs()
+    assert hosts(daemon) == {"web.shop.example"}
+
+
+def test_sighup_to_an_address_in_use_keeps_the_server_where_it_was(daemon: Daemon) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        taken = busy.getsockname()[1]
+        daemon.config.write_text(
+            config_text(daemon.admin, daemon.xds, taken, "  - {kind: files, name: local, paths: [se/]}\n")
+        )
+        os.kill(daemon.proc.pid, signal.SIGHUP)
+        wait_sync(lambda: "cannot start with its new config" in daemon.logs(), what="bind failure logged")
+    wait_sync(lambda: dns_a(daemon.dns, "web.shop.example") == {"10.1.0.1", "10.1.0.2"}, what="DNS on the old port")
+    assert daemon.proc.poll() is None
+    configz = daemon.json("/debug/configz")
+    assert isinstance(configz, dict)
+    assert configz["dns"]["listen"] == [f"127.0.0.1:{daemon.dns}"]
