@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,32 @@ class Record:
 
     rtype: int
     rdata: Any
+
+
+class Node(Mapping[int, tuple[Any, ...]]):
+    """The records at one owner name by type, in two parallel tuples: a third of a dict's size,
+    and most names hold a single type."""
+
+    __slots__ = ("_data", "_types")
+
+    def __init__(self, by_type: Mapping[int, tuple[Any, ...]]) -> None:
+        self._types = tuple(by_type)
+        self._data = tuple(by_type.values())
+
+    def __getitem__(self, rtype: int) -> tuple[Any, ...]:
+        try:
+            return self._data[self._types.index(rtype)]
+        except ValueError:
+            raise KeyError(rtype) from None
+
+    def __contains__(self, rtype: object) -> bool:
+        return rtype in self._types
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._types)
+
+    def __len__(self) -> int:
+        return len(self._types)
 
 
 def record(rtype: int, rdata: Any) -> Record:
@@ -301,7 +327,7 @@ class RecordTable:
         self._serial = serial
         self._ns_addresses = tuple(ns_addresses)
         self._contributions: dict[Hostname, dict[str, tuple[Record, ...]]] = {}
-        self._names: dict[str, dict[int, tuple[Any, ...]]] = {}
+        self._names: dict[str, Node] = {}
         self._contributors: dict[str, tuple[Hostname, ...]] = {}
         self._below: dict[str, int] = defaultdict(int)
         self._set(_STATIC, self._zone_records())
@@ -316,7 +342,7 @@ class RecordTable:
                 return zone
         return None
 
-    def node(self, name: str) -> Mapping[int, tuple[Any, ...]] | None:
+    def node(self, name: str) -> Node | None:
         """The records at `name` by type, or None when no records are owned there."""
         return self._names.get(name)
 
@@ -375,7 +401,7 @@ class RecordTable:
                         del self._below[parent]
         return touched
 
-    def _merge(self, name: str, contributors: tuple[Hostname, ...]) -> dict[int, tuple[Any, ...]]:
+    def _merge(self, name: str, contributors: tuple[Hostname, ...]) -> Node:
         """Records of every contributor at `name`, by type, duplicates removed, in hostname order."""
         by_type: dict[int, list[Any]] = {}
         for host in sorted(contributors) if len(contributors) > 1 else contributors:
@@ -383,7 +409,7 @@ class RecordTable:
                 same = by_type.setdefault(rec.rtype, [])
                 if len(contributors) == 1 or rec.rdata not in same:
                     same.append(rec.rdata)
-        return {rtype: tuple(rdatas) for rtype, rdatas in by_type.items()}
+        return Node({rtype: tuple(rdatas) for rtype, rdatas in by_type.items()})
 
     def _zone_records(self) -> dict[str, tuple[Record, ...]]:
         b = _Builder()
