@@ -258,3 +258,34 @@ def test_sighup_to_an_address_in_use_keeps_the_server_where_it_was(daemon: Daemo
     configz = daemon.json("/debug/configz")
     assert isinstance(configz, dict)
     assert configz["dns"]["listen"] == [f"127.0.0.1:{daemon.dns}"]
+
+
+async def test_status_shows_a_real_envoy_in_sync(daemon: Daemon, tmp_path: Path) -> None:
+    import asyncio
+
+    from tests.helpers import eventually
+    from tests.integration.xds_fixtures import run_envoy
+
+    async with run_envoy(tmp_path, daemon.xds, "GRPC", "outbound|80||web.shop.example") as envoy:
+        await eventually(lambda: envoy.get("/clusters"), timeout=20, what="envoy has clusters")
+
+        async def row() -> str | None:
+            out = await asyncio.to_thread(cli, "status", "--admin", f"127.0.0.1:{daemon.admin}")
+            assert out.returncode == 0, out.stderr
+            lines = [ln for ln in out.stdout.splitlines() if ln and not ln.startswith(("NAME", "server version"))]
+            if len(lines) != 1:
+                return None
+            name, cluster, api, cds, lds, eds, rds, *_ = lines[0].split()
+            synced = (name, cluster, api, cds, lds, eds, rds) == (
+                "envoy-grpc",
+                "integration",
+                "ADS",
+                "SYNCED",
+                "-",
+                "SYNCED",
+                "-",
+            )
+            return lines[0] if synced else None
+
+        await eventually(row, timeout=20, what="status shows the Envoy with CDS and EDS SYNCED")
+        assert "outbound|80||web.shop.example" in await envoy.get("/clusters")
