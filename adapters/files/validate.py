@@ -312,7 +312,8 @@ class _Checker:
         ports = self.ports(spec.get("ports"), (*sp, "ports"))
         # Names of every declared port, valid or not, so that a bad port is reported once, not again per endpoint.
         raw_ports = spec.get("ports")
-        port_names = {p["name"] for p in raw_ports or () if isinstance(p, dict) and isinstance(p.get("name"), str)}
+        declared = raw_ports if isinstance(raw_ports, list) else ()
+        port_names = {p["name"] for p in declared if isinstance(p, dict) and isinstance(p.get("name"), str)}
         raw_endpoints = spec.get("endpoints")
         endpoint_count = len(raw_endpoints) if isinstance(raw_endpoints, list) else 0
 

@@ -31,6 +31,7 @@ SPEC_CASES = [
     ("no-hosts", "hosts: []  # <-\nresolution: NONE", "spec.hosts", "at least one host is required"),
     ("hosts-missing", "resolution: NONE", "spec.hosts", "at least one host is required"),
     ("hosts-not-a-list", "hosts: a.example.com  # <-", "spec.hosts", "must be a list"),
+    ("ports-not-a-list", "hosts: [a.example.com]\nports: true  # <-", "spec.ports", "must be a list"),
     ("star-alone", 'hosts: ["*"]  # <-', "spec.hosts[0]", "'*' alone is not allowed"),
     ("bad-host", "hosts: [bad_host.example.com]  # <-", "spec.hosts[0]", "invalid host 'bad_host.example.com'"),
     (
