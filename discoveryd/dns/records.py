@@ -148,12 +148,19 @@ def _srv_owner(port: Port, host: str) -> str | None:
 
 
 def _cname_target(svc: Service) -> str | None:
-    """The external name of an ExternalName service or a DNS-resolution host with hostname endpoints."""
+    """The external name of an ExternalName service or a DNS-resolution host with hostname endpoints.
+
+    An endpoint that is the service's own name (a DNS ServiceEntry without
+    endpoints resolves its host itself) is no alias: such a service has no
+    records here, so the name is forwarded upstream, as Istio's DNS proxy does.
+    """
     if svc.resolution not in (Resolution.DNS, Resolution.DNS_ROUND_ROBIN):
         return None
     for ep in svc.endpoints:
         if ep.health.serving and not ep.is_ip and "://" not in ep.address and ep.address:
-            return ep.address.rstrip(".").lower()
+            target = ep.address.rstrip(".").lower()
+            if target != svc.hostname:
+                return target
     return None
 
 

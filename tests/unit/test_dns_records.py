@@ -73,6 +73,24 @@ def test_plain_service_skips_what_is_not_an_ip() -> None:
     ]
 
 
+def test_dns_serviceentry_resolving_its_own_host_claims_no_name() -> None:
+    # A DNS ServiceEntry without endpoints gets one endpoint that is its own host:
+    # no CNAME to itself (a loop), no records, so the name is forwarded upstream.
+    own = Service(
+        Hostname("api.payments.example.com"),
+        ports=(Port(443, "https"),),
+        resolution=Resolution.DNS,
+        endpoints=(Endpoint("api.payments.example.com"),),
+    )
+    assert owners(own, None) == {}
+    aliased = Service(
+        Hostname("api.payments.example.com"),
+        resolution=Resolution.DNS,
+        endpoints=(Endpoint("api.payments.example.com"), Endpoint("edge.payments-cdn.example.net")),
+    )
+    assert owners(aliased, None) == {"api.payments.example.com": ["edge.payments-cdn.example.net."]}
+
+
 def test_kubernetes_name_rules_apply_only_to_service_names() -> None:
     # Not <svc>.<ns>.svc.<domain>: plain rules (unknown health counts as serving), not headless rules.
     svc = Service(Hostname("odd.cluster.local"), endpoints=(Endpoint("10.0.0.1", health=Health.UNKNOWN),))
