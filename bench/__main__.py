@@ -1,4 +1,4 @@
-"""Run benchmarks by name: `python -m bench` (all) or `python -m bench index dns`.
+"""Run benchmarks by name: `python -m bench` (all), `python -m bench index dns`, `python -m bench dns --rounds 5`.
 
 Each benchmark is a module `bench/<name>_bench.py` with `main(argv: list[str]) -> None`
 that prints a table and writes its figures to `bench/results/<name>.json`.
@@ -19,8 +19,9 @@ def available() -> list[str]:
 
 def main() -> None:
     args = sys.argv[1:]
-    names = [a for a in args if not a.startswith("-")] or available()
-    extra = [a for a in args if a.startswith("-")]
+    # Leading words name benchmarks; everything from the first option on goes to each of them.
+    split = next((i for i, a in enumerate(args) if a.startswith("-")), len(args))
+    names, extra = args[:split] or available(), args[split:]
     unknown = [n for n in names if n not in available()]
     if unknown:
         sys.exit(f"unknown benchmark(s) {unknown}; available: {available()}")
