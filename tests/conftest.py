@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import settings
 
 from discoveryd.index import Index
+
+# CI runs the property tests on a fixed seed so that a landing is reproducible;
+# developers' runs keep exploring new inputs (and replay failures from .hypothesis/).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 # Tasks that belong to libraries and outlive a test by design (grpc's aio
 # poller is one per process). Matched against the coroutine's qualified name.
