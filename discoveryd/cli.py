@@ -48,6 +48,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # watchfiles logs every batch of changes at INFO: noise, and a feedback loop when
+    # the log file lies in a watched directory.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
     log.info("discoveryd %s starting with %s", __version__, cfg.path)
     code = 1
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:

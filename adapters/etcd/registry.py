@@ -52,7 +52,7 @@ from adapters.etcd.formats import FORMATS, Format, FormatError, Member, assemble
 from discoveryd.model import Hostname, Problem, Zone, ZoneFlavor, hostname
 from discoveryd.registry import RegistryConfig, ShardWriter
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("discoveryd.adapters.etcd")
 
 _STABLE_AFTER = 1.0
 """A watch that stayed up this long (seconds) was healthy: its loss resets the backoff."""

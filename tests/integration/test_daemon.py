@@ -285,3 +285,38 @@ async def test_status_shows_a_real_envoy_in_sync(daemon: Daemon, tmp_path: Path)
 
         await eventually(row, timeout=20, what="status shows the Envoy with CDS and EDS SYNCED")
         assert "outbound|80||web.shop.example" in await envoy.get("/clusters")
+
+
+def test_a_log_file_beside_the_watched_files_does_not_feed_back(tmp_path: Path) -> None:
+    # The daemon logs into the directory it watches (flat, for a path that does not exist yet).
+    (tmp_path / "se").mkdir()
+    (tmp_path / "se" / "web.yaml").write_text(serviceentry("web", "web.shop.example", "10.1.0.1"))
+    admin = free_port()
+    cfg = tmp_path / "discoveryd.yaml"
+    cfg.write_text(
+        config_text(admin, free_port(), free_port(), "  - {kind: files, name: local, paths: [se/, later/]}\n")
+    )
+    log = tmp_path / "daemon.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "discoveryd.cli", "run", "--config", str(cfg)], stdout=out, stderr=subprocess.STDOUT
+        )
+    d = Daemon(proc, cfg, log, admin, 0, 0)
+    try:
+        wait_sync(lambda: d.get("/readyz")[0] == 200, timeout=30, what="daemon ready")
+        (tmp_path / "later").mkdir()
+        (tmp_path / "later" / "api.yaml").write_text(serviceentry("api", "api.shop.example", "10.2.0.1"))
+        wait_sync(lambda: hosts(d) == {"web.shop.example", "api.shop.example"}, what="the new directory is read")
+        version = d.json("/debug/indexz")
+        assert isinstance(version, dict)
+        # Writing to the log file (every SIGHUP logs) changes nothing in the index.
+        for n in range(1, 4):
+            os.kill(proc.pid, signal.SIGHUP)
+            wait_sync(lambda n=n: d.logs().count("config reloaded") == n, what=f"reload {n} logged")
+        after = d.json("/debug/indexz")
+        assert isinstance(after, dict)
+        assert after["version"] == version["version"]
+        assert "change detected" not in d.logs()
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(15)
