@@ -27,18 +27,32 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-from dnslib import EDNS0, QTYPE, RR, DNSHeader, DNSQuestion, DNSRecord
 
 from discoveryd.dns import metrics
-from discoveryd.dns.records import RecordTable, label
-from discoveryd.dns.wire import MAX_UDP, scan, subkey
+from discoveryd.dns.message import (
+    AAAA,
+    ANY,
+    CNAME,
+    MAX_UDP,
+    NOERROR,
+    NS,
+    NXDOMAIN,
+    PTR,
+    RR,
+    SOA,
+    SRV,
+    TXT,
+    A,
+    Named,
+    Rdata,
+    header_flags,
+    labels,
+    opt_record,
+    pack,
+)
+from discoveryd.dns.records import RecordTable
+from discoveryd.dns.wire import scan, subkey
 from discoveryd.model import Hostname, Service
-
-NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
-BADVERS = 16
-CLASS_IN = 1
 
 _MAX_CHAIN = 8
 """CNAME hops followed inside our own data."""
@@ -48,7 +62,7 @@ _CACHE_LIMIT = 100_000
 """Cached answers kept; the oldest names are evicted first."""
 _EXACT_LIMIT = 50_000
 """Exact query byte strings remembered per transport; the map restarts empty when full."""
-_ANY_ORDER = (QTYPE.CNAME, QTYPE.A, QTYPE.AAAA, QTYPE.SRV, QTYPE.PTR, QTYPE.TXT, QTYPE.SOA, QTYPE.NS)
+_ANY_ORDER = (CNAME, A, AAAA, SRV, PTR, TXT, SOA, NS)
 """RFC 8482: ANY gets one RRset, the first of these that exists."""
 
 
@@ -57,16 +71,16 @@ class Resolved:
     """The content of an authoritative response, before encoding."""
 
     rcode: int
-    answer: tuple[Any, ...] = ()
-    authority: tuple[Any, ...] = ()
-    additional: tuple[Any, ...] = ()
+    answer: tuple[RR, ...] = ()
+    authority: tuple[RR, ...] = ()
+    additional: tuple[RR, ...] = ()
     rotate: tuple[int, int] = (0, 0)
     """answer[start:end] is one address RRset whose order rotates between responses."""
     reads: frozenset[str] = frozenset()
     """Owner names read besides the question's (cache dependencies)."""
 
 
-def _find(table: RecordTable, name: str, in_zone: bool) -> Mapping[int, tuple[Any, ...]] | None:
+def _find(table: RecordTable, name: str, in_zone: bool) -> Mapping[int, tuple[Rdata, ...]] | None:
     """The records answering for `name` (exact, empty non-terminal `{}`, or a wildcard's), or None."""
     node = table.node(name)
     if node is not None:
@@ -92,7 +106,7 @@ def resolve(table: RecordTable, qname: str, qtype: int, qlabels: Sequence[bytes]
     ttl = table.ttl
     zone = table.zone_of(qname)
     name = qname
-    answer: list[Any] = []
+    answer: list[RR] = []
     reads: set[str] = set()
     rotate = (0, 0)
     rcode = NOERROR
@@ -105,48 +119,48 @@ def resolve(table: RecordTable, qname: str, qtype: int, qlabels: Sequence[bytes]
             if zone is not None:
                 rcode, negative = NXDOMAIN, True
             break
-        owner = tuple(qlabels) if hop == 0 and qlabels is not None else label(name)
-        if qtype == QTYPE.ANY:
+        owner = tuple(qlabels) if hop == 0 and qlabels is not None else labels(name)
+        if qtype == ANY:
             rtype = next((t for t in _ANY_ORDER if t in node), None)
             if rtype is None:
                 negative = True
             else:
-                answer.extend(RR(owner, rtype, CLASS_IN, ttl, rd) for rd in node[rtype])
+                answer.extend(RR(owner, rtype, ttl, rd) for rd in node[rtype])
             break
         if qtype in node:
             start = len(answer)
-            answer.extend(RR(owner, qtype, CLASS_IN, ttl, rd) for rd in node[qtype])
-            if qtype in (QTYPE.A, QTYPE.AAAA) and len(answer) - start > 1:
+            answer.extend(RR(owner, qtype, ttl, rd) for rd in node[qtype])
+            if qtype in (A, AAAA) and len(answer) - start > 1:
                 rotate = (start, len(answer))
             break
-        if QTYPE.CNAME not in node:
+        if CNAME not in node:
             negative = True
             break
-        cname = node[QTYPE.CNAME][0]
-        answer.append(RR(owner, QTYPE.CNAME, CLASS_IN, ttl, cname))
-        name = ".".join(part.decode("ascii", "replace") for part in cname.label.label).lower()
+        cname = node[CNAME][0]
+        answer.append(RR(owner, CNAME, ttl, cname))
+        assert isinstance(cname, Named)
+        name = cname.target
         reads.add(name)
         zone = table.zone_of(name)
         if zone is None and table.node(name) is None:
             break
-    authority: list[Any] = []
+    authority: list[RR] = []
     if negative and zone is not None:
         # RFC 2308: the SOA of the zone that holds the last name, for min(SOA TTL, MINIMUM).
         soa = table.soa(zone)
-        authority.append(RR(label(zone.name), QTYPE.SOA, CLASS_IN, min(ttl, soa.times[4]), soa))
+        authority.append(RR(labels(zone.name), SOA, min(ttl, soa.minimum), soa))
     additional = _glue(table, answer, reads)
     return Resolved(rcode, tuple(answer), tuple(authority), tuple(additional), rotate, frozenset(reads))
 
 
-def _glue(table: RecordTable, answer: Sequence[Any], reads: set[str]) -> list[Any]:
+def _glue(table: RecordTable, answer: Sequence[RR], reads: set[str]) -> list[RR]:
     """A/AAAA of SRV and NS targets we hold, for the additional section."""
-    out: list[Any] = []
+    out: list[RR] = []
     seen: set[str] = set()
     for rr in answer:
-        if rr.rtype not in (QTYPE.SRV, QTYPE.NS):
+        if rr.rtype not in (SRV, NS) or not isinstance(rr.rdata, Named):
             continue
-        target_label = rr.rdata.target if rr.rtype == QTYPE.SRV else rr.rdata.label
-        target = ".".join(part.decode("ascii", "replace") for part in target_label.label).lower()
+        target = rr.rdata.target
         if target in seen:
             continue
         seen.add(target)
@@ -154,8 +168,9 @@ def _glue(table: RecordTable, answer: Sequence[Any], reads: set[str]) -> list[An
         node = table.node(target)
         if node is None:
             continue
-        for rtype in (QTYPE.A, QTYPE.AAAA):
-            out.extend(RR(label(target), rtype, CLASS_IN, table.ttl, rd) for rd in node.get(rtype, ()))
+        owner = labels(target)
+        for rtype in (A, AAAA):
+            out.extend(RR(owner, rtype, table.ttl, rd) for rd in node.get(rtype, ()))
     return out
 
 
@@ -177,10 +192,6 @@ def response_limit(edns: Edns | None, tcp: bool) -> int:
     return max(512, min(edns.udp_size, MAX_UDP))
 
 
-def opt_record(edns: Edns, rcode: int = NOERROR) -> Any:
-    return EDNS0(udp_len=MAX_UDP, ext_rcode=rcode >> 4, flags="do" if edns.do else "")
-
-
 def encode(
     qname: Sequence[bytes],
     qtype: int,
@@ -191,45 +202,32 @@ def encode(
     ra: bool = False,
     rd: bool = False,
     qid: int = 0,
-    answer: Sequence[Any] = (),
-    authority: Sequence[Any] = (),
-    additional: Sequence[Any] = (),
+    answer: Sequence[RR] = (),
+    authority: Sequence[RR] = (),
+    additional: Sequence[RR] = (),
     edns: Edns | None = None,
     limit: int = 512,
 ) -> bytes:
-    """Pack a response that fits `limit`: drop the additional section first (not a truncation,
-    RFC 2181 9), else send header, question and OPT with TC set."""
-    opt = [opt_record(edns, rcode)] if edns is not None else []
-
-    def pack(an: Sequence[Any], ns: Sequence[Any], ar: Sequence[Any], tc: bool) -> bytes:
-        header = DNSHeader(id=qid, qr=1, aa=int(aa), ra=int(ra), rd=int(rd), tc=int(tc), rcode=rcode & 0xF)
-        msg = DNSRecord(header, q=DNSQuestion(tuple(qname), qtype, qclass))
-        msg.rr, msg.auth, msg.ar = list(an), list(ns), [*ar, *opt]
-        packed: bytes = msg.pack()
-        return packed
-
-    out = pack(answer, authority, additional, False)
-    if len(out) <= limit:
-        return out
-    if additional:
-        out = pack(answer, authority, (), False)
-        if len(out) <= limit:
-            return out
-    return pack((), (), (), True)
+    """A response to the question that fits `limit` (`message.pack`), with our OPT record when the query had one."""
+    return pack(
+        qid,
+        header_flags(rcode, aa=aa, rd=rd, ra=ra),
+        (qname, qtype, qclass),
+        answer,
+        authority,
+        additional,
+        opt_record(edns.do, rcode) if edns is not None else None,
+        limit,
+    )
 
 
 def error_response(data: bytes, rcode: int, question: tuple[Sequence[bytes], int, int] | None = None) -> bytes | None:
     """A response carrying only `rcode` (and the question, when known) for a query we will not answer."""
     if len(data) < 12:
         return None
-    header = DNSHeader(
-        id=int.from_bytes(data[:2], "big"), qr=1, opcode=(data[2] >> 3) & 0xF, rd=data[2] & 1, rcode=rcode
-    )
-    msg = DNSRecord(header)
-    if question is not None:
-        msg.add_question(DNSQuestion(tuple(question[0]), question[1], question[2]))
-    packed: bytes = msg.pack()
-    return packed
+    # QR, the query's opcode and RD, the rcode; no other flag.
+    flags = 0x8000 | (data[2] & 0x79) << 8 | (rcode & 0xF)
+    return pack(int.from_bytes(data[:2], "big"), flags, question)
 
 
 class _Cached:
@@ -294,7 +292,7 @@ class _Slot:
 
 
 def _wire_name(name: str) -> bytes:
-    return b"".join(bytes((len(p),)) + p for p in label(name)) + b"\x00"
+    return b"".join(bytes((len(p),)) + p for p in labels(name)) + b"\x00"
 
 
 class Authority:
@@ -369,7 +367,7 @@ class Authority:
         r: Resolved,
         edns: Edns | None,
         limit: int,
-        answer: Sequence[Any],
+        answer: Sequence[RR],
     ) -> bytes:
         return encode(
             qname,

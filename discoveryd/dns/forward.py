@@ -27,14 +27,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dnslib import EDNS0, QTYPE, RR, DNSHeader, DNSQuestion, DNSRecord
+from dnslib import DNSBuffer, DNSRecord
 
 from discoveryd.dns import metrics
-from discoveryd.dns.answer import NOERROR, NXDOMAIN, SERVFAIL, Edns, encode, response_limit
-from discoveryd.dns.wire import MAX_UDP
+from discoveryd.dns.answer import Edns, encode, response_limit
+from discoveryd.dns.message import NOERROR, NXDOMAIN, OPT, RR, SERVFAIL, SOA, opt_record, pack
 
 MAX_CACHE_TTL = 86400
 """Cap on how long any forwarded reply is kept."""
+_RD = 0x0100
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +112,7 @@ class Forwarder:
             qid=qid,
             answer=[_for_client(rr, age, qname) for rr in reply.rr],
             authority=[_for_client(rr, age, qname, negative=not reply.rr) for rr in reply.auth],
-            additional=[_for_client(rr, age, qname) for rr in reply.ar if rr.rtype != QTYPE.OPT],
+            additional=[_for_client(rr, age, qname) for rr in reply.ar if rr.rtype != OPT],
             edns=edns,
             limit=response_limit(edns, tcp),
         )
@@ -142,9 +143,7 @@ class Forwarder:
     async def _exchange(self, qname: Sequence[bytes], qtype: int, qclass: int, do: bool) -> Any:
         for upstream in self.upstreams:
             qid = secrets.randbits(16)
-            query = DNSRecord(DNSHeader(id=qid, rd=1), q=DNSQuestion(tuple(qname), qtype, qclass))
-            query.add_ar(EDNS0(udp_len=MAX_UDP, flags="do" if do else ""))
-            wire = query.pack()
+            wire = pack(qid, _RD, (qname, qtype, qclass), opt=opt_record(do))
             started = time.monotonic()
             try:
                 reply = _check(await _udp(upstream, wire, self._timeout), qid, qname, qtype, qclass)
@@ -179,21 +178,31 @@ def _cache_ttl(reply: Any) -> int:
         return int(min(rr.ttl for rr in reply.rr))
     if rcode in (NOERROR, NXDOMAIN):
         for rr in reply.auth:
-            if rr.rtype == QTYPE.SOA:
+            if rr.rtype == SOA:
                 return int(min(rr.ttl, rr.rdata.times[4]))
     return 0
 
 
-def _for_client(rr: Any, age: int, qname: Sequence[bytes], *, negative: bool = False) -> Any:
-    """`rr` with its TTL decreased by `age`, a negative answer's SOA TTL capped at its MINIMUM
-    (RFC 2308), and the question's own name in the client's case."""
+def _for_client(rr: Any, age: int, qname: Sequence[bytes], *, negative: bool = False) -> RR:
+    """The upstream record `rr` with its TTL decreased by `age`, a negative answer's SOA TTL capped
+    at its MINIMUM (RFC 2308), and the question's own name in the client's case. Names inside its
+    rdata are written uncompressed."""
     ttl = rr.ttl
-    if negative and rr.rtype == QTYPE.SOA:
+    if negative and rr.rtype == SOA:
         ttl = min(ttl, rr.rdata.times[4])
-    owner = rr.rname
-    if len(owner.label) == len(qname) and all(a.lower() == b.lower() for a, b in zip(owner.label, qname, strict=True)):
+    owner = tuple(rr.rname.label)
+    if len(owner) == len(qname) and all(a.lower() == b.lower() for a, b in zip(owner, qname, strict=True)):
         owner = tuple(qname)
-    return RR(owner, rr.rtype, rr.rclass, max(0, ttl - age), rr.rdata)
+    rdata = _FlatBuffer()
+    rr.rdata.pack(rdata)
+    return RR(owner, rr.rtype, max(0, ttl - age), bytes(rdata.data), rr.rclass)
+
+
+class _FlatBuffer(DNSBuffer):  # type: ignore[misc]
+    """A dnslib buffer that writes names without compression pointers, so that rdata stands alone."""
+
+    def encode_name(self, name: Any) -> None:
+        self.encode_name_nocompress(name)
 
 
 def _check(wire: bytes, qid: int, qname: Sequence[bytes], qtype: int, qclass: int) -> Any:

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from functools import cache
 
-from dnslib import QTYPE, RCODE
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
+
+from discoveryd.dns.message import RCODE_NAMES, TYPE_NAMES
 
 
 class Tally:
@@ -67,9 +68,8 @@ _KNOWN_TYPES = frozenset(
 @cache
 def query_counter(qtype: int, rcode: int) -> Tally:
     """The tally of `discoveryd_dns_queries_total` for a type and rcode (unusual types share `other`)."""
-    name = QTYPE.get(qtype, "other")
-    rname = "BADVERS" if rcode == 16 else RCODE.get(rcode, str(rcode))
-    key = (name if name in _KNOWN_TYPES else "other", rname)
+    name = TYPE_NAMES.get(qtype, "other")
+    key = (name if name in _KNOWN_TYPES else "other", RCODE_NAMES.get(rcode, str(rcode)))
     return _QUERIES.setdefault(key, Tally())
 
 

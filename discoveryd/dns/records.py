@@ -38,10 +38,8 @@ import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from dnslib import AAAA, CNAME, NS, PTR, QTYPE, SOA, SRV, TXT, A
-
+from discoveryd.dns.message import AAAA, CNAME, NS, PTR, SOA, SRV, TXT, A, Named, Rdata, Soa, srv, txt
 from discoveryd.model import (
     CONSUL_DATACENTER_LABEL,
     CONSUL_TAG_PREFIX,
@@ -64,23 +62,23 @@ _STATIC = Hostname("")
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One record's type and data (a dnslib RD, compared by value) at some owner name."""
+    """One record's type and data (compared by value) at some owner name."""
 
     rtype: int
-    rdata: Any
+    rdata: Rdata
 
 
-class Node(Mapping[int, tuple[Any, ...]]):
+class Node(Mapping[int, tuple[Rdata, ...]]):
     """The records at one owner name by type, in two parallel tuples: a third of a dict's size,
     and most names hold a single type."""
 
     __slots__ = ("_data", "_types")
 
-    def __init__(self, by_type: Mapping[int, tuple[Any, ...]]) -> None:
+    def __init__(self, by_type: Mapping[int, tuple[Rdata, ...]]) -> None:
         self._types = tuple(by_type)
         self._data = tuple(by_type.values())
 
-    def __getitem__(self, rtype: int) -> tuple[Any, ...]:
+    def __getitem__(self, rtype: int) -> tuple[Rdata, ...]:
         try:
             return self._data[self._types.index(rtype)]
         except ValueError:
@@ -96,20 +94,13 @@ class Node(Mapping[int, tuple[Any, ...]]):
         return len(self._types)
 
 
-def record(rtype: int, rdata: Any) -> Record:
+def record(rtype: int, rdata: Rdata) -> Record:
     return Record(rtype, rdata)
-
-
-def label(name: str) -> tuple[bytes, ...]:
-    """A dotted owner name as dnslib labels (`""` is the root)."""
-    return tuple(name.encode("ascii", "replace").split(b".")) if name else ()
 
 
 def address_record(ip: str) -> Record:
     parsed = ipaddress.ip_address(ip)
-    if parsed.version == 4:
-        return record(QTYPE.A, A(str(parsed)))
-    return record(QTYPE.AAAA, AAAA(str(parsed)))
+    return record(A if parsed.version == 4 else AAAA, parsed.packed)
 
 
 def reverse_name(ip: str) -> str:
@@ -187,13 +178,13 @@ class _Builder:
         self.add(owner, address_record(ip))
 
     def ptr(self, ip: str, target: str) -> None:
-        self.add(reverse_name(ip), record(QTYPE.PTR, PTR(label(target))), target)
+        self.add(reverse_name(ip), record(PTR, Named(b"", target)), target)
 
     def srv(self, owner: str, priority: int, weight: int, port: int, target: str) -> None:
-        self.add(owner, record(QTYPE.SRV, SRV(_u16(priority), _u16(weight), _u16(port), label(target))), target)
+        self.add(owner, record(SRV, srv(_u16(priority), _u16(weight), _u16(port), target)), target)
 
     def cname(self, owner: str, target: str) -> None:
-        self.add(owner, record(QTYPE.CNAME, CNAME(label(target))), target)
+        self.add(owner, record(CNAME, Named(b"", target)), target)
 
 
 def service_records(svc: Service, zone: Zone | None) -> dict[str, tuple[Record, ...]]:
@@ -357,11 +348,15 @@ class RecordTable:
         """Some owner name lies strictly below `name` (so `name` exists, at least as an empty non-terminal)."""
         return self._below.get(name, 0) > 0
 
-    def soa(self, zone: Zone) -> Any:
-        return SOA(
-            label(f"ns.dns.{zone.name}" if zone.name else "ns.dns"),
-            label(f"hostmaster.{zone.name}" if zone.name else "hostmaster"),
-            (self._serial, 7200, 1800, 86400, self.ttl),
+    def soa(self, zone: Zone) -> Soa:
+        return Soa(
+            f"ns.dns.{zone.name}" if zone.name else "ns.dns",
+            f"hostmaster.{zone.name}" if zone.name else "hostmaster",
+            self._serial,
+            7200,
+            1800,
+            86400,
+            self.ttl,
         )
 
     def names(self) -> int:
@@ -410,7 +405,7 @@ class RecordTable:
 
     def _merge(self, name: str, contributors: tuple[Hostname, ...]) -> Node:
         """Records of every contributor at `name`, by type, duplicates removed, in hostname order."""
-        by_type: dict[int, list[Any]] = {}
+        by_type: dict[int, list[Rdata]] = {}
         for host in sorted(contributors) if len(contributors) > 1 else contributors:
             for rec in self._contributions[host][name]:
                 same = by_type.setdefault(rec.rtype, [])
@@ -422,10 +417,10 @@ class RecordTable:
         b = _Builder()
         for zone in self.zones:
             ns = f"ns.dns.{zone.name}" if zone.name else "ns.dns"
-            b.add(zone.name, record(QTYPE.SOA, self.soa(zone)))
-            b.add(zone.name, record(QTYPE.NS, NS(label(ns))))
+            b.add(zone.name, record(SOA, self.soa(zone)))
+            b.add(zone.name, record(NS, Named(b"", ns)))
             for ip in self._ns_addresses:
                 b.address(ns, ip)
             if zone.flavor is ZoneFlavor.KUBERNETES:
-                b.add(f"dns-version.{zone.name}", record(QTYPE.TXT, TXT(KUBERNETES_DNS_VERSION)))
+                b.add(f"dns-version.{zone.name}", record(TXT, txt(KUBERNETES_DNS_VERSION.encode())))
         return {name: tuple(recs) for name, recs in b.names.items()}

@@ -28,12 +28,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dnslib import QTYPE
-
 from discoveryd.config import DnsConfig, split_hostport
 from discoveryd.dns import metrics, udp, wire
-from discoveryd.dns.answer import BADVERS, FORMERR, NOTIMP, REFUSED, SERVFAIL, Authority, Edns, encode, error_response
+from discoveryd.dns.answer import Authority, Edns, encode, error_response
 from discoveryd.dns.forward import Forwarder, Upstream
+from discoveryd.dns.message import AXFR, BADVERS, CLASS_IN, FORMERR, IXFR, NOTIMP, OPT, REFUSED, SERVFAIL
 from discoveryd.dns.records import RecordTable
 from discoveryd.index import Snapshot, SnapshotSource
 from discoveryd.model import Zone
@@ -46,8 +45,7 @@ _BIND_ATTEMPTS = 20
 """Tries to find a port free for both TCP and UDP when listening on port 0."""
 _UDP_BUFFER = 1 << 20
 """Requested socket buffer size (the kernel caps it at net.core.[rw]mem_max)."""
-_CLASS_IN = 1
-_ZONE_TRANSFERS = (QTYPE.AXFR, QTYPE.IXFR)
+_ZONE_TRANSFERS = (AXFR, IXFR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,8 +223,8 @@ class DnsServer:
             if query.edns_version:
                 metrics.query_counter(qtype, BADVERS).inc()
                 return encode(qname, qtype, qclass, BADVERS, aa=False, rd=rd, qid=qid, edns=edns)
-        if qtype == QTYPE.OPT or qclass != _CLASS_IN or qtype in _ZONE_TRANSFERS:
-            rcode = FORMERR if qtype == QTYPE.OPT else REFUSED
+        if qtype == OPT or qclass != CLASS_IN or qtype in _ZONE_TRANSFERS:
+            rcode = FORMERR if qtype == OPT else REFUSED
             metrics.query_counter(qtype, rcode).inc()
             return encode(qname, qtype, qclass, rcode, aa=False, rd=rd, qid=qid, edns=edns)
         answer = self._authority.answer(qname, qtype, qclass, edns, tcp, qid, query.flags)

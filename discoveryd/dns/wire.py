@@ -17,8 +17,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-MAX_UDP = 1232
-"""The UDP payload size we advertise and never exceed (DNS flag day 2020)."""
+from discoveryd.dns.message import MAX_UDP
 
 _NO_OPT = b"\x00\x01\x00\x00\x00\x00\x00\x00"
 _ONE_OPT = b"\x00\x01\x00\x00\x00\x00\x00\x01"

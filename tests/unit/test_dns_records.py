@@ -8,15 +8,15 @@ import dns.message
 import dns.rdatatype
 import dns.rrset
 import pytest
-from dnslib import QTYPE
 from hypothesis import given
 from hypothesis import strategies as st
 
 from discoveryd.dns import answer as answer_module
 from discoveryd.dns import wire
-from discoveryd.dns.answer import NOERROR, NXDOMAIN, Authority, resolve
+from discoveryd.dns.answer import Authority, resolve
+from discoveryd.dns.message import MAX_UDP, NOERROR, NXDOMAIN, PTR, RR, SOA, A, Rdata, pack
 from discoveryd.dns.records import RecordTable, consul_hex, dashed, service_records
-from discoveryd.dns.wire import MAX_UDP, scan, subkey
+from discoveryd.dns.wire import scan, subkey
 from discoveryd.model import (
     CONSUL_TAG_PREFIX,
     Endpoint,
@@ -40,8 +40,14 @@ def table(*services: Service, zones: tuple[Zone, ...] = (MESH, K8S, CONSUL)) -> 
     return t
 
 
+def text(rtype: int, rdata: Rdata) -> str:
+    """Presentation form of one rdata, as dnspython reads it from our encoding."""
+    message = dns.message.from_wire(pack(0, 0x8000, None, [RR((), rtype, 30, rdata)]))
+    return str(message.answer[0][0].to_text())
+
+
 def owners(svc: Service, zone: Zone | None) -> dict[str, list[str]]:
-    return {name: sorted(str(r.rdata) for r in recs) for name, recs in service_records(svc, zone).items()}
+    return {name: sorted(text(r.rtype, r.rdata) for r in recs) for name, recs in service_records(svc, zone).items()}
 
 
 def test_label_helpers() -> None:
@@ -127,10 +133,10 @@ def test_shared_owner_names_merge_and_unmerge() -> None:
     two = Service(Hostname("two.mesh.local"), addresses=("10.0.0.1",))
     t = table(one, two)
     ptr = t.node("1.0.0.10.in-addr.arpa")
-    assert ptr is not None and sorted(str(p) for p in ptr[QTYPE.PTR]) == ["one.mesh.local.", "two.mesh.local."]
+    assert ptr is not None and sorted(text(PTR, p) for p in ptr[PTR]) == ["one.mesh.local.", "two.mesh.local."]
     t.update({one.hostname: one}, [two.hostname])
     ptr = t.node("1.0.0.10.in-addr.arpa")
-    assert ptr is not None and [str(p) for p in ptr[QTYPE.PTR]] == ["one.mesh.local."]
+    assert ptr is not None and [text(PTR, p) for p in ptr[PTR]] == ["one.mesh.local."]
 
 
 def test_wildcard_outside_zones_yields_to_a_closer_encloser() -> None:
@@ -138,9 +144,9 @@ def test_wildcard_outside_zones_yields_to_a_closer_encloser() -> None:
         Service(Hostname("*.example.com"), addresses=("240.0.0.1",)),
         Service(Hostname("api.example.com"), addresses=("240.0.0.2",)),
     )
-    assert resolve(t, "x.example.com", QTYPE.A) is not None
-    assert resolve(t, "x.api.example.com", QTYPE.A) is None  # closest encloser api.example.com has no wildcard
-    assert resolve(t, "example.com", QTYPE.A) is None
+    assert resolve(t, "x.example.com", A) is not None
+    assert resolve(t, "x.api.example.com", A) is None  # closest encloser api.example.com has no wildcard
+    assert resolve(t, "example.com", A) is None
 
 
 def test_cname_loop_terminates() -> None:
@@ -148,23 +154,23 @@ def test_cname_loop_terminates() -> None:
         Service(Hostname("a.mesh.local"), resolution=Resolution.DNS, endpoints=(Endpoint("b.mesh.local"),)),
         Service(Hostname("b.mesh.local"), resolution=Resolution.DNS, endpoints=(Endpoint("a.mesh.local"),)),
     )
-    resolved = resolve(t, "a.mesh.local", QTYPE.A)
+    resolved = resolve(t, "a.mesh.local", A)
     assert resolved is not None and resolved.rcode == NOERROR
     assert 2 <= len(resolved.answer) <= 8
 
 
 def test_cname_to_missing_in_zone_name_is_nxdomain() -> None:
     t = table(Service(Hostname("a.mesh.local"), resolution=Resolution.DNS, endpoints=(Endpoint("gone.mesh.local"),)))
-    resolved = resolve(t, "a.mesh.local", QTYPE.A)
+    resolved = resolve(t, "a.mesh.local", A)
     assert resolved is not None and resolved.rcode == NXDOMAIN and len(resolved.answer) == 1
-    assert [rr.rtype for rr in resolved.authority] == [QTYPE.SOA]
+    assert [rr.rtype for rr in resolved.authority] == [SOA]
 
 
 def test_authority_forgets_changed_names_and_their_ancestors() -> None:
     svc = Service(Hostname("x.y.mesh.local"), endpoints=(Endpoint("10.0.0.1"),))
     authority = Authority(table(svc))
     for name in ("x.y.mesh.local", "y.mesh.local", "other.mesh.local"):
-        authority.answer(tuple(p.encode() for p in name.split(".")), QTYPE.A, 1, None, False, 1, 0x0100)
+        authority.answer(tuple(p.encode() for p in name.split(".")), A, 1, None, False, 1, 0x0100)
     assert authority.cached() == 3
     authority.update({}, [svc.hostname])
     assert authority.cached() == 1  # other.mesh.local's NXDOMAIN does not depend on x.y
@@ -224,7 +230,7 @@ def test_cache_stays_bounded_under_random_names(monkeypatch: pytest.MonkeyPatch)
     target = Service(Hostname("t.mesh.local"), endpoints=(Endpoint("10.0.0.1"),))
     authority = Authority(table(wildcard, target))
     for i in range(500):
-        out = authority.answer((f"r{i}".encode(), b"w", b"mesh", b"local"), QTYPE.A, 1, None, False, i, 0)
+        out = authority.answer((f"r{i}".encode(), b"w", b"mesh", b"local"), A, 1, None, False, i, 0)
         assert out is not None
     assert authority.cached() == 50
     assert len(authority._deps["t.mesh.local"]) == 50
