@@ -3,8 +3,8 @@
 Modules, in data-flow order: `records` (the index snapshot as DNS records),
 `answer` (resolution, wire encoding, the answer cache and its hot path),
 `forward` (upstream resolvers and their cache), `server` (UDP/TCP listeners
-and the protocol rules), `metrics`, and `wire` (reading a query's question
-without a DNS library).
+and the protocol rules), `metrics`, `wire` (reading a query's question) and
+`message` (record types and writing responses), both without a DNS library.
 """
 
 from discoveryd.dns.server import DnsServer
