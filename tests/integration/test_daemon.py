@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -77,33 +78,59 @@ class Daemon:
         return self.log.read_text()
 
 
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+@contextlib.contextmanager
+def running_daemon(tmp_path: Path, registries: str) -> Iterator[Daemon]:
+    """`discoveryd run` on fresh loopback ports, ready; stopped by PID on exit.
+
+    Free ports can be taken by another process between choosing and binding:
+    a daemon that exits because a port is in use is started again on new ones.
+    """
+    cfg = tmp_path / "discoveryd.yaml"
+    log = tmp_path / "daemon.log"
+    for attempt in range(3):
+        admin, xds, dns = free_port(), free_port(), free_port()
+        cfg.write_text(config_text(admin, xds, dns, registries))
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "discoveryd.cli", "run", "--config", str(cfg)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        d = Daemon(proc, cfg, log, admin, xds, dns)
+        try:
+            wait_sync(
+                lambda d=d: d.proc.poll() is not None or d.get("/readyz")[0] == 200, timeout=30, what="daemon ready"
+            )
+            if proc.poll() is None:
+                break
+            if "cannot listen" not in d.logs() or attempt == 2:
+                raise AssertionError(f"discoveryd exited {proc.returncode}: {d.logs()}")
+        except BaseException:
+            stop(proc)
+            raise
+    try:
+        yield d
+    finally:
+        stop(proc)
+
+
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
     (tmp_path / "se").mkdir()
     (tmp_path / "se" / "web.yaml").write_text(serviceentry("web", "web.shop.example", "10.1.0.1", "10.1.0.2"))
-    admin, xds, dns = free_port(), free_port(), free_port()
-    cfg = tmp_path / "discoveryd.yaml"
-    cfg.write_text(config_text(admin, xds, dns, "  - {kind: files, name: local, paths: [se/]}\n"))
-    log = tmp_path / "daemon.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "discoveryd.cli", "run", "--config", str(cfg)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-    d = Daemon(proc, cfg, log, admin, xds, dns)
-    try:
-        wait_sync(lambda: d.get("/readyz")[0] == 200, timeout=30, what="daemon ready")
+    with running_daemon(tmp_path, "  - {kind: files, name: local, paths: [se/]}\n") as d:
         yield d
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
 
 
 def hosts(d: Daemon) -> set[str]:
@@ -291,19 +318,7 @@ def test_a_log_file_beside_the_watched_files_does_not_feed_back(tmp_path: Path) 
     # The daemon logs into the directory it watches (flat, for a path that does not exist yet).
     (tmp_path / "se").mkdir()
     (tmp_path / "se" / "web.yaml").write_text(serviceentry("web", "web.shop.example", "10.1.0.1"))
-    admin = free_port()
-    cfg = tmp_path / "discoveryd.yaml"
-    cfg.write_text(
-        config_text(admin, free_port(), free_port(), "  - {kind: files, name: local, paths: [se/, later/]}\n")
-    )
-    log = tmp_path / "daemon.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "discoveryd.cli", "run", "--config", str(cfg)], stdout=out, stderr=subprocess.STDOUT
-        )
-    d = Daemon(proc, cfg, log, admin, 0, 0)
-    try:
-        wait_sync(lambda: d.get("/readyz")[0] == 200, timeout=30, what="daemon ready")
+    with running_daemon(tmp_path, "  - {kind: files, name: local, paths: [se/, later/]}\n") as d:
         (tmp_path / "later").mkdir()
         (tmp_path / "later" / "api.yaml").write_text(serviceentry("api", "api.shop.example", "10.2.0.1"))
         wait_sync(lambda: hosts(d) == {"web.shop.example", "api.shop.example"}, what="the new directory is read")
@@ -311,12 +326,9 @@ def test_a_log_file_beside_the_watched_files_does_not_feed_back(tmp_path: Path) 
         assert isinstance(version, dict)
         # Writing to the log file (every SIGHUP logs) changes nothing in the index.
         for n in range(1, 4):
-            os.kill(proc.pid, signal.SIGHUP)
+            os.kill(d.proc.pid, signal.SIGHUP)
             wait_sync(lambda n=n: d.logs().count("config reloaded") == n, what=f"reload {n} logged")
         after = d.json("/debug/indexz")
         assert isinstance(after, dict)
         assert after["version"] == version["version"]
         assert "change detected" not in d.logs()
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(15)
