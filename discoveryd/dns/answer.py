@@ -44,13 +44,12 @@ from discoveryd.dns.message import (
     TXT,
     A,
     Named,
-    Rdata,
     header_flags,
     labels,
     opt_record,
     pack,
 )
-from discoveryd.dns.records import RecordTable
+from discoveryd.dns.records import EMPTY, Node, RecordTable
 from discoveryd.dns.wire import scan, subkey
 from discoveryd.model import Hostname, Service
 
@@ -80,13 +79,13 @@ class Resolved:
     """Owner names read besides the question's (cache dependencies)."""
 
 
-def _find(table: RecordTable, name: str, in_zone: bool) -> Mapping[int, tuple[Rdata, ...]] | None:
-    """The records answering for `name` (exact, empty non-terminal `{}`, or a wildcard's), or None."""
+def _find(table: RecordTable, name: str, in_zone: bool) -> Node | None:
+    """The records answering for `name` (exact, empty non-terminal `EMPTY`, or a wildcard's), or None."""
     node = table.node(name)
     if node is not None:
         return node
     if in_zone and table.has_descendants(name):
-        return {}
+        return EMPTY
     rest = name
     while rest:
         _, _, rest = rest.partition(".")
@@ -121,24 +120,25 @@ def resolve(table: RecordTable, qname: str, qtype: int, qlabels: Sequence[bytes]
             break
         owner = tuple(qlabels) if hop == 0 and qlabels is not None else labels(name)
         if qtype == ANY:
-            rtype = next((t for t in _ANY_ORDER if t in node), None)
+            types = node.types()
+            rtype = next((t for t in _ANY_ORDER if t in types), None)
             if rtype is None:
                 negative = True
             else:
-                answer.extend(RR(owner, rtype, ttl, rd) for rd in node[rtype])
+                answer.extend(RR(owner, rtype, ttl, rd) for rd in node.get(rtype) or ())
             break
-        if qtype in node:
-            start = len(answer)
-            answer.extend(RR(owner, qtype, ttl, rd) for rd in node[qtype])
-            if qtype in (A, AAAA) and len(answer) - start > 1:
-                rotate = (start, len(answer))
+        rdatas = node.get(qtype)
+        if rdatas is not None:
+            answer.extend(RR(owner, qtype, ttl, rd) for rd in rdatas)
+            if qtype in (A, AAAA) and len(rdatas) > 1:
+                rotate = (len(answer) - len(rdatas), len(answer))
             break
-        if CNAME not in node:
+        cnames = node.get(CNAME)
+        if cnames is None or not isinstance(cnames[0], Named):
             negative = True
             break
-        cname = node[CNAME][0]
+        cname = cnames[0]
         answer.append(RR(owner, CNAME, ttl, cname))
-        assert isinstance(cname, Named)
         name = cname.target
         reads.add(name)
         zone = table.zone_of(name)
@@ -170,7 +170,7 @@ def _glue(table: RecordTable, answer: Sequence[RR], reads: set[str]) -> list[RR]
             continue
         owner = labels(target)
         for rtype in (A, AAAA):
-            out.extend(RR(owner, rtype, table.ttl, rd) for rd in node.get(rtype, ()))
+            out.extend(RR(owner, rtype, table.ttl, rd) for rd in node.get(rtype) or ())
     return out
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from typing import cast
 
 from discoveryd.dns.message import AAAA, CNAME, NS, PTR, SOA, SRV, TXT, A, Named, Rdata, Soa, srv, txt
 from discoveryd.model import (
@@ -60,47 +60,35 @@ _STATIC = Hostname("")
 """Contributor key of the zone apex records (no service has an empty hostname)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One record's type and data (compared by value) at some owner name."""
+class Node(tuple[int | tuple[Rdata, ...], ...]):
+    """The records at one owner name, flat: (type, rdatas, type, rdatas, ...), in the order types were added.
 
-    rtype: int
-    rdata: Rdata
+    Immutable and compared by value; most names hold one type, so a node is one small tuple.
+    """
 
+    __slots__ = ()
 
-class Node(Mapping[int, tuple[Rdata, ...]]):
-    """The records at one owner name by type, in two parallel tuples: a third of a dict's size,
-    and most names hold a single type."""
+    @classmethod
+    def of(cls, by_type: Mapping[int, Sequence[Rdata]]) -> Node:
+        return cls(item for rtype, rdatas in by_type.items() for item in (rtype, tuple(rdatas)))
 
-    __slots__ = ("_data", "_types")
+    def get(self, rtype: int) -> tuple[Rdata, ...] | None:
+        for i in range(0, len(self), 2):
+            if self[i] == rtype:
+                return cast("tuple[Rdata, ...]", self[i + 1])
+        return None
 
-    def __init__(self, by_type: Mapping[int, tuple[Rdata, ...]]) -> None:
-        self._types = tuple(by_type)
-        self._data = tuple(by_type.values())
+    def types(self) -> tuple[int, ...]:
+        return cast("tuple[int, ...]", self[::2])
 
-    def __getitem__(self, rtype: int) -> tuple[Rdata, ...]:
-        try:
-            return self._data[self._types.index(rtype)]
-        except ValueError:
-            raise KeyError(rtype) from None
-
-    def __contains__(self, rtype: object) -> bool:
-        return rtype in self._types
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._types)
-
-    def __len__(self) -> int:
-        return len(self._types)
+    def records(self) -> Iterator[tuple[int, Rdata]]:
+        for i in range(0, len(self), 2):
+            for rdata in cast("tuple[Rdata, ...]", self[i + 1]):
+                yield cast(int, self[i]), rdata
 
 
-def record(rtype: int, rdata: Rdata) -> Record:
-    return Record(rtype, rdata)
-
-
-def address_record(ip: str) -> Record:
-    parsed = ipaddress.ip_address(ip)
-    return record(A if parsed.version == 4 else AAAA, parsed.packed)
+EMPTY = Node()
+"""The node of an empty non-terminal."""
 
 
 def reverse_name(ip: str) -> str:
@@ -165,29 +153,40 @@ def encodable(name: str) -> bool:
 
 
 class _Builder:
-    """Accumulates one service's records by owner name, leaving out names that cannot go on the wire."""
+    """Accumulates one service's records by owner name, leaving out names that cannot go on the wire.
+
+    Equal rdata values (an endpoint's address at the service name and at its own name) are one object.
+    """
 
     def __init__(self) -> None:
-        self.names: dict[str, list[Record]] = defaultdict(list)
+        self.names: dict[str, dict[int, list[Rdata]]] = defaultdict(dict)
+        self._packed: dict[str, tuple[int, bytes]] = {}
 
-    def add(self, owner: str, rec: Record, target: str = "") -> None:
+    def add(self, owner: str, rtype: int, rdata: Rdata, target: str = "") -> None:
         if encodable(owner) and encodable(target):
-            self.names[owner].append(rec)
+            self.names[owner].setdefault(rtype, []).append(rdata)
 
     def address(self, owner: str, ip: str) -> None:
-        self.add(owner, address_record(ip))
+        packed = self._packed.get(ip)
+        if packed is None:
+            parsed = ipaddress.ip_address(ip)
+            packed = self._packed[ip] = (A if parsed.version == 4 else AAAA, parsed.packed)
+        self.add(owner, *packed)
 
     def ptr(self, ip: str, target: str) -> None:
-        self.add(reverse_name(ip), record(PTR, Named(b"", target)), target)
+        self.add(reverse_name(ip), PTR, Named(b"", target), target)
 
     def srv(self, owner: str, priority: int, weight: int, port: int, target: str) -> None:
-        self.add(owner, record(SRV, srv(_u16(priority), _u16(weight), _u16(port), target)), target)
+        self.add(owner, SRV, srv(_u16(priority), _u16(weight), _u16(port), target), target)
 
     def cname(self, owner: str, target: str) -> None:
-        self.add(owner, record(CNAME, Named(b"", target)), target)
+        self.add(owner, CNAME, Named(b"", target), target)
+
+    def nodes(self) -> dict[str, Node]:
+        return {name: Node.of(by_type) for name, by_type in self.names.items()}
 
 
-def service_records(svc: Service, zone: Zone | None) -> dict[str, tuple[Record, ...]]:
+def service_records(svc: Service, zone: Zone | None) -> dict[str, Node]:
     """The records `svc` contributes, by owner name, under the naming rules of `zone` (None: outside every zone)."""
     b = _Builder()
     if zone is not None and zone.flavor is ZoneFlavor.KUBERNETES and _is_kubernetes_name(svc.hostname, zone):
@@ -196,7 +195,7 @@ def service_records(svc: Service, zone: Zone | None) -> dict[str, tuple[Record, 
         _consul(svc, zone, b)
     else:
         _plain(svc, b)
-    return {name: tuple(recs) for name, recs in b.names.items()}
+    return b.nodes()
 
 
 def _is_kubernetes_name(host: str, zone: Zone) -> bool:
@@ -324,9 +323,10 @@ class RecordTable:
         self.zones = tuple(sorted(zones, key=lambda z: -len(z.name)))
         self._serial = serial
         self._ns_addresses = tuple(ns_addresses)
-        self._contributions: dict[Hostname, dict[str, tuple[Record, ...]]] = {}
+        self._contributions: dict[Hostname, dict[str, Node]] = {}
         self._names: dict[str, Node] = {}
-        self._contributors: dict[str, tuple[Hostname, ...]] = {}
+        # One hostname, or several in a tuple: most names have a single contributor.
+        self._contributors: dict[str, Hostname | tuple[Hostname, ...]] = {}
         self._below: dict[str, int] = defaultdict(int)
         self._set(_STATIC, self._zone_records())
 
@@ -380,17 +380,18 @@ class RecordTable:
             affected |= self._set(host, new)
         return affected
 
-    def _set(self, host: Hostname, records: dict[str, tuple[Record, ...]]) -> set[str]:
+    def _set(self, host: Hostname, records: dict[str, Node]) -> set[str]:
         old = self._contributions.pop(host, {})
         if records:
             self._contributions[host] = records
         touched = {n for n in old if old[n] != records.get(n)} | {n for n in records if n not in old}
         for name in touched:
-            others = tuple(h for h in self._contributors.get(name, ()) if h != host)
+            previous = self._contributors.get(name, ())
+            others = tuple(h for h in ((previous,) if isinstance(previous, str) else previous) if h != host)
             contributors = (*others, host) if name in records else others
             existed = name in self._names
             if contributors:
-                self._contributors[name] = contributors
+                self._contributors[name] = contributors[0] if len(contributors) == 1 else contributors
                 self._names[name] = self._merge(name, contributors)
             else:
                 self._contributors.pop(name, None)
@@ -404,23 +405,26 @@ class RecordTable:
         return touched
 
     def _merge(self, name: str, contributors: tuple[Hostname, ...]) -> Node:
-        """Records of every contributor at `name`, by type, duplicates removed, in hostname order."""
+        """Records of every contributor at `name`, by type, duplicates removed, in hostname order.
+        A single contributor's node is used as it is."""
+        if len(contributors) == 1:
+            return self._contributions[contributors[0]][name]
         by_type: dict[int, list[Rdata]] = {}
-        for host in sorted(contributors) if len(contributors) > 1 else contributors:
-            for rec in self._contributions[host][name]:
-                same = by_type.setdefault(rec.rtype, [])
-                if len(contributors) == 1 or rec.rdata not in same:
-                    same.append(rec.rdata)
-        return Node({rtype: tuple(rdatas) for rtype, rdatas in by_type.items()})
+        for host in sorted(contributors):
+            for rtype, rdata in self._contributions[host][name].records():
+                same = by_type.setdefault(rtype, [])
+                if rdata not in same:
+                    same.append(rdata)
+        return Node.of(by_type)
 
-    def _zone_records(self) -> dict[str, tuple[Record, ...]]:
+    def _zone_records(self) -> dict[str, Node]:
         b = _Builder()
         for zone in self.zones:
             ns = f"ns.dns.{zone.name}" if zone.name else "ns.dns"
-            b.add(zone.name, record(SOA, self.soa(zone)))
-            b.add(zone.name, record(NS, Named(b"", ns)))
+            b.add(zone.name, SOA, self.soa(zone))
+            b.add(zone.name, NS, Named(b"", ns))
             for ip in self._ns_addresses:
                 b.address(ns, ip)
             if zone.flavor is ZoneFlavor.KUBERNETES:
-                b.add(f"dns-version.{zone.name}", record(TXT, txt(KUBERNETES_DNS_VERSION.encode())))
-        return {name: tuple(recs) for name, recs in b.names.items()}
+                b.add(f"dns-version.{zone.name}", TXT, txt(KUBERNETES_DNS_VERSION.encode()))
+        return b.nodes()
