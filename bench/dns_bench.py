@@ -13,6 +13,8 @@ does, so this is the fairer efficiency figure), the QPS ratio discoveryd /
 Knot and the CPU-per-query ratio Knot / discoveryd, discoveryd's QPS
 while the index changes 10 times per second, and discoveryd's resident memory
 with N and with `--big` names (after loading, and after answering each name once).
+Also, in this process: the cost of one answer cache miss (resolving and
+encoding an A answer, `Authority.answer`, averaged over all N names once).
 
 Run: `python -m bench dns` or `python -m bench.dns_bench [--duration 8] [--rounds 3]`.
 Needs `dnsperf` and `knotd` (Debian: `apt-get install dnsperf knot`).
@@ -209,6 +211,26 @@ def dnsperf(
     return figures
 
 
+def miss_cost(names: int) -> float:
+    """Microseconds per cache miss: every name answered once by a freshly loaded authority."""
+    from discoveryd.dns.answer import Authority
+    from discoveryd.dns.message import CLASS_IN, A
+    from discoveryd.dns.records import RecordTable
+    from discoveryd.model import Endpoint, Hostname, Port, Service, Zone
+
+    services = [
+        Service(Hostname(f"svc-{i}.{ZONE}"), ports=(Port(8080, "http"),), endpoints=(Endpoint(_ip(i)),))
+        for i in range(names)
+    ]
+    authority = Authority(RecordTable([Zone(Hostname(ZONE))], 30, ["127.0.0.1"], 1))
+    authority.load({s.hostname: s for s in services})
+    questions = [(f"svc-{i}".encode(), *(p.encode() for p in ZONE.split("."))) for i in range(names)]
+    started = time.perf_counter()
+    for qname in questions:
+        authority.answer(qname, A, CLASS_IN, None, False, 1, 0x0100)
+    return (time.perf_counter() - started) / names * 1e6
+
+
 def _free_port() -> int:
     from tests.helpers import free_port
 
@@ -306,10 +328,14 @@ def main(argv: list[str]) -> None:
                 "startup_s": round(load_s, 2),
             }
 
+    miss_us = miss_cost(args.names)
+    figures["cache_miss_us"] = round(miss_us, 2)
+
     print(table(rows, ["server", "QPS", "p99 ms", "server CPU us/query", "lost"]))
     print(f"QPS ratio discoveryd / Knot: {ratio:.2f}; CPU per query ratio Knot / discoveryd: {cpu_ratio:.2f}")
     print()
     print(table(memory, ["names", "RSS MiB loaded", "RSS MiB after answering all", "startup s"]))
+    print(f"answer cache miss (resolve and encode one A answer): {miss_us:.1f} us")
     write_results("dns", figures, command)
 
 
