@@ -35,6 +35,7 @@ are escaped by the caller and never match.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import cast
@@ -70,7 +71,10 @@ class Node(tuple[int | tuple[Rdata, ...], ...]):
 
     @classmethod
     def of(cls, by_type: Mapping[int, Sequence[Rdata]]) -> Node:
-        return cls(item for rtype, rdatas in by_type.items() for item in (rtype, tuple(rdatas)))
+        flat: list[int | tuple[Rdata, ...]] = []
+        for rtype, rdatas in by_type.items():
+            flat += (rtype, tuple(rdatas))
+        return cls(flat)
 
     def get(self, rtype: int) -> tuple[Rdata, ...] | None:
         for i in range(0, len(self), 2):
@@ -91,28 +95,43 @@ EMPTY = Node()
 """The node of an empty non-terminal."""
 
 
-def reverse_name(ip: str) -> str:
-    return ipaddress.ip_address(ip).reverse_pointer
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def dashed(ip: str) -> str:
+def parse_ip(value: str) -> IP | None:
+    """The address `value` spells, or None. A canonical dotted quad takes a C fast path; anything
+    else gets `ipaddress`'s rules."""
+    try:
+        packed = socket.inet_pton(socket.AF_INET, value)
+        if socket.inet_ntop(socket.AF_INET, packed) == value:
+            return ipaddress.IPv4Address(packed)
+    except OSError:
+        pass
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
+
+
+def _parsed(ip: str | IP) -> IP:
+    return ipaddress.ip_address(ip) if isinstance(ip, str) else ip
+
+
+def reverse_name(ip: str | IP) -> str:
+    return _parsed(ip).reverse_pointer
+
+
+def dashed(ip: str | IP) -> str:
     """The endpoint label Kubernetes DNS uses when an endpoint has no hostname: `10-0-0-1`."""
-    parsed = ipaddress.ip_address(ip)
+    parsed = _parsed(ip)
     if parsed.version == 4:
         return str(parsed).replace(".", "-")
     return parsed.exploded.replace(":", "-")
 
 
-def consul_hex(ip: str) -> str:
+def consul_hex(ip: str | IP) -> str:
     """Consul's `addr` label: the address as hex, `c000022a` for 192.0.2.42."""
-    return ipaddress.ip_address(ip).packed.hex()
-
-
-def _ip(value: str) -> str | None:
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        return None
+    return _parsed(ip).packed.hex()
 
 
 def _u16(value: int) -> int:
@@ -149,7 +168,8 @@ def encodable(name: str) -> bool:
         return True
     if len(name) > 253:
         return False
-    return all(0 < len(part) <= 63 for part in name.encode("ascii", "replace").split(b"."))
+    parts = name.split(".") if name.isascii() else name.encode("ascii", "replace").split(b".")
+    return all(0 < len(part) <= 63 for part in parts)
 
 
 class _Builder:
@@ -160,20 +180,26 @@ class _Builder:
 
     def __init__(self) -> None:
         self.names: dict[str, dict[int, list[Rdata]]] = defaultdict(dict)
-        self._packed: dict[str, tuple[int, bytes]] = {}
+        self._packed: dict[IP, tuple[int, bytes]] = {}
+        self._encodable: dict[str, bool] = {"": True}
+
+    def _fits(self, name: str) -> bool:
+        fits = self._encodable.get(name)
+        if fits is None:
+            fits = self._encodable[name] = encodable(name)
+        return fits
 
     def add(self, owner: str, rtype: int, rdata: Rdata, target: str = "") -> None:
-        if encodable(owner) and encodable(target):
+        if self._fits(owner) and self._fits(target):
             self.names[owner].setdefault(rtype, []).append(rdata)
 
-    def address(self, owner: str, ip: str) -> None:
+    def address(self, owner: str, ip: IP) -> None:
         packed = self._packed.get(ip)
         if packed is None:
-            parsed = ipaddress.ip_address(ip)
-            packed = self._packed[ip] = (A if parsed.version == 4 else AAAA, parsed.packed)
+            packed = self._packed[ip] = (A if ip.version == 4 else AAAA, ip.packed)
         self.add(owner, *packed)
 
-    def ptr(self, ip: str, target: str) -> None:
+    def ptr(self, ip: IP, target: str) -> None:
         self.add(reverse_name(ip), PTR, Named(b"", target), target)
 
     def srv(self, owner: str, priority: int, weight: int, port: int, target: str) -> None:
@@ -208,11 +234,11 @@ def _is_consul_name(host: str, zone: Zone) -> bool:
     return len(rest) == 2 and rest[1] == "service"
 
 
-def _vips(svc: Service) -> list[str]:
-    return [ip for ip in (_ip(a) for a in svc.addresses) if ip is not None]
+def _vips(svc: Service) -> list[IP]:
+    return [ip for ip in (parse_ip(a) for a in svc.addresses) if ip is not None]
 
 
-def _with_vips(svc: Service, vips: list[str], b: _Builder, *, srv_weight: int) -> None:
+def _with_vips(svc: Service, vips: list[IP], b: _Builder, *, srv_weight: int) -> None:
     host = svc.hostname
     for ip in vips:
         b.address(host, ip)
@@ -230,7 +256,7 @@ def _with_endpoints(svc: Service, endpoints: Iterable[Endpoint], b: _Builder) ->
     """A/AAAA for each endpoint at the service name, plus a per-endpoint name, PTR and SRV records."""
     host = svc.hostname
     for ep in endpoints:
-        ip = _ip(ep.address)
+        ip = parse_ip(ep.address)
         if ip is None:
             continue
         b.address(host, ip)
@@ -276,23 +302,23 @@ def _consul(svc: Service, zone: Zone, b: _Builder) -> None:
     suffixes = [f"service.{zone.name}"] + ([f"service.{dc}.{zone.name}"] if dc else [])
     addr_suffix = f"addr.{dc}.{zone.name}" if dc else f"addr.{zone.name}"
     port = svc.ports[0] if svc.ports else None
-    passing: list[tuple[Endpoint, str, str]] = []
+    passing: list[tuple[Endpoint, IP, str]] = []
     for ep in svc.endpoints:
-        ip = _ip(ep.address)
+        ip = parse_ip(ep.address)
         if ep.health is Health.HEALTHY and ip is not None:
             target = f"{consul_hex(ip)}.{addr_suffix}"
             passing.append((ep, ip, target))
             b.address(target, ip)
             b.ptr(ip, target)
 
-    def answer(owner: str, members: list[tuple[Endpoint, str, str]], *, addresses: bool) -> None:
+    def answer(owner: str, members: list[tuple[Endpoint, IP, str]], *, addresses: bool) -> None:
         for ep, ip, target in members:
             if addresses:
                 b.address(owner, ip)
             if port is not None:
                 b.srv(owner, ep.priority, ep.weight, ep.port_for(port), target)
 
-    tags: dict[str, list[tuple[Endpoint, str, str]]] = defaultdict(list)
+    tags: dict[str, list[tuple[Endpoint, IP, str]]] = defaultdict(list)
     for member in passing:
         for key in member[0].labels:
             if key.startswith(CONSUL_TAG_PREFIX) and key != CONSUL_TAG_PREFIX:
@@ -424,7 +450,7 @@ class RecordTable:
             b.add(zone.name, SOA, self.soa(zone))
             b.add(zone.name, NS, Named(b"", ns))
             for ip in self._ns_addresses:
-                b.address(ns, ip)
+                b.address(ns, ipaddress.ip_address(ip))
             if zone.flavor is ZoneFlavor.KUBERNETES:
                 b.add(f"dns-version.{zone.name}", TXT, txt(KUBERNETES_DNS_VERSION.encode()))
         return b.nodes()
