@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 
 import dns.message
 import dns.rdatatype
@@ -15,7 +16,7 @@ from discoveryd.dns import answer as answer_module
 from discoveryd.dns import wire
 from discoveryd.dns.answer import Authority, resolve
 from discoveryd.dns.message import MAX_UDP, NOERROR, NXDOMAIN, PTR, RR, SOA, A, Rdata, pack
-from discoveryd.dns.records import RecordTable, consul_hex, dashed, service_records
+from discoveryd.dns.records import RecordTable, consul_hex, dashed, parse_ip, service_records
 from discoveryd.dns.wire import scan, subkey
 from discoveryd.model import (
     CONSUL_TAG_PREFIX,
@@ -271,3 +272,19 @@ def test_parse_rejects_malformed_names(tail: bytes, why: str) -> None:
 def test_parse_raises_only_format_errors(data: bytes) -> None:
     with contextlib.suppress(wire.FormatError):
         wire.parse(data)
+
+
+@pytest.mark.parametrize(
+    "value", ["10.0.0.1", "0.0.0.0", "255.255.255.255", "010.0.0.1", "1", "0x0a.0.0.1", "10.0.0.1 ", "1.2.3", "fd00::5"]
+)
+def test_parse_ip_agrees_with_ipaddress(value: str) -> None:
+    try:
+        expected: object = ipaddress.ip_address(value)
+    except ValueError:
+        expected = None
+    assert parse_ip(value) == expected
+
+
+@given(st.ip_addresses())
+def test_parse_ip_reads_every_canonical_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    assert parse_ip(str(ip)) == ip
