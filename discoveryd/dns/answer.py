@@ -1,8 +1,10 @@
-"""Authoritative answers: resolution over the record table, wire encoding, and the answer cache.
+"""Authoritative answers: resolution over the record table, the answer cache and its hot path.
 
-Data flow: `Authority.fast()` is the hot path. A query whose bytes after the
-ID were seen before is answered from an exact-bytes map: the stored response
-minus its ID, prefixed with the query's ID. Otherwise it reads the question
+Data flow: `Authority.repeated()` and `fast()` are the hot path. A query
+whose bytes after the ID were seen before is answered from an exact-bytes
+map: the stored response minus its ID, which the caller prefixes with the
+query's ID (`repeated()` takes and returns the bytes after the ID, so that
+the UDP reader copies each datagram once). Otherwise `fast()` reads the question
 straight from the packet (`wire.scan`), looks it up in the cache by the
 lower-cased question name, then by (type, class, size limit, DO), and returns
 the pre-built response with the query's ID, RD/CD bits and question case
@@ -262,13 +264,16 @@ class _Cached:
         return tuple(heads[flags] + data[12:qend] + tail for heads, tail in self.variants)
 
     def pick(self, after_id: tuple[bytes, ...]) -> bytes:
-        """This turn's variant out of `after_id()` (`_count` inlined: this is the hottest call)."""
+        """This turn's variant out of `after_id()`, counted as a cache hit (the hottest call)."""
+        metrics.ANSWER_CACHE_HIT.n += 1
+        self.counter.n += 1
+        if self.tails == 1 and not self.truncated:
+            return after_id[0]
         turn = self.turn
         self.turn = turn + 1
-        self.counter.n += 1
         if self.truncated:
             metrics.TRUNCATED.n += 1
-        return after_id[turn % self.tails] if self.tails > 1 else after_id[0]
+        return after_id[turn % self.tails]
 
     def _count(self) -> None:
         self.turn += 1
@@ -309,12 +314,19 @@ class Authority:
 
     # -- hot path ---------------------------------------------------------------------
 
+    def repeated(self, after_id: bytes, tcp: bool) -> bytes | None:
+        """The cached response to a query seen before, without its ID, by the query's bytes after
+        its ID; None when not seen (then `fast()`)."""
+        known = self._exact[tcp].get(after_id)
+        if known is None or not known[0].live:
+            return None
+        return known[0].pick(known[1])
+
     def fast(self, data: bytes, tcp: bool) -> bytes | None:
         """The cached response to a plain query, or None (parse and `answer()` it)."""
         exact = self._exact[tcp]
         known = exact.get(data[2:])
         if known is not None and known[0].live:
-            metrics.ANSWER_CACHE_HIT.n += 1
             return data[:2] + known[0].pick(known[1])
         found = scan(data, tcp)
         if found is None:
@@ -325,10 +337,10 @@ class Authority:
         if cached is None:
             metrics.ANSWER_CACHE_MISS.n += 1
             return None
-        metrics.ANSWER_CACHE_HIT.n += 1
         if len(exact) >= _EXACT_LIMIT:
             exact.clear()
         exact[data[2:]] = (cached, cached.after_id(data, qend))
+        metrics.ANSWER_CACHE_HIT.n += 1
         return cached.reply(data, qend)
 
     # -- miss path --------------------------------------------------------------------

@@ -175,8 +175,8 @@ class DnsServer:
             metrics.DROPPED.labels("error").inc()
             return error_response(data, SERVFAIL)
 
-    def fast_path(self) -> Callable[[bytes, bool], bytes | None]:
-        """UDP batches (`udp.Answerer`): sync with the index, then the answer cache lookup."""
+    def fast_path(self) -> tuple[udp.Lookup, udp.Lookup]:
+        """UDP batches (`udp.Answerer`): sync with the index, then the answer cache lookups."""
         if self._index.snapshot is not self._snapshot:
             try:
                 self._sync()
@@ -184,7 +184,7 @@ class DnsServer:
                 log.exception("dns: failed to apply index changes; rebuilding on the next packet")
                 metrics.DROPPED.labels("error").inc()
                 self._authority.clear()
-        return self._authority.fast
+        return self._authority.repeated, self._authority.fast
 
     def answer(self, data: bytes, client: Any, send: Callable[[bytes], None]) -> bytes | None:
         """UDP miss path (`udp.Answerer`): the reply, or None when dropped or forwarded (then `send` gets it)."""

@@ -2,22 +2,23 @@
 
 Data flow: the event loop calls `readable()` when the socket has datagrams.
 Each batch starts with `Answerer.fast_path()` (the index cannot change within
-a batch); each datagram goes to that cache lookup (no parsing); on a miss the
-peer address is decoded and the packet goes to `Answerer.answer`, which may
-return a forwarding job's reply later through `send`.
+a batch); each datagram goes to those cache lookups (no parsing): first by
+its bytes after the ID (a repeated query), then by its question; on a miss
+the peer address is decoded and the packet goes to `Answerer.answer`, which
+may return a forwarding job's reply later through `send`.
 
 On Linux, `MmsgSocket` moves up to 64 datagrams per system call each way
-(recvmmsg/sendmmsg through ctypes, with buffers allocated once); elsewhere,
-or if libc lacks those calls, `PlainSocket` uses recvfrom/sendto. Both drop a
-reply the socket buffer cannot take right now, as the network might: the
-client retries.
+(recvmmsg/sendmmsg through ctypes, with buffers allocated once and read and
+written through integer views of the C structures); elsewhere, or if libc
+lacks those calls, `PlainSocket` uses recvfrom/sendto. Both drop a reply the
+socket buffer cannot take right now, as the network might: the client
+retries.
 """
 
 from __future__ import annotations
 
 import ctypes
 import socket
-import struct
 import sys
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -36,11 +37,15 @@ _MSG_DONTWAIT = 0x40
 _MSG_TRUNC = 0x20
 
 
-class Answerer(Protocol):
-    def fast_path(self) -> Callable[[bytes, bool], bytes | None]:
-        """Bring the answers up to date with the index; return the cache lookup for this batch.
+Lookup = Callable[[bytes, bool], bytes | None]
 
-        The lookup takes (packet, tcp) and returns the cached reply or None; it never raises.
+
+class Answerer(Protocol):
+    def fast_path(self) -> tuple[Lookup, Lookup]:
+        """Bring the answers up to date with the index; return the cache lookups for this batch.
+
+        Both take (bytes, tcp), return the cached reply or None, and never raise: the first
+        takes and returns the bytes after the ID of a repeated query, the second whole packets.
         """
 
     def answer(self, data: bytes, client: Any, send: Callable[[bytes], None]) -> bytes | None:
@@ -55,7 +60,7 @@ class PlainSocket:
         self._answerer = answerer
 
     def readable(self) -> None:
-        sock, fast, answer = self._sock, self._answerer.fast_path(), self._answerer.answer
+        sock, (_, fast), answer = self._sock, self._answerer.fast_path(), self._answerer.answer
         for _ in range(BATCH):
             try:
                 data, addr = sock.recvfrom(0xFFFF)
@@ -101,14 +106,16 @@ class _Mmsghdr(ctypes.Structure):
     _fields_ = [("hdr", _Msghdr), ("len", ctypes.c_uint)]
 
 
-_SIZE = ctypes.sizeof(_Mmsghdr)
-_NAMELEN = _Msghdr.namelen.offset
-_FLAGS = _Msghdr.flags.offset
-_LEN = _Mmsghdr.len.offset
-_FLAGS_AND_LEN = f"i{_LEN - _FLAGS - 4}xI"
-"""One unpack reads msg_flags and msg_len; msg_namelen directly follows msg_name ("PI")."""
-_IOV_LEN = _Iovec.len.offset
-_IOV_SIZE = ctypes.sizeof(_Iovec)
+_WORD, _PTR = ctypes.sizeof(ctypes.c_uint), ctypes.sizeof(ctypes.c_size_t)
+_WORDS = ctypes.sizeof(_Mmsghdr) // _WORD
+"""An mmsghdr in 32-bit words; the fields below are word (or pointer) indexes into one."""
+_NAMELEN_WORD = _Msghdr.namelen.offset // _WORD
+_FLAGS_WORD = _Msghdr.flags.offset // _WORD
+_LEN_WORD = _Mmsghdr.len.offset // _WORD
+_PTRS = ctypes.sizeof(_Mmsghdr) // _PTR
+"""An mmsghdr in pointer-sized words; msg_name is the first."""
+_IOV_WORDS = ctypes.sizeof(_Iovec) // _PTR
+assert _Iovec.len.offset == _PTR and ctypes.sizeof(ctypes.c_void_p) == _PTR
 
 
 def _libc_mmsg() -> tuple[Any, Any] | None:
@@ -130,7 +137,10 @@ _MMSG = _libc_mmsg()
 class MmsgSocket:
     """recvmmsg/sendmmsg with fixed buffers: `BATCH` receive slots, `BATCH` reply slots.
 
-    Replies reuse the sender's address bytes from the receive slot, so a cache hit never
+    Reply slot i is set up once to go to the sender in receive slot i and to carry
+    the bytes of send buffer slot i; when a datagram gets no reply (forwarded,
+    dropped) the later replies move down a slot and take their sender's address
+    with them, which is undone at the start of the next batch. A cache hit never
     builds a Python address tuple.
     """
 
@@ -158,13 +168,18 @@ class MmsgSocket:
             hdr.name, hdr.namelen = self._name_at[i], _NAME_SIZE
             hdr.iov, hdr.iovlen = ctypes.addressof(self._riov[i]), 1
             self._siov[i].base = sbase + i * _SEND_SIZE
-            self._smsgs[i].hdr.iov, self._smsgs[i].hdr.iovlen = ctypes.addressof(self._siov[i]), 1
-        self._rview = memoryview(self._rmsgs).cast("B")
-        self._sview = memoryview(self._smsgs).cast("B")
-        self._siov_view = memoryview(self._siov).cast("B")
+            out = self._smsgs[i].hdr
+            out.name, out.namelen = self._name_at[i], self._namelen
+            out.iov, out.iovlen = ctypes.addressof(self._siov[i]), 1
+        # Integer views: mmsghdr fields as 32-bit words (flags, lengths) and 64-bit words (the
+        # reply's address pointer), iovec lengths as pointer-sized words.
+        self._r32 = memoryview(self._rmsgs).cast("B").cast("I")
+        self._s_ptr = memoryview(self._smsgs).cast("B").cast("P")
+        self._siov_n = memoryview(self._siov).cast("B").cast("P")
         self._rdata = memoryview(self._rbuf).cast("B")
         self._sdata = memoryview(self._sbuf).cast("B")
         self._names_view = memoryview(self._names).cast("B")
+        self._moved: list[int] = []
         self._used = BATCH
 
     def readable(self) -> None:
@@ -172,38 +187,52 @@ class MmsgSocket:
             pass
 
     def _batch(self) -> int:
-        rview, pack_into, unpack_from = self._rview, struct.pack_into, struct.unpack_from
+        r32 = self._r32
         for i in range(self._used):
-            pack_into("I", rview, i * _SIZE + _NAMELEN, _NAME_SIZE)
+            r32[i * _WORDS + _NAMELEN_WORD] = _NAME_SIZE
         n = int(self._recvmmsg(self._fd, self._rmsgs, BATCH, _MSG_DONTWAIT, None))
         if n <= 0:
             self._used = 0
             return 0
         self._used = n
-        fast, rdata, sdata = self._answerer.fast_path(), self._rdata, self._sdata
-        sview, siov_view, name_at, namelen = self._sview, self._siov_view, self._name_at, self._namelen
+        s_ptr, name_at = self._s_ptr, self._name_at
+        for slot in self._moved:
+            s_ptr[slot * _PTRS] = name_at[slot]
+        self._moved.clear()
+        repeated, fast = self._answerer.fast_path()
+        rdata, sdata, siov_n = self._rdata, self._sdata, self._siov_n
         replies = 0
         for i in range(n):
-            base = i * _SIZE
-            flags, size = unpack_from(_FLAGS_AND_LEN, rview, base + _FLAGS)
-            if flags & _MSG_TRUNC:
+            word = i * _WORDS
+            size = r32[word + _LEN_WORD]
+            if r32[word + _FLAGS_WORD] & _MSG_TRUNC:
                 metrics.DROPPED.labels("oversized").inc()
                 continue
             start = i * _RECV_SIZE
-            data = bytes(rdata[start : start + size])
-            out = fast(data, False)
-            if out is None:
-                addr = self._address(i, unpack_from("I", rview, base + _NAMELEN)[0])
-                out = self._answerer.answer(data, addr, _sender(self._sock, addr))
-                if out is None:
-                    continue
-            if len(out) > _SEND_SIZE:
-                _sendto(self._sock, out, self._address(i, unpack_from("I", rview, base + _NAMELEN)[0]))
-                continue
             slot = replies * _SEND_SIZE
-            sdata[slot : slot + len(out)] = out
-            pack_into("N", siov_view, replies * _IOV_SIZE + _IOV_LEN, len(out))
-            pack_into("PI", sview, replies * _SIZE, name_at[i], namelen)
+            body = repeated(bytes(rdata[start + 2 : start + size]), False) if size > 2 else None
+            if body is not None:
+                length = len(body) + 2
+                sdata[slot] = rdata[start]
+                sdata[slot + 1] = rdata[start + 1]
+                sdata[slot + 2 : slot + length] = body
+            else:
+                data = bytes(rdata[start : start + size])
+                out = fast(data, False)
+                if out is None:
+                    addr = self._address(i, r32[word + _NAMELEN_WORD])
+                    out = self._answerer.answer(data, addr, _sender(self._sock, addr))
+                    if out is None:
+                        continue
+                length = len(out)
+                if length > _SEND_SIZE:
+                    _sendto(self._sock, out, self._address(i, r32[word + _NAMELEN_WORD]))
+                    continue
+                sdata[slot : slot + length] = out
+            siov_n[replies * _IOV_WORDS + 1] = length
+            if replies != i:
+                s_ptr[replies * _PTRS] = name_at[i]
+                self._moved.append(replies)
             replies += 1
         if replies:
             sent = int(self._sendmmsg(self._fd, self._smsgs, replies, _MSG_DONTWAIT))
