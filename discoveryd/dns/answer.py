@@ -233,35 +233,37 @@ def error_response(data: bytes, rcode: int, question: tuple[Sequence[bytes], int
 
 
 class _Cached:
-    """One cached response in up to `_ROTATIONS` orders; `heads[rd | cd << 1]` are bytes 2..11 of each.
+    """One cached response in up to `_ROTATIONS` orders, each kept as packed with RD and CD clear.
 
     `live` turns False when the cache forgets the entry, so that references held
     by the exact-query map die with it.
     """
 
-    __slots__ = ("counter", "live", "tails", "truncated", "turn", "variants")
+    __slots__ = ("counter", "live", "qname_end", "tails", "truncated", "turn", "variants")
 
     def __init__(self, packed: Sequence[bytes], qname_len: int, counter: metrics.Tally) -> None:
-        self.variants = tuple(
-            (tuple(bytes((p[2] | rd, p[3] | cd)) + p[4:12] for cd in (0, 0x10) for rd in (0, 1)), p[12 + qname_len :])
-            for p in packed
-        )
+        self.variants = tuple(packed)
+        self.qname_end = 12 + qname_len
         self.turn = 0
         self.counter = counter
         self.tails = len(self.variants)
         self.truncated = bool(packed[0][2] & 0x02)
         self.live = True
 
+    def _after_id(self, packed: bytes, data: bytes, qend: int) -> bytes:
+        """`packed` for the query `data`: its RD and CD bits, its question (name case)."""
+        flags = bytes((packed[2] | (data[2] & 0x01), packed[3] | (data[3] & 0x10)))
+        return flags + packed[4:12] + data[12:qend] + packed[self.qname_end :]
+
     def reply(self, data: bytes, qend: int) -> bytes:
         """The response to `data`, whose question name ends at `qend`."""
-        heads, tail = self.variants[self.turn % self.tails] if self.tails > 1 else self.variants[0]
+        packed = self.variants[self.turn % self.tails] if self.tails > 1 else self.variants[0]
         self._count()
-        return data[:2] + heads[(data[2] & 1) | ((data[3] >> 3) & 2)] + data[12:qend] + tail
+        return data[:2] + self._after_id(packed, data, qend)
 
     def after_id(self, data: bytes, qend: int) -> tuple[bytes, ...]:
         """Every variant's response to `data` without the ID: fixed for byte-identical queries."""
-        flags = (data[2] & 1) | ((data[3] >> 3) & 2)
-        return tuple(heads[flags] + data[12:qend] + tail for heads, tail in self.variants)
+        return tuple(self._after_id(packed, data, qend) for packed in self.variants)
 
     def pick(self, after_id: tuple[bytes, ...]) -> bytes:
         """This turn's variant out of `after_id()`, counted as a cache hit (the hottest call)."""
@@ -290,10 +292,18 @@ class _Slot:
     """The cached answers for one question name (lower-cased wire form `key`)."""
 
     key: bytes
-    name: str
     answers: dict[int, _Cached] = field(default_factory=dict)
-    reads: set[str] = field(default_factory=set)
+    reads: frozenset[str] = frozenset()
     """Other owner names these answers were built from (registered in `Authority._deps`)."""
+
+
+def _dotted(key: bytes) -> str:
+    """The owner name of a lower-cased wire name, as the record table spells it."""
+    parts, i = [], 0
+    while key[i]:
+        parts.append(key[i + 1 : i + 1 + key[i]].decode("latin-1").replace(".", "\\."))
+        i += 1 + key[i]
+    return ".".join(parts)
 
 
 def _wire_name(name: str) -> bytes:
@@ -366,7 +376,7 @@ class Authority:
             packed.append(self._encode(lowered, qtype, qclass, resolved, edns, limit, rotated))
         key = b"".join(bytes((len(p),)) + p for p in lowered) + b"\x00"
         cached = _Cached(packed, len(key), metrics.query_counter(qtype, resolved.rcode))
-        self._store(key, name, subkey(qtype, qclass, limit, edns is not None and edns.do), cached, resolved.reads)
+        self._store(key, subkey(qtype, qclass, limit, edns is not None and edns.do), cached, resolved.reads)
         query = qid.to_bytes(2, "big") + bytes(((flags >> 8) & 0xFF, flags & 0xFF))
         wire = b"".join(bytes((len(p),)) + p for p in qname) + b"\x00"
         return cached.reply(query + bytes(8) + wire, 12 + len(wire))
@@ -394,12 +404,12 @@ class Authority:
             limit=limit,
         )
 
-    def _store(self, key: bytes, name: str, sub: int, cached: _Cached, reads: Iterable[str]) -> None:
+    def _store(self, key: bytes, sub: int, cached: _Cached, reads: frozenset[str]) -> None:
         slot = self._cache.get(key)
         if slot is None:
             while self._size >= _CACHE_LIMIT and self._cache:
                 self._drop(self._cache.pop(next(iter(self._cache))))
-            slot = self._cache[key] = _Slot(key, name)
+            slot = self._cache[key] = _Slot(key)
         previous = slot.answers.get(sub)
         if previous is None:
             self._size += 1
@@ -408,7 +418,8 @@ class Authority:
         slot.answers[sub] = cached
         for read in reads:
             self._deps.setdefault(read, set()).add(key)
-            slot.reads.add(read)
+        if not reads <= slot.reads:
+            slot.reads |= reads
 
     # -- invalidation -----------------------------------------------------------------
 
@@ -441,7 +452,7 @@ class Authority:
             if name == "*" or name.startswith("*."):
                 wildcards.append(name[1:])
         if wildcards:
-            keys.update(k for k, slot in self._cache.items() if any(slot.name.endswith(w) for w in wildcards))
+            keys.update(k for k in self._cache if any(_dotted(k).endswith(w) for w in wildcards))
         for key in keys:
             slot = self._cache.pop(key, None)
             if slot is not None:

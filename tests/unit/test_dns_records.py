@@ -288,3 +288,17 @@ def test_parse_ip_agrees_with_ipaddress(value: str) -> None:
 @given(st.ip_addresses())
 def test_parse_ip_reads_every_canonical_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
     assert parse_ip(str(ip)) == ip
+
+
+def test_a_changed_wildcard_forgets_the_names_answered_from_it() -> None:
+    old = Service(Hostname("*.w.mesh.local"), addresses=("10.0.0.1",))
+    new = Service(Hostname("*.w.mesh.local"), addresses=("10.0.0.2",))
+    other = Service(Hostname("v.mesh.local"), addresses=("10.0.0.3",))
+    authority = Authority(table(old, other))
+    for name in ((b"X", b"w", b"mesh", b"local"), (b"v", b"mesh", b"local")):
+        assert authority.answer(name, A, 1, None, False, 1, 0) is not None
+    authority.update({new.hostname: new, other.hostname: other}, [new.hostname])
+    assert authority.cached() == 1
+    out = authority.answer((b"x", b"W", b"mesh", b"local"), A, 1, None, False, 1, 0)
+    assert out is not None
+    assert [r.to_text() for r in dns.message.from_wire(out).answer[0]] == ["10.0.0.2"]
