@@ -27,6 +27,7 @@ registered under those names.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -362,8 +363,12 @@ class Authority:
 
         `qname` is as sent; `flags` are bytes 2..3 of the query (RD and CD are copied).
         """
-        lowered = tuple(part.lower() for part in qname)
-        name = ".".join(p.decode("latin-1").replace(".", "\\.") for p in lowered)
+        lowered = tuple(map(bytes.lower, qname))
+        joined = b".".join(lowered)
+        if joined.count(b".") == len(lowered) - 1 or not lowered:
+            name = joined.decode("latin-1")
+        else:  # a label holding a dot: escaped, so that it matches no owner name
+            name = ".".join(p.decode("latin-1").replace(".", "\\.") for p in lowered)
         resolved = resolve(self.table, name, qtype, lowered)
         if resolved is None:
             return None
@@ -374,12 +379,11 @@ class Authority:
             rrset = resolved.answer[start:end]
             rotated = (*resolved.answer[:start], *rrset[turn:], *rrset[:turn], *resolved.answer[end:])
             packed.append(self._encode(lowered, qtype, qclass, resolved, edns, limit, rotated))
-        key = b"".join(bytes((len(p),)) + p for p in lowered) + b"\x00"
+        wire = b"".join(bytes((len(p),)) + p for p in qname) + b"\x00"
+        key = wire.lower()  # length bytes are below 64: lower() changes only the labels' letters
         cached = _Cached(packed, len(key), metrics.query_counter(qtype, resolved.rcode))
         self._store(key, subkey(qtype, qclass, limit, edns is not None and edns.do), cached, resolved.reads)
-        query = qid.to_bytes(2, "big") + bytes(((flags >> 8) & 0xFF, flags & 0xFF))
-        wire = b"".join(bytes((len(p),)) + p for p in qname) + b"\x00"
-        return cached.reply(query + bytes(8) + wire, 12 + len(wire))
+        return cached.reply(struct.pack("!HH8x", qid, flags) + wire, 12 + len(wire))
 
     def _encode(
         self,

@@ -18,6 +18,7 @@ question and the OPT record with TC set.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -201,7 +202,7 @@ def _pack(
 ) -> bytes:
     w = _Writer()
     counts = (1 if question is not None else 0, len(answer), len(authority), len(additional) + (opt is not None))
-    w.buf += b"".join(n.to_bytes(2, "big") for n in (qid, flags, *counts))
+    w.buf += struct.pack("!6H", qid, flags, *counts)
     if question is not None:
         qname, qtype, qclass = question
         w.name(tuple(qname), compress=False)
