@@ -61,34 +61,36 @@ _STATIC = Hostname("")
 """Contributor key of the zone apex records (no service has an empty hostname)."""
 
 
-class Node(tuple[int | tuple[Rdata, ...], ...]):
-    """The records at one owner name, flat: (type, rdatas, type, rdatas, ...), in the order types were added.
+class Node(tuple[int | Rdata, ...]):
+    """The records at one owner name, flat: (type, rdata, type, rdata, ...), records of one type
+    together, types in the order they were added.
 
-    Immutable and compared by value; most names hold one type, so a node is one small tuple.
+    Immutable and compared by value; a name with one record is a tuple of two.
     """
 
     __slots__ = ()
 
     @classmethod
     def of(cls, by_type: Mapping[int, Sequence[Rdata]]) -> Node:
-        flat: list[int | tuple[Rdata, ...]] = []
+        flat: list[int | Rdata] = []
         for rtype, rdatas in by_type.items():
-            flat += (rtype, tuple(rdatas))
+            for rdata in rdatas:
+                flat += (rtype, rdata)
         return cls(flat)
 
     def get(self, rtype: int) -> tuple[Rdata, ...] | None:
-        for i in range(0, len(self), 2):
-            if self[i] == rtype:
-                return cast("tuple[Rdata, ...]", self[i + 1])
-        return None
+        """The rdata of type `rtype`, in order, or None when there is none."""
+        if len(self) == 2:
+            return (cast(Rdata, self[1]),) if self[0] == rtype else None
+        found = tuple(cast(Rdata, self[i + 1]) for i in range(0, len(self), 2) if self[i] == rtype)
+        return found or None
 
     def types(self) -> tuple[int, ...]:
-        return cast("tuple[int, ...]", self[::2])
+        return tuple(dict.fromkeys(cast("tuple[int, ...]", self[::2])))
 
     def records(self) -> Iterator[tuple[int, Rdata]]:
         for i in range(0, len(self), 2):
-            for rdata in cast("tuple[Rdata, ...]", self[i + 1]):
-                yield cast(int, self[i]), rdata
+            yield cast(int, self[i]), cast(Rdata, self[i + 1])
 
 
 EMPTY = Node()
