@@ -2,9 +2,10 @@
 
 Both servers serve the same zone `bench.local` with N names `svc-<i>.bench.local`
 (one A record each), in their own processes: discoveryd on uvloop, Knot with one
-UDP worker. Each server is pinned to one CPU and dnsperf to another. Rounds alternate
-discoveryd, Knot, discoveryd, Knot, ... with dnsperf cycling over all N names
-(shuffled) for `--duration` seconds per round, after one warm-up pass each.
+UDP worker, and a second discoveryd whose index changes 10 times per second.
+Each server is pinned to one CPU and dnsperf to another. Rounds alternate
+discoveryd, Knot, churned discoveryd, discoveryd, ... with dnsperf cycling over
+all N names (shuffled) for `--duration` seconds per round, after one warm-up pass each.
 
 Figures: queries per second and p99 latency (from dnsperf's per-query log, at
 saturation: `-c 4 -q 100`), the server's CPU time per answered query (from
@@ -270,15 +271,22 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="dns-bench-") as tmp:
         work = Path(tmp)
         data = _datafile(work, args.names, "queries.txt")
-        runs: dict[str, list[dict[str, Any]]] = {"discoveryd": [], "knot": []}
-        d_port, k_port = _free_port(), _free_port()
-        with discoveryd(args.names, d_port) as d_proc, knot(args.names, k_port, work) as k_proc:
-            dnsperf(d_port, data, passes=1)
-            dnsperf(k_port, data, passes=1)
+        runs: dict[str, list[dict[str, Any]]] = {"discoveryd": [], "knot": [], "discoveryd_churn_10_per_s": []}
+        d_port, k_port, c_port = _free_port(), _free_port(), _free_port()
+        with (
+            discoveryd(args.names, d_port) as d_proc,
+            knot(args.names, k_port, work) as k_proc,
+            discoveryd(args.names, c_port, churn=10.0) as c_proc,
+        ):
+            servers = [("discoveryd", d_port, d_proc.pid), ("knot", k_port, k_proc.pid)]
+            servers.append(("discoveryd_churn_10_per_s", c_port, c_proc.pid))
+            for _, port, _ in servers:
+                dnsperf(port, data, passes=1)
             for _ in range(args.rounds):
-                runs["discoveryd"].append(dnsperf(d_port, data, duration=args.duration, pid=d_proc.pid))
-                runs["knot"].append(dnsperf(k_port, data, duration=args.duration, pid=k_proc.pid))
+                for server, port, pid in servers:
+                    runs[server].append(dnsperf(port, data, duration=args.duration, pid=pid))
         rows = []
+        labels = {"discoveryd_churn_10_per_s": "discoveryd, 10 changes/s"}
         for server, results in runs.items():
             qps = sum(r["qps"] for r in results) / len(results)
             p99 = max(r["p99_ms"] for r in results)
@@ -291,26 +299,11 @@ def main(argv: list[str]) -> None:
                 "lost": lost,
                 "runs": results,
             }
-            rows.append([server, f"{qps:,.0f}", f"{p99:.3f}", f"{cpu:.2f}", lost])
+            rows.append([labels.get(server, server), f"{qps:,.0f}", f"{p99:.3f}", f"{cpu:.2f}", lost])
         ratio = figures["discoveryd"]["qps"] / figures["knot"]["qps"]
         figures["qps_ratio_discoveryd_over_knot"] = round(ratio, 3)
         cpu_ratio = figures["knot"]["server_cpu_us_per_query"] / figures["discoveryd"]["server_cpu_us_per_query"]
         figures["cpu_efficiency_ratio_discoveryd_over_knot"] = round(cpu_ratio, 3)
-
-        port = _free_port()
-        with discoveryd(args.names, port, churn=10.0) as proc:
-            dnsperf(port, data, passes=1)
-            churned = dnsperf(port, data, duration=args.duration, pid=proc.pid)
-        figures["discoveryd_churn_10_per_s"] = churned
-        rows.append(
-            [
-                "discoveryd, 10 changes/s",
-                f"{churned['qps']:,.0f}",
-                f"{churned['p99_ms']:.3f}",
-                f"{churned['server_cpu_us_per_query']:.2f}",
-                churned["lost"],
-            ]
-        )
 
         memory = []
         for names in (args.names, args.big):

@@ -15,6 +15,10 @@ in the answer, or for negative replies min(SOA TTL, SOA MINIMUM) (RFC 2308);
 the cache is an LRU of `cache_size` entries. A cached reply is served with
 its TTLs decreased by its age, and re-encoded for each client (ID, question
 case, OPT, size limit).
+
+Upstream replies are read with dnslib; the client's response is written by
+`message.pack`, each upstream record's rdata copied with its names
+uncompressed.
 """
 
 from __future__ import annotations
