@@ -34,6 +34,7 @@ are escaped by the caller and never match.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import socket
 from collections import defaultdict
@@ -393,11 +394,21 @@ class RecordTable:
     # -- updates ----------------------------------------------------------------------
 
     def load(self, services: Mapping[Hostname, Service]) -> None:
-        """Replace every service's records (first snapshot, lost history, zones changed)."""
-        for host in [h for h in self._contributions if h != _STATIC]:
-            self._set(host, {})
-        for svc in services.values():
-            self._set(svc.hostname, service_records(svc, self.zone_of(svc.hostname)))
+        """Replace every service's records (first snapshot, lost history, zones changed).
+
+        The cyclic garbage collector is paused meanwhile: the build makes no reference cycles, and
+        collections triggered by its allocations would rescan the growing table (40% of the time).
+        """
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            for host in [h for h in self._contributions if h != _STATIC]:
+                self._set(host, {})
+            for svc in services.values():
+                self._set(svc.hostname, service_records(svc, self.zone_of(svc.hostname)))
+        finally:
+            if paused:
+                gc.enable()
 
     def update(self, services: Mapping[Hostname, Service], changed: Iterable[Hostname]) -> set[str]:
         """Apply the changed hostnames; return the owner names whose records or existence changed."""
