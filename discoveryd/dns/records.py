@@ -399,7 +399,7 @@ class RecordTable:
         The cyclic garbage collector is paused meanwhile: the build makes no reference cycles, and
         collections triggered by its allocations would rescan the growing table (40% of the time).
         """
-        paused = gc.isenabled()
+        enabled = gc.isenabled()
         gc.disable()
         try:
             for host in [h for h in self._contributions if h != _STATIC]:
@@ -407,7 +407,7 @@ class RecordTable:
             for svc in services.values():
                 self._set(svc.hostname, service_records(svc, self.zone_of(svc.hostname)))
         finally:
-            if paused:
+            if enabled:
                 gc.enable()
 
     def update(self, services: Mapping[Hostname, Service], changed: Iterable[Hostname]) -> set[str]:
