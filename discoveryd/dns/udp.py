@@ -21,7 +21,7 @@ import ctypes
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from discoveryd.dns import metrics
 
@@ -200,7 +200,8 @@ class MmsgSocket:
             s_ptr[slot * _PTRS] = name_at[slot]
         self._moved.clear()
         repeated, fast = self._answerer.fast_path()
-        rdata, sdata, siov_n = self._rdata, self._sdata, self._siov_n
+        # A c_char array slices to bytes in one step (typeshed has it return a list).
+        rbuf, rdata, sdata, siov_n = cast(bytes, self._rbuf), self._rdata, self._sdata, self._siov_n
         replies = 0
         for i in range(n):
             word = i * _WORDS
@@ -210,14 +211,14 @@ class MmsgSocket:
                 continue
             start = i * _RECV_SIZE
             slot = replies * _SEND_SIZE
-            body = repeated(bytes(rdata[start + 2 : start + size]), False) if size > 2 else None
+            body = repeated(rbuf[start + 2 : start + size], False) if size > 2 else None
             if body is not None:
                 length = len(body) + 2
                 sdata[slot] = rdata[start]
                 sdata[slot + 1] = rdata[start + 1]
                 sdata[slot + 2 : slot + length] = body
             else:
-                data = bytes(rdata[start : start + size])
+                data = rbuf[start : start + size]
                 out = fast(data, False)
                 if out is None:
                     addr = self._address(i, r32[word + _NAMELEN_WORD])
