@@ -302,3 +302,34 @@ def test_a_changed_wildcard_forgets_the_names_answered_from_it() -> None:
     out = authority.answer((b"x", b"W", b"mesh", b"local"), A, 1, None, False, 1, 0)
     assert out is not None
     assert [r.to_text() for r in dns.message.from_wire(out).answer[0]] == ["10.0.0.2"]
+
+
+_HOSTS = [Hostname(f"{n}.mesh.local") for n in ("a", "b", "c.a")] + [Hostname("*.w.mesh.local")]
+_SERVICE = st.builds(
+    lambda host, ips, vip: Service(
+        host,
+        ports=(Port(80, "http"),),
+        addresses=(vip,) if vip else (),
+        endpoints=tuple(Endpoint(ip) for ip in ips),
+    ),
+    st.sampled_from(_HOSTS),
+    st.lists(st.sampled_from(["10.0.0.1", "10.0.0.2", "fd00::1"]), max_size=3),
+    st.sampled_from(["", "10.0.0.1", "10.9.0.1"]),
+)
+
+
+@given(st.lists(st.one_of(_SERVICE, st.sampled_from(_HOSTS)), min_size=1, max_size=12))
+def test_updates_end_where_a_fresh_load_starts(steps: list[Service | Hostname]) -> None:
+    # Each step upserts a service or deletes a hostname; names shared between services merge and unmerge.
+    services: dict[Hostname, Service] = {}
+    t = table()
+    for step in steps:
+        if isinstance(step, Service):
+            services[step.hostname] = step
+            t.update(services, [step.hostname])
+        else:
+            services.pop(step, None)
+            t.update(services, [step])
+    fresh = table(*services.values())
+    assert t._names == fresh._names
+    assert dict(t._below) == dict(fresh._below)
