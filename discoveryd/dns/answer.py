@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from discoveryd.dns import metrics
 from discoveryd.dns.message import (
@@ -293,9 +293,28 @@ class _Slot:
     """The cached answers for one question name (lower-cased wire form `key`)."""
 
     key: bytes
-    answers: dict[int, _Cached] = field(default_factory=dict)
+    subs: tuple[int, ...] = ()
+    """The `subkey`s answered, in parallel with `answers`: most names are asked one way."""
+    answers: tuple[_Cached, ...] = ()
     reads: frozenset[str] = frozenset()
     """Other owner names these answers were built from (registered in `Authority._deps`)."""
+
+    def get(self, sub: int) -> _Cached | None:
+        subs = self.subs
+        if sub in subs:
+            return self.answers[subs.index(sub)]
+        return None
+
+    def put(self, sub: int, cached: _Cached) -> _Cached | None:
+        """Store `cached` under `sub`; return the entry it replaces."""
+        if sub in self.subs:
+            at = self.subs.index(sub)
+            previous = self.answers[at]
+            self.answers = (*self.answers[:at], cached, *self.answers[at + 1 :])
+            return previous
+        self.subs += (sub,)
+        self.answers += (cached,)
+        return None
 
 
 def _dotted(key: bytes) -> str:
@@ -344,7 +363,7 @@ class Authority:
             return None
         qend, sub = found
         slot = self._cache.get(data[12:qend].lower())
-        cached = slot.answers.get(sub) if slot is not None else None
+        cached = slot.get(sub) if slot is not None else None
         if cached is None:
             metrics.ANSWER_CACHE_MISS.n += 1
             return None
@@ -414,12 +433,11 @@ class Authority:
             while self._size >= _CACHE_LIMIT and self._cache:
                 self._drop(self._cache.pop(next(iter(self._cache))))
             slot = self._cache[key] = _Slot(key)
-        previous = slot.answers.get(sub)
+        previous = slot.put(sub, cached)
         if previous is None:
             self._size += 1
         else:
             previous.live = False
-        slot.answers[sub] = cached
         for read in reads:
             self._deps.setdefault(read, set()).add(key)
         if not reads <= slot.reads:
@@ -472,7 +490,7 @@ class Authority:
                 keys.discard(slot.key)
                 if not keys:
                     del self._deps[read]
-        for cached in slot.answers.values():
+        for cached in slot.answers:
             cached.live = False
 
     def cached(self) -> int:

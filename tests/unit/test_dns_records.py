@@ -333,3 +333,16 @@ def test_updates_end_where_a_fresh_load_starts(steps: list[Service | Hostname]) 
     fresh = table(*services.values())
     assert t._names == fresh._names
     assert dict(t._below) == dict(fresh._below)
+
+
+def test_one_name_asked_several_ways_is_cached_once_per_way() -> None:
+    svc = Service(Hostname("x.mesh.local"), addresses=("10.0.0.1",))
+    authority = Authority(table(svc))
+    name = (b"x", b"mesh", b"local")
+    edns = answer_module.Edns(udp_size=4096, do=False)
+    for _ in range(2):
+        for opt, tcp in ((None, False), (edns, False), (None, True)):
+            assert authority.answer(name, A, 1, opt, tcp, 7, 0x0100) is not None
+    assert authority.cached() == 3
+    authority.update({}, [svc.hostname])
+    assert authority.cached() == 0
