@@ -30,6 +30,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from discoveryd.dns import metrics
 from discoveryd.dns.message import (
@@ -68,9 +69,8 @@ _ANY_ORDER = (CNAME, A, AAAA, SRV, PTR, TXT, SOA, NS)
 """RFC 8482: ANY gets one RRset, the first of these that exists."""
 
 
-@dataclass(frozen=True, slots=True)
-class Resolved:
-    """The content of an authoritative response, before encoding."""
+class Resolved(NamedTuple):
+    """The content of an authoritative response, before encoding (a tuple: built on every cache miss)."""
 
     rcode: int
     answer: tuple[RR, ...] = ()
@@ -392,40 +392,21 @@ class Authority:
         if resolved is None:
             return None
         limit = response_limit(edns, tcp)
-        packed = [self._encode(lowered, qtype, qclass, resolved, edns, limit, resolved.answer)]
+        question = (lowered, qtype, qclass)
+        header = header_flags(resolved.rcode, aa=True)
+        opt = opt_record(edns.do, resolved.rcode) if edns is not None else None
+        answer, authority, additional = resolved.answer, resolved.authority, resolved.additional
+        packed = [pack(0, header, question, answer, authority, additional, opt, limit)]
         start, end = resolved.rotate
         for turn in range(1, min(end - start, _ROTATIONS)):
-            rrset = resolved.answer[start:end]
-            rotated = (*resolved.answer[:start], *rrset[turn:], *rrset[:turn], *resolved.answer[end:])
-            packed.append(self._encode(lowered, qtype, qclass, resolved, edns, limit, rotated))
+            rrset = answer[start:end]
+            rotated = (*answer[:start], *rrset[turn:], *rrset[:turn], *answer[end:])
+            packed.append(pack(0, header, question, rotated, authority, additional, opt, limit))
         wire = b"".join(bytes((len(p),)) + p for p in qname) + b"\x00"
         key = wire.lower()  # length bytes are below 64: lower() changes only the labels' letters
         cached = _Cached(packed, len(key), metrics.query_counter(qtype, resolved.rcode))
         self._store(key, subkey(qtype, qclass, limit, edns is not None and edns.do), cached, resolved.reads)
         return cached.reply(struct.pack("!HH8x", qid, flags) + wire, 12 + len(wire))
-
-    def _encode(
-        self,
-        qname: Sequence[bytes],
-        qtype: int,
-        qclass: int,
-        r: Resolved,
-        edns: Edns | None,
-        limit: int,
-        answer: Sequence[RR],
-    ) -> bytes:
-        return encode(
-            qname,
-            qtype,
-            qclass,
-            r.rcode,
-            aa=True,
-            answer=answer,
-            authority=r.authority,
-            additional=r.additional,
-            edns=edns,
-            limit=limit,
-        )
 
     def _store(self, key: bytes, sub: int, cached: _Cached, reads: frozenset[str]) -> None:
         slot = self._cache.get(key)
