@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
+from types import ModuleType
+
 import dns.edns
 import dns.flags
 import dns.message
@@ -13,6 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from discoveryd.dns import answer, message, metrics, records, server, udp, wire
 from discoveryd.dns.message import (
     AAAA,
     BADVERS,
@@ -168,3 +173,12 @@ def test_compression_round_trips(owners: list[tuple[bytes, ...]], targets: list[
 
 def _dn(name: tuple[bytes, ...]) -> dns.name.Name:
     return dns.name.Name((*name, b""))
+
+
+@pytest.mark.parametrize("module", [answer, message, metrics, records, server, udp, wire])
+def test_authoritative_answers_need_no_dns_library(module: ModuleType) -> None:
+    # Only the forwarder reads upstream replies with dnslib; nothing on the way from the index to an answer does.
+    tree = ast.parse(inspect.getsource(module))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not {name for name in imported if name.split(".")[0] == "dnslib"}
