@@ -24,11 +24,11 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from discoveryd.config import AdminConfig, split_hostport
-from discoveryd.index import Snapshot, SnapshotSource
+from discoveryd.index import ShardStatus, Snapshot, SnapshotSource
 from discoveryd.model import Endpoint, Service
 
 log = logging.getLogger("discoveryd.admin")
@@ -108,6 +108,29 @@ def indexz(snap: Snapshot) -> dict[str, Any]:
     }
 
 
+# Per-registry figures: (metric, help, value from the shard status; None: no sample).
+_REGISTRY_GAUGES: tuple[tuple[str, str, Callable[[ShardStatus, float], float | None]], ...] = (
+    ("discoveryd_registry_services", "Services in a registry's shard.", lambda st, now: st.services),
+    ("discoveryd_registry_endpoints", "Endpoints in a registry's shard.", lambda st, now: st.endpoints),
+    (
+        "discoveryd_registry_stale",
+        "1 while a registry is failing and its last content is served.",
+        lambda st, now: float(st.stale),
+    ),
+    ("discoveryd_registry_ready", "1 once a registry has synced or failed once.", lambda st, now: float(st.ready)),
+    (
+        "discoveryd_registry_last_sync_age_seconds",
+        "Seconds since a registry's last full sync.",
+        lambda st, now: None if st.last_sync is None else max(0.0, now - st.last_sync),
+    ),
+    (
+        "discoveryd_registry_input_problems",
+        "Input problems currently reported by a registry.",
+        lambda st, now: len(st.problems),
+    ),
+)
+
+
 class _IndexCollector(Collector):
     """Index figures read from the snapshot at scrape time (registered once per process)."""
 
@@ -121,47 +144,24 @@ class _IndexCollector(Collector):
         now = time.time()
         version = GaugeMetricFamily("discoveryd_index_version", "Version of the current index snapshot.")
         version.add_metric([], snap.version)
-        services = GaugeMetricFamily(
-            "discoveryd_registry_services", "Services in a registry's shard.", labels=["registry"]
-        )
-        endpoints = GaugeMetricFamily(
-            "discoveryd_registry_endpoints", "Endpoints in a registry's shard.", labels=["registry"]
-        )
-        stale = GaugeMetricFamily(
-            "discoveryd_registry_stale",
-            "1 while a registry is failing and its last content is served.",
-            labels=["registry"],
-        )
-        ready = GaugeMetricFamily(
-            "discoveryd_registry_ready", "1 once a registry has synced or failed once.", labels=["registry"]
-        )
-        age = GaugeMetricFamily(
-            "discoveryd_registry_last_sync_age_seconds",
-            "Seconds since a registry's last full sync.",
-            labels=["registry"],
-        )
-        problems = GaugeMetricFamily(
-            "discoveryd_registry_input_problems",
-            "Input problems currently reported by a registry.",
-            labels=["registry"],
-        )
-        errors = GaugeMetricFamily(
+        conflicts = GaugeMetricFamily("discoveryd_index_conflicts", "Hostnames reported by more than one registry.")
+        conflicts.add_metric([], len(snap.conflicts))
+        yield from (version, conflicts)
+        for name, text, value in _REGISTRY_GAUGES:
+            family = GaugeMetricFamily(name, text, labels=["registry"])
+            for source, st in snap.shards.items():
+                v = value(st, now)
+                if v is not None:
+                    family.add_metric([source], v)
+            yield family
+        errors = CounterMetricFamily(
             "discoveryd_registry_sync_errors",
             "Sync errors and input problems reported since start.",
             labels=["registry"],
         )
         for source, st in snap.shards.items():
-            services.add_metric([source], st.services)
-            endpoints.add_metric([source], st.endpoints)
-            stale.add_metric([source], 1 if st.stale else 0)
-            ready.add_metric([source], 1 if st.ready else 0)
-            if st.last_sync is not None:
-                age.add_metric([source], max(0.0, now - st.last_sync))
-            problems.add_metric([source], len(st.problems))
             errors.add_metric([source], st.errors_total)
-        conflicts = GaugeMetricFamily("discoveryd_index_conflicts", "Hostnames reported by more than one registry.")
-        conflicts.add_metric([], len(snap.conflicts))
-        yield from (version, services, endpoints, stale, ready, age, problems, errors, conflicts)
+        yield errors
 
 
 _COLLECTOR = _IndexCollector()

@@ -68,6 +68,9 @@ async def test_metrics_reflect_the_snapshot(admin: tuple[Index, str]) -> None:
     assert 'discoveryd_registry_input_problems{registry="files/a"} 1.0' in text
     assert 'discoveryd_registry_stale{registry="etcd/b"} 1.0' in text
     assert f"discoveryd_index_version {float(index.snapshot.version)}" in text
+    assert 'discoveryd_registry_sync_errors_total{registry="etcd/b"} 1.0' in text
+    assert 'discoveryd_registry_ready{registry="etcd/b"} 1.0' in text
+    assert 'discoveryd_registry_last_sync_age_seconds{registry="files/a"}' not in text  # never synced
 
 
 async def test_debug_pages(admin: tuple[Index, str]) -> None:
