@@ -219,7 +219,7 @@ def service_records(svc: Service, zone: Zone | None) -> dict[str, Node]:
     """The records `svc` contributes, by owner name, under the naming rules of `zone` (None: outside every zone)."""
     b = _Builder()
     if zone is not None and zone.flavor is ZoneFlavor.KUBERNETES and _is_kubernetes_name(svc.hostname, zone):
-        _kubernetes(svc, b)
+        _plain(svc, b, kubernetes=True)
     elif zone is not None and zone.flavor is ZoneFlavor.CONSUL and _is_consul_name(svc.hostname, zone):
         _consul(svc, zone, b)
     else:
@@ -274,29 +274,25 @@ def _with_endpoints(svc: Service, endpoints: Iterable[Endpoint], b: _Builder) ->
                 b.srv(owner, ep.priority, ep.weight, ep.port_for(port), name)
 
 
-def _plain(svc: Service, b: _Builder) -> None:
+def _plain(svc: Service, b: _Builder, *, kubernetes: bool = False) -> None:
+    """VIPs, else a CNAME, else the endpoints' addresses.
+
+    Kubernetes names (spec 1.1.0) differ in two points: SRV weight 100 for a
+    ClusterIP, and a headless service answers only ready endpoints (none ready
+    leaves the name without records: NXDOMAIN).
+    """
     vips = _vips(svc)
     if vips:
-        _with_vips(svc, vips, b, srv_weight=1)
+        _with_vips(svc, vips, b, srv_weight=100 if kubernetes else 1)
         return
     target = _cname_target(svc)
     if target is not None:
         b.cname(svc.hostname, target)
         return
-    _with_endpoints(svc, (ep for ep in svc.endpoints if ep.health.serving), b)
-
-
-def _kubernetes(svc: Service, b: _Builder) -> None:
-    vips = _vips(svc)
-    if vips:
-        _with_vips(svc, vips, b, srv_weight=100)
-        return
-    target = _cname_target(svc)
-    if target is not None:
-        b.cname(svc.hostname, target)
-        return
-    # Headless: only ready endpoints; none ready leaves the name without records (NXDOMAIN).
-    _with_endpoints(svc, (ep for ep in svc.endpoints if ep.health is Health.HEALTHY), b)
+    if kubernetes:
+        _with_endpoints(svc, (ep for ep in svc.endpoints if ep.health is Health.HEALTHY), b)
+    else:
+        _with_endpoints(svc, (ep for ep in svc.endpoints if ep.health.serving), b)
 
 
 def _consul(svc: Service, zone: Zone, b: _Builder) -> None:
