@@ -318,9 +318,10 @@ class FilesRegistry:
         """Watch the current plan and refresh on every event; return when the plan must change."""
         plan = await asyncio.to_thread(files.watch_plan)
         queue: asyncio.Queue[set[str] | Exception | None] = asyncio.Queue()
+        watches = ((plan.recursive, True, None), (plan.flat, False, _leads_to(files.roots)))
         pumps = [
-            asyncio.create_task(_pump(dirs, recursive, queue), name=f"files-watch:{self.config.source}")
-            for dirs, recursive in ((plan.recursive, True), (plan.flat, False))
+            asyncio.create_task(_pump(dirs, recursive, queue, only), name=f"files-watch:{self.config.source}")
+            for dirs, recursive, only in watches
             if dirs
         ]
         try:
@@ -354,12 +355,46 @@ class FilesRegistry:
             await asyncio.gather(*pumps, return_exceptions=True)
 
 
-async def _pump(dirs: Collection[str], recursive: bool, queue: asyncio.Queue[set[str] | Exception | None]) -> None:
-    """Forward watch events (paths) to `queue`; an error, or None when the watch ends. Runs until cancelled."""
+def _leads_to(roots: Sequence[str]) -> Callable[[object, str], bool]:
+    """A watch filter for the flat watches on parent directories: only paths that lead to a root.
+
+    That is the root itself, a directory on the way to a root that does not
+    exist yet, or the first hop of a root that is a symbolic link (a ConfigMap
+    file `x.yaml -> ..data/x.yaml`, whose `..data` is swapped). Anything else
+    in those parents (another program's files, our own log) is no concern of
+    ours and must not cause a refresh.
+    """
+
+    def accept(_change: object, path: str) -> bool:
+        for root in roots:
+            if path == root or root.startswith(path + os.sep):
+                return True
+            try:
+                target = os.readlink(root)
+            except OSError:
+                continue
+            hop = target.split(os.sep, 1)[0]
+            if hop and not os.path.isabs(target) and path == os.path.join(os.path.dirname(root), hop):
+                return True
+        return False
+
+    return accept
+
+
+async def _pump(
+    dirs: Collection[str],
+    recursive: bool,
+    queue: asyncio.Queue[set[str] | Exception | None],
+    only: Callable[[object, str], bool] | None = None,
+) -> None:
+    """Forward watch events (paths, those `only` accepts) to `queue`; an error, or None when the watch ends.
+
+    Runs until cancelled.
+    """
     try:
         watcher = awatch(
             *sorted(dirs),
-            watch_filter=None,
+            watch_filter=only,
             debounce=DEBOUNCE_MS,
             step=STEP_MS,
             recursive=recursive,

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 
 import pytest
 
 from adapters.files import FilesConfig, FilesRegistry
+from adapters.files.registry import FileSet, Refreshed
 from discoveryd.index import Index
 from discoveryd.model import Hostname, Problem, SourceId
 from discoveryd.registry import AdapterContext
@@ -211,6 +212,28 @@ async def test_missing_directory_is_reported_and_picked_up_when_created(tmp_path
         await eventually(lambda: addresses(index, "b.test.internal") == {"10.0.0.2"}, LANDS_WITHIN, what="b")
 
 
+async def test_other_files_beside_a_missing_path_cause_no_refresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The parent of a missing path is watched flat; only the path leading to the root concerns us.
+    named: list[set[str]] = []
+    refresh = FileSet.refresh
+
+    def recording(self: FileSet, paths: Collection[str] = ()) -> Refreshed:
+        named.append(set(paths))
+        return refresh(self, paths)
+
+    monkeypatch.setattr(FileSet, "refresh", recording)
+    async with running(registry(tmp_path, "later/")) as index:
+        for i in range(5):
+            (tmp_path / "daemon.log").write_text("x" * i)
+        (tmp_path / "later").mkdir()
+        (tmp_path / "later" / "a.yaml").write_text(service_entry("a", [("10.0.0.1", 80)]))
+        await eventually(lambda: addresses(index, "a.test.internal") == {"10.0.0.1"}, LANDS_WITHIN, what="appeared")
+    assert str(tmp_path / "later") in set().union(*named)
+    assert not any(str(tmp_path / "daemon.log") in paths for paths in named)
+
+
 async def test_configured_file_is_followed_through_atomic_replace(tmp_path: Path) -> None:
     path = tmp_path / "mesh.yaml"
     path.write_text(service_entry("a", [("10.0.0.1", 80)]))
@@ -242,6 +265,11 @@ async def test_configmap_symlink_swap_lands(tmp_path: Path) -> None:
         assert addresses(index, "a.test.internal") == {"10.0.0.1"}
         publish("..v2", "10.0.0.2")
         await eventually(lambda: addresses(index, "a.test.internal") == {"10.0.0.2"}, LANDS_WITHIN, what="swap")
+    # The file itself configured: its directory is watched flat, and the `..data` hop must get through.
+    async with running(registry(tmp_path, "mount/mesh.yaml")) as index:
+        assert addresses(index, "a.test.internal") == {"10.0.0.2"}
+        publish("..v3", "10.0.0.3")
+        await eventually(lambda: addresses(index, "a.test.internal") == {"10.0.0.3"}, LANDS_WITHIN, what="file swap")
 
 
 async def test_watch_failure_marks_the_shard_failing_and_is_retried(
