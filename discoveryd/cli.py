@@ -28,8 +28,13 @@ from discoveryd.xds import status as xds_status
 log = logging.getLogger("discoveryd")
 
 
-def _load(path_arg: str | None) -> Config:
-    return config_mod.load(config_mod.find_config(path_arg))
+def _load(path_arg: str | None) -> Config | None:
+    """The config, or None after printing each of its problems to stderr."""
+    try:
+        return config_mod.load(config_mod.find_config(path_arg))
+    except ConfigError as e:
+        _print_problems(e.problems)
+        return None
 
 
 def _print_problems(problems: Sequence[str]) -> None:
@@ -38,10 +43,8 @@ def _print_problems(problems: Sequence[str]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        cfg = _load(args.config)
-    except ConfigError as e:
-        _print_problems(e.problems)
+    cfg = _load(args.config)
+    if cfg is None:
         return 1
     logging.basicConfig(
         level=getattr(logging, (args.log_level or cfg.log_level.value).upper()),
@@ -71,10 +74,8 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    try:
-        cfg = _load(args.config)
-    except ConfigError as e:
-        _print_problems(e.problems)
+    cfg = _load(args.config)
+    if cfg is None:
         return 1
     problems: list[str] = []
     for reg_cfg in cfg.registries:
@@ -97,11 +98,10 @@ def _admin_get(args: argparse.Namespace, path: str) -> Any:
     if args.admin:
         address = args.admin
     else:
-        try:
-            address = _load(args.config).admin.listen
-        except ConfigError as e:
-            _print_problems(e.problems)
-            raise SystemExit(1) from None
+        cfg = _load(args.config)
+        if cfg is None:
+            raise SystemExit(1)
+        address = cfg.admin.listen
     host, port = split_hostport(address)
     if host in ("", "0.0.0.0"):
         host = "127.0.0.1"

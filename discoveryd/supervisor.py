@@ -28,7 +28,6 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +37,7 @@ from discoveryd.config import Config, ConfigError
 from discoveryd.dns import DnsServer
 from discoveryd.index import Index
 from discoveryd.model import Hostname, SourceId, Zone, ZoneFlavor
-from discoveryd.registry import AdapterContext, Registry, RegistryConfig, ZoneProvider
+from discoveryd.registry import AdapterContext, Registry, RegistryConfig, ShardWriter, ZoneProvider
 from discoveryd.xds import XdsServer
 
 log = logging.getLogger("discoveryd.supervisor")
@@ -138,7 +137,7 @@ class Supervisor:
         assert self._tg is not None
         registry = build_registry(cfg, self.config)
         shard = self.index.writer(cfg.source)
-        task = self._tg.create_task(self._guard(cfg.source, lambda: registry.run(shard)), name=f"registry:{cfg.source}")
+        task = self._tg.create_task(_guard(registry, shard), name=f"registry:{cfg.source}")
         self._registries[cfg.source] = _RegistryTask(cfg, registry, task)
         log.info("registry %s started", cfg.source)
 
@@ -146,19 +145,6 @@ class Supervisor:
         entry = self._registries.pop(source)
         entry.task.cancel()
         await asyncio.gather(entry.task, return_exceptions=True)
-
-    async def _guard(self, source: SourceId, run: Callable[[], Awaitable[None]]) -> None:
-        """Run an adapter; restart it with backoff if it raises or returns."""
-        delay = _RESTART_MIN
-        while True:
-            try:
-                await run()
-                log.error("registry %s: run() returned; restarting in %.0fs", source, delay)
-            except Exception as e:
-                log.exception("registry %s crashed; restarting in %.0fs", source, delay)
-                self.index.writer(source).mark_failing(f"adapter crashed: {e!r}")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _RESTART_MAX)
 
     # -- servers --------------------------------------------------------------------------
 
@@ -260,6 +246,20 @@ class Supervisor:
             snap = await self.index.wait(snap.version)
         log.info("all registries synced (index version %d, %d services)", snap.version, len(snap.services))
         _sd_notify("READY=1")
+
+
+async def _guard(registry: Registry, shard: ShardWriter) -> None:
+    """Run an adapter; restart it with backoff if it raises or returns (a bug, never a reason to stop)."""
+    delay = _RESTART_MIN
+    while True:
+        try:
+            await registry.run(shard)
+            log.error("registry %s: run() returned; restarting in %.0fs", shard.source, delay)
+        except Exception as e:
+            log.exception("registry %s crashed; restarting in %.0fs", shard.source, delay)
+            shard.mark_failing(f"adapter crashed: {e!r}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, _RESTART_MAX)
 
 
 async def _serve_or_report(server: Any) -> OSError | None:
