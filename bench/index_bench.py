@@ -32,7 +32,7 @@ def _measure(n: int) -> dict[str, float]:
 
     from bench.common import rss_bytes
     from discoveryd.index import Index
-    from discoveryd.model import Endpoint, Hostname, Locality, Port, Protocol, Service, SourceId
+    from discoveryd.model import Endpoint, Hostname, Locality, Port, PortProtocol, Service, SourceId
 
     gc.collect()
     rss0 = rss_bytes()
@@ -42,7 +42,7 @@ def _measure(n: int) -> dict[str, float]:
         return Service(
             hostname=Hostname(f"svc-{i}.ns-{i % 50}.svc.cluster.local"),
             namespace=f"ns-{i % 50}",
-            ports=(Port(80, "http", Protocol.HTTP), Port(9090, "grpc-metrics", Protocol.GRPC)),
+            ports=(Port(80, "http", PortProtocol.HTTP), Port(9090, "grpc-metrics", PortProtocol.GRPC)),
             addresses=(f"10.96.{i // 250}.{i % 250}",),
             source=source,
             endpoints=tuple(

@@ -38,7 +38,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from bench.common import median, percentile, rss_bytes, table, write_results
 from discoveryd.config import XdsConfig
 from discoveryd.index import Index, Shard
-from discoveryd.model import Endpoint, Hostname, Port, Protocol, Service, SourceId
+from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service, SourceId
 from discoveryd.xds import XdsServer, metrics
 from discoveryd.xds.connection import varint
 from discoveryd.xds.resources import CLUSTER, ENDPOINT
@@ -49,7 +49,7 @@ ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedRe
 def _service(i: int, endpoints: int, generation: int = 0) -> Service:
     return Service(
         hostname=Hostname(f"svc{i}.bench.local"),
-        ports=(Port(8080, "http", Protocol.HTTP),),
+        ports=(Port(8080, "http", PortProtocol.HTTP),),
         endpoints=tuple(
             Endpoint(f"10.{generation % 250}.{i % 250}.{e + 1}", labels={"app": f"svc{i}"}) for e in range(endpoints)
         ),

@@ -307,6 +307,16 @@ class Shard:
     def source(self) -> SourceId:
         return self._state.source
 
+    @property
+    def part_name(self) -> str:
+        return ""
+
+    def part(self, name: str) -> Shard:
+        raise NotImplementedError("named parts are not implemented yet")
+
+    def close_part(self, name: str) -> None:
+        raise NotImplementedError("named parts are not implemented yet")
+
     def _stamp(self, service: Service) -> Service:
         """Set `source` on the service and each endpoint that lacks it (free when the adapter set it)."""
         src = self._state.source
@@ -401,4 +411,7 @@ def _stamp_endpoint(ep: Endpoint, source: SourceId) -> Endpoint:
         ep.hostname,
         ep.priority,
         source,
+        ep.tags,
+        ep.node_name,
+        ep.target_ref,
     )

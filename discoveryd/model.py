@@ -35,7 +35,7 @@ def hostname(name: str) -> Hostname:
     return Hostname(name.strip().rstrip(".").lower())
 
 
-class Protocol(StrEnum):
+class PortProtocol(StrEnum):
     """Port protocols, with Istio's names."""
 
     HTTP = "HTTP"
@@ -52,40 +52,40 @@ class Protocol(StrEnum):
 
     @property
     def is_http2(self) -> bool:
-        return self in (Protocol.HTTP2, Protocol.GRPC, Protocol.GRPC_WEB)
+        return self in (PortProtocol.HTTP2, PortProtocol.GRPC, PortProtocol.GRPC_WEB)
 
     @property
     def is_udp(self) -> bool:
-        return self is Protocol.UDP
+        return self is PortProtocol.UDP
 
 
 # Port-name prefixes that select a protocol (Istio's protocol selection by name:
 # `http`, `http-web`, `grpc-api`, ...). Kubernetes `appProtocol` wins over this.
-_PREFIXES: dict[str, Protocol] = {
-    "http": Protocol.HTTP,
-    "http2": Protocol.HTTP2,
-    "https": Protocol.HTTPS,
-    "grpc": Protocol.GRPC,
-    "grpc-web": Protocol.GRPC_WEB,
-    "tcp": Protocol.TCP,
-    "tls": Protocol.TLS,
-    "udp": Protocol.UDP,
-    "mongo": Protocol.MONGO,
-    "redis": Protocol.REDIS,
-    "mysql": Protocol.MYSQL,
+_PREFIXES: dict[str, PortProtocol] = {
+    "http": PortProtocol.HTTP,
+    "http2": PortProtocol.HTTP2,
+    "https": PortProtocol.HTTPS,
+    "grpc": PortProtocol.GRPC,
+    "grpc-web": PortProtocol.GRPC_WEB,
+    "tcp": PortProtocol.TCP,
+    "tls": PortProtocol.TLS,
+    "udp": PortProtocol.UDP,
+    "mongo": PortProtocol.MONGO,
+    "redis": PortProtocol.REDIS,
+    "mysql": PortProtocol.MYSQL,
 }
 
 
-def parse_protocol(value: str) -> Protocol | None:
+def parse_protocol(value: str) -> PortProtocol | None:
     """A protocol from its name in any case (`http2`, `GRPC`, `grpc-web`), or None."""
     return _PREFIXES.get(value.strip().lower())
 
 
-def protocol_from_port_name(name: str, default: Protocol = Protocol.TCP) -> Protocol:
+def protocol_from_port_name(name: str, default: PortProtocol = PortProtocol.TCP) -> PortProtocol:
     """Istio's selection by port name: `grpc-web` → GRPC-WEB, `http-api` → HTTP, `tcp` → TCP."""
     lowered = name.lower()
     if lowered.startswith("grpc-web"):
-        return Protocol.GRPC_WEB
+        return PortProtocol.GRPC_WEB
     prefix = lowered.split("-", 1)[0]
     return _PREFIXES.get(prefix, default)
 
@@ -118,7 +118,7 @@ class Health(StrEnum):
 class Port:
     number: int
     name: str
-    protocol: Protocol = Protocol.TCP
+    protocol: PortProtocol = PortProtocol.TCP
     target_port: int | None = None
     """The port the workloads listen on, when it differs from `number`."""
 
@@ -160,6 +160,12 @@ class Endpoint:
     """SRV priority (SkyDNS); lower is preferred."""
     source: SourceId = SourceId("")
     """The registry that reported this endpoint; set by the index on write."""
+    tags: tuple[str, ...] = ()
+    """Registry tags of this instance (Consul service tags), answered by DNS tag lookups."""
+    node_name: str = ""
+    """The node the workload runs on (Kubernetes `nodeName`, Consul node), `""` when unknown."""
+    target_ref: str = ""
+    """The object behind the endpoint, `Kind/namespace/name` (Kubernetes `targetRef`), `""` when none."""
 
     @property
     def is_ip(self) -> bool:
@@ -191,6 +197,10 @@ class Service:
     """The registry's own name for the object (ServiceEntry/Service name, Consul service)."""
     export_to: tuple[str, ...] = ()
     subject_alt_names: tuple[str, ...] = ()
+    aliases: tuple[Hostname, ...] = ()
+    """Other names of the same service, answered by DNS like `hostname` (a Consul service's
+    `<svc>.service.<domain>` next to its canonical `<svc>.service.<dc>.<domain>`). xDS names
+    clusters after `hostname` only."""
 
     def port(self, number: int) -> Port | None:
         for p in self.ports:

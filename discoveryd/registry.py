@@ -86,18 +86,47 @@ class RegistryConfig(BaseModel):
 
 
 class ShardWriter(Protocol):
-    """An adapter's only handle on the index: its own shard.
+    """An adapter's only handle on the index: its own shard, or a named part of it.
 
     Every call takes effect at once (a new index version) unless made inside
-    `batch()`, which publishes once on exit. Calls are made from the event
-    loop thread that runs the adapter's task.
+    `batch()`. Calls are made from the event loop thread that runs the
+    adapter's task.
+
+    Parts: `shard.part(name)` opens (or returns again) a named part of the
+    registry's shard — Istio's (cluster, provider) shard key: a Kubernetes
+    cluster's Services vs its ServiceEntry CRDs, one Consul datacenter each.
+    A part is its own shard in the index with its own content, sync state,
+    staleness and problems (shown per part in /debug and in metrics, label
+    `part`); the same hostname may live in several parts and merges by the
+    same rule as across registries. A registry is ready when every part it
+    opened (and the root, if the adapter wrote to it or marked it) has synced
+    or failed. Dropping a registry drops all its parts. The root writer is
+    the part named `""`.
+
+    Batches: `with shard.batch(): ...` stages the writes made to *this* part
+    inside the block and applies them on a clean exit as one index version,
+    all or nothing: an exception inside applies nothing, and awaiting inside
+    delays no other part's or registry's publication. The relist pattern:
+    read everything first (awaiting as needed), then `replace()` once, or
+    stage upserts/deletes in one batch; never delete then re-add.
 
     Adapters should build services and endpoints with `source=shard.source`:
     the shard stamps any that lack it, but that copies every such endpoint.
     """
 
     @property
-    def source(self) -> SourceId: ...
+    def source(self) -> SourceId:
+        """The registry's SourceId (`<kind>/<name>`), the same for every part."""
+
+    @property
+    def part_name(self) -> str:
+        """This part's name; `""` for the registry's root shard."""
+
+    def part(self, name: str) -> ShardWriter:
+        """The writer of the named part of this registry's shard, created empty (not ready) if new."""
+
+    def close_part(self, name: str) -> None:
+        """Drop a part and all its data (a datacenter no longer watched); a missing one is no error."""
 
     def replace(self, services: Iterable[Service]) -> None:
         """Make the shard hold exactly these services (a full sync)."""
@@ -122,7 +151,7 @@ class ShardWriter(Protocol):
         """
 
     def batch(self) -> AbstractContextManager[None]:
-        """`with shard.batch(): ...` publishes all writes inside as one version."""
+        """Stage this part's writes and apply them on exit as one version (see the class docstring)."""
 
 
 @runtime_checkable

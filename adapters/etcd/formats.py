@@ -26,15 +26,13 @@ from discoveryd.model import (
     Hostname,
     Locality,
     Port,
+    PortProtocol,
     Resolution,
     Service,
     SourceId,
     hostname,
     is_ip,
     parse_protocol,
-)
-from discoveryd.model import (
-    Protocol as PortProtocol,
 )
 
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")

@@ -33,8 +33,8 @@ from discoveryd.model import (
     Locality,
     Location,
     Port,
+    PortProtocol,
     Problem,
-    Protocol,
     Resolution,
     Service,
     hostname,
@@ -83,8 +83,8 @@ _SE_FIELDS = (
 _PORT_FIELDS = ("number", "protocol", "name", "targetPort")
 _WE_FIELDS = ("address", "ports", "labels", "network", "locality", "weight", "serviceAccount")
 _SELECTOR_FIELDS = ("labels",)
-_HTTP = frozenset({Protocol.HTTP, Protocol.HTTP2, Protocol.GRPC, Protocol.GRPC_WEB})
-_TLS = frozenset({Protocol.HTTPS, Protocol.TLS})
+_HTTP = frozenset({PortProtocol.HTTP, PortProtocol.HTTP2, PortProtocol.GRPC, PortProtocol.GRPC_WEB})
+_TLS = frozenset({PortProtocol.HTTPS, PortProtocol.TLS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +135,7 @@ E = TypeVar("E", bound=StrEnum)
 @dataclass(frozen=True, slots=True)
 class _PortDecl:
     port: Port
-    declared: Protocol | None
+    declared: PortProtocol | None
     """The protocol as written; None when unset (then `port.protocol` comes from the name)."""
 
 
@@ -441,11 +441,11 @@ class _Checker:
             self.fail((*path, "name"), f"invalid port name {name!r}: must be a DNS-1123 label")
         target = self.port_number(port.get("targetPort"), (*path, "targetPort"))
         declared = self.string(port.get("protocol"), (*path, "protocol"))
-        protocol: Protocol | None = None
+        protocol: PortProtocol | None = None
         if declared:
             protocol = parse_protocol(declared)
             if protocol is None:
-                known = ", ".join(p.value for p in Protocol)
+                known = ", ".join(p.value for p in PortProtocol)
                 self.fail((*path, "protocol"), f"unsupported protocol {declared!r} (known: {known})")
         if len(self.problems) > errors or number is None or name is None:
             return None

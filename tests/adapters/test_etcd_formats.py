@@ -15,7 +15,7 @@ from adapters.etcd.config import EtcdConfig
 from adapters.etcd.formats import FORMATS, EtcdNaming, FormatError, SkyDns, assemble
 from adapters.etcd.registry import _Listing, _View
 from discoveryd.index import Index
-from discoveryd.model import Health, Hostname, Locality, Protocol, Resolution, SourceId
+from discoveryd.model import Health, Hostname, Locality, PortProtocol, Resolution, SourceId
 
 DOMAIN = Hostname("mesh.local")
 SRC = SourceId("etcd/test")
@@ -36,7 +36,7 @@ def test_naming_minimal_value_is_a_grpc_endpoint() -> None:
     assert m.endpoint.address == "10.0.0.1"
     assert m.endpoint.ports == {"grpc": 8080}
     assert m.endpoint.source == SRC
-    assert m.port is not None and (m.port.name, m.port.number, m.port.protocol) == ("grpc", 8080, Protocol.GRPC)
+    assert m.port is not None and (m.port.name, m.port.number, m.port.protocol) == ("grpc", 8080, PortProtocol.GRPC)
 
 
 def test_naming_metadata_is_mapped() -> None:
@@ -63,7 +63,7 @@ def test_naming_metadata_is_mapped() -> None:
     assert ep.labels == {"version": "v2"}
     assert ep.health is Health.DRAINING
     assert ep.network == "n1"
-    assert m.port is not None and m.port.protocol is Protocol.HTTP
+    assert m.port is not None and m.port.protocol is PortProtocol.HTTP
 
 
 @pytest.mark.parametrize(

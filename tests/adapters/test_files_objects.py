@@ -17,8 +17,8 @@ from discoveryd.model import (
     Locality,
     Location,
     Port,
+    PortProtocol,
     Problem,
-    Protocol,
     Resolution,
     Service,
     SourceId,
@@ -54,7 +54,7 @@ def test_demo_checks_clean_and_serves_the_shop() -> None:
         "api.payments.example.com",
     }
     catalog = services[Hostname("catalog.shop.internal")]
-    assert catalog.port(9090) == Port(9090, "grpc", Protocol.GRPC)
+    assert catalog.port(9090) == Port(9090, "grpc", PortProtocol.GRPC)
     assert {ep.locality.zone for ep in catalog.endpoints} == {"us-east-1a", "us-east-1b"}
     assert len(services[Hostname("checkout.shop.internal")].endpoints) == 2  # selected WorkloadEntries
     external = services[Hostname("api.payments.example.com")]
@@ -153,7 +153,7 @@ spec:
     assert db == Service(
         hostname=Hostname("db.example.com"),
         namespace="data",
-        ports=(Port(443, "https", Protocol.HTTPS, 8443), Port(9090, "grpc-admin", Protocol.GRPC)),
+        ports=(Port(443, "https", PortProtocol.HTTPS, 8443), Port(9090, "grpc-admin", PortProtocol.GRPC)),
         addresses=("10.96.0.20", "10.200.0.0/16"),
         resolution=Resolution.STATIC,
         location=Location.MESH_INTERNAL,
@@ -188,7 +188,7 @@ def test_istio_defaults_and_the_configured_namespace(tmp_path: Path) -> None:
     ext = services[Hostname("ext.example.com")]
     assert (ext.namespace, ext.resolution, ext.location) == ("ops", Resolution.NONE, Location.MESH_EXTERNAL)
     assert ext.endpoints == ()
-    assert ext.ports == (Port(5432, "tcp-postgres", Protocol.TCP),)  # unset protocol: from the name
+    assert ext.ports == (Port(5432, "tcp-postgres", PortProtocol.TCP),)  # unset protocol: from the name
 
 
 def test_dns_resolution_without_endpoints_resolves_each_host(tmp_path: Path) -> None:
@@ -292,7 +292,7 @@ def test_same_host_with_different_attributes_is_reported_on_the_later_file(tmp_p
     later = write(tmp_path, "b.yaml", se("cart-west", "cart.shop.internal", "10.0.0.2", port=8080))
     services, problems = load(tmp_path)
     cart = services[Hostname("cart.shop.internal")]
-    assert cart.ports == (Port(80, "http", Protocol.HTTP),)
+    assert cart.ports == (Port(80, "http", PortProtocol.HTTP),)
     assert [ep.address for ep in cart.endpoints] == ["10.0.0.1", "10.0.0.2"]
     [problem] = problems
     assert (problem.where, problem.field) == (f"{later}:5", "spec.hosts[0]")

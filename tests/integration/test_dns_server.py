@@ -33,7 +33,7 @@ from discoveryd.model import (
     Health,
     Hostname,
     Port,
-    Protocol,
+    PortProtocol,
     Resolution,
     Service,
     SourceId,
@@ -57,7 +57,7 @@ def k8s_services() -> list[Service]:
         Service(
             Hostname("web.default.svc.cluster.local"),
             addresses=("10.96.0.10",),
-            ports=(Port(80, "http"), Port(53, "dns", Protocol.UDP)),
+            ports=(Port(80, "http"), Port(53, "dns", PortProtocol.UDP)),
             endpoints=(_ep("10.1.1.1"),),
         ),
         Service(Hostname("v6.default.svc.cluster.local"), addresses=("fd00::10",), ports=(Port(80, "http"),)),
@@ -103,7 +103,7 @@ def plain_services() -> list[Service]:
     return [
         Service(
             Hostname("users.mesh.local"),
-            ports=(Port(9090, "grpc", Protocol.GRPC),),
+            ports=(Port(9090, "grpc", PortProtocol.GRPC),),
             endpoints=(
                 _ep("10.3.0.1", weight=10),
                 _ep("10.3.0.2", weight=5, priority=1),
@@ -127,7 +127,7 @@ def outside_services() -> list[Service]:
         Service(
             Hostname("api.stripe.com"),
             addresses=("240.240.0.1",),
-            ports=(Port(443, "https", Protocol.TLS),),
+            ports=(Port(443, "https", PortProtocol.TLS),),
             resolution=Resolution.DNS,
         ),
         Service(Hostname("*.wild.example.com"), endpoints=(_ep("10.4.0.1"),)),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, Protocol, Resolution, Service
+from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, PortProtocol, Resolution, Service
 from discoveryd.xds import metrics
 from tests.helpers import eventually
 from tests.integration.xds_fixtures import (  # noqa: F401
@@ -35,7 +35,7 @@ def web(port: int, health: str = "HEALTHY") -> Service:
     """web.test:8080, one loopback endpoint serving port `http` on `port`."""
     return Service(
         hostname=Hostname(WEB),
-        ports=(Port(8080, "http", Protocol.HTTP),),
+        ports=(Port(8080, "http", PortProtocol.HTTP),),
         endpoints=(Endpoint("127.0.0.1", ports={"http": port}),),
     )
 
@@ -111,7 +111,7 @@ async def _answers(envoy: Envoy, expected: str) -> bool:
 async def test_envoy_accepts_every_kind_of_cluster(xds: RunningXds, tmp_path: Path) -> None:
     """STRICT_DNS, LOGICAL_DNS, ORIGINAL_DST, HTTP/2 options, localities, health, pipes: nothing is rejected."""
     before = nacks()
-    grpc_port = (Port(50051, "grpc", Protocol.GRPC),)
+    grpc_port = (Port(50051, "grpc", PortProtocol.GRPC),)
     xds.put(
         Service(
             hostname=Hostname("mixed.test"),
@@ -166,7 +166,7 @@ async def test_envoy_cluster_change_without_endpoint_change_does_not_stall(
         )
         updated = await envoy.stat("cluster_manager.cluster_modified")
         # The port becomes HTTP/2: a new cluster, the very same assignment.
-        xds.put(service(WEB, "10.0.0.1", protocol=Protocol.HTTP2))
+        xds.put(service(WEB, "10.0.0.1", protocol=PortProtocol.HTTP2))
 
         async def warmed() -> bool:
             return (

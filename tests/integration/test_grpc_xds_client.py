@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from discoveryd.model import Endpoint, Hostname, Port, Protocol, Service
+from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
 from discoveryd.xds import metrics
 from tests.integration.xds_fixtures import RunningXds, xds  # noqa: F401
 
@@ -87,7 +87,7 @@ async def test_grpc_xds_client_spreads_over_both_backends_and_follows_updates(xd
         xds.put(
             Service(
                 hostname=Hostname(HOST),
-                ports=(Port(PORT, "grpc", Protocol.GRPC),),
+                ports=(Port(PORT, "grpc", PortProtocol.GRPC),),
                 endpoints=(
                     Endpoint("127.0.0.1", ports={"grpc": one}),
                     Endpoint("127.0.0.1", ports={"grpc": two}),
@@ -121,7 +121,7 @@ async def test_grpc_xds_client_spreads_over_both_backends_and_follows_updates(xd
                 xds.put(
                     Service(
                         hostname=Hostname(HOST),
-                        ports=(Port(PORT, "grpc", Protocol.GRPC),),
+                        ports=(Port(PORT, "grpc", PortProtocol.GRPC),),
                         endpoints=(Endpoint("127.0.0.1", ports={"grpc": two}),),
                     )
                 )

@@ -27,7 +27,7 @@ from google.protobuf import any_pb2
 
 from discoveryd.config import XdsConfig
 from discoveryd.index import Index, Shard
-from discoveryd.model import Endpoint, Hostname, Port, Protocol, Resolution, Service, SourceId
+from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Resolution, Service, SourceId
 from discoveryd.xds import XdsServer
 from discoveryd.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.helpers import free_port
@@ -41,7 +41,7 @@ def service(
     host: str,
     *addresses: str,
     port: int = 8080,
-    protocol: Protocol = Protocol.HTTP,
+    protocol: PortProtocol = PortProtocol.HTTP,
     resolution: Resolution = Resolution.STATIC,
     target_port: int | None = None,
 ) -> Service:

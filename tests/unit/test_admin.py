@@ -11,7 +11,7 @@ import pytest
 from discoveryd.admin import AdminServer
 from discoveryd.config import AdminConfig
 from discoveryd.index import Index
-from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, Problem, Protocol, Service, SourceId
+from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, PortProtocol, Problem, Service, SourceId
 
 A = SourceId("files/a")
 B = SourceId("etcd/b")
@@ -55,7 +55,7 @@ async def test_metrics_reflect_the_snapshot(admin: tuple[Index, str]) -> None:
         [
             Service(
                 Hostname("a.example"),
-                ports=(Port(80, "http", Protocol.HTTP),),
+                ports=(Port(80, "http", PortProtocol.HTTP),),
                 endpoints=(Endpoint("10.0.0.1"), Endpoint("10.0.0.2")),
             )
         ]

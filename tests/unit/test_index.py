@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from discoveryd.index import Index, diff
-from discoveryd.model import Endpoint, Hostname, Port, Problem, Protocol, Resolution, Service, SourceId
+from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Problem, Resolution, Service, SourceId
 
 A = SourceId("files/a")
 B = SourceId("etcd/b")
@@ -16,7 +16,7 @@ B = SourceId("etcd/b")
 def svc(host: str, *ips: str, port: int = 80, resolution: Resolution = Resolution.STATIC) -> Service:
     return Service(
         hostname=Hostname(host),
-        ports=(Port(port, "http", Protocol.HTTP),),
+        ports=(Port(port, "http", PortProtocol.HTTP),),
         resolution=resolution,
         endpoints=tuple(Endpoint(ip) for ip in ips),
     )

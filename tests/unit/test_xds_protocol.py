@@ -13,7 +13,7 @@ import grpc
 import pytest
 from google.rpc import status_pb2
 
-from discoveryd.model import Protocol
+from discoveryd.model import PortProtocol
 from discoveryd.xds import metrics
 from discoveryd.xds.connection import Connection
 from discoveryd.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
@@ -412,7 +412,7 @@ async def test_changed_cluster_is_followed_by_its_unchanged_assignment(
     first = await s.recv()
     await s.ack(first, [cluster(A)])
     await processed(xds, ENDPOINT, lambda st: st.acked_nonce == first.nonce)
-    xds.put(service(A, "10.0.0.1", protocol=Protocol.GRPC))  # the cluster changes, the assignment does not
+    xds.put(service(A, "10.0.0.1", protocol=PortProtocol.GRPC))  # the cluster changes, the assignment does not
     cds, eds = await s.recv(), await s.recv()
     assert (cds.type_url, eds.type_url) == (CLUSTER, ENDPOINT)
     assert endpoints_of(eds) == endpoints_of(first)

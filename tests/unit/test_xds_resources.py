@@ -16,7 +16,7 @@ from google.protobuf import any_pb2
 
 from discoveryd.config import LbPolicy
 from discoveryd.index import Index
-from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, Protocol, Resolution, Service, SourceId
+from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, PortProtocol, Resolution, Service, SourceId
 from discoveryd.xds.resources import (
     CLUSTER,
     EMPTY_VIEW,
@@ -32,7 +32,7 @@ SRC = SourceId("files/t")
 
 
 def svc(host: str = "a.test", *endpoints: Endpoint, **kw: Any) -> Service:
-    kw.setdefault("ports", (Port(80, "http", Protocol.HTTP),))
+    kw.setdefault("ports", (Port(80, "http", PortProtocol.HTTP),))
     return Service(hostname=Hostname(host), endpoints=endpoints, source=SRC, **kw)
 
 
@@ -69,8 +69,8 @@ def test_static_service_is_an_eds_cluster_over_ads() -> None:
     assert not c.typed_extension_protocol_options, "plain HTTP gets no HTTP/2 options"
 
 
-@pytest.mark.parametrize("protocol", [Protocol.GRPC, Protocol.HTTP2, Protocol.GRPC_WEB])
-def test_http2_protocols_get_http2_upstream_options(protocol: Protocol) -> None:
+@pytest.mark.parametrize("protocol", [PortProtocol.GRPC, PortProtocol.HTTP2, PortProtocol.GRPC_WEB])
+def test_http2_protocols_get_http2_upstream_options(protocol: PortProtocol) -> None:
     view = build(svc("a.test", Endpoint("10.0.0.1"), ports=(Port(90, "p", protocol),)))
     c = unpack(view, CLUSTER, "outbound|90||a.test")
     options = http_protocol_options_pb2.HttpProtocolOptions()
@@ -107,7 +107,7 @@ def test_assignment_localities_weights_health_metadata() -> None:
 
 
 def test_target_port_is_used_when_the_endpoint_names_none() -> None:
-    view = build(svc("a.test", Endpoint("10.0.0.1"), ports=(Port(80, "http", Protocol.HTTP, target_port=8080),)))
+    view = build(svc("a.test", Endpoint("10.0.0.1"), ports=(Port(80, "http", PortProtocol.HTTP, target_port=8080),)))
     sa = unpack(view, ENDPOINT, "outbound|80||a.test").endpoints[0].lb_endpoints[0].endpoint.address.socket_address
     assert sa.port_value == 8080
 
@@ -139,7 +139,7 @@ def test_resolution_none_is_a_passthrough_cluster_without_listener() -> None:
 
 def test_udp_ports_and_wildcard_hosts() -> None:
     view = build(
-        svc("u.test", Endpoint("10.0.0.1"), ports=(Port(53, "udp-dns", Protocol.UDP), Port(80, "http"))),
+        svc("u.test", Endpoint("10.0.0.1"), ports=(Port(53, "udp-dns", PortProtocol.UDP), Port(80, "http"))),
         svc("*.wild.test", Endpoint("10.0.0.2")),
     )
     assert sorted(view.resources[CLUSTER]) == ["outbound|80||*.wild.test", "outbound|80||u.test"]
@@ -147,7 +147,7 @@ def test_udp_ports_and_wildcard_hosts() -> None:
 
 
 def test_listener_and_route_for_proxyless_grpc() -> None:
-    view = build(svc("g.test", Endpoint("10.0.0.1"), ports=(Port(50051, "grpc", Protocol.GRPC),)))
+    view = build(svc("g.test", Endpoint("10.0.0.1"), ports=(Port(50051, "grpc", PortProtocol.GRPC),)))
     listener = unpack(view, LISTENER, "g.test:50051")
     manager = http_connection_manager_pb2.HttpConnectionManager()
     listener.api_listener.api_listener.Unpack(manager)

@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from discoveryd.index import Index
-from discoveryd.model import Endpoint, Hostname, Port, Protocol, Service, SourceId
+from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service, SourceId
 from discoveryd.xds.resources import CLUSTER, ENDPOINT
 from discoveryd.xds.status import render
 from tests.helpers import eventually
@@ -36,7 +36,7 @@ from tests.integration.xds_fixtures import (  # noqa: F401
 def big_service(i: int, endpoints: int = 40, generation: int = 0) -> Service:
     return Service(
         hostname=Hostname(f"svc{i}.test"),
-        ports=(Port(8080, "http", Protocol.HTTP),),
+        ports=(Port(8080, "http", PortProtocol.HTTP),),
         endpoints=tuple(
             Endpoint(f"10.{generation}.{i % 250}.{e}", labels={"pod": f"pod-{i}-{e}"}) for e in range(endpoints)
         ),
