@@ -18,9 +18,10 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from discoveryd import __version__
+from discoveryd import __version__, logs
 from discoveryd import config as config_mod
 from discoveryd.config import Config, ConfigError, split_hostport
+from discoveryd.logs import LogFormat
 from discoveryd.registry import OfflineChecker
 from discoveryd.supervisor import Supervisor, build_registry
 from discoveryd.xds import status as xds_status
@@ -46,14 +47,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return 1
-    logging.basicConfig(
-        level=getattr(logging, (args.log_level or cfg.log_level.value).upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    logs.setup(
+        getattr(logging, (args.log_level or cfg.log_level.value).upper()),
+        LogFormat(args.log_format) if args.log_format else cfg.log_format,
     )
-    # watchfiles logs every batch of changes at INFO: noise, and a feedback loop when
-    # the log file lies in a watched directory.
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)
+    for problem in logs.insecure_permissions(cfg.path):
+        log.warning("config: %s; anyone who can write it decides what discoveryd serves", problem)
     log.info("discoveryd %s starting with %s", __version__, cfg.path)
     code = 1
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
@@ -77,6 +76,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return 1
+    for warning in logs.insecure_permissions(cfg.path):
+        print(f"warning: {warning}", file=sys.stderr)
     problems: list[str] = []
     for reg_cfg in cfg.registries:
         try:
@@ -139,6 +140,7 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", help="config file (default: ./config/discoveryd.yaml, /etc/discoveryd/...)")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log_level")
+    run.add_argument("--log-format", choices=[f.value for f in LogFormat], help="override log_format (text, json)")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="validate the config and every registry file readable offline")

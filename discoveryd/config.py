@@ -32,6 +32,7 @@ from pydantic import (
     field_validator,
 )
 
+from discoveryd.logs import LogFormat
 from discoveryd.registry import ENTRY_POINT_GROUP, AdapterSpec, Duration, RegistryConfig, parse_duration
 
 __all__ = ["Config", "ConfigError", "Duration", "load", "parse_duration", "split_hostport"]
@@ -146,6 +147,7 @@ class _Document(_Section):
     dns: DnsConfig = Field(default_factory=DnsConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     log_level: LogLevel = LogLevel.INFO
+    log_format: LogFormat = LogFormat.TEXT
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +160,7 @@ class Config:
     dns: DnsConfig
     admin: AdminConfig
     log_level: LogLevel
+    log_format: LogFormat = LogFormat.TEXT
 
     @property
     def base_dir(self) -> Path:
@@ -172,6 +175,7 @@ class Config:
             "dns": self.dns.model_dump(mode="json"),
             "admin": self.admin.model_dump(mode="json"),
             "log_level": self.log_level.value,
+            "log_format": self.log_format.value,
         }
 
 
@@ -273,6 +277,7 @@ def parse(text: str, path: Path) -> Config:
         dns=doc.dns,
         admin=doc.admin,
         log_level=doc.log_level,
+        log_format=doc.log_format,
     )
 
 
