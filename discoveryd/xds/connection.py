@@ -26,7 +26,8 @@ Protocol rules (envoy xDS protocol, state of the world and incremental):
   that do not exist yet are remembered and sent when they appear.
 - Responses are written in the order of `resources.TYPES` (CDS, EDS, LDS,
   RDS). A changed EDS cluster is followed by its assignment even when that
-  did not change: Envoy warms the updated cluster until it arrives. Resource
+  did not change: Envoy warms the updated cluster until it arrives; so
+  does a cluster a resuming delta client held in an older version. Resource
   names are derived one-to-one from (hostname, port), so no surviving
   resource ever references a removed one: a removal can travel with the
   additions of the same push.
@@ -152,6 +153,8 @@ class Connection:
         self.connected_since = time.time()
         self.types: dict[str, TypeState] = {t: TypeState(t) for t in TYPES}
         self.wake = asyncio.Event()
+        self._rewarm_on_request: set[str] = set()
+        """Delta ADS: clusters resent to a resuming client before it asked for EDS; their assignments follow."""
         self.closed = False
         """Set when the stream is ending; the writer returns."""
 
@@ -236,6 +239,10 @@ class Connection:
         if not st.requested:
             st.requested = True
             st.known = dict(req.initial_resource_versions)
+            if st.type_url == ENDPOINT and self._rewarm_on_request:
+                for name in self._rewarm_on_request:
+                    st.known.pop(name, None)
+                self._rewarm_on_request.clear()
             st.pending |= st.known.keys()
             if st.type_url in FULL_STATE and not subscribe:
                 st.wildcard = True
@@ -303,13 +310,14 @@ class Connection:
             st.queue(origin)
             self.wake.set()
 
-    def _rewarm(self, clusters: frozenset[str], origin: float) -> None:
+    def _rewarm(self, clusters: Iterable[str], origin: float | None) -> None:
         """Resend the assignments of changed EDS clusters, changed or not.
 
         Envoy replaces an updated cluster by a new one that stays warming until
         it receives its ClusterLoadAssignment (or its fetch timeout, 15 s by
         default, passes). The assignment goes out right after the cluster, in
-        push order.
+        push order. Called for live changes (`notify`) and for clusters a
+        resuming delta client held in an older version (`_delta_response`).
         """
         st = self.types[ENDPOINT]
         if not st.requested:
@@ -323,6 +331,26 @@ class Connection:
         st.pending |= names
         st.queue(origin)
         self.wake.set()
+
+    def _resume_rewarm(self, clusters: list[str]) -> None:
+        """`_rewarm` for clusters sent to replace an older version the client reported.
+
+        A resuming client may ask for EDS (with the versions it holds) before or
+        after this CDS response is built: before, the assignments are queued
+        now; after, they are kept out of its initial versions when it asks.
+        Only on ADS, where both types share the stream; the set holds only the
+        clusters of this one response.
+        """
+        if self.only is not None:
+            return
+        assignments = self.view.resources[ENDPOINT]
+        names = [n for n in clusters if n in assignments]
+        if not names:
+            return
+        if self.types[ENDPOINT].requested:
+            self._rewarm(names, None)
+        else:
+            self._rewarm_on_request.update(names)
 
     def next_response(self) -> tuple[str, bytes, float | None] | None:
         """The next response to write, in push order, or None when idle.
@@ -387,12 +415,17 @@ class Connection:
         must, st.must_respond = st.must_respond, False
         picked: list[Resource] = []
         removed: list[str] = []
+        outdated: list[str] = []
+        """Clusters the client held in another version: their assignments must follow."""
         for name in sorted(names):
             r = table.get(name)
             if r is not None and st.subscribed(name):
-                if st.known.get(name) != r.version:
+                had = st.known.get(name)
+                if had != r.version:
                     picked.append(r)
                     st.known[name] = r.version
+                    if had is not None and had != _ABSENT:
+                        outdated.append(name)
             elif r is None:
                 had = st.known.get(name)
                 if had not in (None, _ABSENT) or (had is None and name in st.names):
@@ -403,6 +436,8 @@ class Connection:
                     st.known.pop(name, None)
         if not picked and not removed and not must:
             return None
+        if outdated and st.type_url == CLUSTER:
+            self._resume_rewarm(outdated)
         version = str(self.view.version)
         nonce = self._sent(st, version)
         head = discovery_pb2.DeltaDiscoveryResponse(

@@ -417,3 +417,41 @@ async def test_changed_cluster_is_followed_by_its_unchanged_assignment(
     assert (cds.type_url, eds.type_url) == (CLUSTER, ENDPOINT)
     assert endpoints_of(eds) == endpoints_of(first)
     await s.close()
+
+
+@pytest.mark.parametrize("eds_first", [False, True], ids=["cds-then-eds", "eds-then-cds"])
+async def test_delta_resume_after_a_cluster_change_resends_its_unchanged_assignment(
+    xds: RunningXds, channel: grpc.aio.Channel, eds_first: bool
+) -> None:
+    xds.put(service(A, "10.0.0.1"), service(B, "10.0.0.2"))
+    s = Stream(channel, delta=True)
+    await s.send(CLUSTER)
+    cds = await s.recv()
+    await s.ack(cds)
+    await s.send(ENDPOINT, resource_names_subscribe=[cluster(A), cluster(B)])
+    eds = await s.recv()
+    await s.ack(eds)
+    clusters = {r.name: r.version for r in cds.resources}
+    assignments = {r.name: r.version for r in eds.resources}
+    await s.close()
+    # A's cluster changes (HTTP/2 options), its endpoints do not; B is untouched.
+    xds.put(service(A, "10.0.0.1", protocol=PortProtocol.GRPC), service(B, "10.0.0.2"))
+    await eventually(lambda: xds.server.view.resources[CLUSTER][cluster(A)].version != clusters[cluster(A)])
+    again = Stream(channel, delta=True)
+    requests = [
+        (CLUSTER, {"initial_resource_versions": clusters}),
+        (
+            ENDPOINT,
+            {"initial_resource_versions": assignments, "resource_names_subscribe": [cluster(A), cluster(B)]},
+        ),
+    ]
+    for type_url, fields in reversed(requests) if eds_first else requests:
+        await again.send(type_url, **fields)
+    got: dict[str, list[str]] = {}
+    while ENDPOINT not in got or CLUSTER not in got:
+        r = await again.recv()
+        got.setdefault(r.type_url, []).extend(names(r))
+        await again.ack(r)
+    assert got[CLUSTER] == [cluster(A)], "only the changed cluster"
+    assert got[ENDPOINT] == [cluster(A)], "the changed cluster's assignment follows it, unchanged as it is"
+    await again.close()
