@@ -35,6 +35,12 @@ Protocol rules (envoy xDS protocol, state of the world and incremental):
   stream suppress resending what the client already has and report what it
   has that is gone; subscribed names that do not exist are reported once in
   `removed_resources`.
+- Delta wildcard: a client may subscribe to `*` (or, for LDS/CDS, to nothing
+  in its first request) and to names at the same time. Naming a resource does
+  not end the wildcard; unsubscribing `*` does. Unsubscribing a name the
+  wildcard still covers keeps it subscribed, and the server answers with the
+  resource in full (or its removal when it does not exist), since the client
+  cannot know whether it still holds it.
 
 Everything here runs on the event loop thread.
 """
@@ -68,6 +74,13 @@ _CONVERGENCE = {s: metrics.CONVERGENCE_SECONDS.labels(s) for s in SHORT.values()
 
 _ABSENT: Final = ""
 """Delta `known` marker: the client was told this subscribed name does not exist."""
+_RESEND: Final = "\0resend"
+"""Delta `known` marker: the client must be told again whether this name exists (sent in full, or removed).
+
+Set when a client unsubscribes from a name its wildcard subscription still
+covers: the protocol leaves the client unsure whether it keeps the resource,
+so the server answers with the resource or its removal.
+"""
 
 
 class SyncState:
@@ -256,9 +269,14 @@ class Connection:
         subscribe.discard("*")
         unsubscribe.discard("*")
         for name in unsubscribe:
+            tracked = name in st.names or name in st.known
             st.names.discard(name)
-            st.known.pop(name, None)
             st.pending.discard(name)
+            if st.wildcard and tracked:
+                st.known[name] = _RESEND
+                st.pending.add(name)
+            else:
+                st.known.pop(name, None)
         st.names |= subscribe
         st.pending |= subscribe
         if subscribe or st.must_respond or st.pending:
@@ -424,7 +442,7 @@ class Connection:
                 if had != r.version:
                     picked.append(r)
                     st.known[name] = r.version
-                    if had is not None and had != _ABSENT:
+                    if had not in (None, _ABSENT, _RESEND):
                         outdated.append(name)
             elif r is None:
                 had = st.known.get(name)

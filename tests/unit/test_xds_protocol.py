@@ -455,3 +455,78 @@ async def test_delta_resume_after_a_cluster_change_resends_its_unchanged_assignm
     assert got[CLUSTER] == [cluster(A)], "only the changed cluster"
     assert got[ENDPOINT] == [cluster(A)], "the changed cluster's assignment follows it, unchanged as it is"
     await again.close()
+
+
+# -- delta: named subscriptions next to the wildcard ------------------------------------------
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["implicit-wildcard", "explicit-star"])
+async def test_delta_unsubscribing_a_name_the_wildcard_covers_resends_it(
+    xds: RunningXds, channel: grpc.aio.Channel, legacy: bool
+) -> None:
+    xds.put(service(A, "10.0.0.1"), service(B, "10.0.0.2"))
+    s = Stream(channel, delta=True)
+    await s.send(CLUSTER, resource_names_subscribe=[] if legacy else ["*"])
+    r = await s.recv()
+    assert sorted(names(r)) == [cluster(A), cluster(B)]
+    await s.ack(r)
+    await s.send(CLUSTER, resource_names_subscribe=[cluster(A)])
+    await processed(xds, CLUSTER, lambda st: cluster(A) in st.names)
+    # The protocol: the server answers whether the unsubscribed resource still exists for the
+    # client; the wildcard still covers A, so A itself comes back, in full.
+    await s.send(CLUSTER, resource_names_unsubscribe=[cluster(A)])
+    r = await s.recv()
+    assert names(r) == [cluster(A)] and list(r.removed_resources) == []
+    await s.ack(r)
+    # And it stays subscribed through the wildcard: its next change is pushed.
+    xds.put(service(A, "10.0.0.1", protocol=PortProtocol.GRPC), service(B, "10.0.0.2"))
+    r = await s.recv()
+    assert names(r) == [cluster(A)]
+    await s.close()
+
+
+async def test_delta_unsubscribing_a_missing_name_under_the_wildcard_reports_it_removed(
+    xds: RunningXds, channel: grpc.aio.Channel
+) -> None:
+    xds.put(service(A, "10.0.0.1"))
+    s = Stream(channel, delta=True)
+    await s.send(CLUSTER, resource_names_subscribe=["*", cluster(C)])
+    r = await s.recv()
+    assert names(r) == [cluster(A)] and list(r.removed_resources) == [cluster(C)]
+    await s.ack(r)
+    await s.send(CLUSTER, resource_names_unsubscribe=[cluster(C)])
+    r = await s.recv()
+    assert names(r) == [] and list(r.removed_resources) == [cluster(C)]
+    await s.close()
+
+
+async def test_delta_unsubscribing_a_name_and_the_wildcard_together_drops_it(
+    xds: RunningXds, channel: grpc.aio.Channel
+) -> None:
+    xds.put(service(A, "10.0.0.1"), service(B, "10.0.0.2"))
+    s = Stream(channel, delta=True)
+    await s.send(CLUSTER, resource_names_subscribe=["*", cluster(A), cluster(B)])
+    await s.ack(await s.recv())
+    await s.send(CLUSTER, resource_names_unsubscribe=["*", cluster(A)])
+    await processed(xds, CLUSTER, lambda st: not st.wildcard and st.names == {cluster(B)})
+    xds.put(service(A, "10.0.0.1", protocol=PortProtocol.GRPC), service(B, "10.0.0.2"))
+    xds.put(service(A, "10.0.0.1", protocol=PortProtocol.GRPC), service(B, "10.0.0.2", protocol=PortProtocol.GRPC))
+    r = await s.recv()
+    assert names(r) == [cluster(B)], "A is no longer subscribed at all: neither resent nor pushed"
+    await s.close()
+
+
+async def test_delta_unsubscribing_a_name_without_the_wildcard_sends_nothing(
+    xds: RunningXds, channel: grpc.aio.Channel
+) -> None:
+    xds.put(service(A, "10.0.0.1"), service(B, "10.0.0.2"))
+    s = Stream(channel, delta=True)
+    await s.send(CLUSTER, resource_names_subscribe=[cluster(A), cluster(B)])
+    await s.ack(await s.recv())
+    await s.send(CLUSTER, resource_names_unsubscribe=[cluster(A)])
+    await processed(xds, CLUSTER, lambda st: st.names == {cluster(B)})
+    assert cluster(A) not in only_conn(xds).types[CLUSTER].known
+    xds.put(service(A, "10.0.0.1"), service(B, "10.0.0.2", protocol=PortProtocol.GRPC))
+    r = await s.recv()
+    assert names(r) == [cluster(B)]
+    await s.close()
