@@ -122,7 +122,10 @@ class DnsConfig(_Section):
     cache_size: int = Field(default=10000, ge=0)
     """Forwarded answers kept (0: no cache)."""
     tcp_idle_timeout: Duration = 10.0
+    """How long a TCP connection may go without a complete query; shorter while over half the slots are in use."""
     tcp_max_connections: int = Field(default=1024, ge=1)
+    tcp_max_connections_per_source: int = Field(default=64, ge=1)
+    """TCP connections one client may hold (an IPv4 address, an IPv6 /64); further ones are closed at once."""
 
     @field_validator("zones")
     @classmethod

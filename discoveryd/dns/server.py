@@ -8,9 +8,12 @@ REFUSED), then ask the authority; a name that is not ours goes to the
 forwarder in a task of its own, for clients in `dns.allow_forward_from` only.
 
 TCP follows RFC 7766: any number of queries per connection, each answered as
-soon as it is ready (forwarded ones may overtake), the connection closed after
-`tcp_idle_timeout` without a query, and at most `tcp_max_connections` open
-(further ones are closed at once).
+soon as it is ready (forwarded ones may overtake). `tcp.Slots` decides which
+connections may stay: at most `tcp_max_connections_per_source` per client,
+`tcp_idle_timeout` without a complete query (shorter while over half of
+`tcp_max_connections` are open), and a full table closes its longest idle
+connection to admit a new one. A message shorter than a DNS header closes the
+connection. The listen backlog is `tcp_max_connections`.
 
 Ownership: `serve()` owns every socket, connection task and forwarding task;
 cancelling it closes them all before it returns.
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from discoveryd.config import DnsConfig, split_hostport
-from discoveryd.dns import metrics, udp, wire
+from discoveryd.dns import metrics, tcp, udp, wire
 from discoveryd.dns.answer import Authority, Edns, encode, error_response
 from discoveryd.dns.forward import Forwarder, Upstream
 from discoveryd.dns.message import AXFR, BADVERS, CLASS_IN, FORMERR, IXFR, NOTIMP, OPT, REFUSED, SERVFAIL
@@ -46,6 +49,8 @@ _BIND_ATTEMPTS = 20
 _UDP_BUFFER = 1 << 20
 """Requested socket buffer size (the kernel caps it at net.core.[rw]mem_max)."""
 _ZONE_TRANSFERS = (AXFR, IXFR)
+_HEADER = 12
+"""Bytes in a DNS header: no message is shorter."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +85,17 @@ class DnsServer:
         self._addresses: list[tuple[str, int]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._connections: set[asyncio.Task[Any]] = set()
+        self._slots = tcp.Slots(
+            config.tcp_max_connections, config.tcp_max_connections_per_source, config.tcp_idle_timeout
+        )
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
         return list(self._addresses)
+
+    @property
+    def tcp_connections(self) -> int:
+        return len(self._slots)
 
     def set_zones(self, zones: Sequence[Zone]) -> None:
         self._snapshot = self._index.snapshot
@@ -140,7 +152,9 @@ class DnsServer:
         loop = asyncio.get_running_loop()
         for _ in range(_BIND_ATTEMPTS if port == 0 else 1):
             try:
-                server = await asyncio.start_server(self._tcp_client, host, port, reuse_address=True)
+                server = await asyncio.start_server(
+                    self._tcp_client, host, port, reuse_address=True, backlog=self._config.tcp_max_connections
+                )
             except OSError as e:
                 raise OSError(e.errno, f"dns: cannot listen on {host}:{port}/tcp: {e.strerror or e}") from e
             bound = int(server.sockets[0].getsockname()[1])
@@ -276,26 +290,34 @@ class DnsServer:
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        peer = writer.get_extra_info("peername")
+        client = str(peer[0]) if peer else ""
+        conn = tcp.Conn(tcp.source_key(client), asyncio.get_running_loop().time(), writer.transport.abort)
+        refused = self._slots.admit(conn)
+        if refused is not None:
+            metrics.DROPPED.labels(refused).inc()
+            writer.transport.abort()
+            return
         self._connections.add(task)
         metrics.TCP_CONNECTIONS.inc()
         try:
-            if len(self._connections) > self._config.tcp_max_connections:
-                metrics.DROPPED.labels("tcp_connection_limit").inc()
-                return
-            peer = writer.get_extra_info("peername")
-            client = str(peer[0]) if peer else ""
-            await self._tcp_queries(reader, writer, client)
+            await self._tcp_queries(reader, writer, client, conn)
         except asyncio.CancelledError:
             # Only serve() cancels connections, on shutdown. Ending normally keeps asyncio's
             # stream callback, which reads the task's exception, from raising in the loop.
             return
         finally:
+            self._slots.release(conn)
             metrics.TCP_CONNECTIONS.dec()
             self._connections.discard(task)
             writer.close()
 
-    async def _tcp_queries(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: str) -> None:
-        idle = self._config.tcp_idle_timeout
+    async def _tcp_queries(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: str, conn: tcp.Conn
+    ) -> None:
+        """Answer queries on one connection until it is idle too long (only complete queries count),
+        sends something that is not a DNS message, is closed, or the slot table closes it."""
+        loop = asyncio.get_running_loop()
 
         def send(out: bytes) -> None:
             if not writer.is_closing():
@@ -303,18 +325,24 @@ class DnsServer:
 
         while True:
             try:
-                async with asyncio.timeout(idle):
+                async with asyncio.timeout_at(conn.last + self._slots.idle_timeout()):
                     size = int.from_bytes(await reader.readexactly(2), "big")
+                    if size < _HEADER:
+                        metrics.DROPPED.labels("tcp_short").inc()
+                        return
                     data = await reader.readexactly(size)
             except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                 return
             out = self.handle(data, client, True)
+            if out is None:
+                continue
+            self._slots.touch(conn, loop.time())
             if isinstance(out, _Forward):
                 self.forward(out, True, send)
-            elif out is not None:
+            else:
                 send(out)
             try:
-                async with asyncio.timeout(idle):
+                async with asyncio.timeout(self._slots.idle_timeout()):
                     await writer.drain()
             except (TimeoutError, ConnectionError):
                 return

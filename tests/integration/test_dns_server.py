@@ -558,17 +558,17 @@ async def test_tcp_connection_cap(index: Index) -> None:
         conns = [await asyncio.open_connection(host, port) for _ in range(2)]
         try:
             gauge = "discoveryd_dns_tcp_connections"
-            await eventually(lambda: (REGISTRY.get_sample_value(gauge) or 0) >= 2, what="two connections")
-            reader, writer = await asyncio.open_connection(host, port)
-            try:
-                assert await asyncio.wait_for(reader.read(1), 5) == b""
-            finally:
-                writer.close()
+            await eventually(lambda: srv.tcp_connections == 2, what="two connections")
+            # A third client is served; the longest idle connection made room for it.
+            conns.append(await asyncio.open_connection(host, port))
             query = dns.message.make_query("web.default.svc.cluster.local.", "A").to_wire()
-            r0, w0 = conns[0]
-            w0.write(struct.pack("!H", len(query)) + query)
-            size = struct.unpack("!H", await asyncio.wait_for(r0.readexactly(2), 5))[0]
-            assert dns.message.from_wire(await r0.readexactly(size)).answer
+            r2, w2 = conns[2]
+            w2.write(struct.pack("!H", len(query)) + query)
+            size = struct.unpack("!H", await asyncio.wait_for(r2.readexactly(2), 5))[0]
+            assert dns.message.from_wire(await r2.readexactly(size)).answer
+            assert await asyncio.wait_for(conns[0][0].read(1), 5) == b""
+            assert srv.tcp_connections == 2
+            await eventually(lambda: REGISTRY.get_sample_value(gauge) == 2, what="gauge back at the cap")
         finally:
             for _, w in conns:
                 w.close()
