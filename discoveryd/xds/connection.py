@@ -16,7 +16,10 @@ Protocol rules (envoy xDS protocol, state of the world and incremental):
   the latest one sent for its type is stale and ignored; in delta its
   subscription changes still apply, only its ACK/NACK is ignored.
 - A request with `error_detail` is a NACK: recorded (log, metric, status) and
-  not answered with the same content; the next change is sent as usual.
+  not answered with the same content; the next change is sent as usual. Its
+  message is untrusted: kept clipped to `NACK_KEEP` characters with control
+  characters escaped, and logged at most once per `NACK_LOG_INTERVAL` per
+  stream (the others are counted in the next line and in the metric).
 - An ACK that subscribes to nothing new gets no response.
 - LDS/CDS: an empty name list is a wildcard subscription until the client
   first names a resource; `*` is the explicit wildcard. SotW responses carry
@@ -57,6 +60,7 @@ from typing import Any, Final
 
 from envoy.service.discovery.v3 import discovery_pb2
 
+from discoveryd.logs import escape
 from discoveryd.xds import metrics
 from discoveryd.xds.resources import CLUSTER, ENDPOINT, FULL_STATE, SHORT, TYPES, Changes, Resource, View
 
@@ -81,6 +85,24 @@ Set when a client unsubscribes from a name its wildcard subscription still
 covers: the protocol leaves the client unsure whether it keeps the resource,
 so the server answers with the resource or its removal.
 """
+
+
+NACK_KEEP: Final = 1024
+"""Characters of a NACK's `error_detail.message` kept (status, /debug/syncz, logs); the rest is cut."""
+NODE_KEEP: Final = 256
+"""Characters kept of the client-chosen node id, cluster and user agent."""
+NACK_LOG_INTERVAL: Final = 30.0
+"""Seconds between two NACK log lines of one stream; the NACKs in between are counted in the next."""
+
+
+def clip(text: str, limit: int) -> str:
+    """Untrusted client text made safe to keep and show: control characters escaped, at most ~`limit` characters."""
+    out = escape(text[:limit])
+    if len(out) > limit:
+        out = out[:limit]
+    if len(text) > limit:
+        out += f"... [{len(text)} characters, cut]"
+    return out
 
 
 class SyncState:
@@ -166,6 +188,8 @@ class Connection:
         self.connected_since = time.time()
         self.types: dict[str, TypeState] = {t: TypeState(t) for t in TYPES}
         self.wake = asyncio.Event()
+        self._nack_logged_at: float | None = None
+        self._nacks_unlogged = 0
         self._rewarm_on_request: set[str] = set()
         """Delta ADS: clusters resent to a resuming client before it asked for EDS; their assignments follow."""
         self.closed = False
@@ -178,30 +202,40 @@ class Connection:
             return self.types[self.only]
         state = self.types.get(type_url)
         if state is None or (self.only is not None and type_url != self.only):
-            log.warning("xds %s: type %r is not served here; ignored", self.describe(), type_url)
+            log.warning("xds %s: type %r is not served here; ignored", self.describe(), clip(type_url, 200))
             return None
         return state
 
     def _node(self, node: Any) -> None:
         if node.id and not self.node_id:
-            self.node_id, self.cluster = node.id, node.cluster
+            self.node_id, self.cluster = clip(node.id, NODE_KEEP), clip(node.cluster, NODE_KEEP)
             agent = node.user_agent_name
             version = node.user_agent_version or node.user_agent_build_version.version.major_number
-            self.user_agent = f"{agent}/{version}" if agent else ""
+            self.user_agent = clip(f"{agent}/{version}", NODE_KEEP) if agent else ""
 
     def _ack(self, st: TypeState, nonce: str, version: str, error: Any | None) -> None:
         now = time.monotonic()
         short = SHORT[st.type_url]
         if error is not None:
-            st.nack, st.nack_nonce = f"{error.code}: {error.message}" if error.code else error.message, nonce
+            message = clip(error.message, NACK_KEEP)
+            st.nack, st.nack_nonce = f"{error.code}: {message}" if error.code else message, nonce
             st.nacks += 1
             metrics.NACKS.labels(short).inc()
-            log.warning("xds %s rejected %s version %s: %s", self.describe(), short, st.sent_version, st.nack)
+            self._log_nack(short, st, now)
             return
         st.acked_nonce, st.acked_version, st.acked_at = nonce, version, now
         if st.sent_origin is not None:
             _CONVERGENCE[short].observe(now - st.sent_origin)
             st.sent_origin = None
+
+    def _log_nack(self, short: str, st: TypeState, now: float) -> None:
+        """Log a NACK, at most once per `NACK_LOG_INTERVAL` per stream (a client may NACK in a loop)."""
+        if self._nack_logged_at is not None and now - self._nack_logged_at < NACK_LOG_INTERVAL:
+            self._nacks_unlogged += 1
+            return
+        more = f" ({self._nacks_unlogged} more NACKs on this stream not logged)" if self._nacks_unlogged else ""
+        self._nack_logged_at, self._nacks_unlogged = now, 0
+        log.warning("xds %s rejected %s version %s: %s%s", self.describe(), short, st.sent_version, st.nack, more)
 
     def on_request(self, req: discovery_pb2.DiscoveryRequest) -> None:
         """A state-of-the-world request."""

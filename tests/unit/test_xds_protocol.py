@@ -530,3 +530,36 @@ async def test_delta_unsubscribing_a_name_without_the_wildcard_sends_nothing(
     r = await s.recv()
     assert names(r) == [cluster(B)]
     await s.close()
+
+
+# -- NACK hygiene ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_nack_text_is_clipped_escaped_and_logged_at_a_bounded_rate(
+    xds: RunningXds, channel: grpc.aio.Channel, delta: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    xds.put(service(A, "10.0.0.1"))
+    s = Stream(channel, delta)
+    await s.send(CLUSTER)
+    first = await s.recv()
+    nacks = counter(metrics.NACKS, "CDS")
+    huge = "bad\nCRITICAL forged line " + "x" * 200_000
+    count = 30
+    caplog.set_level("WARNING", logger="discoveryd.xds")
+    for _ in range(count):
+        error = status_pb2.Status(code=3, message=huge)
+        if delta:
+            await s.send(CLUSTER, response_nonce=first.nonce, error_detail=error)
+        else:
+            await s.send(CLUSTER, version_info="", response_nonce=first.nonce, error_detail=error)
+    await eventually(lambda: counter(metrics.NACKS, "CDS") == nacks + count, what="every NACK counted")
+    kept = only_conn(xds).types[CLUSTER].nack
+    assert kept is not None and 1000 <= len(kept) <= 1200, len(kept or "")
+    assert "\n" not in kept and "bad\\nCRITICAL" in kept, "control characters escaped where the text is kept"
+    shown = xds.server.syncz()["connections"][0]["types"]["CDS"]["nack"]
+    assert shown == kept
+    lines = [r for r in caplog.records if r.name.startswith("discoveryd.xds") and "rejected" in r.getMessage()]
+    assert 1 <= len(lines) <= 2, f"{len(lines)} NACK log lines for {count} NACKs on one stream"
+    assert all(len(r.getMessage()) < 1500 and "\n" not in r.getMessage() for r in lines)
+    await s.close()
