@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -161,9 +162,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+_BROKEN_PIPE = 141
+"""Exit status when stdout's reader went away (`discoveryd dump | head`): 128 + SIGPIPE, as for other tools."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        code = int(args.func(args))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the interpreter's final flush finds no broken pipe either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return _BROKEN_PIPE
+    return code
 
 
 if __name__ == "__main__":
