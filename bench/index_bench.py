@@ -1,30 +1,60 @@
-"""Index build time and resident memory.
+"""Index build time, resident memory, and publish cost per changed service.
 
-For 1k and 10k services with 10 endpoints each (10k and 100k endpoints), in a
-fresh subprocess per size so resident memory is that of the index alone:
+Two tables, each size in a fresh subprocess (so resident memory is that of the
+index alone):
 
-- build: one `replace()` of the whole shard → the first snapshot;
-- upsert: one service changed → the next snapshot (median, p99 of 200);
-- RSS before and after, and the difference.
+- build: for 1k and 10k services with 10 endpoints each (10k and 100k
+  endpoints): one `replace()` of the whole shard → the first snapshot; one
+  service changed → the next snapshot (median, p99 of 200); RSS.
+- publish: for 1k, 10k, 100k and 1M services (one endpoint each): the cost of
+  publishing a version that changes one service (one `upsert`, median and p99
+  of 500), and per service of a 100-service staged batch. Run for the index
+  of this tree ("after") and, with `--before REV`, for `discoveryd/index.py`
+  as it was at git revision REV ("before"; default c89d8de, the last index
+  that copied the whole map per version).
 
-    python -m bench index
+    python -m bench index                      # both tables, before = c89d8de
+    python -m bench index --before REV
+    python -m bench index --sizes 1000,100000  # publish table sizes
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+from types import ModuleType
 
 from bench.common import median, percentile, table, write_results
 
 SIZES = (1_000, 10_000)
+PUBLISH_SIZES = (1_000, 10_000, 100_000, 1_000_000)
 ENDPOINTS = 10
+BEFORE = "c89d8de"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _ip(n: int) -> str:
     return f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}"
+
+
+def _index_module(path: str | None) -> ModuleType:
+    """The index module of this tree, or the one saved at `path` (an older revision)."""
+    if path is None:
+        import discoveryd.index
+
+        return discoveryd.index
+    spec = importlib.util.spec_from_file_location("discoveryd_index_before", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _measure(n: int) -> dict[str, float]:
@@ -88,22 +118,82 @@ def _measure(n: int) -> dict[str, float]:
     }
 
 
+def _publish(n: int, module_path: str | None) -> dict[str, float]:
+    """Publish cost per changed service at `n` services, for the index module at `module_path`."""
+    import gc
+
+    from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service, SourceId
+
+    mod = _index_module(module_path)
+    source = SourceId("files/bench")
+    ports = (Port(80, "http", PortProtocol.HTTP),)
+
+    def service(i: int, gen: int = 0) -> Service:
+        return Service(
+            hostname=Hostname(f"svc-{i}.ns-{i % 50}.svc.cluster.local"),
+            ports=ports,
+            source=source,
+            endpoints=(Endpoint(_ip(i), ports={"http": 8080 + gen}, source=source),),
+        )
+
+    index = mod.Index([source])
+    shard = index.writer(source)
+    shard.replace(service(i) for i in range(n))
+    assert len(index.snapshot.services) == n
+    gc.collect()
+    gc.freeze()  # the index is long-lived: keep the collector from rescanning it on every sample
+    singles = []
+    for k in range(500):
+        changed = service(k * 7919 % n, gen=k + 1)
+        t0 = time.perf_counter()
+        shard.upsert(changed)
+        singles.append(time.perf_counter() - t0)
+    batches = []
+    for k in range(20):
+        changed_many = [service((k * 100 + j) * 7919 % n, gen=1000 + k) for j in range(100)]
+        t0 = time.perf_counter()
+        with shard.batch():
+            for s in changed_many:
+                shard.upsert(s)
+        batches.append((time.perf_counter() - t0) / 100)
+    return {
+        "services": n,
+        "one_median_us": median(singles) * 1e6,
+        "one_p99_us": percentile(singles, 99) * 1e6,
+        "batch100_per_service_us": median(batches) * 1e6,
+    }
+
+
+def _child(args: list[str]) -> dict[str, object]:
+    proc = subprocess.run([sys.executable, "-m", "bench.index_bench", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench child {args} failed:\n{proc.stderr}")
+    out: dict[str, object] = json.loads(proc.stdout)
+    return out
+
+
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--child"]:
         print(json.dumps(_measure(int(argv[1]))))
         return
+    if argv[:1] == ["--child-publish"]:
+        print(json.dumps(_publish(int(argv[1]), argv[2] if len(argv) > 2 else None)))
+        return
+    parser = argparse.ArgumentParser(prog="python -m bench index")
+    parser.add_argument("--before", default=BEFORE, help="git revision of the 'before' index (empty: skip)")
+    parser.add_argument("--sizes", default=",".join(map(str, PUBLISH_SIZES)), help="publish table sizes")
+    opts = parser.parse_args(argv)
+    sizes = [int(s) for s in opts.sizes.split(",") if s]
+
     rows, figures = [], {}
     for n in SIZES:
-        out = subprocess.run(
-            [sys.executable, "-m", "bench.index_bench", "--child", str(n)], capture_output=True, text=True, check=True
-        )
-        r = json.loads(out.stdout)
+        r = _child(["--child", str(n)])
         figures[str(n)] = r
         rows.append(
             [
                 n,
                 r["endpoints"],
-                f"{r['build_s'] * 1e3:.0f} ms",
+                f"{float(r['build_s']) * 1e3:.0f} ms",  # type: ignore[arg-type]
                 f"{r['upsert_median_ms']:.2f} / {r['upsert_p99_ms']:.2f} ms",
                 f"{r['index_mb']:.0f} MiB",
                 f"{r['rss_after_mb']:.0f} MiB",
@@ -116,7 +206,52 @@ def main(argv: list[str]) -> None:
         )
     )
     print("index RSS = process RSS after the build, minus RSS before the model objects were created")
-    write_results("index", figures, "make bench BENCH_ARGS=index")
+
+    publish: dict[str, dict[str, object]] = {}
+    prow = []
+    with tempfile.TemporaryDirectory() as tmp:
+        before_path: str | None = None
+        if opts.before:
+            source = subprocess.run(
+                ["git", "-C", str(ROOT), "show", f"{opts.before}:discoveryd/index.py"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            before_path = str(Path(tmp) / "index_before.py")
+            Path(before_path).write_text(source)
+        for n in sizes:
+            after = _child(["--child-publish", str(n)])
+            before = _child(["--child-publish", str(n), before_path]) if before_path else None
+            publish[str(n)] = {"after": after, "before": before}
+
+            def cell(r: dict[str, object] | None, key: str) -> str:
+                return "-" if r is None else f"{r[key]:.1f}"
+
+            prow.append(
+                [
+                    n,
+                    cell(before, "one_median_us") + " / " + cell(before, "one_p99_us"),
+                    cell(after, "one_median_us") + " / " + cell(after, "one_p99_us"),
+                    cell(before, "batch100_per_service_us"),
+                    cell(after, "batch100_per_service_us"),
+                ]
+            )
+    print()
+    print(
+        table(
+            prow,
+            [
+                "services",
+                f"one change, before ({opts.before}) median / p99 µs",
+                "one change, after median / p99 µs",
+                "per service in a 100-batch, before µs",
+                "after µs",
+            ],
+        )
+    )
+    figures["publish"] = publish  # type: ignore[assignment]
+    write_results("index", figures, "python -m bench index " + " ".join(argv))
 
 
 if __name__ == "__main__":

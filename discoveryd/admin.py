@@ -19,11 +19,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -72,32 +72,59 @@ def service_json(svc: Service) -> dict[str, Any]:
     }
 
 
+def _status_json(st: ShardStatus) -> dict[str, Any]:
+    return {
+        "ready": st.ready,
+        "synced": st.synced,
+        "stale": st.stale,
+        "services": st.services,
+        "endpoints": st.endpoints,
+        "last_sync": st.last_sync,
+        "last_error": st.last_error,
+        "last_error_time": st.last_error_time,
+        "errors_total": st.errors_total,
+        "problems": [{"where": p.where, "field": p.field, "message": p.message} for p in st.problems],
+    }
+
+
 def registryz(snap: Snapshot) -> dict[str, Any]:
+    """Each registry's status, with each of its parts' (`""` is the root part)."""
     out: dict[str, Any] = {"version": snap.version, "ready": snap.ready, "registries": {}}
     for source, st in snap.shards.items():
-        out["registries"][source] = {
-            "ready": st.ready,
-            "synced": st.synced,
-            "stale": st.stale,
-            "services": st.services,
-            "endpoints": st.endpoints,
-            "last_sync": st.last_sync,
-            "last_error": st.last_error,
-            "last_error_time": st.last_error_time,
-            "errors_total": st.errors_total,
-            "problems": [{"where": p.where, "field": p.field, "message": p.message} for p in st.problems],
+        entry = _status_json(st)
+        entry["parts"] = {name: _status_json(part) for name, part in st.parts.items()}
+        out["registries"][source] = entry
+    out["conflicts"] = {
+        h: {
+            "winner": c.winner,
+            "sources": list(c.sources),
+            "shards": [{"registry": k.source, "part": k.part} for k in c.shards],
         }
-    out["conflicts"] = {h: {"winner": c.winner, "sources": list(c.sources)} for h, c in sorted(snap.conflicts.items())}
+        for h, c in sorted(snap.conflicts.items())
+    }
     return out
 
 
 def endpointz(snap: Snapshot, host: str | None) -> dict[str, Any]:
+    """Each service's merged VIPs and endpoints, and every reporting shard's own VIPs (see the index's merge rule)."""
     hosts = [host] if host else sorted(snap.services)
     out: dict[str, Any] = {}
     for h in hosts:
         svc = snap.services.get(h)  # type: ignore[call-overload]
-        if svc is not None:
-            out[h] = {"source": svc.source, "endpoints": [endpoint_json(ep) for ep in svc.endpoints]}
+        if svc is None:
+            continue
+        conflict = snap.conflicts.get(svc.hostname)
+        by_shard: list[dict[str, Any]]
+        if conflict is not None:
+            by_shard = [{"registry": k.source, "part": k.part, "addresses": list(a)} for k, a in conflict.addresses]
+        else:
+            by_shard = [{"registry": svc.source, "part": None, "addresses": list(svc.addresses)}]
+        out[h] = {
+            "source": svc.source,
+            "addresses": list(svc.addresses),
+            "addresses_by_source": by_shard,
+            "endpoints": [endpoint_json(ep) for ep in svc.endpoints],
+        }
     return out
 
 
@@ -132,28 +159,41 @@ _REGISTRY_GAUGES: tuple[tuple[str, str, Callable[[ShardStatus, float], float | N
 
 
 class _IndexCollector(Collector):
-    """Index figures read from the snapshot at scrape time (registered once per process)."""
+    """Index figures read from the snapshot at scrape time; one per `AdminServer`, in its own registry.
 
-    def __init__(self) -> None:
-        self.source: SnapshotSource | None = None
+    Registry gauges come twice: per registry (label `registry`, aggregated over
+    its parts) and per part (`discoveryd_registry_part_*`, labels `registry` and
+    `part`, `""` being the root part).
+    """
+
+    def __init__(self, source: SnapshotSource) -> None:
+        self.source = source
 
     def collect(self) -> Iterator[Metric]:
-        if self.source is None:
-            return
         snap = self.source.snapshot
         now = time.time()
         version = GaugeMetricFamily("discoveryd_index_version", "Version of the current index snapshot.")
         version.add_metric([], snap.version)
-        conflicts = GaugeMetricFamily("discoveryd_index_conflicts", "Hostnames reported by more than one registry.")
+        conflicts = GaugeMetricFamily("discoveryd_index_conflicts", "Hostnames reported by more than one shard.")
         conflicts.add_metric([], len(snap.conflicts))
         yield from (version, conflicts)
         for name, text, value in _REGISTRY_GAUGES:
             family = GaugeMetricFamily(name, text, labels=["registry"])
+            per_part = GaugeMetricFamily(
+                name.replace("discoveryd_registry_", "discoveryd_registry_part_"),
+                text.replace("a registry", "a registry part"),
+                labels=["registry", "part"],
+            )
             for source, st in snap.shards.items():
                 v = value(st, now)
                 if v is not None:
                     family.add_metric([source], v)
+                for part_name, part in st.parts.items():
+                    pv = value(part, now)
+                    if pv is not None:
+                        per_part.add_metric([source, part_name], pv)
             yield family
+            yield per_part
         errors = CounterMetricFamily(
             "discoveryd_registry_sync_errors",
             "Sync errors and input problems reported since start.",
@@ -162,10 +202,6 @@ class _IndexCollector(Collector):
         for source, st in snap.shards.items():
             errors.add_metric([source], st.errors_total)
         yield errors
-
-
-_COLLECTOR = _IndexCollector()
-REGISTRY.register(_COLLECTOR)
 
 
 class AdminServer:
@@ -177,8 +213,13 @@ class AdminServer:
         index: SnapshotSource,
         configz: Callable[[], Mapping[str, Any]],
         pages: Mapping[str, DebugPage] | None = None,
+        shared_metrics: Sequence[CollectorRegistry] = (REGISTRY,),
     ) -> None:
+        """`shared_metrics`: registries of other components scraped after this server's own."""
         self._config = config
+        self._metrics_registry = CollectorRegistry(auto_describe=True)
+        self._metrics_registry.register(_IndexCollector(index))
+        self._shared_metrics = tuple(shared_metrics)
         self._index = index
         self._configz = configz
         self._pages = dict(pages or {})
@@ -214,7 +255,8 @@ class AdminServer:
         return web.Response(text="ready\n")
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        body = b"".join(generate_latest(r) for r in (self._metrics_registry, *self._shared_metrics))
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _index_page(self, request: web.Request) -> web.Response:
         names = ["registryz", "endpointz", "indexz", "configz", *self._pages]
@@ -222,7 +264,6 @@ class AdminServer:
 
     async def serve(self) -> None:
         """Bind and serve until cancelled; cancellation closes the listener and connections."""
-        _COLLECTOR.source = self._index
         host, port = split_hostport(self._config.listen)
         runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
         await runner.setup()

@@ -1,23 +1,43 @@
 """The endpoint index: registry shards in, immutable versioned snapshots out.
 
 Data flow: each adapter writes its own shard through a `Shard` (the
-`ShardWriter` of `discoveryd.registry`). Every write (or every `batch()`)
-re-merges only the hostnames it touched and publishes a new `Snapshot`: a
-version number that only grows, the merged services, the hostnames changed
-since the previous version, and each shard's status.
+`ShardWriter` of `discoveryd.registry`), and may open named parts of it
+(`shard.part("dc2")`). Every part is a shard of its own here, keyed by
+`ShardKey(source, part)`; the root writer is the part `""`. Every write (or
+every part's `batch()`) re-merges only the hostnames it touched and publishes
+a new `Snapshot`: a version number that only grows, the merged services, the
+hostnames changed since the previous version, and each registry's status
+(with its parts').
+
+The merged map and the conflicts map are persistent maps (`immutables.Map`, a
+HAMT): a version that changes k hostnames costs O(k log n), never a copy of
+the whole map, and every published snapshot keeps its own view for free.
 
 Servers depend only on `SnapshotSource` (read the current snapshot, wait for a
 newer one, ask what changed between two versions): the cache/server seam of
 go-control-plane. They never see shards.
 
-Merge rule, the only one in the daemon: a hostname reported by several
-registries gets the union of their endpoints (each endpoint keeps its
-`source`), and every other attribute from the registry listed first in the
-config. Such a hostname is recorded as a `Conflict` in the snapshot.
+Merge rule, the only one in the daemon. Shards are ranked by the registry's
+position in the config, then the root part before named parts, then part
+name. A hostname reported by several shards gets:
+- the union of their endpoints, in rank order (each endpoint keeps its `source`);
+- its VIPs (`addresses`) from the highest-ranked shard that has any: a
+  ServiceEntry without addresses does not hide a Kubernetes ClusterIP, and a
+  lower-ranked registry never adds VIPs to a higher-ranked one's. Every shard's
+  own addresses stay visible in the hostname's `Conflict.addresses` (and in
+  /debug/endpointz); DNS answers and xDS use the merged `addresses` only;
+- every other attribute from the highest-ranked shard.
+Such a hostname is recorded as a `Conflict` in the snapshot.
 
 A shard whose registry fails keeps its content and is marked stale; its data
-is removed only by its own adapter (the registry said so) or by `drop()`
-(the registry was removed from the config).
+is removed only by its own adapter (the registry said so), by `close_part`
+(the adapter stopped watching that part) or by `drop()` (the registry was
+removed from the config, with all its parts).
+
+Batches are per part and staged: writes made inside `with shard.batch():` are
+recorded, not applied, until the block exits cleanly; then they are applied at
+once as one version. An exception inside applies nothing; an adapter awaiting
+inside holds nothing of the index, so other shards keep publishing.
 
 Everything here runs on the event loop thread; nothing blocks or awaits
 except `wait()`.
@@ -29,21 +49,43 @@ import asyncio
 import dataclasses
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol
+from typing import NamedTuple, Protocol
+
+import immutables
 
 from discoveryd.model import Endpoint, Hostname, Problem, Service, SourceId
 
 _HISTORY = 4096
 """How many versions' changed-sets are kept for `changed_between`."""
 
+ROOT = ""
+"""The name of a registry's root part (the writer `Index.writer` returns)."""
+
+
+class ShardKey(NamedTuple):
+    """One shard of the index: a registry's root (`part == ""`) or one of its named parts."""
+
+    source: SourceId
+    part: str
+
 
 @dataclass(frozen=True, slots=True)
 class ShardStatus:
+    """The state of one part, or (in `Snapshot.shards`) of a whole registry.
+
+    A registry's status aggregates the parts that count for it (every named
+    part it opened, and the root if it was written to or marked, or if no part
+    was opened): counts and problems are summed over them, `synced`/`ready`
+    hold when they hold for every counted part, `stale`/`failed` when for any.
+    `parts` has each counted part's own status by name.
+    """
+
     source: SourceId
+    part: str = ROOT
     services: int = 0
     endpoints: int = 0
     synced: bool = False
@@ -53,25 +95,35 @@ class ShardStatus:
     stale: bool = False
     """The registry is failing now; the content is the last known."""
     last_sync: float | None = None
-    """Wall-clock time of the last `mark_synced`."""
+    """Wall-clock time of the last `mark_synced` (the oldest one over a registry's parts)."""
     last_error: str | None = None
     last_error_time: float | None = None
     problems: tuple[Problem, ...] = ()
     errors_total: int = 0
     """Failures reported since start (sync errors plus input problems set)."""
+    parts: Mapping[str, ShardStatus] = field(default_factory=dict)
+    """On a registry's status: its counted parts by name (`""` the root). Empty on a part's own status."""
 
     @property
     def ready(self) -> bool:
+        """A part: has synced or failed once. A registry: every counted part is ready."""
+        if self.parts:
+            return all(p.ready for p in self.parts.values())
         return self.synced or self.failed
 
 
 @dataclass(frozen=True, slots=True)
 class Conflict:
-    """A hostname reported by more than one registry."""
+    """A hostname reported by more than one shard (registries, or parts of one)."""
 
     hostname: Hostname
     winner: SourceId
     sources: tuple[SourceId, ...]
+    """The distinct registries reporting the hostname, in rank order."""
+    shards: tuple[ShardKey, ...] = ()
+    """Every shard reporting the hostname, in rank order."""
+    addresses: tuple[tuple[ShardKey, tuple[str, ...]], ...] = ()
+    """Each shard's own VIPs, in rank order (the merged service has the first non-empty ones)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +136,12 @@ class Snapshot:
     """
 
     version: int = 0
-    services: Mapping[Hostname, Service] = field(default_factory=dict)
+    services: Mapping[Hostname, Service] = field(default_factory=immutables.Map)
     changed: frozenset[Hostname] = frozenset()
     """Hostnames whose merged service differs from the previous version."""
     shards: Mapping[SourceId, ShardStatus] = field(default_factory=dict)
-    conflicts: Mapping[Hostname, Conflict] = field(default_factory=dict)
+    """Each registry's status (aggregated over its parts, see `ShardStatus`)."""
+    conflicts: Mapping[Hostname, Conflict] = field(default_factory=immutables.Map)
     created: float = field(default_factory=time.monotonic)
     """`time.monotonic()` when published; convergence is measured from it."""
 
@@ -127,12 +180,15 @@ class Index:
 
     def __init__(self, order: Sequence[SourceId] = ()) -> None:
         self._order: dict[SourceId, int] = {s: i for i, s in enumerate(order)}
-        self._shards: dict[SourceId, _ShardState] = {}
-        self._merged: dict[Hostname, Service] = {}
-        self._conflicts: dict[Hostname, Conflict] = {}
+        self._parts: dict[ShardKey, _PartState] = {}
+        self._registries: dict[SourceId, dict[str, _PartState]] = {}
+        self._statuses: dict[SourceId, ShardStatus] = {}
+        self._merged: immutables.Map[Hostname, Service] = immutables.Map()
+        self._conflicts: immutables.Map[Hostname, Conflict] = immutables.Map()
         self._dirty: set[Hostname] = set()
-        self._status_dirty = False
-        self._batch_depth = 0
+        self._status_dirty: set[SourceId] = set()
+        self._shards_gone = False
+        self._hold = 0
         self._snapshot = Snapshot()
         self._event = asyncio.Event()
         self._history: deque[tuple[int, frozenset[Hostname]]] = deque(maxlen=_HISTORY)
@@ -164,20 +220,19 @@ class Index:
     # -- write side -------------------------------------------------------------------
 
     def writer(self, source: SourceId) -> Shard:
-        """The shard writer for `source`, created empty (and not ready) if new."""
-        if source not in self._shards:
-            self._shards[source] = _ShardState(source)
-            self._status_dirty = True
-            self._publish()
-        return Shard(self, self._shards[source])
+        """The root writer for `source`, its shard created empty (and not ready) if new."""
+        return Shard(self, self._open(source, ROOT))
 
     def drop(self, source: SourceId) -> None:
-        """Forget a registry that is no longer configured, with all its data."""
-        state = self._shards.pop(source, None)
-        if state is None:
+        """Forget a registry that is no longer configured, with all its parts and data."""
+        parts = self._registries.pop(source, None)
+        if parts is None:
             return
-        self._dirty.update(state.services)
-        self._status_dirty = True
+        for state in parts.values():
+            self._detach(state)
+        self._statuses.pop(source, None)
+        self._status_dirty.discard(source)
+        self._shards_gone = True
         self._publish()
 
     def set_order(self, order: Sequence[SourceId]) -> None:
@@ -186,81 +241,181 @@ class Index:
         if new == self._order:
             return
         self._order = new
-        self._dirty.update(self._conflicts)
+        self._dirty.update(self._conflicts.keys())
         self._publish()
 
     @contextmanager
     def batch(self) -> Iterator[None]:
-        self._batch_depth += 1
+        """Publish every write made inside (to any shard) as one version on exit.
+
+        For the daemon's own bulk operations; adapters use their part's staged
+        `Shard.batch()`. Writes are applied as they are made: an exception
+        inside publishes what was applied.
+        """
+        self._hold += 1
         try:
             yield
         finally:
-            self._batch_depth -= 1
+            self._hold -= 1
             self._publish()
 
     # -- internals --------------------------------------------------------------------
 
-    def _rank(self, source: SourceId) -> tuple[int, str]:
-        return (self._order.get(source, len(self._order)), source)
+    def _open(self, source: SourceId, part: str) -> _PartState:
+        parts = self._registries.get(source)
+        if parts is None:
+            parts = self._registries[source] = {}
+        state = parts.get(part)
+        if state is None:
+            state = parts[part] = _PartState(ShardKey(source, part))
+            self._parts[state.key] = state
+            if not part:
+                state.used = False
+            self._status_dirty.add(source)
+            self._publish()
+        return state
 
-    def _merge(self, host: Hostname) -> Service | None:
-        found = [(st.source, st.services[host]) for st in self._shards.values() if host in st.services]
+    def _close(self, source: SourceId, part: str) -> None:
+        parts = self._registries.get(source)
+        state = parts.pop(part, None) if parts is not None else None
+        if state is None:
+            return
+        self._detach(state)
+        self._status_dirty.add(source)
+        self._publish()
+
+    def _detach(self, state: _PartState) -> None:
+        del self._parts[state.key]
+        state.closed = True
+        state.staged = None
+        self._dirty.update(state.services)
+
+    def _rank(self, key: ShardKey) -> tuple[int, str, bool, str]:
+        return (self._order.get(key.source, len(self._order)), key.source, key.part != ROOT, key.part)
+
+    def _merge(self, host: Hostname) -> tuple[Service | None, Conflict | None]:
+        found = [(st.key, st.services[host]) for st in self._parts.values() if host in st.services]
         if not found:
-            self._conflicts.pop(host, None)
-            return None
+            return None, None
         if len(found) == 1:
-            self._conflicts.pop(host, None)
-            return found[0][1]
+            return found[0][1], None
         found.sort(key=lambda pair: self._rank(pair[0]))
         winner = found[0][1]
-        sources = tuple(src for src, _ in found)
-        self._conflicts[host] = Conflict(host, sources[0], sources)
+        vips = next((svc.addresses for _, svc in found if svc.addresses), ())
         endpoints = tuple(ep for _, svc in found for ep in svc.endpoints)
-        merged = winner.with_endpoints(endpoints)
+        merged = dataclasses.replace(winner, endpoints=endpoints, addresses=vips)
         previous = self._merged.get(host)
-        return previous if previous == merged else merged
+        if previous is not None and previous == merged:
+            merged = previous
+        shards = tuple(key for key, _ in found)
+        conflict = Conflict(
+            host,
+            shards[0].source,
+            tuple(dict.fromkeys(key.source for key in shards)),
+            shards,
+            tuple((key, svc.addresses) for key, svc in found),
+        )
+        return merged, conflict
 
     def _publish(self) -> None:
-        if self._batch_depth:
+        if self._hold:
             return
         changed: set[Hostname] = set()
-        for host in self._dirty:
-            merged = self._merge(host)
-            previous = self._merged.get(host)
-            if merged is None:
-                if previous is not None:
-                    del self._merged[host]
+        conflicts_changed = False
+        if self._dirty:
+            merged_old, conflicts_old = self._merged, self._conflicts
+            # One mutation per version; its setup costs about two plain `set`s.
+            merged_map = merged_old.mutate()
+            conflict_map: immutables.MapMutation[Hostname, Conflict] | None = None
+            for host in self._dirty:
+                merged, conflict = self._merge(host)
+                previous = merged_old.get(host)
+                if merged is None:
+                    if previous is not None:
+                        del merged_map[host]
+                        changed.add(host)
+                elif merged is not previous:
+                    merged_map[host] = merged
                     changed.add(host)
-            elif merged is not previous:
-                self._merged[host] = merged
-                changed.add(host)
-        self._dirty.clear()
-        if not changed and not self._status_dirty:
+                old_conflict = conflicts_old.get(host)
+                if conflict != old_conflict:
+                    if conflict_map is None:
+                        conflict_map = conflicts_old.mutate()
+                    if conflict is None:
+                        del conflict_map[host]
+                    else:
+                        conflict_map[host] = conflict
+                    conflicts_changed = True
+            self._dirty.clear()
+            if changed:
+                self._merged = merged_map.finish()
+            if conflict_map is not None:
+                self._conflicts = conflict_map.finish()
+        statuses_changed = self._shards_gone or bool(self._status_dirty)
+        for source in self._status_dirty:
+            parts = self._registries.get(source)
+            if parts is not None:
+                self._statuses[source] = _aggregate(source, parts)
+        self._status_dirty.clear()
+        self._shards_gone = False
+        if not changed and not statuses_changed and not conflicts_changed:
             return
-        self._status_dirty = False
         version = self._snapshot.version + 1
         frozen_changed = frozenset(changed)
+        old = self._snapshot
         self._snapshot = Snapshot(
             version=version,
-            services=MappingProxyType(dict(self._merged)) if changed else self._snapshot.services,
+            services=self._merged,
             changed=frozen_changed,
-            shards=MappingProxyType({s: st.status() for s, st in self._shards.items()}),
-            conflicts=MappingProxyType(dict(self._conflicts)),
+            shards=MappingProxyType(dict(self._statuses)) if statuses_changed else old.shards,
+            conflicts=self._conflicts,
         )
         self._history.append((version, frozen_changed))
         event, self._event = self._event, asyncio.Event()
         event.set()
 
 
-@dataclass(slots=True)
-class _ShardState:
-    """Mutable per-registry state, owned by the Index, written through `Shard`.
+def _aggregate(source: SourceId, parts: Mapping[str, _PartState]) -> ShardStatus:
+    """A registry's status from its parts' (see `ShardStatus`)."""
+    counted = [st for name, st in parts.items() if name != ROOT or st.used]
+    if not counted:
+        counted = [parts[ROOT]] if ROOT in parts else []
+    if len(counted) == 1 and counted[0].key.part == ROOT:
+        only = counted[0]
+        return only.status_with({ROOT: only.status()})
+    statuses = [st.status() for st in counted]
+    syncs = [s.last_sync for s in statuses]
+    errors = [s for s in statuses if s.last_error_time is not None]
+    last_error = max(errors, key=lambda s: s.last_error_time or 0.0) if errors else None
+    return ShardStatus(
+        source=source,
+        services=sum(s.services for s in statuses),
+        endpoints=sum(s.endpoints for s in statuses),
+        synced=all(s.synced for s in statuses),
+        failed=any(s.failed for s in statuses),
+        stale=any(s.stale for s in statuses),
+        last_sync=None if any(t is None for t in syncs) else min(t for t in syncs if t is not None),
+        last_error=last_error.last_error if last_error else None,
+        last_error_time=last_error.last_error_time if last_error else None,
+        problems=tuple(p for s in statuses for p in s.problems),
+        errors_total=sum(s.errors_total for s in statuses),
+        parts=MappingProxyType({s.part: s for s in sorted(statuses, key=lambda s: s.part)}),
+    )
+
+
+_Op = Callable[[], None]
+
+
+@dataclass(slots=True, eq=False)
+class _PartState:
+    """Mutable per-part state, owned by the Index, written through `Shard`.
 
     `endpoints` is kept as a running count and `status()` is cached until the
     next write, so publishing a version costs nothing per unchanged shard.
+    `staged` holds the writes of an open `batch()` (None outside one).
     """
 
-    source: SourceId
+    key: ShardKey
     services: dict[Hostname, Service] = field(default_factory=dict)
     endpoints: int = 0
     synced: bool = False
@@ -271,6 +426,10 @@ class _ShardState:
     last_error_time: float | None = None
     problems: dict[str, tuple[Problem, ...]] = field(default_factory=dict)
     errors_total: int = 0
+    used: bool = True
+    """For the root part: written to or marked (it then counts for the registry's readiness)."""
+    closed: bool = False
+    staged: list[_Op] | None = None
     _status: ShardStatus | None = None
 
     def touch(self) -> None:
@@ -278,66 +437,157 @@ class _ShardState:
 
     def status(self) -> ShardStatus:
         if self._status is None:
-            self._status = ShardStatus(
-                source=self.source,
-                services=len(self.services),
-                endpoints=self.endpoints,
-                synced=self.synced,
-                failed=self.failed,
-                stale=self.stale,
-                last_sync=self.last_sync,
-                last_error=self.last_error,
-                last_error_time=self.last_error_time,
-                problems=tuple(p for ps in self.problems.values() for p in ps),
-                errors_total=self.errors_total,
-            )
+            self._status = self.status_with({})
         return self._status
+
+    def status_with(self, parts: Mapping[str, ShardStatus]) -> ShardStatus:
+        # Positional: this runs on every write that changes the shard.
+        return ShardStatus(
+            self.key.source,
+            self.key.part,
+            len(self.services),
+            self.endpoints,
+            self.synced,
+            self.failed,
+            self.stale,
+            self.last_sync,
+            self.last_error,
+            self.last_error_time,
+            tuple(p for ps in self.problems.values() for p in ps) if self.problems else (),
+            self.errors_total,
+            parts,
+        )
 
 
 class Shard:
-    """The `ShardWriter` handed to one adapter. See `discoveryd.registry.ShardWriter`."""
+    """The `ShardWriter` handed to one adapter (or for one part). See `discoveryd.registry.ShardWriter`.
+
+    Calls come from the adapter's task on the event loop thread. A writer of a
+    part that was closed, or of a registry that was dropped, raises on write.
+    """
 
     __slots__ = ("_index", "_state")
 
-    def __init__(self, index: Index, state: _ShardState) -> None:
+    def __init__(self, index: Index, state: _PartState) -> None:
         self._index = index
         self._state = state
 
     @property
     def source(self) -> SourceId:
-        return self._state.source
+        return self._state.key.source
 
     @property
     def part_name(self) -> str:
-        return ""
+        return self._state.key.part
 
     def part(self, name: str) -> Shard:
-        raise NotImplementedError("named parts are not implemented yet")
+        if not isinstance(name, str):
+            raise TypeError(f"a part name is a string, not {type(name).__name__}")
+        self._check_open()
+        return Shard(self._index, self._index._open(self.source, name))
 
     def close_part(self, name: str) -> None:
-        raise NotImplementedError("named parts are not implemented yet")
+        if name == ROOT:
+            raise ValueError("the root part of a registry cannot be closed; drop the registry instead")
+        self._check_open()
+        self._index._close(self.source, name)
+
+    # -- writes: applied now, or staged by an open batch --------------------------------
+
+    def replace(self, services: Iterable[Service]) -> None:
+        new = {s.hostname: self._stamp(s) for s in services}
+        self._write(lambda: self._replace(new))
+
+    def upsert(self, service: Service) -> None:
+        stamped = self._stamp(service)
+        self._write(lambda: self._upsert(stamped))
+
+    def delete(self, hostname: Hostname) -> None:
+        self._write(lambda: self._delete(hostname))
+
+    def mark_synced(self) -> None:
+        self._write(self._mark_synced)
+
+    def mark_failing(self, error: str) -> None:
+        self._write(lambda: self._mark_failing(error))
+
+    def set_problems(self, scope: str, problems: Sequence[Problem]) -> None:
+        new = tuple(problems)
+        self._write(lambda: self._set_problems(scope, new))
+
+    def batch(self) -> AbstractContextManager[None]:
+        return self._batch()
+
+    @contextmanager
+    def _batch(self) -> Iterator[None]:
+        self._check_open()
+        st = self._state
+        outer = st.staged is None
+        if outer:
+            st.staged = []
+        assert st.staged is not None
+        mark = len(st.staged)
+        try:
+            yield
+        except BaseException:
+            if st.staged is not None:
+                del st.staged[mark:]
+            if outer:
+                st.staged = None
+            raise
+        if not outer:
+            return
+        ops, st.staged = st.staged, None
+        if st.closed or not ops:
+            return
+        index = self._index
+        index._hold += 1
+        try:
+            for op in ops:
+                op()
+        finally:
+            index._hold -= 1
+            index._publish()
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._state.closed:
+            raise RuntimeError(f"shard {self.source} part {self.part_name!r} was closed or dropped")
+
+    def _write(self, op: _Op) -> None:
+        self._check_open()
+        staged = self._state.staged
+        if staged is not None:
+            staged.append(op)
+        else:
+            op()
 
     def _stamp(self, service: Service) -> Service:
         """Set `source` on the service and each endpoint that lacks it (free when the adapter set it)."""
-        src = self._state.source
+        src = self._state.key.source
         if service.source != src:
             service = dataclasses.replace(service, source=src)
         if any(ep.source != src for ep in service.endpoints):
-            service = service.with_endpoints(tuple(_stamp_endpoint(ep, src) for ep in service.endpoints))
+            service = service.with_endpoints(tuple(stamp_endpoint(ep, src) for ep in service.endpoints))
         return service
 
     def _changed(self) -> None:
-        self._state.touch()
-        self._index._status_dirty = True
-        self._index._publish()
-
-    def replace(self, services: Iterable[Service]) -> None:
         st = self._state
-        new = {s.hostname: self._stamp(s) for s in services}
+        st.touch()
+        st.used = True
+        index = self._index
+        index._status_dirty.add(st.key.source)
+        index._publish()
+
+    def _replace(self, new: dict[Hostname, Service]) -> None:
+        st = self._state
         old = st.services
         touched = {h for h in old if h not in new}
         touched.update(h for h, s in new.items() if old.get(h) != s)
         if not touched:
+            if not st.used:
+                self._changed()
             return
         # Keep identical objects so unchanged hostnames stay unchanged.
         st.services = {h: (old[h] if h in old and old[h] == s else s) for h, s in new.items()}
@@ -345,9 +595,8 @@ class Shard:
         self._index._dirty |= touched
         self._changed()
 
-    def upsert(self, service: Service) -> None:
+    def _upsert(self, service: Service) -> None:
         st = self._state
-        service = self._stamp(service)
         previous = st.services.get(service.hostname)
         if previous == service:
             return
@@ -356,7 +605,7 @@ class Shard:
         self._index._dirty.add(service.hostname)
         self._changed()
 
-    def delete(self, hostname: Hostname) -> None:
+    def _delete(self, hostname: Hostname) -> None:
         st = self._state
         previous = st.services.pop(hostname, None)
         if previous is None:
@@ -365,23 +614,22 @@ class Shard:
         self._index._dirty.add(hostname)
         self._changed()
 
-    def mark_synced(self) -> None:
+    def _mark_synced(self) -> None:
         st = self._state
-        if st.synced and not st.stale:
+        if st.synced and not st.stale and st.used:
             return
         st.synced, st.stale, st.last_sync = True, False, time.time()
         self._changed()
 
-    def mark_failing(self, error: str) -> None:
+    def _mark_failing(self, error: str) -> None:
         st = self._state
         st.failed, st.stale = True, True
         st.last_error, st.last_error_time = error, time.time()
         st.errors_total += 1
         self._changed()
 
-    def set_problems(self, scope: str, problems: Sequence[Problem]) -> None:
+    def _set_problems(self, scope: str, new: tuple[Problem, ...]) -> None:
         st = self._state
-        new = tuple(problems)
         if st.problems.get(scope, ()) == new:
             return
         if new:
@@ -391,11 +639,9 @@ class Shard:
             st.problems.pop(scope, None)
         self._changed()
 
-    def batch(self) -> AbstractContextManager[None]:
-        return self._index.batch()
 
-
-def _stamp_endpoint(ep: Endpoint, source: SourceId) -> Endpoint:
+def stamp_endpoint(ep: Endpoint, source: SourceId) -> Endpoint:
+    """`ep` with `source` set, every other field kept (tests hold this to `dataclasses.fields(Endpoint)`)."""
     if ep.source == source:
         return ep
     # Positional construction: several times cheaper than dataclasses.replace on this hot path.

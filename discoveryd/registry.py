@@ -98,10 +98,12 @@ class ShardWriter(Protocol):
     A part is its own shard in the index with its own content, sync state,
     staleness and problems (shown per part in /debug and in metrics, label
     `part`); the same hostname may live in several parts and merges by the
-    same rule as across registries. A registry is ready when every part it
-    opened (and the root, if the adapter wrote to it or marked it) has synced
-    or failed. Dropping a registry drops all its parts. The root writer is
-    the part named `""`.
+    same rule as across registries (a registry's root ranks before its named
+    parts, named parts by name). A registry is ready when every part it
+    opened (and the root, if the adapter wrote to it or marked it, or opened
+    no part) has synced or failed. Dropping a registry drops all its parts.
+    The root writer is the part named `""`; it cannot be closed. A writer of
+    a part that was closed raises RuntimeError on every call.
 
     Batches: `with shard.batch(): ...` stages the writes made to *this* part
     inside the block and applies them on a clean exit as one index version,

@@ -91,8 +91,68 @@ async def test_debug_pages(admin: tuple[Index, str]) -> None:
     assert reg["registries"]["files/a"]["problems"] == [
         {"where": "f.yaml:7", "field": "spec.ports[0].name", "message": "port name must be DNS-1123"}
     ]
-    assert reg["conflicts"]["a.example"] == {"winner": "files/a", "sources": ["files/a", "etcd/b"]}
+    assert reg["conflicts"]["a.example"] == {
+        "winner": "files/a",
+        "sources": ["files/a", "etcd/b"],
+        "shards": [{"registry": "files/a", "part": ""}, {"registry": "etcd/b", "part": ""}],
+    }
     first, second = eps["a.example"]["endpoints"]
     assert (first["source"], first["health"], first["locality"]["zone"]) == ("files/a", "DRAINING", "eu-1a")
     assert second["source"] == "etcd/b"
     assert conf == {"hello": "config"} and extra == [1]
+
+
+async def test_parts_show_per_part_in_registryz_metrics_and_readyz(admin: tuple[Index, str]) -> None:
+    index, base = admin
+    index.writer(A).mark_synced()
+    root = index.writer(B)
+    dc1, dc2 = root.part("dc1"), root.part("dc2")
+    dc1.replace([Service(Hostname("x.example"), endpoints=(Endpoint("10.0.0.1"),))])
+    dc1.mark_synced()
+    status, body = await get(base + "/readyz")
+    assert status == 503 and "etcd/b" in body  # dc2 has neither synced nor failed
+    dc2.mark_failing("dc2 unreachable")
+    async with aiohttp.ClientSession() as session, session.get(base + "/debug/registryz") as resp:
+        reg = await resp.json()
+    parts = reg["registries"]["etcd/b"]["parts"]
+    assert set(parts) == {"dc1", "dc2"}  # the root was never used: it does not count
+    assert parts["dc1"]["stale"] is False and parts["dc1"]["services"] == 1
+    assert parts["dc2"]["stale"] is True and parts["dc2"]["last_error"] == "dc2 unreachable"
+    assert reg["registries"]["etcd/b"]["stale"] is True
+    _, text = await get(base + "/metrics")
+    assert 'discoveryd_registry_part_stale{part="dc2",registry="etcd/b"} 1.0' in text
+    assert 'discoveryd_registry_part_stale{part="dc1",registry="etcd/b"} 0.0' in text
+    assert 'discoveryd_registry_part_services{part="dc1",registry="etcd/b"} 1.0' in text
+    assert 'discoveryd_registry_part_services{part="",registry="files/a"} 0.0' in text
+
+
+async def test_two_admin_servers_keep_their_own_metrics() -> None:
+    first, second = Index([A]), Index([A])
+    first.writer(A).replace([Service(Hostname(f"s{i}.example")) for i in range(3)])
+    second.writer(A).replace([Service(Hostname("only.example"))])
+    servers = [AdminServer(AdminConfig(listen="127.0.0.1:0"), ix, dict) for ix in (first, second)]
+    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    try:
+        for s in servers:
+            await asyncio.wait_for(s.started.wait(), 5)
+        texts = [(await get(f"http://127.0.0.1:{s.port}/metrics"))[1] for s in servers]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert 'discoveryd_registry_services{registry="files/a"} 3.0' in texts[0]
+    assert 'discoveryd_registry_services{registry="files/a"} 1.0' in texts[1]
+
+
+async def test_endpointz_shows_each_sources_vips(admin: tuple[Index, str]) -> None:
+    index, base = admin
+    index.writer(A).replace([Service(Hostname("v.example"), endpoints=(Endpoint("10.0.0.1"),))])
+    index.writer(B).replace([Service(Hostname("v.example"), addresses=("10.96.0.9",))])
+    async with aiohttp.ClientSession() as session, session.get(base + "/debug/endpointz?host=v.example") as resp:
+        eps = await resp.json()
+    entry = eps["v.example"]
+    assert entry["source"] == "files/a" and entry["addresses"] == ["10.96.0.9"]
+    assert entry["addresses_by_source"] == [
+        {"registry": "files/a", "part": "", "addresses": []},
+        {"registry": "etcd/b", "part": "", "addresses": ["10.96.0.9"]},
+    ]

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
-from discoveryd.index import Index, diff
-from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Problem, Resolution, Service, SourceId
+from discoveryd.index import Index, diff, stamp_endpoint
+from discoveryd.model import (
+    Endpoint,
+    Health,
+    Hostname,
+    Locality,
+    Port,
+    PortProtocol,
+    Problem,
+    Resolution,
+    Service,
+    SourceId,
+)
 
 A = SourceId("files/a")
 B = SourceId("etcd/b")
@@ -176,3 +188,182 @@ def test_endpoint_sources_are_stamped(count: int) -> None:
     index.writer(A).replace([svc("a.example", *[f"10.0.0.{i}" for i in range(count)])])
     service = index.snapshot.services[Hostname("a.example")]
     assert service.source == A and all(ep.source == A for ep in service.endpoints)
+
+
+# -- named parts ---------------------------------------------------------------------------
+
+
+def test_parts_are_shards_with_their_own_state() -> None:
+    index = Index([A, B])
+    root = index.writer(B)
+    dc1, dc2 = root.part("dc1"), root.part("dc2")
+    assert (dc1.source, dc1.part_name, root.part_name) == (B, "dc1", "")
+    assert root.part("dc1").part_name == "dc1"  # reopening returns the same part
+    dc1.replace([svc("one.example", "10.0.0.1")])
+    dc2.replace([svc("two.example", "10.0.0.2")])
+    dc1.mark_synced()
+    dc2.mark_synced()
+    dc2.mark_failing("dc2 unreachable")
+    status = index.snapshot.shards[B]
+    assert set(status.parts) == {"dc1", "dc2"}  # the unused root does not count
+    assert not status.parts["dc1"].stale and status.parts["dc2"].stale
+    assert status.stale and status.services == 2
+    # Only dc2 is stale; both parts' content is still served.
+    assert {"one.example", "two.example"} <= set(index.snapshot.services)
+    # Writing one part never touches another.
+    dc1.replace([])
+    assert set(index.snapshot.services) == {"two.example"}
+
+
+def test_registry_is_ready_when_every_opened_part_is() -> None:
+    index = Index([B])
+    root = index.writer(B)
+    assert not index.snapshot.ready
+    dc1, dc2 = root.part("dc1"), root.part("dc2")
+    dc1.mark_synced()
+    assert not index.snapshot.ready  # dc2 not yet; the unused root does not count
+    dc2.mark_failing("down")
+    assert index.snapshot.ready
+    root.replace([])  # writing the root makes it count, and it has not synced
+    assert not index.snapshot.ready
+    root.mark_synced()
+    assert index.snapshot.ready
+    root.part("dc3")
+    assert not index.snapshot.ready
+    root.close_part("dc3")
+    assert index.snapshot.ready
+
+
+def test_hostname_in_two_parts_merges_like_two_registries() -> None:
+    index = Index([A, B])
+    root = index.writer(B)
+    root.replace([svc("shared.example", "10.0.0.1", port=8080)])
+    root.part("extra").replace([svc("shared.example", "10.0.0.2", port=9090)])
+    merged = index.snapshot.services[Hostname("shared.example")]
+    assert [ep.address for ep in merged.endpoints] == ["10.0.0.1", "10.0.0.2"]
+    assert merged.ports[0].number == 8080  # root before named parts
+    conflict = index.snapshot.conflicts[Hostname("shared.example")]
+    assert conflict.sources == (B,) and [k.part for k in conflict.shards] == ["", "extra"]
+    # A higher-ranked registry wins over every part of a lower one.
+    index.writer(A).replace([svc("shared.example", "10.0.0.3", port=7070)])
+    merged = index.snapshot.services[Hostname("shared.example")]
+    assert merged.ports[0].number == 7070
+    assert [ep.address for ep in merged.endpoints] == ["10.0.0.3", "10.0.0.1", "10.0.0.2"]
+
+
+def test_close_part_and_drop_remove_parts_and_their_data() -> None:
+    index = Index([A, B])
+    root = index.writer(B)
+    root.replace([svc("root.example", "10.0.0.1")])
+    dc2 = root.part("dc2")
+    dc2.replace([svc("dc2.example", "10.0.0.2")])
+    root.close_part("dc2")
+    assert "dc2.example" not in index.snapshot.services
+    assert "dc2" not in index.snapshot.shards[B].parts
+    with pytest.raises(RuntimeError):
+        dc2.upsert(svc("dc2.example", "10.0.0.2"))  # a closed part's writer cannot resurrect it
+    root.close_part("never-opened")  # no error
+    with pytest.raises(ValueError):
+        root.close_part("")
+    dc3 = root.part("dc3")
+    dc3.replace([svc("dc3.example", "10.0.0.3")])
+    index.drop(B)
+    assert not set(index.snapshot.services) & {"root.example", "dc3.example"}
+    assert B not in index.snapshot.shards
+
+
+# -- staged batches ------------------------------------------------------------------------
+
+
+def test_an_exception_inside_a_batch_applies_nothing() -> None:
+    index = Index([A])
+    shard = index.writer(A)
+    shard.replace([svc("keep.example", "10.0.0.1")])
+    shard.mark_synced()
+    before = index.snapshot
+    with pytest.raises(ZeroDivisionError), shard.batch():
+        shard.replace([svc("new.example", "10.0.0.2")])
+        shard.mark_failing("half-way")
+        _ = 1 / 0
+    assert index.snapshot is before
+    assert set(index.snapshot.services) == {"keep.example"}
+    # A nested batch that fails is discarded alone; the outer one still applies.
+    with shard.batch():
+        shard.upsert(svc("outer.example", "10.0.0.3"))
+        with pytest.raises(KeyError), shard.batch():
+            shard.upsert(svc("inner.example", "10.0.0.4"))
+            raise KeyError("x")
+    assert set(index.snapshot.services) == {"keep.example", "outer.example"}
+    assert index.snapshot.version == before.version + 1
+
+
+async def test_awaiting_inside_a_batch_does_not_delay_other_shards() -> None:
+    index = Index([A, B])
+    a, b = index.writer(A), index.writer(B)
+    release = asyncio.Event()
+    in_batch = asyncio.Event()
+
+    async def slow_relist() -> None:
+        with a.batch():
+            a.replace([svc("a.example", "10.0.0.1")])
+            in_batch.set()
+            await release.wait()  # a paged relist, still reading
+            a.mark_synced()
+
+    task = asyncio.create_task(slow_relist())
+    try:
+        await asyncio.wait_for(in_batch.wait(), 1)
+        b.upsert(svc("b.example", "10.0.0.2"))
+        snap = index.snapshot
+        assert "b.example" in snap.services and snap.changed == {"b.example"}
+        assert "a.example" not in snap.services and not snap.shards[A].synced
+        release.set()
+        await asyncio.wait_for(task, 1)
+        snap = index.snapshot
+        assert "a.example" in snap.services and snap.shards[A].synced
+        assert snap.changed == {"a.example"}  # the whole batch is one version
+    finally:
+        release.set()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def test_stamping_keeps_every_endpoint_field() -> None:
+    values: dict[str, object] = {
+        "address": "10.1.2.3",
+        "ports": {"http": 8080},
+        "labels": {"app": "x"},
+        "locality": Locality("r", "z", "s"),
+        "weight": 7,
+        "health": Health.DRAINING,
+        "network": "net1",
+        "service_account": "sa",
+        "hostname": "pod-0",
+        "priority": 3,
+        "source": SourceId("other/src"),
+        "tags": ("primary",),
+        "node_name": "node-1",
+        "target_ref": "Pod/ns/pod-0",
+    }
+    names = [f.name for f in dataclasses.fields(Endpoint)]
+    assert set(names) == set(values), "a new Endpoint field needs a distinct value here"
+    ep = Endpoint(**values)  # type: ignore[arg-type]
+    stamped = stamp_endpoint(ep, A)
+    for name in names:
+        expected = A if name == "source" else values[name]
+        assert getattr(stamped, name) == expected, name
+
+
+def test_vips_come_from_the_highest_ranked_shard_that_has_any() -> None:
+    index = Index([A, B])
+    host = Hostname("shared.example")
+    a, b = index.writer(A), index.writer(B)
+    b.replace([dataclasses.replace(svc(host, "10.0.0.2"), addresses=("10.96.0.2",))])
+    b.part("dc2").replace([dataclasses.replace(svc(host, "10.0.0.3"), addresses=("10.97.0.3",))])
+    a.replace([svc(host, "10.0.0.1")])  # the winner has no VIPs: it does not hide B's
+    merged = index.snapshot.services[host]
+    assert merged.source == A and merged.addresses == ("10.96.0.2",)
+    by_shard = {(k.source, k.part): addrs for k, addrs in index.snapshot.conflicts[host].addresses}
+    assert by_shard == {(A, ""): (), (B, ""): ("10.96.0.2",), (B, "dc2"): ("10.97.0.3",)}
+    a.replace([dataclasses.replace(svc(host, "10.0.0.1"), addresses=("10.95.0.1",))])
+    assert index.snapshot.services[host].addresses == ("10.95.0.1",)  # a lower rank never adds VIPs
+    assert host in index.snapshot.changed
