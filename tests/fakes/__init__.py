@@ -1,0 +1,1 @@
+"""Faithful fakes of registries that cannot run here (Consul agent, Kubernetes API server)."""
