@@ -119,6 +119,8 @@ class DnsConfig(_Section):
     )
     forward_timeout: Duration = 2.0
     """Per upstream, per try."""
+    forward_case_randomization: bool = True
+    """Random letter case in names sent upstream (0x20), checked in replies; off for upstreams that do not echo it."""
     cache_size: int = Field(default=10000, ge=0)
     """Forwarded answers kept (0: no cache)."""
     tcp_idle_timeout: Duration = 10.0

@@ -3,11 +3,21 @@
 Data flow: the server calls `Forwarder.resolve()` (in a task of its own, one
 per forwarded query) only for clients inside `dns.allow_forward_from`. The
 upstream query is ours, not the client's: a fresh random ID, a fresh UDP
-socket (random source port), RD set, EDNS with our 1232-byte size and the
-client's DO bit. Each upstream is tried in order with `forward_timeout` per
+socket (random source port), the name's letters in random case (0x20, unless
+`forward_case_randomization` is off), RD set, EDNS with our 1232-byte size and
+the client's DO bit. Each upstream is tried in order with `forward_timeout` per
 try; a truncated UDP reply is retried over TCP with the same upstream; a
 timeout, an unusable reply or SERVFAIL/REFUSED moves on to the next upstream.
 When all fail the client gets SERVFAIL.
+
+Spoofing: a datagram counts as the reply only if it comes from the upstream's
+address and port and carries our ID and our question byte for byte (the 0x20
+case pattern included); anything else is counted
+(`discoveryd_dns_upstream_rejected_total`) and ignored while the exchange keeps
+waiting for the genuine reply until its timeout. Of a reply, only the answer
+records on the CNAME chain from the question's name are kept, and only the
+additional records owned by a name the kept answer or authority records point
+to (targets of CNAME, NS, MX, SRV).
 
 Concurrent queries for the same question share one upstream exchange.
 Replies are cached by (lower-cased name, type, class, DO) for the smallest TTL
@@ -24,6 +34,7 @@ uncompressed.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import secrets
 import time
 from collections import OrderedDict
@@ -31,7 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dnslib import DNSBuffer, DNSRecord
+from dnslib import QTYPE, DNSBuffer, DNSRecord
 
 from discoveryd.dns import metrics
 from discoveryd.dns.answer import Edns, encode, response_limit
@@ -40,6 +51,8 @@ from discoveryd.dns.message import NOERROR, NXDOMAIN, OPT, RR, SERVFAIL, SOA, op
 MAX_CACHE_TTL = 86400
 """Cap on how long any forwarded reply is kept."""
 _RD = 0x0100
+_MAX_CHAIN = 16
+"""CNAME links followed inside one upstream reply when keeping its answer records."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +83,12 @@ class UpstreamError(Exception):
 class Forwarder:
     """Upstream exchanges and the forward cache. Used from one event loop."""
 
-    def __init__(self, upstreams: Sequence[Upstream], timeout: float, cache_size: int) -> None:
+    def __init__(
+        self, upstreams: Sequence[Upstream], timeout: float, cache_size: int, *, randomize_case: bool = True
+    ) -> None:
         self.upstreams = tuple(upstreams)
         self._timeout = timeout
+        self._randomize_case = randomize_case
         self._cache_size = cache_size
         self._cache: OrderedDict[_Key, _Entry] = OrderedDict()
         self._inflight: dict[_Key, asyncio.Future[Any]] = {}
@@ -147,12 +163,14 @@ class Forwarder:
     async def _exchange(self, qname: Sequence[bytes], qtype: int, qclass: int, do: bool) -> Any:
         for upstream in self.upstreams:
             qid = secrets.randbits(16)
-            wire = pack(qid, _RD, (qname, qtype, qclass), opt=opt_record(do))
+            sent = _random_case(qname) if self._randomize_case else tuple(qname)
+            wire = pack(qid, _RD, (sent, qtype, qclass), opt=opt_record(do))
+            expect = _Expect(qid, sent, qtype, qclass)
             started = time.monotonic()
             try:
-                reply = _check(await _udp(upstream, wire, self._timeout), qid, qname, qtype, qclass)
+                reply = await _udp(upstream, wire, expect, self._timeout)
                 if reply.header.tc:
-                    reply = _check(await _tcp(upstream, wire, self._timeout), qid, qname, qtype, qclass)
+                    reply = expect.check(await _tcp(upstream, wire, self._timeout))
                 if reply.header.rcode not in (NOERROR, NXDOMAIN):
                     raise UpstreamError(f"rcode {reply.header.rcode}")
             except (UpstreamError, OSError, TimeoutError) as e:
@@ -160,7 +178,7 @@ class Forwarder:
                 metrics.UPSTREAM_SECONDS.labels(str(upstream), result).observe(time.monotonic() - started)
                 continue
             metrics.UPSTREAM_SECONDS.labels(str(upstream), "ok").observe(time.monotonic() - started)
-            return reply
+            return _in_bailiwick(reply, qname)
         return None
 
     def _store(self, key: _Key, reply: Any, now: float) -> None:
@@ -209,44 +227,129 @@ class _FlatBuffer(DNSBuffer):  # type: ignore[misc]
         self.encode_name_nocompress(name)
 
 
-def _check(wire: bytes, qid: int, qname: Sequence[bytes], qtype: int, qclass: int) -> Any:
-    """The parsed reply, if it answers our query."""
-    try:
-        reply = DNSRecord.parse(wire)
-    except Exception as e:  # dnslib raises several types on malformed input
-        raise UpstreamError(f"malformed reply: {e}") from e
-    if reply.header.id != qid or not reply.header.qr or len(reply.questions) != 1:
-        raise UpstreamError("reply does not match the query")
-    q = reply.questions[0]
-    if (
-        q.qtype != qtype
-        or q.qclass != qclass
-        or tuple(p.lower() for p in q.qname.label) != tuple(p.lower() for p in qname)
-    ):
-        raise UpstreamError("reply is for another question")
+_LETTERS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _random_case(qname: Sequence[bytes]) -> tuple[bytes, ...]:
+    """`qname` with each letter's case chosen at random (draft-vixie-dnsext-dns0x20)."""
+    bits = secrets.randbits(sum(len(label) for label in qname) or 1)
+    out = []
+    for label in qname:
+        chars = bytearray(label)
+        for i, c in enumerate(chars):
+            if c in _LETTERS:
+                chars[i] = c | 0x20 if bits & 1 else c & ~0x20
+            bits >>= 1
+        out.append(bytes(chars))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class _Expect:
+    """What the genuine reply to one upstream query carries: our ID and our question, byte for byte."""
+
+    qid: int
+    qname: tuple[bytes, ...]
+    qtype: int
+    qclass: int
+
+    def check(self, wire: bytes) -> Any:
+        """The parsed reply, if it answers this query; else UpstreamError (with the metric reason)."""
+        if len(wire) < 12 or int.from_bytes(wire[:2], "big") != self.qid:
+            raise UpstreamError("id")
+        try:
+            reply = DNSRecord.parse(wire)
+        except Exception as e:  # dnslib raises several types on malformed input
+            raise UpstreamError("malformed") from e
+        if not reply.header.qr or len(reply.questions) != 1:
+            raise UpstreamError("question")
+        q = reply.questions[0]
+        if q.qtype != self.qtype or q.qclass != self.qclass:
+            raise UpstreamError("question")
+        labels = tuple(q.qname.label)
+        if labels != self.qname:
+            lowered = tuple(p.lower() for p in labels) == tuple(p.lower() for p in self.qname)
+            raise UpstreamError("case" if lowered else "question")
+        return reply
+
+
+def _in_bailiwick(reply: Any, qname: Sequence[bytes]) -> Any:
+    """`reply` with the answer records off the CNAME chain from `qname` and the additional records
+    that no kept record points to removed. Mutates and returns `reply` (ours alone, not yet shared)."""
+    chain = {b".".join(qname).lower()}
+    kept: set[int] = set()
+    for _ in range(_MAX_CHAIN):
+        grew = False
+        for rr in reply.rr:
+            if id(rr) not in kept and _key(rr.rname) in chain:
+                kept.add(id(rr))
+                grew = True
+                if rr.rtype == QTYPE.CNAME:
+                    chain.add(_key(rr.rdata.label))
+        if not grew:
+            break
+    answer = [rr for rr in reply.rr if id(rr) in kept]
+    targets = set(chain)
+    for rr in (*answer, *reply.auth):
+        target = _target(rr)
+        if target is not None:
+            targets.add(target)
+    reply.rr = answer
+    reply.ar = [rr for rr in reply.ar if rr.rtype == OPT or _key(rr.rname) in targets]
     return reply
 
 
+def _key(name: Any) -> bytes:
+    return b".".join(name.label).lower()
+
+
+def _target(rr: Any) -> bytes | None:
+    """The name an answer or authority record points to, for glue and additional data."""
+    if rr.rtype in (QTYPE.CNAME, QTYPE.NS, QTYPE.MX, QTYPE.PTR):
+        return _key(rr.rdata.label)
+    if rr.rtype == QTYPE.SRV:
+        return _key(rr.rdata.target)
+    return None
+
+
 class _UdpExchange(asyncio.DatagramProtocol):
-    def __init__(self, qid: int) -> None:
-        self.qid = qid.to_bytes(2, "big")
-        self.reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    def __init__(self, expect: _Expect, upstream: tuple[str, int]) -> None:
+        self.expect = expect
+        self.upstream = upstream
+        self.reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        # Datagrams with another ID are not ours (late replies, spoofing attempts): keep waiting.
-        if data[:2] == self.qid and not self.reply.done():
-            self.reply.set_result(data)
+        # Anything but the genuine reply (late replies, forgeries, garbage) is ignored: keep waiting.
+        if self.reply.done():
+            return
+        if (_normal(addr[0]), addr[1]) != self.upstream:
+            metrics.UPSTREAM_REJECTED.labels("source").inc()
+            return
+        try:
+            reply = self.expect.check(data)
+        except UpstreamError as e:
+            metrics.UPSTREAM_REJECTED.labels(str(e)).inc()
+            return
+        self.reply.set_result(reply)
 
     def error_received(self, exc: Exception) -> None:
         if not self.reply.done():
             self.reply.set_exception(exc)
 
 
-async def _udp(upstream: Upstream, wire: bytes, timeout: float) -> bytes:
+def _normal(host: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host.partition("%")[0]))
+    except ValueError:
+        return host
+
+
+async def _udp(upstream: Upstream, wire: bytes, expect: _Expect, timeout: float) -> Any:
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         transport, protocol = await loop.create_datagram_endpoint(
-            lambda: _UdpExchange(int.from_bytes(wire[:2], "big")), remote_addr=(upstream.host, upstream.port)
+            lambda: _UdpExchange(expect, (_normal(upstream.host), upstream.port)),
+            remote_addr=(upstream.host, upstream.port),
         )
         try:
             transport.sendto(wire)

@@ -46,6 +46,12 @@ UPSTREAM_SECONDS = Histogram(
     ["upstream", "result"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+UPSTREAM_REJECTED = Counter(
+    "discoveryd_dns_upstream_rejected_total",
+    "Datagrams on an upstream exchange that were not its reply and were ignored, by reason: source (another "
+    "address or port), id, malformed, question (another question), case (the 0x20 case pattern differs).",
+    ["reason"],
+)
 DROPPED = Counter(
     "discoveryd_dns_dropped_total",
     "Packets dropped without a response, by reason.",

@@ -78,7 +78,10 @@ class DnsServer:
         self._snapshot = index.snapshot
         self._authority = self._build(zones, self._snapshot)
         self._forwarder = Forwarder(
-            [Upstream(*split_hostport(f, 53)) for f in config.forward], config.forward_timeout, config.cache_size
+            [Upstream(*split_hostport(f, 53)) for f in config.forward],
+            config.forward_timeout,
+            config.cache_size,
+            randomize_case=config.forward_case_randomization,
         )
         self._allowed_nets = tuple(config.allow_forward_from)
         self._allowed: dict[str, bool] = {}
