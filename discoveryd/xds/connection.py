@@ -194,6 +194,8 @@ class Connection:
         """Delta ADS: clusters resent to a resuming client before it asked for EDS; their assignments follow."""
         self.closed = False
         """Set when the stream is ending; the writer returns."""
+        self.held = False
+        """Set by the server while the index is not ready: requests are applied, nothing is written."""
 
     # -- requests -----------------------------------------------------------------------
 
@@ -544,6 +546,7 @@ class Connection:
             "api": self.api,
             "delta": self.delta,
             "connected_since": self.connected_since,
+            "held": self.held,
             "types": types,
         }
 

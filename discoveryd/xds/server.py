@@ -10,6 +10,13 @@ requests to the connection, its writer (the gRPC handler itself) drains the
 connection's responses. The push loop only marks state; a stream that cannot
 be written to blocks only its own writer.
 
+Until the index is ready (`Snapshot.ready`: every registry synced, restored
+from the state snapshot, or past `ready_timeout`), streams are accepted and
+their requests applied, but nothing is written: a state of the world without
+one registry's services would make every client delete them (istiod waits for
+its registries' HasSynced the same way). The first ready snapshot is built
+at once, without debounce, and every held stream then gets complete answers.
+
 Services: AggregatedDiscoveryService (SotW and delta), the per-type Cluster,
 Endpoint, Listener and Route discovery services (SotW and delta), and
 grpc.health.v1.Health. Responses are written as pre-serialized bytes.
@@ -81,6 +88,9 @@ class XdsServer:
         self._built_from = Snapshot()
         self._connections: dict[int, Connection] = {}
         self._ports: list[int] = []
+        self._serving = False
+        """False until a ready snapshot has been built: streams are accepted and their requests
+        recorded, but nothing is written (a partial state of the world deletes what it lacks)."""
         self.started = asyncio.Event()
         """Set once every listener is bound and serving."""
 
@@ -100,6 +110,9 @@ class XdsServer:
 
     async def serve(self) -> None:
         self._rebuild(self._index.snapshot, None)
+        self._serving = self._built_from.ready
+        if not self._serving:
+            log.info("xds: holding responses until every registry has synced or been restored")
         server = grpc.aio.server(options=_OPTIONS)
         server.add_generic_rpc_handlers(self._handlers())
         healthz = health.aio.HealthServicer()
@@ -128,6 +141,7 @@ class XdsServer:
     def syncz(self) -> dict[str, Any]:
         """Per-connection sync state, for /debug/syncz and `discoveryd status`."""
         return {
+            "serving": self._serving,
             "version": str(self._view.version),
             "snapshot_version": self._built_from.version,
             "resources": {k.rsplit(".", 1)[-1]: len(v) for k, v in self._view.resources.items()},
@@ -140,6 +154,9 @@ class XdsServer:
         after, most = self._config.debounce_after, self._config.debounce_max
         while True:
             snap = await self._index.wait(self._built_from.version)
+            if not self._serving and snap.ready:
+                self._release()
+                continue
             changed = self._index.changed_between(self._built_from.version, snap.version)
             if changed is not None and not changed:
                 self._built_from = snap
@@ -158,6 +175,16 @@ class XdsServer:
                 last = time.monotonic()
             snap = self._index.snapshot
             self._rebuild(snap, self._index.changed_between(self._built_from.version, snap.version), origin)
+
+    def _release(self) -> None:
+        """The index became ready: build its newest snapshot at once (no debounce) and start writing."""
+        snap = self._index.snapshot
+        self._rebuild(snap, self._index.changed_between(self._built_from.version, snap.version))
+        self._serving = True
+        log.info("xds: index ready at version %d; serving %d streams", snap.version, len(self._connections))
+        for conn in self._connections.values():
+            conn.held = False
+            conn.wake.set()
 
     def _rebuild(self, snap: Snapshot, changed: frozenset[Any] | None, origin: float | None = None) -> None:
         if changed is None:
@@ -211,6 +238,7 @@ class XdsServer:
     ) -> None:
         """Runs one stream: this task writes, a child task reads. Returns when either side ends."""
         conn = Connection(api, delta, context.peer(), self._view, only)
+        conn.held = not self._serving
         self._connections[conn.id] = conn
         metrics.CONNECTED.inc()
         reader = asyncio.create_task(self._read(conn, requests), name=f"xds-read-{conn.id}")
@@ -218,7 +246,7 @@ class XdsServer:
             while not conn.closed:
                 await conn.wake.wait()
                 conn.wake.clear()
-                while not conn.closed and (out := conn.next_response()) is not None:
+                while not conn.closed and not conn.held and (out := conn.next_response()) is not None:
                     type_url, body, queued_at = out
                     del out  # an idle stream must not keep its last response (up to megabytes) alive
                     await context.write(body)

@@ -23,6 +23,8 @@ def render(syncz: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     connections = sorted(syncz.get("connections", []), key=lambda c: (c.get("node", ""), c.get("id", 0)))
     footer = f"server version {syncz.get('version', '?')}, {len(connections)} stream(s)"
+    if syncz.get("serving") is False:
+        footer += "; holding every response until all registries are ready"
     if not connections:
         return f"no xDS clients connected ({footer})\n"
     rows: list[list[str]] = []

@@ -88,6 +88,7 @@ async def test_a_client_that_never_reads_does_not_hold_back_the_others(xds: Runn
 async def test_debounce_coalesces_a_burst_into_one_push(index: Index) -> None:
     shard = index.writer(SourceId("files/t"))
     shard.replace([service("a.test", "10.0.0.1")])
+    shard.mark_synced()
     server, task = await start_xds(index, debounce_after=0.2, debounce_max=5.0)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.ports[0]}") as ch:
@@ -111,6 +112,7 @@ async def test_debounce_coalesces_a_burst_into_one_push(index: Index) -> None:
 async def test_debounce_max_bounds_the_delay_under_constant_change(index: Index) -> None:
     shard = index.writer(SourceId("files/t"))
     shard.replace([service("a.test", "10.0.0.1")])
+    shard.mark_synced()
     server, task = await start_xds(index, debounce_after=0.3, debounce_max=0.6)
     writer: asyncio.Task[None] | None = None
     try:
@@ -184,6 +186,7 @@ async def test_syncz_and_status_table(xds: RunningXds, channel: grpc.aio.Channel
 
 def test_status_renders_errors_and_empty() -> None:
     assert "no xDS clients connected" in render({"version": "3", "connections": []})
+    assert "holding every response" in render({"version": "3", "serving": False, "connections": []})
     doc = {
         "version": "9",
         "connections": [
@@ -287,5 +290,33 @@ async def test_listens_on_ipv6_loopback(index: Index) -> None:
         async with grpc.aio.insecure_channel(f"[::1]:{server.ports[0]}") as ch:
             reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await stop(task)
+
+
+async def test_nothing_is_served_until_every_registry_is_ready(index: Index) -> None:
+    """A partial state of the world would make a client delete the missing registry's clusters."""
+    files = index.writer(SourceId("files/local"))
+    files.replace([service("a.test", "10.0.0.1")])
+    files.mark_synced()
+    etcd = index.writer(SourceId("etcd/main"))  # not synced yet: the index is not ready
+    server, task = await start_xds(index)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.ports[0]}") as ch:
+            s = Stream(ch)
+            await s.send(CLUSTER)
+            await s.send(ENDPOINT, resource_names=[cluster("a.test"), cluster("b.test")])
+            await eventually(lambda: len(server.connections) == 1 and server.connections[0].types[ENDPOINT].requested)
+            assert server.syncz()["serving"] is False
+            etcd.replace([service("b.test", "10.0.0.2")])  # content, but not synced yet
+            await eventually(lambda: cluster("b.test") in server.view.resources[CLUSTER], what="b built")
+            etcd.mark_synced()
+            cds = await s.recv()
+            assert cds.type_url == CLUSTER
+            assert sorted(names(cds)) == [cluster("a.test"), cluster("b.test")], "the first CDS response is complete"
+            eds = await s.recv()
+            assert endpoints_of(eds) == {cluster("a.test"): ["10.0.0.1:8080"], cluster("b.test"): ["10.0.0.2:8080"]}
+            assert server.syncz()["serving"] is True
+            await s.close()
     finally:
         await stop(task)
