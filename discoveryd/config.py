@@ -89,7 +89,8 @@ class TlsConfig(_Section):
 
 
 class XdsConfig(_Section):
-    listen: HostPort = "127.0.0.1:15010"
+    listen: HostPort | None = "127.0.0.1:15010"
+    """The plaintext listener; null turns it off (then `tls` must be set: at least one listener)."""
     tls_listen: HostPort = "127.0.0.1:15012"
     """Used only when `tls` is set."""
     tls: TlsConfig | None = None
@@ -273,6 +274,9 @@ def parse(text: str, path: Path) -> Config:
             continue
         seen[key] = i
         registries.append(reg)
+    if doc.xds.listen is None and doc.xds.tls is None:
+        where = _where(path, node, ("xds", "listen"))
+        problems.append(f"{where}: xds.listen: null turns off the plaintext listener; set xds.tls to serve over TLS")
     if problems:
         raise ConfigError(problems)
     return Config(

@@ -87,7 +87,8 @@ class XdsServer:
         self._view: View = EMPTY_VIEW
         self._built_from = Snapshot()
         self._connections: dict[int, Connection] = {}
-        self._ports: list[int] = []
+        self._plain_port: int | None = None
+        self._tls_port: int | None = None
         self._serving = False
         """False until a ready snapshot has been built: streams are accepted and their requests
         recorded, but nothing is written (a partial state of the world deletes what it lacks)."""
@@ -96,8 +97,18 @@ class XdsServer:
 
     @property
     def ports(self) -> list[int]:
-        """Bound ports after start: plaintext first, then TLS when configured."""
-        return list(self._ports)
+        """Bound ports after start: plaintext first, then TLS, each when configured."""
+        return [p for p in (self._plain_port, self._tls_port) if p is not None]
+
+    @property
+    def plaintext_port(self) -> int | None:
+        """The bound plaintext port; None when `xds.listen` is null (or before start)."""
+        return self._plain_port
+
+    @property
+    def tls_port(self) -> int | None:
+        """The bound TLS port; None without `xds.tls` (or before start)."""
+        return self._tls_port
 
     @property
     def view(self) -> View:
@@ -120,9 +131,12 @@ class XdsServer:
         for service in ("", *(s[0] for s in _SERVICES)):
             await healthz.set(service, health_pb2.HealthCheckResponse.SERVING)
         try:
-            self._ports = [_bind(server, self._config.listen, None)]
+            if self._config.listen is None and self._config.tls is None:
+                raise OSError(errno.EINVAL, "xds: no listener: set xds.listen or xds.tls")
+            if self._config.listen is not None:
+                self._plain_port = _bind(server, self._config.listen, None)
             if self._config.tls is not None:
-                self._ports.append(_bind(server, self._config.tls_listen, _tls_credentials(self._config.tls)))
+                self._tls_port = _bind(server, self._config.tls_listen, _tls_credentials(self._config.tls))
         except BaseException:
             await server.stop(None)
             raise
@@ -275,9 +289,11 @@ class XdsServer:
             conn.close()
 
     def _addresses(self) -> list[str]:
-        out = [f"{split_hostport(self._config.listen)[0]}:{self._ports[0]} (plaintext)"]
-        if len(self._ports) > 1:
-            out.append(f"{split_hostport(self._config.tls_listen)[0]}:{self._ports[1]} (TLS)")
+        out = []
+        if self._config.listen is not None and self._plain_port is not None:
+            out.append(f"{split_hostport(self._config.listen)[0]}:{self._plain_port} (plaintext)")
+        if self._tls_port is not None:
+            out.append(f"{split_hostport(self._config.tls_listen)[0]}:{self._tls_port} (TLS)")
         return out
 
 

@@ -14,6 +14,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from discoveryd import config as config_mod
+from discoveryd.config import ConfigError
 from discoveryd.index import Index
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service, SourceId
 from discoveryd.xds.resources import CLUSTER, ENDPOINT
@@ -318,5 +320,47 @@ async def test_nothing_is_served_until_every_registry_is_ready(index: Index) -> 
             assert endpoints_of(eds) == {cluster("a.test"): ["10.0.0.1:8080"], cluster("b.test"): ["10.0.0.2:8080"]}
             assert server.syncz()["serving"] is True
             await s.close()
+    finally:
+        await stop(task)
+
+
+# -- listeners ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("listen", ["listen: null", "listen: ~", ""], ids=["null", "tilde", "omitted-with-tls"])
+def test_plaintext_listener_can_be_turned_off_when_tls_is_set(tmp_path: Path, listen: str) -> None:
+    path = tmp_path / "discoveryd.yaml"
+    path.write_text(f"xds:\n  {listen}\n  tls: {{cert_file: a.crt, key_file: a.key}}\n")
+    cfg = config_mod.load(path)
+    assert cfg.xds.tls is not None
+    if listen:
+        assert cfg.xds.listen is None
+    else:
+        assert cfg.xds.listen == "127.0.0.1:15010", "omitted keeps the documented default"
+
+
+def test_no_listener_at_all_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "discoveryd.yaml"
+    path.write_text("admin:\n  listen: 127.0.0.1:15014\nxds:\n  listen: null\n")
+    with pytest.raises(ConfigError) as e:
+        config_mod.load(path)
+    (problem,) = e.value.problems
+    assert problem.startswith(f"{path}:4: xds.listen: ") and "xds.tls" in problem, problem
+
+
+@pytest.mark.skipif(subprocess.run(["which", "openssl"], capture_output=True).returncode != 0, reason="no openssl")
+async def test_tls_only_serves_nothing_in_plaintext(index: Index, tmp_path: Path) -> None:
+    make_ca(tmp_path, "ca")
+    make_cert(tmp_path, "server", "ca")
+    make_cert(tmp_path, "client", "ca")
+    tls = {"cert_file": tmp_path / "server.crt", "key_file": tmp_path / "server.key"}
+    server, task = await start_xds(index, listen=None, tls=tls, tls_listen="127.0.0.1:0")
+    try:
+        (secure,) = server.ports
+        assert server.plaintext_port is None and server.tls_port == secure
+        assert await _tls_call(secure, tmp_path, "ca", "client") == grpc.StatusCode.OK
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{secure}") as ch:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=3)
     finally:
         await stop(task)
