@@ -15,19 +15,22 @@ A registry task that raises is a bug in that adapter, never a reason to stop
 the daemon: it is logged, its shard is marked failing (content kept), and
 the adapter is started again after a backoff.
 
-Readiness is announced to systemd (`READY=1` on $NOTIFY_SOCKET) once every
-registry has completed its first sync or reported its first failure — the
-same rule as /readyz.
+systemd (discoveryd/sdnotify.py, only under a `$NOTIFY_SOCKET`): `READY=1`
+once every registry has completed its first sync or reported its first
+failure — the same rule as /readyz; around each reload after that,
+`RELOADING=1` then `READY=1` once the new config is applied or rejected;
+`STATUS=` (registries synced/stale, xDS clients, DNS zones) on index changes,
+at most once a second; `WATCHDOG=1` from the event loop when systemd asks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-import os
 import signal
-import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +41,7 @@ from discoveryd.dns import DnsServer
 from discoveryd.index import Index
 from discoveryd.model import Hostname, SourceId, Zone, ZoneFlavor
 from discoveryd.registry import AdapterContext, Registry, RegistryConfig, ShardWriter, ZoneProvider
+from discoveryd.sdnotify import Notifier
 from discoveryd.xds import XdsServer
 
 log = logging.getLogger("discoveryd.supervisor")
@@ -92,6 +96,8 @@ class Supervisor:
     _reload: asyncio.Event = field(default_factory=asyncio.Event)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     started: asyncio.Event = field(default_factory=asyncio.Event)
+    notifier: Notifier = field(default_factory=Notifier)
+    _ready_sent: bool = False
 
     def __post_init__(self) -> None:
         self.index = Index([r.source for r in self.config.registries])
@@ -111,9 +117,12 @@ class Supervisor:
                 self._start_servers(self.config)
                 tg.create_task(self._reload_loop(), name="reload")
                 tg.create_task(self._notify_ready(), name="sd-notify")
+                if self.notifier.enabled:
+                    tg.create_task(self.notifier.watchdog(), name="sd-watchdog")
+                    tg.create_task(self._report_status(), name="sd-status")
                 self.started.set()
                 await self._stop.wait()
-                _sd_notify("STOPPING=1")
+                self.notifier.stopping()
                 log.info("stopping")
                 raise _Shutdown
         except* _Shutdown:
@@ -122,6 +131,7 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             self._tg = None
+            self.notifier.close()
         log.info("stopped")
         return 0
 
@@ -204,7 +214,11 @@ class Supervisor:
         while True:
             await self._reload.wait()
             self._reload.clear()
-            _sd_notify("RELOADING=1")
+            # Before the first READY=1 systemd is still starting us: a reload then is
+            # ours alone, and a READY=1 after it would announce readiness too early.
+            announce = self._ready_sent
+            if announce:
+                self.notifier.reloading()
             try:
                 await self.apply(config_mod.load(self.config.path))
             except ConfigError as e:
@@ -213,7 +227,8 @@ class Supervisor:
             except Exception:
                 log.exception("reload failed part-way; what was applied stays, the rest runs as before")
             finally:
-                _sd_notify("READY=1")
+                if announce:
+                    self.notifier.ready(self.status_text())
 
     async def apply(self, new: Config) -> None:
         """Move the running daemon to `new`, touching only what changed."""
@@ -245,7 +260,44 @@ class Supervisor:
         while not snap.ready:
             snap = await self.index.wait(snap.version)
         log.info("all registries synced (index version %d, %d services)", snap.version, len(snap.services))
-        _sd_notify("READY=1")
+        self._ready_sent = True
+        self.notifier.ready(self.status_text())
+
+    def status_text(self) -> str:
+        """One line for `systemctl status`: readiness, registries, xDS clients, DNS zones, index."""
+        snap = self.index.snapshot
+        shards = snap.shards.values()
+        synced = sum(1 for s in shards if s.synced)
+        stale = sorted(s.source for s in shards if s.stale)
+        waiting = sorted(s.source for s in shards if not s.ready)
+        parts = [
+            "ready" if not waiting else f"waiting for {_names(waiting)}",
+            f"registries {synced}/{len(snap.shards)} synced" + (f", stale: {_names(stale)}" if stale else ""),
+        ]
+        xds = self._servers.get("xds")
+        if xds is not None and xds.server is not None:
+            parts.append(f"xDS clients {len(xds.server.connections)}")
+        dns = self._servers.get("dns")
+        if dns is not None:
+            zones = zones_for(self.config, [r.registry for r in self._registries.values()])
+            parts.append(f"DNS zones {len(zones)}")
+        parts.append(f"index v{snap.version}, {len(snap.services)} services")
+        return "; ".join(parts)
+
+    async def _report_status(self) -> None:
+        """STATUS= on every index change and every 5 s (xDS clients come and go), at most once a second."""
+        last = ""
+        while True:
+            text = self.status_text()
+            if text != last:
+                self.notifier.status(text)
+                last = text
+            sent = time.monotonic()
+            version = self.index.snapshot.version
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await self.index.wait(version)
+            await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - sent)))
 
 
 async def _guard(registry: Registry, shard: ShardWriter) -> None:
@@ -271,15 +323,6 @@ async def _serve_or_report(server: Any) -> OSError | None:
     return None
 
 
-def _sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(state.encode(), path)
-    except OSError as e:
-        log.warning("sd_notify %s failed: %s", state, e)
+def _names(sources: list[SourceId], most: int = 3) -> str:
+    shown = ", ".join(sources[:most])
+    return shown + (f" and {len(sources) - most} more" if len(sources) > most else "")
