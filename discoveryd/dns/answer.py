@@ -80,6 +80,8 @@ class Resolved(NamedTuple):
     """answer[start:end] is one address RRset whose order rotates between responses."""
     reads: frozenset[str] = frozenset()
     """Owner names read besides the question's (cache dependencies)."""
+    dangling: str | None = None
+    """The CNAME target the chain ends at when that name is not ours (a recursive server chases it)."""
 
 
 def _find(table: RecordTable, name: str, in_zone: bool) -> Node | None:
@@ -113,6 +115,7 @@ def resolve(table: RecordTable, qname: str, qtype: int, qlabels: Sequence[bytes]
     rotate = (0, 0)
     rcode = NOERROR
     negative = False
+    dangling = None
     for hop in range(_MAX_CHAIN):
         node = _find(table, name, zone is not None)
         if node is None:
@@ -146,6 +149,8 @@ def resolve(table: RecordTable, qname: str, qtype: int, qlabels: Sequence[bytes]
         reads.add(name)
         zone = table.zone_of(name)
         if zone is None and table.node(name) is None:
+            if _find(table, name, False) is None:
+                dangling = name
             break
     authority: list[RR] = []
     if negative and zone is not None:
@@ -153,7 +158,7 @@ def resolve(table: RecordTable, qname: str, qtype: int, qlabels: Sequence[bytes]
         soa = table.soa(zone)
         authority.append(RR(labels(zone.name), SOA, min(ttl, soa.minimum), soa))
     additional = _glue(table, answer, reads)
-    return Resolved(rcode, tuple(answer), tuple(authority), tuple(additional), rotate, frozenset(reads))
+    return Resolved(rcode, tuple(answer), tuple(authority), tuple(additional), rotate, frozenset(reads), dangling)
 
 
 def _glue(table: RecordTable, answer: Sequence[RR], reads: set[str]) -> list[RR]:
@@ -375,22 +380,38 @@ class Authority:
 
     # -- miss path --------------------------------------------------------------------
 
-    def answer(
-        self, qname: Sequence[bytes], qtype: int, qclass: int, edns: Edns | None, tcp: bool, qid: int, flags: int
-    ) -> bytes | None:
-        """Our response to the query (cached for the next time), or None when the name is not ours.
-
-        `qname` is as sent; `flags` are bytes 2..3 of the query (RD and CD are copied).
-        """
+    def resolve(self, qname: Sequence[bytes], qtype: int) -> Resolved | None:
+        """`resolve()` for the question name as sent (no cache), or None when the name is not ours."""
         lowered = tuple(map(bytes.lower, qname))
         joined = b".".join(lowered)
         if joined.count(b".") == len(lowered) - 1 or not lowered:
             name = joined.decode("latin-1")
         else:  # a label holding a dot: escaped, so that it matches no owner name
             name = ".".join(p.decode("latin-1").replace(".", "\\.") for p in lowered)
-        resolved = resolve(self.table, name, qtype, lowered)
+        return resolve(self.table, name, qtype, lowered)
+
+    def answer(
+        self,
+        qname: Sequence[bytes],
+        qtype: int,
+        qclass: int,
+        edns: Edns | None,
+        tcp: bool,
+        qid: int,
+        flags: int,
+        resolved: Resolved | None = None,
+    ) -> bytes | None:
+        """Our response to the query (cached for the next time), or None when the name is not ours.
+
+        `qname` is as sent; `flags` are bytes 2..3 of the query (RD and CD are copied); `resolved`,
+        when the caller already has it, is `self.resolve(qname, qtype)`. A chain ending outside our
+        data (`Resolved.dangling`) is not cached: recursive clients get it chased instead.
+        """
+        if resolved is None:
+            resolved = self.resolve(qname, qtype)
         if resolved is None:
             return None
+        lowered = tuple(map(bytes.lower, qname))
         limit = response_limit(edns, tcp)
         question = (lowered, qtype, qclass)
         header = header_flags(resolved.rcode, aa=True)
@@ -405,7 +426,8 @@ class Authority:
         wire = b"".join(bytes((len(p),)) + p for p in qname) + b"\x00"
         key = wire.lower()  # length bytes are below 64: lower() changes only the labels' letters
         cached = _Cached(packed, len(key), metrics.query_counter(qtype, resolved.rcode))
-        self._store(key, subkey(qtype, qclass, limit, edns is not None and edns.do), cached, resolved.reads)
+        if resolved.dangling is None:
+            self._store(key, subkey(qtype, qclass, limit, edns is not None and edns.do), cached, resolved.reads)
         return cached.reply(struct.pack("!HH8x", qid, flags) + wire, 12 + len(wire))
 
     def _store(self, key: bytes, sub: int, cached: _Cached, reads: frozenset[str]) -> None:

@@ -104,21 +104,11 @@ class Forwarder:
         rd: bool,
     ) -> bytes:
         """The client's response: from the cache, else from the first upstream that answers, else SERVFAIL."""
-        do = edns is not None and edns.do
-        key = (b"".join(bytes((len(p),)) + p.lower() for p in qname), qtype, qclass, do)
-        now = time.monotonic()
-        entry = self._cache.get(key)
-        if entry is not None and entry.expires > now:
-            self._cache.move_to_end(key)
-            metrics.FORWARDED.labels("cached").inc()
-            reply, age = entry.reply, int(now - entry.stored)
-        else:
-            reply, age = await self._fetch(key, qname, qtype, qclass, do), 0
-            if reply is None:
-                metrics.FORWARDED.labels("failed").inc()
-                metrics.query_counter(qtype, SERVFAIL).inc()
-                return encode(qname, qtype, qclass, SERVFAIL, aa=False, ra=True, rd=rd, qid=qid, edns=edns)
-            metrics.FORWARDED.labels("answered").inc()
+        found = await self.lookup(qname, qtype, qclass, edns is not None and edns.do)
+        if found is None:
+            metrics.query_counter(qtype, SERVFAIL).inc()
+            return encode(qname, qtype, qclass, SERVFAIL, aa=False, ra=True, rd=rd, qid=qid, edns=edns)
+        reply, age = found
         rcode = reply.header.rcode
         metrics.query_counter(qtype, rcode).inc()
         out = encode(
@@ -130,15 +120,32 @@ class Forwarder:
             ra=True,
             rd=rd,
             qid=qid,
-            answer=[_for_client(rr, age, qname) for rr in reply.rr],
-            authority=[_for_client(rr, age, qname, negative=not reply.rr) for rr in reply.auth],
-            additional=[_for_client(rr, age, qname) for rr in reply.ar if rr.rtype != OPT],
+            answer=[for_client(rr, age, qname) for rr in reply.rr],
+            authority=[for_client(rr, age, qname, negative=not reply.rr) for rr in reply.auth],
+            additional=[for_client(rr, age, qname) for rr in reply.ar if rr.rtype != OPT],
             edns=edns,
             limit=response_limit(edns, tcp),
         )
         if out[2] & 0x02:
             metrics.TRUNCATED.inc()
         return out
+
+    async def lookup(self, qname: Sequence[bytes], qtype: int, qclass: int, do: bool) -> tuple[Any, int] | None:
+        """The upstream reply (a dnslib DNSRecord, never to be mutated) and its age in seconds, from the
+        cache or the first upstream that answers; None when all fail."""
+        key = (b"".join(bytes((len(p),)) + p.lower() for p in qname), qtype, qclass, do)
+        now = time.monotonic()
+        entry = self._cache.get(key)
+        if entry is not None and entry.expires > now:
+            self._cache.move_to_end(key)
+            metrics.FORWARDED.labels("cached").inc()
+            return entry.reply, int(now - entry.stored)
+        reply = await self._fetch(key, qname, qtype, qclass, do)
+        if reply is None:
+            metrics.FORWARDED.labels("failed").inc()
+            return None
+        metrics.FORWARDED.labels("answered").inc()
+        return reply, 0
 
     async def _fetch(self, key: _Key, qname: Sequence[bytes], qtype: int, qclass: int, do: bool) -> Any:
         """The upstream reply for `key` (cached when cacheable), or None; concurrent identical
@@ -205,7 +212,7 @@ def _cache_ttl(reply: Any) -> int:
     return 0
 
 
-def _for_client(rr: Any, age: int, qname: Sequence[bytes], *, negative: bool = False) -> RR:
+def for_client(rr: Any, age: int, qname: Sequence[bytes], *, negative: bool = False) -> RR:
     """The upstream record `rr` with its TTL decreased by `age`, a negative answer's SOA TTL capped
     at its MINIMUM (RFC 2308), and the question's own name in the client's case. Names inside its
     rdata are written uncompressed."""

@@ -6,6 +6,11 @@ rebuilt), try the answer cache on the raw bytes (`Authority.fast`), else read
 the query (`wire.parse`) and apply the protocol rules here (FORMERR, NOTIMP, BADVERS,
 REFUSED), then ask the authority; a name that is not ours goes to the
 forwarder in a task of its own, for clients in `dns.allow_forward_from` only.
+For such a client with RD set, an answer of ours whose CNAME chain leaves our
+data (`Resolved.dangling`) is completed the same way (`_chase`): the target
+asked upstream, a chain that comes back into our zones resolved here, bounded
+and loop-safe, the whole chain returned with RA set. Other clients get the
+bare CNAME.
 
 TCP follows RFC 7766: any number of queries per connection, each answered as
 soon as it is ready (forwarded ones may overtake). `tcp.Slots` decides which
@@ -33,9 +38,23 @@ from typing import Any
 
 from discoveryd.config import DnsConfig, split_hostport
 from discoveryd.dns import metrics, tcp, udp, wire
-from discoveryd.dns.answer import Authority, Edns, encode, error_response
-from discoveryd.dns.forward import Forwarder, Upstream
-from discoveryd.dns.message import AXFR, BADVERS, CLASS_IN, FORMERR, IXFR, NOTIMP, OPT, REFUSED, SERVFAIL
+from discoveryd.dns.answer import Authority, Edns, Resolved, encode, error_response, response_limit
+from discoveryd.dns.forward import Forwarder, Upstream, for_client
+from discoveryd.dns.message import (
+    AXFR,
+    BADVERS,
+    CLASS_IN,
+    CNAME,
+    FORMERR,
+    IXFR,
+    NOERROR,
+    NOTIMP,
+    OPT,
+    REFUSED,
+    RR,
+    SERVFAIL,
+    labels,
+)
 from discoveryd.dns.records import RecordTable
 from discoveryd.index import Snapshot, SnapshotSource
 from discoveryd.model import Zone
@@ -49,6 +68,8 @@ _BIND_ATTEMPTS = 20
 _UDP_BUFFER = 1 << 20
 """Requested socket buffer size (the kernel caps it at net.core.[rw]mem_max)."""
 _ZONE_TRANSFERS = (AXFR, IXFR)
+_MAX_CHASE = 8
+"""Upstream lookups, and CNAME links read per upstream reply, when completing a chain for a recursive client."""
 _HEADER = 12
 """Bytes in a DNS header: no message is shorter."""
 
@@ -63,6 +84,8 @@ class _Forward:
     edns: Edns | None
     qid: int
     rd: bool
+    chase: Resolved | None = None
+    """Our answer whose CNAME chain leaves our data: resolve `chase.dangling` upstream and append."""
 
 
 class DnsServer:
@@ -244,7 +267,15 @@ class DnsServer:
             rcode = FORMERR if qtype == OPT else REFUSED
             metrics.query_counter(qtype, rcode).inc()
             return encode(qname, qtype, qclass, rcode, aa=False, rd=rd, qid=qid, edns=edns)
-        answer = self._authority.answer(qname, qtype, qclass, edns, tcp, qid, query.flags)
+        recursive = rd and bool(self._forwarder.upstreams) and self._may_forward(client)
+        resolved = self._authority.resolve(qname, qtype) if recursive else None
+        if resolved is not None and resolved.dangling is not None:
+            if len(self._tasks) >= _MAX_FORWARDS:
+                metrics.FORWARDED.labels("failed").inc()
+                metrics.query_counter(qtype, SERVFAIL).inc()
+                return encode(qname, qtype, qclass, SERVFAIL, aa=False, ra=True, rd=rd, qid=qid, edns=edns)
+            return _Forward(qname, qtype, qclass, edns, qid, rd, resolved)
+        answer = self._authority.answer(qname, qtype, qclass, edns, tcp, qid, query.flags, resolved)
         if answer is not None:
             return answer
         if not self._forwarder.upstreams or not self._may_forward(client):
@@ -280,13 +311,84 @@ class DnsServer:
 
     async def _forward(self, job: _Forward, tcp: bool, send: Callable[[bytes], None]) -> None:
         try:
-            out = await self._forwarder.resolve(job.qname, job.qtype, job.qclass, job.edns, tcp, job.qid, job.rd)
+            if job.chase is not None:
+                out = await self._chase(job, job.chase, tcp)
+            else:
+                out = await self._forwarder.resolve(job.qname, job.qtype, job.qclass, job.edns, tcp, job.qid, job.rd)
         except Exception:
             log.exception("dns: forwarding %s failed", b".".join(job.qname))
             out = encode(
                 job.qname, job.qtype, job.qclass, SERVFAIL, aa=False, ra=True, rd=job.rd, qid=job.qid, edns=job.edns
             )
         send(out)
+
+    async def _chase(self, job: _Forward, ours: Resolved, tcp: bool) -> bytes:
+        """Our chain `ours` completed as a recursive resolver would: its out-of-zone target asked
+        upstream (through the forward cache), a chain coming back into our data resolved here, at most
+        `_MAX_CHASE` upstream lookups and no name visited twice (a loop is SERVFAIL)."""
+        qname, qtype, qclass = job.qname, job.qtype, job.qclass
+        do = job.edns is not None and job.edns.do
+        lowered = tuple(p.lower() for p in qname)
+        answer = [rr._replace(owner=tuple(qname)) if rr.owner == lowered else rr for rr in ours.answer]
+        authority: list[RR] = []
+        additional = list(ours.additional)
+        seen = {b".".join(lowered).decode("latin-1")}
+        rcode, target = NOERROR, ours.dangling
+        for _ in range(_MAX_CHASE):
+            if target is None:
+                break
+            if target in seen:
+                return self._servfail(job)
+            seen.add(target)
+            name = labels(target)
+            found = await self._forwarder.lookup(name, qtype, qclass, do)
+            if found is None:
+                return self._servfail(job)
+            reply, age = found
+            rcode = reply.header.rcode
+            answer += [for_client(rr, age, name) for rr in reply.rr]
+            authority = [for_client(rr, age, name, negative=not reply.rr) for rr in reply.auth]
+            additional += [for_client(rr, age, name) for rr in reply.ar if rr.rtype != OPT]
+            target = None
+            end = _chain_end(reply, name) if rcode == NOERROR else None
+            if end is None:
+                break
+            if end in seen:
+                return self._servfail(job)
+            local = self._authority.resolve(labels(end), qtype)
+            if local is not None:  # the chain came back into our data
+                seen.add(end)
+                answer += local.answer
+                authority, additional = list(local.authority), additional + list(local.additional)
+                rcode, target = local.rcode, local.dangling
+        if target is not None:
+            return self._servfail(job)
+        metrics.query_counter(qtype, rcode).inc()
+        limit = response_limit(job.edns, tcp)
+        out = encode(
+            qname,
+            qtype,
+            qclass,
+            rcode,
+            aa=True,
+            ra=True,
+            rd=job.rd,
+            qid=job.qid,
+            answer=answer,
+            authority=authority,
+            additional=additional,
+            edns=job.edns,
+            limit=limit,
+        )
+        if out[2] & 0x02:
+            metrics.TRUNCATED.inc()
+        return out
+
+    def _servfail(self, job: _Forward) -> bytes:
+        metrics.query_counter(job.qtype, SERVFAIL).inc()
+        return encode(
+            job.qname, job.qtype, job.qclass, SERVFAIL, aa=False, ra=True, rd=job.rd, qid=job.qid, edns=job.edns
+        )
 
     # -- TCP --------------------------------------------------------------------------
 
@@ -349,6 +451,23 @@ class DnsServer:
                     await writer.drain()
             except (TimeoutError, ConnectionError):
                 return
+
+
+def _chain_end(reply: Any, name: Sequence[bytes]) -> str | None:
+    """Where the CNAME chain from `name` in an upstream reply ends, when it ends at a name the reply
+    holds no records for (a recursive upstream stops at names in our zones); else None."""
+    start = current = b".".join(name).lower()
+    owners: dict[bytes, Any] = {}
+    for rr in reply.rr:
+        owners.setdefault(b".".join(rr.rname.label).lower(), rr)
+    for _ in range(_MAX_CHASE):
+        rr = owners.get(current)
+        if rr is None or rr.rtype != CNAME:
+            break
+        current = b".".join(rr.rdata.label).lower()
+    if current == start or current in owners:
+        return None
+    return current.decode("latin-1")
 
 
 def _udp_socket(host: str, port: int) -> socket.socket:
