@@ -199,7 +199,7 @@ def adapter_kinds() -> list[str]:
 
 
 @cache
-def adapter(kind: str) -> AdapterSpec | None:
+def adapter(kind: str) -> AdapterSpec[Any] | None:
     """The adapter for `kind`, imported on first use; None when no such kind is installed."""
     for ep in entry_points(group=ENTRY_POINT_GROUP, name=kind):
         spec = ep.load()

@@ -189,6 +189,8 @@ class Index:
         self._status_dirty: set[SourceId] = set()
         self._shards_gone = False
         self._hold = 0
+        self._state_dirty = False
+        """A resume point changed without a new version (the state saver reads and clears it)."""
         self._snapshot = Snapshot()
         self._event = asyncio.Event()
         self._history: deque[tuple[int, frozenset[Hostname]]] = deque(maxlen=_HISTORY)
@@ -426,6 +428,8 @@ class _PartState:
     last_error_time: float | None = None
     problems: dict[str, tuple[Problem, ...]] = field(default_factory=dict)
     errors_total: int = 0
+    resume_point: str | None = None
+    """Opaque to the index: where the adapter read this part's content up to (saved with the state)."""
     used: bool = True
     """For the root part: written to or marked (it then counts for the registry's readiness)."""
     closed: bool = False
@@ -514,6 +518,15 @@ class Shard:
     def set_problems(self, scope: str, problems: Sequence[Problem]) -> None:
         new = tuple(problems)
         self._write(lambda: self._set_problems(scope, new))
+
+    @property
+    def resume_point(self) -> str | None:
+        return self._state.resume_point
+
+    def set_resume_point(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"a resume point is a string, not {type(value).__name__}")
+        self._write(lambda: self._set_resume_point(value))
 
     def batch(self) -> AbstractContextManager[None]:
         return self._batch()
@@ -627,6 +640,11 @@ class Shard:
         st.last_error, st.last_error_time = error, time.time()
         st.errors_total += 1
         self._changed()
+
+    def _set_resume_point(self, value: str) -> None:
+        # No new version: the resume point is not served, only saved with the state.
+        self._state.resume_point = value
+        self._index._state_dirty = True
 
     def _set_problems(self, scope: str, new: tuple[Problem, ...]) -> None:
         st = self._state

@@ -129,9 +129,6 @@ class Locality:
     zone: str = ""
     subzone: str = ""
 
-    def __str__(self) -> str:
-        return "/".join(p for p in (self.region, self.zone, self.subzone) if p) or "-"
-
 
 NO_LOCALITY = Locality()
 

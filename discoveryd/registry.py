@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Protocol, runtime_checkable
+from typing import Annotated, Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
@@ -155,6 +155,26 @@ class ShardWriter(Protocol):
     def batch(self) -> AbstractContextManager[None]:
         """Stage this part's writes and apply them on exit as one version (see the class docstring)."""
 
+    @property
+    def resume_point(self) -> str | None:
+        """The last value given to `set_resume_point` for this part, or one restored from the state directory.
+
+        After a warm restart (`state_dir`) the restored part's content is served,
+        stale, until the adapter's first sync replaces it; an adapter that can
+        resume a watch from where it was (etcd revision, Kubernetes
+        resourceVersion, Consul index) reads this before its first list. None
+        when there is nothing to resume from.
+        """
+
+    def set_resume_point(self, value: str) -> None:
+        """Record where this part's content was read up to, opaque to the daemon.
+
+        Saved with the part in the state snapshot (throttled, atomically) and
+        handed back through `resume_point` after a restart. Set it together with
+        the content it describes (inside the same `batch()`): a resume point
+        newer than the content would skip changes.
+        """
+
 
 @runtime_checkable
 class Registry(Protocol):
@@ -163,6 +183,10 @@ class Registry(Protocol):
     @property
     def config(self) -> RegistryConfig:
         """The validated config this instance runs with (an adapter's own subclass)."""
+
+    @property
+    def source(self) -> SourceId:
+        """The SourceId of the shard this registry writes (`config.source`)."""
 
     async def run(self, shard: ShardWriter) -> None:
         """Sync the shard with the registry until cancelled.
@@ -195,10 +219,26 @@ class AdapterContext:
     """The directory of the config file; relative paths in the config are relative to it."""
 
 
+C = TypeVar("C", bound=RegistryConfig)
+
+
 @dataclass(frozen=True, slots=True)
-class AdapterSpec:
-    """The object an adapter's entry point names."""
+class AdapterSpec(Generic[C]):
+    """The object an adapter's entry point names, generic over the adapter's config model.
+
+    The supervisor builds registries through `build`, the one place that checks
+    that a config is the adapter's own model: factories receive their `C`.
+    """
 
     kind: str
-    config_model: type[RegistryConfig]
-    factory: Callable[[RegistryConfig, AdapterContext], Registry]
+    config_model: type[C]
+    factory: Callable[[C, AdapterContext], Registry]
+
+    def build(self, config: RegistryConfig, context: AdapterContext) -> Registry:
+        """A new registry for `config` (validated with `config_model`); TypeError for another model."""
+        if not isinstance(config, self.config_model):
+            raise TypeError(
+                f"registry {config.source}: config is a {type(config).__name__}, "
+                f"the {self.kind} adapter needs a {self.config_model.__name__}"
+            )
+        return self.factory(config, context)

@@ -31,8 +31,9 @@ import dataclasses
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from discoveryd import config as config_mod
 from discoveryd.admin import AdminServer
@@ -54,10 +55,21 @@ class _Shutdown(Exception):
     """Raised inside the TaskGroup to cancel every task on a stop signal."""
 
 
+class Server(Protocol):
+    """What the supervisor needs of a server (xDS, DNS, admin): serve until cancelled, say when bound."""
+
+    @property
+    def started(self) -> asyncio.Event:
+        """Set once the server listens."""
+
+    async def serve(self) -> None:
+        """Bind and serve until cancelled; an OSError when it cannot bind."""
+
+
 def build_registry(cfg: RegistryConfig, base: Config) -> Registry:
     spec = config_mod.adapter(cfg.kind)
     assert spec is not None, "kinds are checked when the config is loaded"
-    return spec.factory(cfg, AdapterContext(base_dir=base.base_dir))
+    return spec.build(cfg, AdapterContext(base_dir=base.base_dir))
 
 
 def zones_for(cfg: Config, registries: list[Registry]) -> list[Zone]:
@@ -81,9 +93,10 @@ class _RegistryTask:
 
 @dataclass(slots=True)
 class _ServerTask:
-    section: Any
+    section: object
+    """The config section the server runs with (compared on reload)."""
     task: asyncio.Task[Any]
-    server: Any = None
+    server: Server
 
 
 @dataclass(slots=True)
@@ -93,6 +106,8 @@ class Supervisor:
     _tg: asyncio.TaskGroup | None = None
     _registries: dict[SourceId, _RegistryTask] = field(default_factory=dict)
     _servers: dict[str, _ServerTask] = field(default_factory=dict)
+    _xds: XdsServer | None = None
+    _dns: DnsServer | None = None
     _reload: asyncio.Event = field(default_factory=asyncio.Event)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     started: asyncio.Event = field(default_factory=asyncio.Event)
@@ -138,9 +153,6 @@ class Supervisor:
     def stop(self) -> None:
         self._stop.set()
 
-    def reload(self) -> None:
-        self._reload.set()
-
     # -- registries -----------------------------------------------------------------------
 
     def _start_registry(self, cfg: RegistryConfig) -> None:
@@ -158,18 +170,28 @@ class Supervisor:
 
     # -- servers --------------------------------------------------------------------------
 
-    def _make_server(self, name: str, cfg: Config) -> tuple[Any, Any]:
-        if name == "admin":
-            pages = {"syncz": self._syncz}
-            return cfg.admin, AdminServer(cfg.admin, self.index, lambda: self.config.to_dict(), pages)
-        if name == "xds":
-            return cfg.xds, XdsServer(cfg.xds, self.index)
-        zones = zones_for(cfg, [r.registry for r in self._registries.values()])
-        return cfg.dns, DnsServer(cfg.dns, self.index, zones)
+    def _make_admin(self, cfg: Config) -> tuple[object, Server]:
+        pages = {"syncz": self._syncz}
+        return cfg.admin, AdminServer(cfg.admin, self.index, lambda: self.config.to_dict(), pages)
+
+    def _make_xds(self, cfg: Config) -> tuple[object, Server]:
+        self._xds = XdsServer(cfg.xds, self.index)
+        return cfg.xds, self._xds
+
+    def _make_dns(self, cfg: Config) -> tuple[object, Server]:
+        self._dns = DnsServer(cfg.dns, self.index, zones_for(cfg, [r.registry for r in self._registries.values()]))
+        return cfg.dns, self._dns
+
+    def _make_server(self, name: str, cfg: Config) -> tuple[object, Server]:
+        makers: dict[str, Callable[[Config], tuple[object, Server]]] = {
+            "admin": self._make_admin,
+            "xds": self._make_xds,
+            "dns": self._make_dns,
+        }
+        return makers[name](cfg)
 
     def _syncz(self) -> Any:
-        entry = self._servers.get("xds")
-        return entry.server.syncz() if entry is not None else {}
+        return self._xds.syncz() if self._xds is not None else {}
 
     def _start_servers(self, cfg: Config, names: tuple[str, ...] = ("admin", "xds", "dns")) -> None:
         """Start servers: one that cannot bind ends the TaskGroup, and `run` exits 1."""
@@ -251,8 +273,8 @@ class Supervisor:
         for name in ("admin", "xds", "dns"):
             if self._servers[name].section != getattr(new, name):
                 self.config = await self._restart_server(name, self.config, old)
-        dns = self._servers["dns"].server
-        dns.set_zones(zones_for(self.config, [r.registry for r in self._registries.values()]))
+        if self._dns is not None:
+            self._dns.set_zones(zones_for(self.config, [r.registry for r in self._registries.values()]))
         log.info("config reloaded from %s", new.path)
 
     async def _notify_ready(self) -> None:
@@ -314,7 +336,7 @@ async def _guard(registry: Registry, shard: ShardWriter) -> None:
         delay = min(delay * 2, _RESTART_MAX)
 
 
-async def _serve_or_report(server: Any) -> OSError | None:
+async def _serve_or_report(server: Server) -> OSError | None:
     """Serve until cancelled; a bind failure is returned to the caller instead of ending the TaskGroup."""
     try:
         await server.serve()

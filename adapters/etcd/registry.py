@@ -49,7 +49,7 @@ from tenacity import (
 
 from adapters.etcd.config import EtcdConfig, split_endpoint
 from adapters.etcd.formats import FORMATS, Format, FormatError, Member, assemble
-from discoveryd.model import Hostname, Problem, Zone, ZoneFlavor, hostname
+from discoveryd.model import Hostname, Problem, SourceId, Zone, ZoneFlavor, hostname
 from discoveryd.registry import RegistryConfig, ShardWriter
 
 log = logging.getLogger("discoveryd.adapters.etcd")
@@ -210,6 +210,7 @@ class EtcdRegistry:
 
     def __init__(self, config: EtcdConfig, base_dir: Path) -> None:
         self.config: RegistryConfig = config
+        self.source: SourceId = config.source
         self._config = config
         self._base_dir = base_dir
         # Endpoints carry their source from the start, so the shard never copies them to stamp it.

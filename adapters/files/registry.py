@@ -48,7 +48,7 @@ from adapters.files.config import FilesConfig
 from adapters.files.merge import build
 from adapters.files.parse import parse_documents
 from adapters.files.validate import Object, read_objects
-from discoveryd.model import Hostname, Problem, Service
+from discoveryd.model import Hostname, Problem, Service, SourceId
 from discoveryd.registry import AdapterContext, RegistryConfig, ShardWriter
 
 log = logging.getLogger("discoveryd.adapters.files")
@@ -288,6 +288,7 @@ class FilesRegistry:
 
     def __init__(self, config: FilesConfig, context: AdapterContext) -> None:
         self.config: RegistryConfig = config
+        self.source: SourceId = config.source
         self.files_config = config
         self.roots = config.resolved_paths(context.base_dir)
 

@@ -27,7 +27,7 @@ from adapters.etcd import registry as etcd_registry
 from discoveryd.index import Index, ShardStatus
 from discoveryd.model import Health, Hostname, Resolution
 from discoveryd.registry import AdapterContext, Registry, ZoneProvider
-from tests.adapters.contract import AdapterContract
+from discoveryd.testing import AdapterContract
 from tests.adapters.etcd_server import EtcdServer, TcpProxy, etcd, make_certs
 from tests.helpers import eventually
 

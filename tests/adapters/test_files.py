@@ -19,7 +19,7 @@ from adapters.files.registry import FileSet, Refreshed
 from discoveryd.index import Index
 from discoveryd.model import Hostname, Problem, SourceId
 from discoveryd.registry import AdapterContext
-from tests.adapters.contract import AdapterContract
+from discoveryd.testing import AdapterContract
 from tests.helpers import eventually
 
 LANDS_WITHIN = 1.0
