@@ -296,9 +296,8 @@ class Supervisor:
             "ready" if not waiting else f"waiting for {_names(waiting)}",
             f"registries {synced}/{len(snap.shards)} synced" + (f", stale: {_names(stale)}" if stale else ""),
         ]
-        xds = self._servers.get("xds")
-        if xds is not None and xds.server is not None:
-            parts.append(f"xDS clients {len(xds.server.connections)}")
+        if self._xds is not None and "xds" in self._servers:
+            parts.append(f"xDS clients {len(self._xds.connections)}")
         dns = self._servers.get("dns")
         if dns is not None:
             zones = zones_for(self.config, [r.registry for r in self._registries.values()])
