@@ -39,7 +39,7 @@ from bench.common import median, percentile, rss_bytes, table, write_results
 from discoveryd.config import XdsConfig
 from discoveryd.index import Index, Shard
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service, SourceId
-from discoveryd.xds import XdsServer, metrics
+from discoveryd.xds import XdsServer
 from discoveryd.xds.connection import varint
 from discoveryd.xds.resources import CLUSTER, ENDPOINT
 
@@ -131,8 +131,8 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _sent_bytes() -> float:
-    return sum(float(metrics.BYTES_SENT.labels(t)._value.get()) for t in ("CDS", "EDS", "LDS", "RDS"))
+def _sent_bytes(server: XdsServer) -> float:
+    return sum(float(server.metrics.sent_bytes.labels(t)._value.get()) for t in ("CDS", "EDS", "LDS", "RDS"))
 
 
 # -- discoveryd --------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ async def _measure_discoveryd(clients: int, pushes: int, services: int, endpoint
                 i = p % services
                 conns = server.connections
                 before_nonces = {c.id: c.types[ENDPOINT].nonce for c in conns}
-                cpu0, bytes0 = _cpu(), _sent_bytes()
+                cpu0, bytes0 = _cpu(), _sent_bytes(server)
                 t0 = time.monotonic()
                 shard.upsert(_service(i, endpoints, generation=p))
 
@@ -187,7 +187,7 @@ async def _measure_discoveryd(clients: int, pushes: int, services: int, endpoint
                 results.append(max(acks) - t0)
                 per_client.extend(a - t0 for a in acks)
                 cpu.append(_cpu() - cpu0)
-                sent.append(_sent_bytes() - bytes0)
+                sent.append(_sent_bytes(server) - bytes0)
                 await asyncio.sleep(0.02)
             push_body = _push_response(server, _cluster_names(services)[pushes % services])
     finally:

@@ -61,20 +61,11 @@ from typing import Any, Final
 from envoy.service.discovery.v3 import discovery_pb2
 
 from discoveryd.logs import escape
-from discoveryd.xds import metrics
+from discoveryd.xds.metrics import XdsMetrics
 from discoveryd.xds.resources import CLUSTER, ENDPOINT, FULL_STATE, SHORT, TYPES, Changes, Resource, View
 
 log = logging.getLogger(__name__)
 
-_NONCES = itertools.count(1)
-_IDS = itertools.count(1)
-CONTROL_PLANE: Final = "discoveryd"
-
-# Per-type metric children, looked up once: these run for every response and every ACK.
-_PUSHES = {s: metrics.PUSHES.labels(s) for s in SHORT.values()}
-_BYTES_SENT = {s: metrics.BYTES_SENT.labels(s) for s in SHORT.values()}
-_PUSH_SECONDS = {s: metrics.PUSH_SECONDS.labels(s) for s in SHORT.values()}
-_CONVERGENCE = {s: metrics.CONVERGENCE_SECONDS.labels(s) for s in SHORT.values()}
 
 _ABSENT: Final = ""
 """Delta `known` marker: the client was told this subscribed name does not exist."""
@@ -175,8 +166,21 @@ class TypeState:
 class Connection:
     """State of one stream. `api` names the service (ADS, CDS, ...); `only` is the type of a per-type service."""
 
-    def __init__(self, api: str, delta: bool, peer: str, view: View, only: str | None = None) -> None:
-        self.id = next(_IDS)
+    def __init__(
+        self,
+        conn_id: int,
+        api: str,
+        delta: bool,
+        peer: str,
+        view: View,
+        metrics: XdsMetrics,
+        only: str | None = None,
+    ) -> None:
+        self.id = conn_id
+        """Unique within the server that owns this connection."""
+        self._metrics = metrics
+        self._nonces = itertools.count(1)
+        """Nonces are unique per stream (the protocol asks no more), so no counter is shared."""
         self.api = api
         self.delta = delta
         self.peer = peer
@@ -222,12 +226,12 @@ class Connection:
             message = clip(error.message, NACK_KEEP)
             st.nack, st.nack_nonce = f"{error.code}: {message}" if error.code else message, nonce
             st.nacks += 1
-            metrics.NACKS.labels(short).inc()
+            self._metrics.nacks_by[short].inc()
             self._log_nack(short, st, now)
             return
         st.acked_nonce, st.acked_version, st.acked_at = nonce, version, now
         if st.sent_origin is not None:
-            _CONVERGENCE[short].observe(now - st.sent_origin)
+            self._metrics.convergence_by[short].observe(now - st.sent_origin)
             st.sent_origin = None
 
     def _log_nack(self, short: str, st: TypeState, now: float) -> None:
@@ -247,7 +251,7 @@ class Connection:
         self._node(req.node)
         nonce = req.response_nonce
         if nonce and st.nonce and nonce != st.nonce:
-            metrics.STALE_NONCES.labels(SHORT[st.type_url]).inc()
+            self._metrics.stale_nonces_by[SHORT[st.type_url]].inc()
             return
         if nonce and st.nonce:
             self._ack(st, nonce, req.version_info, req.error_detail if req.HasField("error_detail") else None)
@@ -322,7 +326,7 @@ class Connection:
             if nonce == st.nonce:
                 self._ack(st, nonce, st.sent_version, req.error_detail if req.HasField("error_detail") else None)
             else:
-                metrics.STALE_NONCES.labels(SHORT[st.type_url]).inc()
+                self._metrics.stale_nonces_by[SHORT[st.type_url]].inc()
         self._wake_if(st)
 
     def _canonical(self, type_url: str, names: Iterable[str]) -> set[str]:
@@ -422,17 +426,17 @@ class Connection:
                 return type_url, body, queued_at
         return None
 
-    @staticmethod
-    def written(type_url: str, size: int, queued_at: float | None) -> None:
+    def written(self, type_url: str, size: int, queued_at: float | None) -> None:
         """The writer task finished writing a response of `next_response`."""
         short = SHORT[type_url]
-        _PUSHES[short].inc()
-        _BYTES_SENT[short].inc(size)
+        m = self._metrics
+        m.pushes_by[short].inc()
+        m.sent_bytes_by[short].inc(size)
         if queued_at is not None:
-            _PUSH_SECONDS[short].observe(time.monotonic() - queued_at)
+            m.push_seconds_by[short].observe(time.monotonic() - queued_at)
 
     def _sent(self, st: TypeState, version: str) -> str:
-        nonce = str(next(_NONCES))
+        nonce = str(next(self._nonces))
         st.nonce, st.sent_version, st.sent_at = nonce, version, time.time()
         st.responses += 1
         if st.origin is not None and (st.sent_origin is None or st.origin < st.sent_origin):

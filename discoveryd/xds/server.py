@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import time
@@ -48,8 +49,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from discoveryd.config import TlsConfig, XdsConfig, split_hostport
 from discoveryd.index import Snapshot, SnapshotSource, diff
-from discoveryd.xds import metrics
 from discoveryd.xds.connection import Connection
+from discoveryd.xds.metrics import XdsMetrics, daemon_metrics
 from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ENDPOINT, LISTENER, ROUTE, Builder, BuildOptions, View
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,13 @@ _OPTIONS = (
 class XdsServer:
     """Serves the index over xDS. Owned by the supervisor; see the module docstring."""
 
-    def __init__(self, config: XdsConfig, index: SnapshotSource) -> None:
+    def __init__(self, config: XdsConfig, index: SnapshotSource, metrics: XdsMetrics | None = None) -> None:
+        """`metrics`: where to count; by default the daemon's (the default Prometheus registry)."""
         self._config = config
         self._index = index
+        self.metrics = metrics if metrics is not None else daemon_metrics()
+        self._ids = itertools.count(1)
+        """Connection ids, unique within this server."""
         self._builder = Builder(BuildOptions(config.connect_timeout, config.lb_policy))
         self._view: View = EMPTY_VIEW
         self._built_from = Snapshot()
@@ -205,7 +210,7 @@ class XdsServer:
             changed = diff(self._built_from, snap)
         started = time.monotonic()
         view, changes = self._builder.update(self._view, snap, changed)
-        metrics.BUILD_SECONDS.observe(time.monotonic() - started)
+        self.metrics.build_seconds.observe(time.monotonic() - started)
         self._built_from = snap
         if not changes:
             return
@@ -251,10 +256,10 @@ class XdsServer:
         only: str | None,
     ) -> None:
         """Runs one stream: this task writes, a child task reads. Returns when either side ends."""
-        conn = Connection(api, delta, context.peer(), self._view, only)
+        conn = Connection(next(self._ids), api, delta, context.peer(), self._view, self.metrics, only)
         conn.held = not self._serving
         self._connections[conn.id] = conn
-        metrics.CONNECTED.inc()
+        self.metrics.connected.inc()
         reader = asyncio.create_task(self._read(conn, requests), name=f"xds-read-{conn.id}")
         try:
             while not conn.closed:
@@ -271,7 +276,7 @@ class XdsServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             del self._connections[conn.id]
-            metrics.CONNECTED.dec()
+            self.metrics.connected.dec()
             log.debug("xds %s closed", conn.describe())
 
     @staticmethod

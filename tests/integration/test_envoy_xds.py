@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, PortProtocol, Resolution, Service
-from discoveryd.xds import metrics
+from discoveryd.xds.metrics import daemon_metrics
 from tests.helpers import eventually
 from tests.integration.xds_fixtures import (  # noqa: F401
     Envoy,
@@ -41,7 +41,7 @@ def web(port: int, health: str = "HEALTHY") -> Service:
 
 
 def nacks() -> float:
-    return sum(float(metrics.NACKS.labels(t)._value.get()) for t in ("CDS", "EDS", "LDS", "RDS"))
+    return sum(float(daemon_metrics().nacks.labels(t)._value.get()) for t in ("CDS", "EDS", "LDS", "RDS"))
 
 
 async def assert_no_rejections(envoy: Envoy, nacks_before: float) -> None:

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
-from discoveryd.xds import metrics
+from discoveryd.xds.metrics import daemon_metrics
 from tests.integration.xds_fixtures import RunningXds, xds  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -82,7 +82,7 @@ def bootstrap(xds_port: int) -> str:
 
 
 async def test_grpc_xds_client_spreads_over_both_backends_and_follows_updates(xds: RunningXds) -> None:
-    nacks = sum(float(metrics.NACKS.labels(t)._value.get()) for t in ("CDS", "EDS", "LDS", "RDS"))
+    nacks = sum(float(daemon_metrics().nacks.labels(t)._value.get()) for t in ("CDS", "EDS", "LDS", "RDS"))
     async with grpc_backend("one") as one, grpc_backend("two") as two:
         xds.put(
             Service(
@@ -135,4 +135,4 @@ async def test_grpc_xds_client_spreads_over_both_backends_and_follows_updates(xd
                 proc.kill()
                 await proc.wait()
         assert proc.returncode == 0, (await proc.stderr.read()).decode()[-3000:]
-    assert sum(float(metrics.NACKS.labels(t)._value.get()) for t in ("CDS", "EDS", "LDS", "RDS")) == nacks
+    assert sum(float(daemon_metrics().nacks.labels(t)._value.get()) for t in ("CDS", "EDS", "LDS", "RDS")) == nacks

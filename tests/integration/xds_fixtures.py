@@ -79,8 +79,9 @@ class RunningXds:
 
 async def start_xds(index: Index, **config: Any) -> tuple[XdsServer, asyncio.Task[None]]:
     settings: dict[str, Any] = {"listen": "127.0.0.1:0", "debounce_after": 0.0, "debounce_max": 0.0}
+    metrics = config.pop("metrics", None)
     settings.update(config)
-    server = XdsServer(XdsConfig(**settings), index)
+    server = XdsServer(XdsConfig(**settings), index, metrics)
     task = asyncio.create_task(server.serve())
     waiter = asyncio.create_task(server.started.wait())
     await asyncio.wait({task, waiter}, timeout=10, return_when=asyncio.FIRST_COMPLETED)

@@ -14,7 +14,6 @@ import pytest
 from google.rpc import status_pb2
 
 from discoveryd.model import PortProtocol
-from discoveryd.xds import metrics
 from discoveryd.xds.connection import Connection
 from discoveryd.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.helpers import eventually
@@ -75,12 +74,12 @@ async def test_sotw_stale_nonce_is_ignored(xds: RunningXds, channel: grpc.aio.Ch
     xds.put(service(A, "10.0.0.3"), service(B, "10.0.0.2"))
     second = await s.recv()
     assert endpoints_of(second) == {cluster(A): ["10.0.0.3:8080"]}
-    before = counter(metrics.STALE_NONCES, "EDS")
+    before = counter(xds.server.metrics.stale_nonces, "EDS")
     # Answers `first`, not the latest response: must change nothing, including the subscription.
     await s.send(
         ENDPOINT, version_info=first.version_info, response_nonce=first.nonce, resource_names=[cluster(A), cluster(B)]
     )
-    await eventually(lambda: counter(metrics.STALE_NONCES, "EDS") > before)
+    await eventually(lambda: counter(xds.server.metrics.stale_nonces, "EDS") > before)
     assert only_conn(xds).types[ENDPOINT].names == {cluster(A)}
     xds.put(service(A, "10.0.0.4"), service(B, "10.0.0.2"))
     third = await s.recv()
@@ -117,14 +116,14 @@ async def test_nack_is_recorded_and_not_answered(xds: RunningXds, channel: grpc.
     s = Stream(channel, delta)
     await s.send(CLUSTER)
     first = await s.recv()
-    nacks = counter(metrics.NACKS, "CDS")
+    nacks = counter(xds.server.metrics.nacks, "CDS")
     error = status_pb2.Status(code=3, message="cluster outbound|8080||a.test: bad thing")
     if delta:
         await s.send(CLUSTER, response_nonce=first.nonce, error_detail=error)
     else:
         await s.send(CLUSTER, version_info="", response_nonce=first.nonce, error_detail=error)
     await processed(xds, CLUSTER, lambda st: st.nack is not None)
-    assert counter(metrics.NACKS, "CDS") == nacks + 1
+    assert counter(xds.server.metrics.nacks, "CDS") == nacks + 1
     cds = xds.server.syncz()["connections"][0]["types"]["CDS"]
     assert cds["state"] == "ERROR" and "bad thing" in cds["nack"]
     # The next response is the next change, not a resend of what was rejected.
@@ -389,11 +388,11 @@ async def test_convergence_is_measured_from_index_change_to_ack(xds: RunningXds,
     s = Stream(channel)
     await s.send(ENDPOINT, resource_names=[cluster(A)])
     await s.ack(await s.recv(), [cluster(A)])
-    before = histogram_count(metrics.CONVERGENCE_SECONDS, "EDS")
+    before = histogram_count(xds.server.metrics.convergence_seconds, "EDS")
     xds.put(service(A, "10.0.0.2"))
     r = await s.recv()
     await s.ack(r, [cluster(A)])
-    await eventually(lambda: histogram_count(metrics.CONVERGENCE_SECONDS, "EDS") == before + 1)
+    await eventually(lambda: histogram_count(xds.server.metrics.convergence_seconds, "EDS") == before + 1)
     await s.close()
 
 
@@ -543,7 +542,7 @@ async def test_nack_text_is_clipped_escaped_and_logged_at_a_bounded_rate(
     s = Stream(channel, delta)
     await s.send(CLUSTER)
     first = await s.recv()
-    nacks = counter(metrics.NACKS, "CDS")
+    nacks = counter(xds.server.metrics.nacks, "CDS")
     huge = "bad\nCRITICAL forged line " + "x" * 200_000
     count = 30
     caplog.set_level("WARNING", logger="discoveryd.xds")
@@ -553,7 +552,7 @@ async def test_nack_text_is_clipped_escaped_and_logged_at_a_bounded_rate(
             await s.send(CLUSTER, response_nonce=first.nonce, error_detail=error)
         else:
             await s.send(CLUSTER, version_info="", response_nonce=first.nonce, error_detail=error)
-    await eventually(lambda: counter(metrics.NACKS, "CDS") == nacks + count, what="every NACK counted")
+    await eventually(lambda: counter(xds.server.metrics.nacks, "CDS") == nacks + count, what="every NACK counted")
     kept = only_conn(xds).types[CLUSTER].nack
     assert kept is not None and 1000 <= len(kept) <= 1200, len(kept or "")
     assert "\n" not in kept and "bad\\nCRITICAL" in kept, "control characters escaped where the text is kept"

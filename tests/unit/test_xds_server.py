@@ -13,11 +13,13 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from discoveryd import config as config_mod
 from discoveryd.config import ConfigError
 from discoveryd.index import Index
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service, SourceId
+from discoveryd.xds.metrics import XdsMetrics
 from discoveryd.xds.resources import CLUSTER, ENDPOINT
 from discoveryd.xds.status import render
 from tests.helpers import eventually
@@ -364,3 +366,32 @@ async def test_tls_only_serves_nothing_in_plaintext(index: Index, tmp_path: Path
                 await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=3)
     finally:
         await stop(task)
+
+
+async def test_two_servers_in_one_process_share_no_counters() -> None:
+    """Nonces, connection ids and metrics belong to the server (two daemons can run in one test)."""
+    servers = []
+    try:
+        for _ in range(2):
+            index = Index()
+            shard = index.writer(SourceId("files/t"))
+            shard.replace([service("a.test", "10.0.0.1")])
+            shard.mark_synced()
+            metrics = XdsMetrics(CollectorRegistry())
+            server, task = await start_xds(index, metrics=metrics)
+            servers.append((server, task))
+        seen = []
+        for server, _ in servers:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.ports[0]}") as ch:
+                s = Stream(ch)
+                await s.send(CLUSTER)
+                r = await s.recv()
+                await s.send(CLUSTER, version_info="", response_nonce=r.nonce, error_detail={"message": "no"})
+                await eventually(lambda server=server: server.metrics.nacks.labels("CDS")._value.get() == 1)
+                seen.append((r.nonce, server.connections[0].id))
+                await s.close()
+        assert seen == [("1", 1), ("1", 1)], "each server counts from its own start"
+        assert [s.metrics.nacks.labels("CDS")._value.get() for s, _ in servers] == [1, 1]
+    finally:
+        for _, task in servers:
+            await stop(task)
