@@ -202,6 +202,8 @@ class FakeApiServer:
         self._snapshots: dict[str, _Snapshot] = {}
         self._runner: web.AppRunner | None = None
         self.requests: list[tuple[str, dict[str, str]]] = []
+        self.after_page: Callable[[], None] | None = None
+        """Called after each list page that has a continue token (to expire it, restart, ...)."""
         self.failures: dict[str, int] = {}
         """Resource plural → HTTP status answered to its next request (one-shot fault injection)."""
 
@@ -402,6 +404,8 @@ class FakeApiServer:
             self._snapshots[snap_id] = snap
             meta["continue"] = base64.urlsafe_b64encode(json.dumps({"id": snap_id, "start": end}).encode()).decode()
             meta["remainingItemCount"] = len(snap.items) - end
+            if self.after_page is not None:
+                self.after_page()
         else:
             self._snapshots.pop(snap_id, None)
         body = {"kind": f"{res.kind}List", "apiVersion": res.api_version, "metadata": meta, "items": items}

@@ -1,0 +1,474 @@
+"""Keep the `services` part of a Kubernetes registry's shard equal to the cluster.
+
+Data flow, all in the registry's task (`run`) and the tasks it owns:
+
+1. a session connects (`api.Api`: kubeconfig + context, or in-cluster) and
+   runs one `Reflector` per kind and namespace scope: Services (with the
+   configured label selector), EndpointSlices, and Nodes when `watch_nodes`;
+2. each reflector keeps a `Store` of `_ServiceView` current: raw objects are
+   mapped at once (`mapping.py`) into compact immutable values, and the
+   Services they touch are marked dirty. A relist compares by
+   resourceVersion, so it marks dirty only what changed or vanished;
+3. the `_Coalescer` task turns the dirty set into one staged
+   `shard.batch()` of upserts/deletes, at most one per `coalesce` interval
+   (20 ms: ≤ 50 versions/s per part): a burst of watch events becomes few
+   index versions, while a lone event is applied at once. Nothing is
+   published before every reflector has listed once; the first publication
+   is a `replace` (it also drops what a state snapshot restored but the
+   cluster no longer has) with `mark_synced`;
+4. on an error the session ends, the part is marked failing (content kept,
+   stale) and a new session starts after exponential backoff with jitter
+   (tenacity). The reflectors keep their resourceVersion and resume their
+   watches; 410 relists. When every reflector watches again the part is
+   marked synced.
+
+The registry owns all of this state; nothing else reads or writes it.
+Cancelling `run` cancels the session and the coalescer and closes the
+client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import aiohttp
+import orjson
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random_exponential
+
+from adapters.kubernetes.api import Api, ApiError, Kind, Obj, Reflector
+from adapters.kubernetes.config import KubernetesConfig
+from adapters.kubernetes.mapping import (
+    MappingError,
+    ServiceInfo,
+    ServiceKey,
+    SliceInfo,
+    build,
+    meta_key,
+    node_locality,
+    parse_service,
+    parse_slice,
+    service_hostname,
+)
+from discoveryd.model import Problem, Service, Zone, ZoneFlavor, hostname
+from discoveryd.registry import RegistryConfig, ShardWriter
+
+log = logging.getLogger("discoveryd.adapters.kubernetes")
+
+SERVICES_PART = "services"
+_STABLE_AFTER = 1.0
+"""A session whose watches stayed up this long (seconds) was healthy: its loss resets the backoff."""
+_TRANSIENT = (ApiError, aiohttp.ClientError, OSError, TimeoutError, orjson.JSONDecodeError)
+
+
+def describe(error: BaseException) -> str:
+    return str(error) or type(error).__name__
+
+
+class _Coalescer:
+    """Calls `flush` after `poke`, at most once per `interval`; a lone poke after a quiet time flushes at once."""
+
+    def __init__(self, interval: float, flush: Callable[[], None]) -> None:
+        self._interval = interval
+        self._flush = flush
+        self._wake = asyncio.Event()
+        self._last = -1e9
+        self.flushes = 0
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            delay = self._last + self._interval - time.monotonic()
+            # Even without a delay, yield once: the reader may hold more of the same chunk burst.
+            await asyncio.sleep(max(delay, 0))
+            self._wake.clear()
+            self._last = time.monotonic()
+            self.flushes += 1
+            self._flush()
+
+
+class _ServiceView:
+    """Services, their EndpointSlices and (optionally) Nodes of one cluster, and the dirty set.
+
+    Owned by the registry's task; every method runs on the event loop, never concurrently.
+    """
+
+    def __init__(self, config: KubernetesConfig, shard: ShardWriter) -> None:
+        self._cfg = config
+        self._shard = shard
+        self._source = shard.source
+        self.services: dict[ServiceKey, tuple[str, ServiceInfo]] = {}
+        """(namespace, name) → (resourceVersion, mapping)."""
+        self.slices: dict[tuple[str, str], tuple[str, SliceInfo | None]] = {}
+        """(namespace, slice name) → (resourceVersion, mapping; None for a slice of no use: FQDN, unlabelled)."""
+        self.by_service: dict[ServiceKey, set[tuple[str, str]]] = {}
+        self.nodes: dict[str, tuple[str, str]] | None = {} if config.watch_nodes else None
+        self._node_rv: dict[str, str] = {}
+        self.by_node: dict[str, dict[ServiceKey, int]] = {}
+        """Node → how many endpoints of each Service run there (kept only when nodes are watched)."""
+        self.dirty: set[ServiceKey] = set()
+        self._problems: set[ServiceKey] = set()
+        self.skipped_slices = 0
+        """Current EndpointSlices that cannot feed the index (FQDN address type, no service-name label)."""
+        self.listed: set[str] = set()
+        self.watching: set[str] = set()
+        self.expected: set[str] = set()
+        """Names of the reflectors that feed this view."""
+        self.published = False
+        self.stale = False
+        self.poke: Callable[[], None] = lambda: None
+
+    # -- Services ----------------------------------------------------------------------
+
+    def _put_service(self, obj: Obj) -> None:
+        key = meta_key(obj)
+        rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+        current = self.services.get(key)
+        if current is not None and rv and current[0] == rv:
+            return
+        try:
+            info = parse_service(obj, self._cfg.domain, self._source)
+        except MappingError as e:
+            log.warning("%s: Service %s/%s skipped: %s", self._source, key[0], key[1], e)
+            self._problems.add(key)
+            where = f"Service {key[0]}/{key[1]}"
+            self._shard.set_problems(where, [Problem(where=where, message=e.message, field=e.field)])
+            return  # the last good mapping, if any, keeps being served
+        self._clear_problem(key)
+        self.services[key] = (rv, info)
+        self.dirty.add(key)
+
+    def _drop_service(self, key: ServiceKey) -> None:
+        self._clear_problem(key)
+        if self.services.pop(key, None) is not None:
+            self.dirty.add(key)
+
+    def _clear_problem(self, key: ServiceKey) -> None:
+        if key in self._problems:
+            self._problems.discard(key)
+            self._shard.set_problems(f"Service {key[0]}/{key[1]}", ())
+
+    def services_replace(self, namespace: str | None, items: list[Obj]) -> None:
+        seen = set()
+        for obj in items:
+            seen.add(meta_key(obj))
+            self._put_service(obj)
+        for key in [k for k in self.services if (namespace is None or k[0] == namespace) and k not in seen]:
+            self._drop_service(key)
+        for key in [k for k in self._problems if (namespace is None or k[0] == namespace) and k not in seen]:
+            self._clear_problem(key)
+        self.poke()
+
+    def services_apply(self, events: list[tuple[str, Obj]]) -> None:
+        for kind, obj in events:
+            if kind == "DELETED":
+                self._drop_service(meta_key(obj))
+            else:
+                self._put_service(obj)
+        self.poke()
+
+    # -- EndpointSlices ---------------------------------------------------------------------
+
+    def _count_nodes(self, info: SliceInfo | None, delta: int) -> None:
+        if info is None or self.nodes is None:
+            return
+        for ep in info.endpoints:
+            if not ep.node:
+                continue
+            counts = self.by_node.setdefault(ep.node, {})
+            n = counts.get(info.service, 0) + delta
+            if n > 0:
+                counts[info.service] = n
+            else:
+                counts.pop(info.service, None)
+                if not counts:
+                    del self.by_node[ep.node]
+
+    def _unlink(self, key: tuple[str, str], info: SliceInfo | None) -> None:
+        if info is None:
+            self.skipped_slices -= 1
+            return
+        members = self.by_service.get(info.service)
+        if members is not None:
+            members.discard(key)
+            if not members:
+                del self.by_service[info.service]
+        self._count_nodes(info, -1)
+        self.dirty.add(info.service)
+
+    def _put_slice(self, obj: Obj) -> None:
+        key = meta_key(obj)
+        rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+        current = self.slices.get(key)
+        if current is not None:
+            if rv and current[0] == rv:
+                return
+            self._unlink(key, current[1])
+        info = parse_slice(obj)
+        self.slices[key] = (rv, info)
+        if info is None:
+            self.skipped_slices += 1
+            if current is None:
+                log.info("%s: EndpointSlice %s/%s skipped (FQDN or no service-name label)", self._source, *key)
+            return
+        self.by_service.setdefault(info.service, set()).add(key)
+        self._count_nodes(info, +1)
+        self.dirty.add(info.service)
+
+    def _drop_slice(self, key: tuple[str, str]) -> None:
+        current = self.slices.pop(key, None)
+        if current is not None:
+            self._unlink(key, current[1])
+
+    def slices_replace(self, namespace: str | None, items: list[Obj]) -> None:
+        seen = set()
+        for obj in items:
+            seen.add(meta_key(obj))
+            self._put_slice(obj)
+        for key in [k for k in self.slices if (namespace is None or k[0] == namespace) and k not in seen]:
+            self._drop_slice(key)
+        self.poke()
+
+    def slices_apply(self, events: list[tuple[str, Obj]]) -> None:
+        for kind, obj in events:
+            if kind == "DELETED":
+                self._drop_slice(meta_key(obj))
+            else:
+                self._put_slice(obj)
+        self.poke()
+
+    # -- Nodes ----------------------------------------------------------------------------------
+
+    def _put_node(self, obj: Obj) -> None:
+        assert self.nodes is not None
+        _, name = meta_key(obj)
+        locality = node_locality(obj)
+        if self.nodes.get(name) != locality:
+            self.nodes[name] = locality
+            self.dirty.update(self.by_node.get(name, ()))
+
+    def nodes_replace(self, namespace: str | None, items: list[Obj]) -> None:
+        assert self.nodes is not None
+        seen = set()
+        for obj in items:
+            seen.add(meta_key(obj)[1])
+            self._put_node(obj)
+        for name in [n for n in self.nodes if n not in seen]:
+            del self.nodes[name]
+            self.dirty.update(self.by_node.get(name, ()))
+        self.poke()
+
+    def nodes_apply(self, events: list[tuple[str, Obj]]) -> None:
+        assert self.nodes is not None
+        for kind, obj in events:
+            if kind == "DELETED":
+                name = meta_key(obj)[1]
+                if self.nodes.pop(name, None) is not None:
+                    self.dirty.update(self.by_node.get(name, ()))
+            else:
+                self._put_node(obj)
+        self.poke()
+
+    # -- publication ------------------------------------------------------------------------------
+
+    def build(self, key: ServiceKey) -> Service | None:
+        entry = self.services.get(key)
+        if entry is None:
+            return None
+        slices = (self.slices[k][1] for k in self.by_service.get(key, ()))
+        return build(
+            entry[1],
+            (s for s in slices if s is not None),
+            nodes=self.nodes,
+            network=self._cfg.network,
+            pod_names=self._cfg.endpoint_pod_names,
+        )
+
+    def all_services(self) -> Iterable[Service]:
+        for key in self.services:
+            svc = self.build(key)
+            if svc is not None:
+                yield svc
+
+    def flush(self) -> None:
+        """Publish the dirty services as one index version (the coalescer's task calls this)."""
+        if not self.expected or not self.expected <= self.listed:
+            return  # not every kind has been listed yet: publishing now would show half a cluster
+        shard = self._shard
+        back = self.stale and self.expected <= self.watching
+        if not self.published:
+            with shard.batch():
+                shard.replace(self.all_services())
+                shard.mark_synced()
+            self.published, self.stale = True, False
+            self.dirty.clear()
+            return
+        if not self.dirty and not back:
+            return
+        dirty, self.dirty = self.dirty, set()
+        with shard.batch():
+            for key in dirty:
+                svc = self.build(key)
+                if svc is None:
+                    shard.delete(service_hostname(key[1], key[0], self._cfg.domain))
+                else:
+                    shard.upsert(svc)
+            if back:
+                shard.mark_synced()
+                self.stale = False
+
+
+class _ScopedStore:
+    """A `Store` for one reflector: one kind, one namespace scope (None: all), of one view."""
+
+    def __init__(
+        self,
+        namespace: str | None,
+        replace: Callable[[str | None, list[Obj]], None],
+        apply: Callable[[list[tuple[str, Obj]]], None],
+    ) -> None:
+        self._namespace = namespace
+        self._replace = replace
+        self.apply = apply
+
+    def replace(self, items: list[Obj]) -> None:
+        self._replace(self._namespace, items)
+
+
+class KubernetesRegistry:
+    """The `Registry` (and `ZoneProvider`) for one Kubernetes cluster."""
+
+    def __init__(self, config: KubernetesConfig, base_dir: Path) -> None:
+        self.config: RegistryConfig = config
+        self._config = config
+        self._base_dir = base_dir
+        self.view: _ServiceView | None = None
+        self.reflectors: list[Reflector] = []
+        self.sessions = 0
+
+    def zones(self) -> Sequence[Zone]:
+        return [Zone(hostname(self._config.domain), ZoneFlavor.KUBERNETES)]
+
+    def _kubeconfig(self) -> Path | None:
+        path = self._config.kubeconfig
+        return None if path is None else self._base_dir / path.expanduser()
+
+    def _reflectors(self, view: _ServiceView) -> list[Reflector]:
+        cfg = self._config
+        scopes: list[str | None] = list(cfg.namespaces) or [None]
+        out: list[Reflector] = []
+
+        def add(kind: Kind, store: _ScopedStore, selector: str | None = None) -> None:
+            name = str(kind)
+            view.expected.add(name)
+
+            def listed() -> None:
+                view.listed.add(name)
+
+            out.append(
+                Reflector(
+                    kind,
+                    store,
+                    page_size=cfg.page_size,
+                    watch_timeout=cfg.watch_timeout,
+                    label_selector=selector,
+                    on_listed=listed,
+                )
+            )
+
+        for ns in scopes:
+            add(
+                Kind("", "v1", "services", ns),
+                _ScopedStore(ns, view.services_replace, view.services_apply),
+                cfg.label_selector,
+            )
+            add(
+                Kind("discovery.k8s.io", "v1", "endpointslices", ns),
+                _ScopedStore(ns, view.slices_replace, view.slices_apply),
+            )
+        if cfg.watch_nodes:
+            add(Kind("", "v1", "nodes"), _ScopedStore(None, view.nodes_replace, view.nodes_apply))
+        return out
+
+    async def run(self, shard: ShardWriter) -> None:
+        """Sync the `services` part with the cluster until cancelled (see the module docstring)."""
+        part = shard.part(SERVICES_PART)
+        view = self.view = _ServiceView(self._config, part)
+        coalescer = _Coalescer(self._config.coalesce, view.flush)
+        view.poke = coalescer.poke
+        self.reflectors = self._reflectors(view)
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(coalescer.run(), name=f"{self.config.source}:coalesce")
+            tasks.create_task(self._sessions(view, part), name=f"{self.config.source}:sessions")
+
+    async def _sessions(self, view: _ServiceView, part: ShardWriter) -> None:
+        cfg = self._config
+
+        def failing(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome is not None else None
+            reason = describe(error) if error is not None else "unknown error"
+            log.warning("kubernetes %s: %s; retrying in %.2fs", self.config.source, reason, state.upcoming_sleep)
+            self._failing(view, part, reason)
+
+        half_initial, half_max = cfg.backoff_initial / 2, cfg.backoff_max / 2
+        while True:
+            # A fresh retry loop per healthy session, so the backoff starts over after one.
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(_TRANSIENT),
+                wait=wait_exponential(multiplier=half_initial, max=half_max)
+                + wait_random_exponential(multiplier=half_initial, max=half_max),
+                before_sleep=failing,
+                reraise=True,
+            ):
+                with attempt:
+                    await self._session(view, part)
+
+    def _failing(self, view: _ServiceView, part: ShardWriter, reason: str) -> None:
+        view.watching.clear()
+        view.stale = True
+        part.mark_failing(reason)
+
+    async def _session(self, view: _ServiceView, part: ShardWriter) -> None:
+        """Connect and run every reflector. Returns after a healthy session broke; raises otherwise."""
+        api = await Api.connect(self._kubeconfig(), self._config.context, self._config.request_timeout)
+        self.sessions += 1
+        started = time.monotonic()
+        established: float | None = None
+
+        def watching(name: str) -> Callable[[], None]:
+            def mark() -> None:
+                nonlocal established
+                view.watching.add(name)
+                if view.expected <= view.watching and established is None:
+                    established = time.monotonic()
+                view.poke()
+
+            return mark
+
+        tasks = [
+            asyncio.create_task(r.run(api, watching(str(r.kind))), name=f"{self.config.source}:{r.kind}")
+            for r in self.reflectors
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            error = next(t.exception() for t in done if t.exception() is not None)
+            assert error is not None
+            raise error
+        except _TRANSIENT as e:
+            if established is None or time.monotonic() - established < _STABLE_AFTER:
+                raise
+            log.warning(
+                "kubernetes %s: lost after %.0fs: %s; reconnecting", self.config.source, time.monotonic() - started, e
+            )
+            self._failing(view, part, describe(e))
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await api.close()

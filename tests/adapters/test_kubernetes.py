@@ -1,0 +1,417 @@
+"""The Kubernetes registry against the fake API server: convergence, relists, outages, several clusters.
+
+Each test runs the real adapter (`KubernetesRegistry.run`) against a real
+`Index`, with a `FakeApiServer` (tests/fakes/kubernetes.py) behind a
+kubeconfig on loopback, changes the cluster through the fake and waits, with
+a deadline, for the index to agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.kubernetes import KubernetesConfig, KubernetesRegistry
+from discoveryd.index import Index, Snapshot
+from discoveryd.model import Health, Hostname, PortProtocol, Resolution, SourceId
+from tests.adapters.contract import AdapterContract
+from tests.fakes.kubernetes import FakeApiServer, endpoint, endpoint_slice, kubeconfig, service
+from tests.helpers import eventually
+
+WEB = Hostname("web.shop.svc.cluster.local")
+
+
+def _config(tmp: Path, fake: FakeApiServer, name: str = "c1", **keys: Any) -> KubernetesConfig:
+    path = tmp / f"kubeconfig-{name}"
+    path.write_text(kubeconfig(fake))
+    base = {
+        "kind": "kubernetes",
+        "name": name,
+        "kubeconfig": str(path),
+        "backoff_initial": "50ms",
+        "backoff_max": "500ms",
+    }
+    return KubernetesConfig.model_validate(base | keys)
+
+
+@asynccontextmanager
+async def running(index: Index, config: KubernetesConfig, tmp: Path) -> AsyncIterator[KubernetesRegistry]:
+    registry = KubernetesRegistry(config, tmp)
+    task = asyncio.create_task(registry.run(index.writer(config.source)))
+    try:
+        yield registry
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeApiServer]:
+    async with FakeApiServer(bookmark_interval=0.2) as server:
+        yield server
+
+
+def _eps(index: Index, host: Hostname) -> dict[str, Health] | None:
+    svc = index.snapshot.services.get(host)
+    return None if svc is None else {ep.address: ep.health for ep in svc.endpoints}
+
+
+class Recorder:
+    """Every snapshot the index publishes, from a task of its own."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+        self.seen: list[Snapshot] = []
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        version = self.index.snapshot.version
+        while True:
+            snap = await self.index.wait(version)
+            self.seen.append(snap)
+            version = snap.version
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    def every(self, after: int, check: Callable[[Snapshot], bool]) -> bool:
+        return all(check(s) for s in self.seen if s.version > after)
+
+
+async def test_services_and_slices_converge(fake: FakeApiServer, index: Index, tmp_path: Path) -> None:
+    fake.apply(
+        "services",
+        service(
+            "web",
+            "shop",
+            cluster_ips=["10.96.0.10"],
+            labels={"app": "web"},
+            ports=[
+                {"name": "http-api", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+                {"name": "metrics", "port": 9090, "appProtocol": "grpc", "protocol": "TCP"},
+                {"name": "dns", "port": 53, "protocol": "UDP"},
+            ],
+        ),
+    )
+    slice_ports = [{"name": "http-api", "port": 8080}, {"name": "metrics", "port": 9091}, {"name": "dns", "port": 5353}]
+    fake.apply(
+        "endpointslices",
+        endpoint_slice(
+            "web",
+            [endpoint("10.1.0.1", zone="z1", node="n1", pod="web-1", namespace="shop")],
+            namespace="shop",
+            name="web-a",
+            ports=slice_ports,
+        ),
+    )
+    async with running(index, _config(tmp_path, fake), tmp_path):
+        await eventually(lambda: index.snapshot.ready, what="first sync")
+        svc = index.snapshot.services[WEB]
+        assert svc.addresses == ("10.96.0.10",) and svc.labels == {"app": "web"} and svc.namespace == "shop"
+        assert [(p.number, p.name, p.protocol, p.target_port) for p in svc.ports] == [
+            (80, "http-api", PortProtocol.HTTP, 8080),
+            (9090, "metrics", PortProtocol.GRPC, None),
+            (53, "dns", PortProtocol.UDP, None),
+        ]
+        (ep,) = svc.endpoints
+        assert (ep.address, ep.locality.zone, ep.node_name, ep.target_ref) == ("10.1.0.1", "z1", "n1", "Pod/shop/web-1")
+        assert [ep.port_for(p) for p in svc.ports] == [8080, 9091, 5353]
+        assert ep.source == SourceId("kubernetes/c1")
+
+        # A second slice, an update, a delete, a new service, a deleted service.
+        fake.apply("endpointslices", endpoint_slice("web", [endpoint("10.1.0.2")], namespace="shop", name="web-b"))
+        await eventually(lambda: _eps(index, WEB) == {"10.1.0.1": Health.HEALTHY, "10.1.0.2": Health.HEALTHY})
+        fake.apply(
+            "endpointslices",
+            endpoint_slice("web", [endpoint("10.1.0.1", ready=False)], namespace="shop", name="web-a"),
+        )
+        await eventually(lambda: _eps(index, WEB) == {"10.1.0.1": Health.UNHEALTHY, "10.1.0.2": Health.HEALTHY})
+        fake.delete("endpointslices", "shop", "web-b")
+        await eventually(lambda: _eps(index, WEB) == {"10.1.0.1": Health.UNHEALTHY})
+        fake.apply("services", service("db", "shop", cluster_ips=["10.96.0.11"]))
+        db = Hostname("db.shop.svc.cluster.local")
+        await eventually(lambda: db in index.snapshot.services, what="new service")
+        fake.delete("services", "shop", "web")
+        await eventually(lambda: WEB not in index.snapshot.services, what="deleted service")
+        # The slice of a deleted Service is kept: the Service coming back gets its endpoints at once.
+        fake.apply("services", service("web", "shop", cluster_ips=["10.96.0.10"]))
+        await eventually(lambda: _eps(index, WEB) == {"10.1.0.1": Health.UNHEALTHY}, what="service back")
+
+
+async def test_kinds_of_services(fake: FakeApiServer, index: Index, tmp_path: Path) -> None:
+    fake.apply("services", service("ext", "shop", external_name="db.example.com."))
+    fake.apply("services", service("dual", "shop", cluster_ips=["10.96.0.20", "fd00::20"]))
+    fake.apply("services", service("hl", "shop", cluster_ips=["None"]))
+    fake.apply("services", service("pnr", "shop", cluster_ips=["None"], publish_not_ready=True))
+    eps = [
+        endpoint("10.2.0.1", hostname="hl-0"),
+        endpoint("10.2.0.2", ready=False, serving=True, terminating=True),
+        endpoint("10.2.0.3", ready=False, serving=False, terminating=True),
+        endpoint("10.2.0.4", ready=None),
+    ]
+    fake.apply("endpointslices", endpoint_slice("hl", eps, namespace="shop"))
+    fake.apply("endpointslices", endpoint_slice("pnr", [endpoint("10.3.0.1", ready=False)], namespace="shop"))
+    fake.apply("endpointslices", endpoint_slice("dual", [endpoint("10.4.0.1")], namespace="shop"))
+    fake.apply("endpointslices", endpoint_slice("dual", [endpoint("fd00::4:1")], namespace="shop", address_type="IPv6"))
+    fqdn = endpoint_slice("dual", [endpoint("node.example.com")], namespace="shop", address_type="FQDN")
+    fake.apply("endpointslices", fqdn)
+    async with running(index, _config(tmp_path, fake), tmp_path) as registry:
+        await eventually(lambda: index.snapshot.ready, what="first sync")
+        services = index.snapshot.services
+        ext = services[Hostname("ext.shop.svc.cluster.local")]
+        assert ext.resolution is Resolution.DNS and ext.addresses == ()
+        assert [ep.address for ep in ext.endpoints] == ["db.example.com"]
+        dual = services[Hostname("dual.shop.svc.cluster.local")]
+        assert dual.addresses == ("10.96.0.20", "fd00::20")
+        assert {ep.address for ep in dual.endpoints} == {"10.4.0.1", "fd00::4:1"}
+        assert registry.view is not None and registry.view.skipped_slices == 1
+        hl = services[Hostname("hl.shop.svc.cluster.local")]
+        assert hl.addresses == ()
+        assert {ep.address: (ep.health, ep.hostname) for ep in hl.endpoints} == {
+            "10.2.0.1": (Health.HEALTHY, "hl-0"),
+            "10.2.0.2": (Health.DRAINING, ""),
+            "10.2.0.3": (Health.UNHEALTHY, ""),
+            "10.2.0.4": (Health.HEALTHY, ""),
+        }
+        assert _eps(index, Hostname("pnr.shop.svc.cluster.local")) == {"10.3.0.1": Health.HEALTHY}
+
+
+def _web(fake: FakeApiServer, n: int = 3) -> None:
+    for i in range(n):
+        fake.apply("services", service(f"s{i}", "shop", cluster_ips=[f"10.96.1.{i}"]))
+        fake.apply("endpointslices", endpoint_slice(f"s{i}", [endpoint(f"10.5.0.{i}")], namespace="shop", name=f"s{i}"))
+
+
+def _host(i: int) -> Hostname:
+    return Hostname(f"s{i}.shop.svc.cluster.local")
+
+
+@pytest.mark.parametrize("gone_as", ["event", "status"])
+async def test_410_relists_without_a_transient_delete(
+    fake: FakeApiServer, index: Index, tmp_path: Path, gone_as: str
+) -> None:
+    """Changes made while the watch could not follow (the server restarted, its history gone) arrive by a
+    relist: what vanished is deleted, what changed is updated, and what still exists is never removed."""
+    fake.gone_as = gone_as
+    _web(fake, 4)
+    async with running(index, _config(tmp_path, fake), tmp_path) as registry:
+        await eventually(lambda: index.snapshot.ready and _host(3) in index.snapshot.services, what="first sync")
+        recorder = Recorder(index)
+        start = index.snapshot.version
+        await fake.stop()
+        fake.delete("services", "shop", "s1")
+        fake.delete("endpointslices", "shop", "s2")
+        fake.apply("endpointslices", endpoint_slice("s3", [endpoint("10.5.9.9")], namespace="shop", name="s3"))
+        await fake.restart()  # the new watch cache starts now: older versions are 410 Gone
+        try:
+            await eventually(
+                lambda: (
+                    _host(1) not in index.snapshot.services
+                    and _eps(index, _host(2)) == {}
+                    and _eps(index, _host(3)) == {"10.5.9.9": Health.HEALTHY}
+                ),
+                timeout=10,
+                what="relisted",
+            )
+        finally:
+            await recorder.stop()
+        assert sum(r.lists for r in registry.reflectors) >= 4  # each kind listed again
+        assert recorder.every(start, lambda s: _host(0) in s.services and _host(3) in s.services)
+        assert recorder.every(start, lambda s: _host(2) in s.services)
+        assert recorder.every(start, lambda s: {e.address for e in s.services[_host(0)].endpoints} == {"10.5.0.0"})
+
+
+async def test_expired_continue_token_lists_again(fake: FakeApiServer, index: Index, tmp_path: Path) -> None:
+    _web(fake, 7)
+    expired = []
+
+    def expire_once() -> None:
+        if not expired:
+            expired.append(True)
+            fake.expire_continue_tokens()
+
+    fake.after_page = expire_once
+    async with running(index, _config(tmp_path, fake, page_size=2), tmp_path):
+        await eventually(lambda: index.snapshot.ready, what="first sync")
+        assert {h for h in index.snapshot.services} == {_host(i) for i in range(7)}
+    continued = [q for p, q in fake.requests if p.endswith("/services") and "continue" in q]
+    assert expired and len(continued) >= 4
+
+
+async def test_outage_keeps_content_marked_stale_then_converges(
+    fake: FakeApiServer, index: Index, tmp_path: Path
+) -> None:
+    _web(fake, 2)
+    source = SourceId("kubernetes/c1")
+    async with running(index, _config(tmp_path, fake), tmp_path):
+        await eventually(lambda: index.snapshot.ready and _host(1) in index.snapshot.services, what="first sync")
+        before = dict(index.snapshot.services)
+        await fake.stop()
+        await eventually(lambda: index.snapshot.shards[source].stale, timeout=10, what="stale")
+        assert dict(index.snapshot.services) == before
+        assert index.snapshot.shards[source].parts["services"].last_error
+        fake.delete("services", "shop", "s0")
+        fake.apply("services", service("s5", "shop", cluster_ips=["10.96.1.5"]))
+        await fake.start()
+        await eventually(
+            lambda: (
+                not index.snapshot.shards[source].stale
+                and _host(0) not in index.snapshot.services
+                and _host(5) in index.snapshot.services
+            ),
+            timeout=10,
+            what="converged after the outage",
+        )
+
+
+async def test_two_clusters_merge_by_hostname(index: Index, tmp_path: Path) -> None:
+    async with FakeApiServer() as east, FakeApiServer() as west:
+        for fake, ip, vip in ((east, "10.10.0.1", "10.96.0.1"), (west, "10.20.0.1", "10.97.0.1")):
+            fake.apply("services", service("web", "shop", cluster_ips=[vip]))
+            fake.apply("endpointslices", endpoint_slice("web", [endpoint(ip)], namespace="shop"))
+        index.set_order([SourceId("kubernetes/east"), SourceId("kubernetes/west")])
+        e = _config(tmp_path, east, "east", network="net-east")
+        w = _config(tmp_path, west, "west", network="net-west")
+        async with running(index, e, tmp_path), running(index, w, tmp_path):
+            await eventually(lambda: len(_eps(index, WEB) or {}) == 2, what="merged")
+            svc = index.snapshot.services[WEB]
+            assert {(ep.address, ep.source, ep.network) for ep in svc.endpoints} == {
+                ("10.10.0.1", "kubernetes/east", "net-east"),
+                ("10.20.0.1", "kubernetes/west", "net-west"),
+            }
+            (slice_key,) = west.objects["endpointslices"]
+            west.delete("endpointslices", *slice_key)
+            await eventually(lambda: _eps(index, WEB) == {"10.10.0.1": Health.HEALTHY}, what="west's endpoint gone")
+            assert index.snapshot.services[WEB].addresses == ("10.96.0.1",)
+
+
+async def test_filters_namespaces_and_label_selector(fake: FakeApiServer, index: Index, tmp_path: Path) -> None:
+    fake.apply("services", service("a", "one", cluster_ips=["10.96.2.1"], labels={"expose": "yes"}))
+    fake.apply("services", service("b", "one", cluster_ips=["10.96.2.2"]))
+    fake.apply("services", service("c", "two", cluster_ips=["10.96.2.3"], labels={"expose": "yes"}))
+    fake.apply("services", service("d", "three", cluster_ips=["10.96.2.4"], labels={"expose": "yes"}))
+    config = _config(tmp_path, fake, namespaces=["one", "two"], label_selector="expose=yes", domain="corp.internal")
+    async with running(index, config, tmp_path):
+        await eventually(lambda: index.snapshot.ready, what="first sync")
+        assert set(index.snapshot.services) == {"a.one.svc.corp.internal", "c.two.svc.corp.internal"}
+        fake.apply("services", service("b", "one", cluster_ips=["10.96.2.2"], labels={"expose": "yes"}))
+        fake.apply("services", service("a", "one", cluster_ips=["10.96.2.1"]))
+        await eventually(
+            lambda: set(index.snapshot.services) == {"b.one.svc.corp.internal", "c.two.svc.corp.internal"},
+            what="selector followed",
+        )
+    watched = {p for p, q in fake.requests if q.get("watch") == "true"}
+    assert "/api/v1/namespaces/one/services" in watched and "/api/v1/services" not in watched
+
+
+async def test_node_regions_when_nodes_are_watched(fake: FakeApiServer, index: Index, tmp_path: Path) -> None:
+    fake.apply("nodes", {"metadata": {"name": "n1", "labels": {"topology.kubernetes.io/region": "eu"}}})
+    fake.apply("services", service("web", "shop", cluster_ips=["10.96.0.10"]))
+    fake.apply(
+        "endpointslices", endpoint_slice("web", [endpoint("10.1.0.1", zone="eu-1", node="n1")], namespace="shop")
+    )
+    async with running(index, _config(tmp_path, fake, watch_nodes=True), tmp_path):
+        await eventually(lambda: index.snapshot.ready, what="first sync")
+        assert str(index.snapshot.services[WEB].endpoints[0].locality) == "eu/eu-1"
+        fake.apply("nodes", {"metadata": {"name": "n1", "labels": {"topology.kubernetes.io/region": "us"}}})
+        await eventually(lambda: str(index.snapshot.services[WEB].endpoints[0].locality) == "us/eu-1", what="region")
+
+
+async def test_nodes_are_not_read_unless_asked(fake: FakeApiServer, index: Index, tmp_path: Path) -> None:
+    _web(fake, 1)
+    async with running(index, _config(tmp_path, fake), tmp_path):
+        await eventually(lambda: index.snapshot.ready, what="first sync")
+    assert not any(p.endswith("/nodes") for p, _ in fake.requests)
+
+
+async def test_a_burst_of_slice_updates_makes_few_versions(fake: FakeApiServer, index: Index, tmp_path: Path) -> None:
+    _web(fake, 1)
+    async with running(index, _config(tmp_path, fake, coalesce="200ms"), tmp_path):
+        await eventually(lambda: index.snapshot.ready and _host(0) in index.snapshot.services, what="first sync")
+        start = index.snapshot.version
+        for i in range(300):
+            fake.apply(
+                "endpointslices",
+                endpoint_slice("s0", [endpoint(f"10.6.{i // 250}.{i % 250}")], namespace="shop", name="s0"),
+            )
+            if i % 50 == 0:
+                await asyncio.sleep(0.01)  # the events arrive over several chunks
+        await eventually(lambda: _eps(index, _host(0)) == {"10.6.1.49": Health.HEALTHY}, what="last update")
+        versions = index.snapshot.version - start
+        assert 1 <= versions <= 10, versions
+
+
+async def test_bad_service_is_reported_and_the_last_good_one_kept(
+    fake: FakeApiServer, index: Index, tmp_path: Path
+) -> None:
+    _web(fake, 1)
+    source = SourceId("kubernetes/c1")
+    async with running(index, _config(tmp_path, fake), tmp_path):
+        await eventually(lambda: _host(0) in index.snapshot.services, what="first sync")
+        fake.apply("services", service("s0", "shop", cluster_ips=["10.96.1.0"], ports=[{"name": "x", "port": 0}]))
+        problems = await eventually(lambda: index.snapshot.shards[source].problems, what="problem")
+        assert [str(p) for p in problems] == ["Service shop/s0: spec.ports[0].port: expected a port number, got 0"]
+        assert index.snapshot.services[_host(0)].addresses == ("10.96.1.0",)
+        fake.apply("services", service("s0", "shop", cluster_ips=["10.96.1.0"]))
+        await eventually(lambda: not index.snapshot.shards[source].problems, what="problem cleared")
+
+
+async def test_unreachable_at_start_fails_readiness_then_syncs(index: Index, tmp_path: Path) -> None:
+    fake = FakeApiServer()
+    await fake.start()
+    port = fake.port
+    await fake.stop()
+    config = _config(tmp_path, fake)
+    async with running(index, config, tmp_path):
+        await eventually(lambda: index.snapshot.ready, what="ready after the first failure")
+        assert index.snapshot.shards[config.source].stale
+        fake2 = FakeApiServer(port=port)
+        _web(fake2, 1)
+        async with fake2:
+            await eventually(lambda: _host(0) in index.snapshot.services, timeout=10, what="synced later")
+            await eventually(lambda: not index.snapshot.shards[config.source].stale, what="not stale")
+
+
+class KubernetesHarness:
+    """The contract suite's view of a cluster: a Service `<name>` in namespace `contract` and one slice."""
+
+    def __init__(self, fake: FakeApiServer, tmp: Path) -> None:
+        self.fake, self.tmp = fake, tmp
+
+    def registry(self) -> KubernetesRegistry:
+        return KubernetesRegistry(_config(self.tmp, self.fake), self.tmp)
+
+    async def put(self, name: str, endpoints: list[tuple[str, int]]) -> Hostname:
+        self.fake.apply("services", service(name, "contract", cluster_ips=["10.96.9.9"]))
+        ports = sorted({p for _, p in endpoints})
+        for port in ports:
+            eps = [endpoint(ip) for ip, p in endpoints if p == port]
+            slice_ports = [{"name": "http", "port": port}]
+            self.fake.apply(
+                "endpointslices",
+                endpoint_slice(name, eps, namespace="contract", name=f"{name}-{port}", ports=slice_ports),
+            )
+        for (ns, slice_name), obj in list(self.fake.objects["endpointslices"].items()):
+            owner = obj["metadata"]["labels"]["kubernetes.io/service-name"]
+            if ns == "contract" and owner == name and int(slice_name.rsplit("-", 1)[1]) not in ports:
+                self.fake.delete("endpointslices", ns, slice_name)
+        return Hostname(f"{name}.contract.svc.cluster.local")
+
+    async def remove(self, name: str) -> None:
+        self.fake.delete("services", "contract", name)
+
+    async def put_broken(self, name: str) -> None:
+        self.fake.apply("services", service(name, "contract", ports=[{"name": "http", "port": 70000}]))
+
+
+class TestContract(AdapterContract):
+    @pytest.fixture
+    async def harness(self, fake: FakeApiServer, tmp_path: Path) -> KubernetesHarness:
+        return KubernetesHarness(fake, tmp_path)
