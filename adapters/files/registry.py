@@ -1,8 +1,9 @@
 """The ServiceEntry file registry: files on disk → the registry's shard, kept in step by watching.
 
 Data flow:
-  configured paths ─scan─> YAML files ─parse/validate, per file─> objects ─merge, all files─> services, problems
-      ─> shard.replace(services), shard.set_problems(file, problems)
+  configured paths ─scan─> YAML files ─adapters.istio: parse/validate, per file─> objects
+      ─adapters.istio.Translation, per changed namespace─> changed services, problems
+      ─> shard.upsert/delete(changed services), shard.set_problems(file, problems)
 
 `FileSet` owns what each file last said. `refresh()` lists the files under
 the configured paths (directories recursively, skipping hidden entries and
@@ -11,7 +12,11 @@ are new, changed (inode, size, mtime or ctime differ) or named by a watch
 event, and forgets the files that are gone. A file that cannot be read,
 parsed or validated keeps its last good objects; its problems are reported
 until it is fixed. A file that had content and turns empty keeps it for
-`EMPTY_GRACE` first. `result()` merges the objects of all files (see `merge`).
+`EMPTY_GRACE` first. Each file keeps a chunk cache, so that an edit
+re-parses and re-validates only the documents whose text changed, and the
+translation (`adapters.istio.Translation`, one scope per file) rebuilds only
+the namespaces whose objects changed; `take_changed()` names the hostnames
+to write.
 
 `FilesRegistry.run()` does one full refresh, publishes it and marks the shard
 synced, then watches with watchfiles (inotify): configured directories
@@ -37,7 +42,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,9 +50,7 @@ import tenacity
 from watchfiles import awatch
 
 from adapters.files.config import FilesConfig
-from adapters.files.merge import build
-from adapters.files.parse import parse_documents
-from adapters.files.validate import Object, read_objects
+from adapters.istio import ChunkCache, Object, Translation, read_yaml_objects
 from discoveryd.model import Hostname, Problem, Service, SourceId
 from discoveryd.registry import AdapterContext, RegistryConfig, ShardWriter
 
@@ -79,6 +82,8 @@ class _File:
     problems: tuple[Problem, ...] = ()
     emptied_at: float | None = None
     """When the file was first seen empty while it had content (see EMPTY_GRACE)."""
+    cache: ChunkCache = field(default_factory=ChunkCache)
+    """The documents of the file's last read, by text: an edit re-reads only what changed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +117,8 @@ class FileSet:
         self._clock = clock
         self._files: dict[str, _File] = {}
         self._root_problems: dict[str, tuple[Problem, ...]] = {}
+        self._translation = Translation()
+        self._changed: set[Hostname] = set()
 
     def refresh(self, named: Collection[str] = ()) -> Refreshed:
         """Re-read files that are new, changed or `named` (by a watch event). Blocking."""
@@ -121,6 +128,7 @@ class FileSet:
         for path in list(self._files):
             if path not in listing.files and not _under_any(path, listing.unlisted):
                 del self._files[path]
+                self._translation.remove(path)
                 changed = True
         for path, signature in listing.files.items():
             known = self._files.get(path)
@@ -132,9 +140,9 @@ class FileSet:
                 and path not in named
             ):
                 continue
-            objects, problems = load_file(path, self.namespace)
             if known is None:
                 known = self._files[path] = _File(signature)
+            objects, problems = load_file(path, self.namespace, known.cache)
             known.signature = signature
             if known.objects and not objects and not problems and signature is not None and signature[2] == 0:
                 now = self._clock()
@@ -150,7 +158,8 @@ class FileSet:
                 known.problems = tuple(problems)
             else:
                 known.objects, known.problems = tuple(objects), ()
-            changed = changed or (known.objects, known.problems) != before
+                self._translation.update(path, known.objects)
+            changed = changed or not _same(known.objects, before[0]) or known.problems != before[1]
         root_problems: dict[str, tuple[Problem, ...]] = {
             p: (Problem(p, "does not exist (yet); it is read when it appears"),) for p in listing.missing
         }
@@ -158,25 +167,38 @@ class FileSet:
         if root_problems != self._root_problems:
             self._root_problems = root_problems
             changed = True
+        self._changed |= self._translation.build()
         return Refreshed(changed, recheck)
 
     def has_content(self, path: str) -> bool:
         known = self._files.get(path)
         return known is not None and bool(known.objects)
 
-    def result(self) -> tuple[dict[Hostname, Service], dict[str, tuple[Problem, ...]]]:
-        """The merged services, and the problems by scope (a file or a configured path), both non-empty only."""
-        paths = sorted(self._files)
-        services, between = build([obj for path in paths for obj in self._files[path].objects])
+    @property
+    def services(self) -> Mapping[Hostname, Service]:
+        """The services as of the last `refresh()` (a live view: read it before the next refresh)."""
+        return self._translation.services
+
+    def take_changed(self) -> set[Hostname]:
+        """The hostnames whose service changed since the previous call (or since the start)."""
+        changed, self._changed = self._changed, set()
+        return changed
+
+    def problems(self) -> dict[str, tuple[Problem, ...]]:
+        """The problems by scope (a file or a configured path), non-empty only. O(problems)."""
         problems: dict[str, list[Problem]] = {}
-        for path in paths:
-            if self._files[path].problems:
-                problems[path] = list(self._files[path].problems)
-        for fp in between:
-            problems.setdefault(fp.file, []).append(fp.problem)
+        for path, known in self._files.items():
+            if known.problems:
+                problems[path] = list(known.problems)
+        for scope, found in self._translation.problems().items():
+            problems.setdefault(scope, []).extend(found)
         out = {scope: tuple(sorted(dict.fromkeys(ps), key=_line)) for scope, ps in sorted(problems.items())}
         out.update(self._root_problems)
-        return services, out
+        return out
+
+    def result(self) -> tuple[dict[Hostname, Service], dict[str, tuple[Problem, ...]]]:
+        """A copy of the services, and the problems by scope (a file or a configured path), both non-empty only."""
+        return dict(self._translation.services), self.problems()
 
     def watch_plan(self) -> WatchPlan:
         """Directories to watch: configured ones recursively; parents / nearest ancestors flat. Blocking."""
@@ -194,8 +216,11 @@ class FileSet:
         return WatchPlan(frozenset(recursive), frozenset(flat))
 
 
-def load_file(path: str, namespace: str) -> tuple[list[Object], list[Problem]]:
-    """Read, parse and validate one file. Never raises for bad input or I/O errors. Blocking."""
+def load_file(path: str, namespace: str, cache: ChunkCache | None = None) -> tuple[list[Object], list[Problem]]:
+    """Read, parse and validate one file. Never raises for bad input or I/O errors. Blocking.
+
+    `cache` is the file's own: documents unchanged since its previous read come back as the same objects.
+    """
     try:
         # O_NONBLOCK: a FIFO named *.yaml must not hang the reader; it is refused below.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -218,10 +243,7 @@ def load_file(path: str, namespace: str) -> tuple[list[Object], list[Problem]]:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         return [], [Problem(f"{path}:{line}", "not UTF-8 text")]
-    documents, problems = parse_documents(path, text)
-    if problems:
-        return [], problems
-    return read_objects(documents, namespace)
+    return read_yaml_objects(path, text, namespace, cache=cache)
 
 
 def _wanted(name: str) -> bool:
@@ -271,6 +293,10 @@ def _walk(root: str, listing: _Listing) -> None:
                 path = os.path.join(directory, name)
                 with contextlib.suppress(FileNotFoundError):  # removed meanwhile, or a dangling symlink
                     listing.files[path] = _signature(path)
+
+
+def _same(a: tuple[Object, ...], b: tuple[Object, ...]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 def _line(problem: Problem) -> int:
@@ -418,27 +444,36 @@ def _watch_failed(shard: ShardWriter, state: tenacity.RetryCallState) -> None:
 
 
 class _Publisher:
-    """Writes a `FileSet`'s result into the shard, only what changed, and logs problems once."""
+    """Writes a `FileSet`'s changes into the shard, only the services that changed, and logs problems once."""
 
     def __init__(self, shard: ShardWriter, files: FileSet) -> None:
         self.shard = shard
         self.files = files
-        self._services: dict[Hostname, Service] | None = None
+        self._published = False
         self._problems: dict[str, tuple[Problem, ...]] = {}
 
     async def refresh(self, named: Collection[str] = ()) -> float | None:
         """Refresh the files (in a worker thread) and publish; returns when to refresh again unprompted."""
         refreshed = await asyncio.to_thread(self.files.refresh, named)
-        if refreshed.changed or self._services is None:
+        if refreshed.changed or not self._published:
             self.publish()
         return refreshed.recheck_in
 
     def publish(self) -> None:
-        services, problems = self.files.result()
+        changed = self.files.take_changed()
+        services = self.files.services
+        problems = self.files.problems()
         with self.shard.batch():
-            if services != self._services:
+            if not self._published:
                 self.shard.replace(services.values())
-                self._services = services
+                self._published = True
+            else:
+                for host in changed:
+                    service = services.get(host)
+                    if service is None:
+                        self.shard.delete(host)
+                    else:
+                        self.shard.upsert(service)
             for scope in self._problems.keys() - problems.keys():
                 self.shard.set_problems(scope, [])
                 log.info("%s: problems cleared", scope)

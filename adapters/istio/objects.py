@@ -1,18 +1,26 @@
-"""Documents → validated ServiceEntry / WorkloadEntry objects, with Istio's validation rules.
+"""Istio objects (ServiceEntry, WorkloadEntry, Pods as workloads) → validated values, with Istio's rules.
 
-`read_objects(documents, default_namespace)` turns the `Document`s of one
-file into `ServiceEntry` and `WorkloadEntry` values, or reports `Problem`s
-that each name the file:line and the dotted field path (`spec.ports[1].name`).
-Objects of other kinds (a Deployment, a VirtualService) are skipped silently.
+Entry points:
+- `read_object(data, locator, default_namespace)`: one object's plain data
+  (a YAML document, or a Kubernetes API object decoded from JSON) →
+  `ServiceEntry` / `WorkloadEntry`, or `Problem`s located by `locator`
+  (`file:line` and `spec.ports[1].name` for files; `ServiceEntry ns/name`
+  and the field path for API objects). Objects of other kinds return
+  (None, []): other kinds may share a directory or a list.
+- `read_objects(documents, default_namespace)`: the same for every document
+  of a file (`yamlread.Document`).
+- `Pod` / `pod_workload(pod)`: a Kubernetes Pod (filled from its JSON) as a
+  workload that a ServiceEntry's `workloadSelector` can select, the way
+  Istio selects Pods and WorkloadEntries alike.
 
 The rules are Istio's (`ValidateServiceEntry`, `validateWorkloadEntry`,
 `validateExportTo`), plus what the Kubernetes API server would reject before
 Istio saw the object: unknown fields, wrong types, invalid names and labels.
 Istio's warnings are not reported.
 
-A ServiceEntry is turned into one model `Service` template (every attribute
-but the hostname, with its inline endpoints); `merge` makes one `Service` per
-host and resolves `workloadSelector` against the WorkloadEntries.
+A ServiceEntry becomes one model `Service` template (every attribute but the
+hostname, with its inline endpoints); `translate` makes one `Service` per host
+and resolves `workloadSelector` against the workloads of the namespace.
 """
 
 from __future__ import annotations
@@ -22,13 +30,16 @@ import ipaddress
 import posixpath
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from adapters.files.parse import Document, FieldPath
+from adapters.istio.locate import FieldPath, Locator, ObjectLocator
+from adapters.istio.yamlread import FAST_LOADER, ChunkCache, Document, LoaderClass, read_documents
 from discoveryd.model import (
+    NO_LOCALITY,
     Endpoint,
+    Health,
     Hostname,
     Locality,
     Location,
@@ -94,9 +105,12 @@ class ObjectRef:
     kind: str
     namespace: str
     name: str
-    file: str
-    where: str
-    """`file:line` of `metadata.name`."""
+    locator: Locator = field(compare=False, repr=False)
+
+    @property
+    def where(self) -> str:
+        """Where `metadata.name` is declared (computed on demand: a file may have to be composed)."""
+        return self.locator.where(("metadata", "name"))
 
     def __str__(self) -> str:
         return f"{self.kind} {self.namespace}/{self.name} ({self.where})"
@@ -105,8 +119,8 @@ class ObjectRef:
 @dataclass(frozen=True, slots=True)
 class Host:
     name: Hostname
-    where: str
-    field: str
+    path: FieldPath
+    """The field path of this host in its ServiceEntry (`("spec", "hosts", 0)`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,11 +135,14 @@ class ServiceEntry:
 
 @dataclass(frozen=True, slots=True)
 class WorkloadEntry:
+    """A workload a `workloadSelector` can select: a WorkloadEntry, or a Pod (`ref.kind == "Pod"`)."""
+
     ref: ObjectRef
     endpoint: Endpoint
     """The workload as an endpoint; `labels` are what selectors match."""
 
 
+Workload = WorkloadEntry
 Object = ServiceEntry | WorkloadEntry
 
 T = TypeVar("T")
@@ -139,15 +156,29 @@ class _PortDecl:
     """The protocol as written; None when unset (then `port.protocol` comes from the name)."""
 
 
+def read_object(
+    data: Mapping[str, Any], locator: Locator, default_namespace: str
+) -> tuple[Object | None, list[Problem]]:
+    """One object's data → a ServiceEntry or WorkloadEntry, or the problems found in it.
+
+    Other kinds give (None, []) — or a problem for an unknown kind of Istio's
+    networking group (a typo). Never raises for bad input.
+    """
+    check = _Checker(data, locator)
+    obj = check.object(default_namespace)
+    if check.problems:
+        return None, check.problems
+    return obj, []
+
+
 def read_objects(documents: Sequence[Document], default_namespace: str) -> tuple[list[Object], list[Problem]]:
     """The ServiceEntries and WorkloadEntries among `documents`, and the problems found in them."""
     objects: list[Object] = []
     problems: list[Problem] = []
     for doc in documents:
-        check = _Checker(doc)
-        obj = check.object(default_namespace)
-        problems.extend(check.problems)
-        if obj is not None and not check.problems:
+        obj, found = read_object(doc.data, doc.locator, default_namespace)
+        problems.extend(found)
+        if obj is not None:
             objects.append(obj)
     return objects, problems
 
@@ -167,12 +198,13 @@ def labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool
 class _Checker:
     """Reads one document, collecting problems against its field paths."""
 
-    def __init__(self, doc: Document) -> None:
-        self.doc = doc
+    def __init__(self, data: Mapping[str, Any], locator: Locator) -> None:
+        self.data = data
+        self.locator = locator
         self.problems: list[Problem] = []
 
     def fail(self, path: FieldPath, message: str) -> None:
-        self.problems.append(self.doc.problem(path, message))
+        self.problems.append(self.locator.problem(path, message))
 
     # -- typed access -------------------------------------------------------------------
 
@@ -249,7 +281,7 @@ class _Checker:
     # -- objects --------------------------------------------------------------------------
 
     def object(self, default_namespace: str) -> Object | None:
-        data = self.doc.data
+        data = self.data
         kind = data.get("kind")
         if kind is None:
             self.fail((), "missing kind: not a Kubernetes object")
@@ -282,7 +314,7 @@ class _Checker:
 
     def metadata(self, kind: str, default_namespace: str) -> tuple[ObjectRef | None, dict[str, str]]:
         path: FieldPath = ("metadata",)
-        meta = self.mapping(self.doc.data.get("metadata"), path) or {}
+        meta = self.mapping(self.data.get("metadata"), path) or {}
         name = self.string(meta.get("name"), (*path, "name"))
         namespace = self.string(meta.get("namespace"), (*path, "namespace"))
         labels = self.labels(meta.get("labels"), (*path, "labels"))
@@ -297,8 +329,7 @@ class _Checker:
             kind=kind,
             namespace=namespace or default_namespace,
             name=name,
-            file=self.doc.file,
-            where=self.doc.where((*path, "name")),
+            locator=self.locator,
         )
         return ref, labels
 
@@ -380,7 +411,7 @@ class _Checker:
                 self.fail((*path, i), f"duplicate host {name!r}")
                 continue
             seen.add(host)
-            out.append(Host(host, self.doc.where((*path, i)), self.doc.field((*path, i))))
+            out.append(Host(host, (*path, i)))
         return out
 
     def addresses(self, value: Any, path: FieldPath, resolution: Resolution) -> list[str]:
@@ -616,3 +647,105 @@ def _label_key_problem(key: str) -> str | None:
     if not name or len(name) > 63 or not _LABEL_NAME.match(name):
         return f"invalid label key {key!r}: at most 63 letters, digits, '-', '_' or '.'"
     return None
+
+
+NETWORK_LABEL = "topology.istio.io/network"
+LOCALITY_LABEL = "istio-locality"
+"""Istio's pod label for a locality, `region.zone.subzone` (dots: label values cannot hold `/`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pod:
+    """What a ServiceEntry `workloadSelector` needs of a Kubernetes Pod; filled from the Pod's JSON by `from_json`.
+
+    `locality` comes from the pod's `istio-locality` label when set; else the
+    caller (which knows the node's topology labels) passes it.
+    """
+
+    namespace: str
+    name: str
+    ip: str
+    labels: Mapping[str, str]
+    service_account: str = ""
+    node_name: str = ""
+    ready: bool = True
+    terminating: bool = False
+    locality: Locality = NO_LOCALITY
+    network: str = ""
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any], locality: Locality | None = None) -> Pod | None:
+        """A Pod object as the API server returns it → `Pod`; None when it has no IP or has finished."""
+        meta = obj.get("metadata") or {}
+        spec = obj.get("spec") or {}
+        status = obj.get("status") or {}
+        ip = status.get("podIP")
+        if not isinstance(ip, str) or not is_ip(ip) or status.get("phase") in ("Succeeded", "Failed"):
+            return None
+        raw_labels = meta.get("labels") or {}
+        labels = {str(k): str(v) for k, v in raw_labels.items()} if isinstance(raw_labels, dict) else {}
+        ready = any(
+            isinstance(c, dict) and c.get("type") == "Ready" and c.get("status") == "True"
+            for c in status.get("conditions") or ()
+        )
+        found = locality or NO_LOCALITY
+        if labels.get(LOCALITY_LABEL):
+            parts = [*labels[LOCALITY_LABEL].split(".", 2), "", ""]
+            found = Locality(region=parts[0], zone=parts[1], subzone=parts[2])
+        return cls(
+            namespace=str(meta.get("namespace") or "default"),
+            name=str(meta.get("name") or ""),
+            ip=ip,
+            labels=labels,
+            service_account=str(spec.get("serviceAccountName") or ""),
+            node_name=str(spec.get("nodeName") or ""),
+            ready=ready,
+            terminating=meta.get("deletionTimestamp") is not None,
+            locality=found,
+            network=labels.get(NETWORK_LABEL, ""),
+        )
+
+
+def pod_workload(pod: Pod) -> WorkloadEntry:
+    """A Pod as a workload for `workloadSelector` (Istio selects Pods and WorkloadEntries alike).
+
+    Health: a ready pod is HEALTHY, a terminating one DRAINING, any other UNHEALTHY.
+    """
+    health = Health.DRAINING if pod.terminating else Health.HEALTHY if pod.ready else Health.UNHEALTHY
+    endpoint = Endpoint(
+        address=pod.ip,
+        labels=pod.labels,
+        locality=pod.locality,
+        network=pod.network,
+        service_account=pod.service_account,
+        health=health,
+        node_name=pod.node_name,
+        target_ref=f"Pod/{pod.namespace}/{pod.name}",
+    )
+    ref = ObjectRef("Pod", pod.namespace, pod.name, ObjectLocator("Pod", pod.namespace, pod.name))
+    return WorkloadEntry(ref=ref, endpoint=endpoint)
+
+
+def read_yaml_objects(
+    file: str,
+    text: str,
+    default_namespace: str,
+    *,
+    cache: ChunkCache | None = None,
+    loader: LoaderClass = FAST_LOADER,
+) -> tuple[list[Object], list[Problem]]:
+    """A YAML (or JSON) file's text → its ServiceEntries and WorkloadEntries, or every problem in it.
+
+    With a `cache` kept per file, documents whose text did not change since
+    the previous call are not parsed nor validated again: the same objects
+    come back (so `translate.Translation` sees them unchanged). Blocking; for
+    a worker thread.
+    """
+
+    def validate(documents: list[Document]) -> tuple[list[Object], list[Problem]]:
+        return read_objects(documents, default_namespace)
+
+    results, problems = read_documents(file, text, loader=loader, cache=cache, derive=validate)
+    if problems:
+        return [], problems
+    return [obj for _, objects in results for obj in objects], []
