@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -94,6 +95,25 @@ def clip(text: str, limit: int) -> str:
     if len(text) > limit:
         out += f"... [{len(text)} characters, cut]"
     return out
+
+
+_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def node_namespace(node: Any) -> str | None:
+    """The namespace a client runs in: its node metadata `NAMESPACE` (what Istio's agents send), else the
+    namespace part of an Istio node id `<type>~<ip>~<pod>.<namespace>~<namespace>.svc.<domain>`; None
+    when neither holds a valid namespace name (such a client sees only unrestricted services)."""
+    field = node.metadata.fields.get("NAMESPACE") if node.HasField("metadata") else None
+    candidates = [field.string_value] if field is not None else []
+    parts = node.id.split("~")
+    if len(parts) == 4:
+        candidates.append(parts[2].partition(".")[2])
+        candidates.append(parts[3].partition(".")[0])
+    for ns in candidates:
+        if _LABEL.fullmatch(ns):
+            return str(ns)
+    return None
 
 
 class SyncState:
@@ -187,6 +207,9 @@ class Connection:
         self.only = only
         self.view = view
         self.node_id = ""
+        self.namespace: str | None = None
+        """The client's namespace (node metadata NAMESPACE, else from an Istio node id); None: unknown.
+        Decides which exportTo-restricted services it sees."""
         self.cluster = ""
         self.user_agent = ""
         self.connected_since = time.time()
@@ -215,6 +238,7 @@ class Connection:
     def _node(self, node: Any) -> None:
         if node.id and not self.node_id:
             self.node_id, self.cluster = clip(node.id, NODE_KEEP), clip(node.cluster, NODE_KEEP)
+            self.namespace = node_namespace(node)
             agent = node.user_agent_name
             version = node.user_agent_version or node.user_agent_build_version.version.major_number
             self.user_agent = clip(f"{agent}/{version}", NODE_KEEP) if agent else ""
@@ -444,17 +468,21 @@ class Connection:
         return nonce
 
     def _sotw_response(self, st: TypeState) -> bytes | None:
-        table = self.view.resources[st.type_url]
+        view = self.view
+        table = view.resources[st.type_url]
+        ns = self.namespace
+        shared = b""
+        picked: list[Resource] = []
         if st.type_url in FULL_STATE:
             st.full = st.must_respond = False
-            chosen: Iterable[Resource] = (
-                table.values() if st.wildcard else [table[n] for n in sorted(st.names) if n in table]
-            )
-            picked = list(chosen)
+            if st.wildcard:
+                shared = view.sotw_body(st.type_url, ns)
+            else:
+                picked = [table[n] for n in sorted(st.names) if n in table and view.visible(n, ns)]
         else:
             names, st.pending = st.pending, set()
             st.must_respond = False
-            picked = [table[n] for n in sorted(names) if n in table and st.subscribed(n)]
+            picked = [table[n] for n in sorted(names) if n in table and st.subscribed(n) and view.visible(n, ns)]
             if not picked:
                 return None
         version = str(self.view.version)
@@ -462,7 +490,7 @@ class Connection:
         head = discovery_pb2.DiscoveryResponse(
             version_info=version, type_url=st.type_url, nonce=nonce
         ).SerializeToString()
-        parts = [head]
+        parts = [head, shared]
         for r in picked:
             parts += (b"\x12", varint(len(r.body)), r.body)
         return b"".join(parts)
@@ -475,8 +503,11 @@ class Connection:
         removed: list[str] = []
         outdated: list[str] = []
         """Clusters the client held in another version: their assignments must follow."""
+        view, ns = self.view, self.namespace
         for name in sorted(names):
             r = table.get(name)
+            if r is not None and not view.visible(name, ns):
+                r = None  # outside the client's scope: it does not exist for this client
             if r is not None and st.subscribed(name):
                 had = st.known.get(name)
                 if had != r.version:
@@ -549,6 +580,7 @@ class Connection:
             "peer": self.peer,
             "api": self.api,
             "delta": self.delta,
+            "namespace": self.namespace,
             "connected_since": self.connected_since,
             "held": self.held,
             "types": types,

