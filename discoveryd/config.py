@@ -98,6 +98,11 @@ class XdsConfig(_Section):
     debounce_max: Duration = 1.0
     connect_timeout: Duration = 10.0
     lb_policy: LbPolicy = LbPolicy.ROUND_ROBIN
+    max_connection_age: Duration | None = 1800.0
+    """A client connection is told to go away (HTTP/2 GOAWAY) after this long, give or take 10%, so
+    clients spread over replicas after a rollout; null: never (Istio's default is 30m)."""
+    max_connection_age_grace: Duration = 10.0
+    """How long streams of such a connection may go on before it is closed."""
 
 
 def _forward_target(value: Any) -> str:

@@ -57,11 +57,6 @@ class XdsMetrics:
             buckets=_BUILD_BUCKETS,
             registry=registry,
         )
-        self.max_age_closes = Counter(
-            "discoveryd_xds_max_age_closes_total",
-            "Streams ended because their connection reached xds.max_connection_age (clients reconnect).",
-            registry=registry,
-        )
         shorts = SHORT.values()
         self.pushes_by = {s: self.pushes.labels(s) for s in shorts}
         self.sent_bytes_by = {s: self.sent_bytes.labels(s) for s in shorts}

@@ -129,7 +129,7 @@ class XdsServer:
         self._serving = self._built_from.ready
         if not self._serving:
             log.info("xds: holding responses until every registry has synced or been restored")
-        server = grpc.aio.server(options=_OPTIONS)
+        server = grpc.aio.server(options=_options(self._config))
         server.add_generic_rpc_handlers(self._handlers())
         healthz = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(healthz, server)
@@ -300,6 +300,24 @@ class XdsServer:
         if self._tls_port is not None:
             out.append(f"{split_hostport(self._config.tls_listen)[0]}:{self._tls_port} (TLS)")
         return out
+
+
+def _options(config: XdsConfig) -> tuple[tuple[str, int], ...]:
+    """gRPC server options: the fixed ones and the connection age of `xds.max_connection_age`.
+
+    gRPC sends GOAWAY at the age (jittered by +-10% per connection by gRPC
+    itself, so a fleet connected at once does not reconnect at once) and closes
+    the connection after the grace; clients reconnect, to any replica, with the
+    versions they hold.
+    """
+    age = config.max_connection_age
+    if age is None or age <= 0:
+        return _OPTIONS
+    return (
+        *_OPTIONS,
+        ("grpc.max_connection_age_ms", max(1, int(age * 1000))),
+        ("grpc.max_connection_age_grace_ms", max(1, int(config.max_connection_age_grace * 1000))),
+    )
 
 
 def _raw(body: bytes) -> bytes:

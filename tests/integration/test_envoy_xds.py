@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, PortProtocol, Resolution, Service
+from discoveryd.index import Index
+from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, PortProtocol, Resolution, Service, SourceId
 from discoveryd.xds.metrics import daemon_metrics
 from tests.helpers import eventually
 from tests.integration.xds_fixtures import (  # noqa: F401
@@ -230,3 +231,38 @@ async def test_envoys_in_two_namespaces_see_their_own_exports(xds: RunningXds, t
         web_sees = {cluster("public.test"), cluster("for-web.test")}
         await eventually(lambda: settled(shop, shop_sees), timeout=20, what="shop envoy's clusters")
         await eventually(lambda: settled(web_envoy, web_sees), timeout=20, what="web envoy's clusters")
+
+
+@pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC"])
+async def test_max_connection_age_makes_envoy_reconnect_and_stay_synced(
+    index: Index, tmp_path: Path, api_type: str
+) -> None:
+    """Connections are closed after xds.max_connection_age (GOAWAY, then the grace): Envoy reconnects with
+    what it has and keeps following changes, so clients spread over replicas after a rollout."""
+    shard = index.writer(SourceId("files/t"))
+    shard.mark_synced()
+    server, task = await start_xds(index, max_connection_age=1.0, max_connection_age_grace=0.3)
+    try:
+        async with http_backend("alpha") as alpha, http_backend("beta") as beta:
+            shard.replace([web(alpha)])
+            async with run_envoy(tmp_path, server.ports[0], api_type, route_to=cluster(WEB)) as envoy:
+                assert await eventually(lambda: _answers(envoy, "alpha"), timeout=20, what="traffic to alpha")
+                first = {c.id for c in server.connections}
+
+                def reconnected() -> bool:
+                    now = {c.id for c in server.connections}
+                    return bool(now) and not now & first and len(now) == 1
+
+                await eventually(reconnected, timeout=20, what="envoy on a new connection after the max age")
+                shard.replace([web(beta)])
+                assert await eventually(lambda: _answers(envoy, "beta"), timeout=20, what="synced after reconnect")
+                await eventually(
+                    lambda: all(
+                        t["state"] == "SYNCED" for c in server.syncz()["connections"] for t in c["types"].values()
+                    ),
+                    timeout=20,
+                    what="the new stream ACKs what it holds",
+                )
+                assert await envoy.stat("cluster_manager.cds.update_rejected") == 0
+    finally:
+        await stop(task)
