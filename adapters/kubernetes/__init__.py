@@ -8,14 +8,12 @@ from __future__ import annotations
 
 from adapters.kubernetes.config import KubernetesConfig
 from adapters.kubernetes.registry import KubernetesRegistry
-from discoveryd.registry import AdapterContext, AdapterSpec, RegistryConfig
+from discoveryd.registry import AdapterContext, AdapterSpec
 
 __all__ = ["ADAPTER", "KubernetesConfig", "KubernetesRegistry"]
 
 
-def _create(config: RegistryConfig, context: AdapterContext) -> KubernetesRegistry:
-    if not isinstance(config, KubernetesConfig):
-        raise TypeError(f"expected a KubernetesConfig, got {type(config).__name__}")
+def _create(config: KubernetesConfig, context: AdapterContext) -> KubernetesRegistry:
     return KubernetesRegistry(config, context.base_dir)
 
 

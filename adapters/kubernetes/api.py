@@ -17,7 +17,9 @@ the generated models (measured in bench/kubernetes_bench.py).
    kept, as an opaque string; each chunk read off the stream goes to
    `Store.apply` as one list of events;
 3. a clean end of the stream watches again from the last version; 410 Gone
-   (HTTP status or an ERROR event) lists again (1); any other error raises
+   (HTTP status or an ERROR event) lists again (1), and so does a version
+   newer than the server's (504 "Too large resource version": the cluster
+   was replaced, as client-go's reflector treats it); any other error raises
    to the caller, which reconnects; the version is kept, so the next session
    resumes the watch where this one stopped.
 
@@ -57,6 +59,10 @@ class Gone(ApiError):
     """410: the resourceVersion (or continue token) is too old; only a new list can catch up."""
 
 
+class TooLarge(ApiError):
+    """The resourceVersion is newer than the server's (the cluster was replaced): only a new list can catch up."""
+
+
 class NotFound(ApiError):
     """404: the resource is not served (a CRD not installed)."""
 
@@ -73,6 +79,8 @@ def _error(status: int, body: bytes) -> ApiError:
         return Gone(status, reason, message)
     if status == 404:
         return NotFound(status, reason, message)
+    if status == 504 and "too large resource version" in message.lower():
+        return TooLarge(status, reason, message)
     return ApiError(status, reason, message)
 
 
@@ -236,7 +244,7 @@ class Reflector:
                     self._on_listed()
             try:
                 await self._watch(api, on_watching)
-            except Gone as e:
+            except (Gone, TooLarge) as e:
                 log.info("%s %s: %s; listing again", api.host, self.kind, e.message)
                 self.resource_version = None
 

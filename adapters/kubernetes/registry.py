@@ -53,7 +53,7 @@ from adapters.kubernetes.mapping import (
     parse_slice,
     service_hostname,
 )
-from discoveryd.model import Problem, Service, Zone, ZoneFlavor, hostname
+from discoveryd.model import Problem, Service, SourceId, Zone, ZoneFlavor, hostname
 from discoveryd.registry import RegistryConfig, ShardWriter
 
 log = logging.getLogger("discoveryd.adapters.kubernetes")
@@ -346,6 +346,7 @@ class KubernetesRegistry:
 
     def __init__(self, config: KubernetesConfig, base_dir: Path) -> None:
         self.config: RegistryConfig = config
+        self.source: SourceId = config.source
         self._config = config
         self._base_dir = base_dir
         self.view: _ServiceView | None = None

@@ -19,7 +19,7 @@ import pytest
 from adapters.kubernetes import KubernetesConfig, KubernetesRegistry
 from discoveryd.index import Index, Snapshot
 from discoveryd.model import Health, Hostname, PortProtocol, Resolution, SourceId
-from tests.adapters.contract import AdapterContract
+from discoveryd.testing import AdapterContract
 from tests.fakes.kubernetes import FakeApiServer, endpoint, endpoint_slice, kubeconfig, service
 from tests.helpers import eventually
 
@@ -319,9 +319,10 @@ async def test_node_regions_when_nodes_are_watched(fake: FakeApiServer, index: I
     )
     async with running(index, _config(tmp_path, fake, watch_nodes=True), tmp_path):
         await eventually(lambda: index.snapshot.ready, what="first sync")
-        assert str(index.snapshot.services[WEB].endpoints[0].locality) == "eu/eu-1"
+        locality = index.snapshot.services[WEB].endpoints[0].locality
+        assert (locality.region, locality.zone) == ("eu", "eu-1")
         fake.apply("nodes", {"metadata": {"name": "n1", "labels": {"topology.kubernetes.io/region": "us"}}})
-        await eventually(lambda: str(index.snapshot.services[WEB].endpoints[0].locality) == "us/eu-1", what="region")
+        await eventually(lambda: index.snapshot.services[WEB].endpoints[0].locality.region == "us", what="region")
 
 
 async def test_nodes_are_not_read_unless_asked(fake: FakeApiServer, index: Index, tmp_path: Path) -> None:
@@ -410,8 +411,32 @@ class KubernetesHarness:
     async def put_broken(self, name: str) -> None:
         self.fake.apply("services", service(name, "contract", ports=[{"name": "http", "port": 70000}]))
 
+    async def outage(self) -> None:
+        await self.fake.stop()
+
+    async def restore(self) -> None:
+        await self.fake.restart()  # a restarted API server: its new watch cache answers 410 to older versions
+
 
 class TestContract(AdapterContract):
     @pytest.fixture
     async def harness(self, fake: FakeApiServer, tmp_path: Path) -> KubernetesHarness:
         return KubernetesHarness(fake, tmp_path)
+
+
+async def test_a_replaced_cluster_with_lower_versions_is_listed_again(
+    fake: FakeApiServer, index: Index, tmp_path: Path
+) -> None:
+    """A new cluster at the same address (a new etcd: versions start over) answers the old version with
+    "Too large resource version"; the registry lists again instead of retrying that watch forever.
+    (One whose versions have already caught up with the old one cannot be told apart, as with client-go.)"""
+    _web(fake, 3)
+    async with running(index, _config(tmp_path, fake), tmp_path):
+        await eventually(lambda: _host(2) in index.snapshot.services, what="first sync")
+        await fake.stop()
+        fake.reset()
+        fake.apply("services", service("fresh", "shop", cluster_ips=["10.96.7.7"]))
+        await fake.start()
+        await eventually(
+            lambda: set(index.snapshot.services) == {"fresh.shop.svc.cluster.local"}, timeout=10, what="relisted"
+        )

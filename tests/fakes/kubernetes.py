@@ -25,6 +25,8 @@ absent and installed later), at the real paths (`/api/v1/...`,
   `max_watch_seconds`) end the stream cleanly. A label-selected watch turns
   an object that stops matching into DELETED and one that starts matching
   into ADDED, as the watch cache does.
+- A watch from a version newer than the store's (a cluster that was reset,
+  `reset()`) answers 504 with the cause `ResourceVersionTooLarge`.
 - **Errors** are `Status` objects (`{"kind": "Status", "code": 410, ...}`).
   Optional bearer-token authentication (401 without it).
 
@@ -257,6 +259,13 @@ class FakeApiServer:
 
     # -- the cluster's state, changed by tests ----------------------------------------------
 
+    def reset(self) -> None:
+        """Become a new, empty cluster (a new etcd): objects and history gone, versions start over."""
+        self.objects = {p: {} for p in RESOURCES}
+        self._history = {p: [] for p in RESOURCES}
+        self._snapshots.clear()
+        self.rv, self.compacted = 1, 0
+
     def install_crds(self) -> None:
         self.crds_installed = True
 
@@ -428,6 +437,13 @@ class FakeApiServer:
         timeout = float(query["timeoutSeconds"]) if query.get("timeoutSeconds") else None
         if self.max_watch_seconds is not None:
             timeout = min(timeout or self.max_watch_seconds, self.max_watch_seconds)
+        if start_rv is not None and start_rv > self.rv:
+            # The watch cache waits a moment for the version to arrive, then gives up (504, as the API server does).
+            too_large = status(504, "Timeout", f"Too large resource version: {start_rv}, current: {self.rv}")
+            too_large["details"] = {
+                "causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}]
+            }
+            return web.json_response(too_large, status=504)
         too_old = start_rv is not None and start_rv < self.compacted
         gone = status(410, "Expired", f"too old resource version: {start_rv} ({self.compacted})")
         if too_old and self.gone_as == "status":
