@@ -43,6 +43,7 @@ from discoveryd.index import Index
 from discoveryd.model import Hostname, SourceId, Zone, ZoneFlavor
 from discoveryd.registry import AdapterContext, Registry, RegistryConfig, ShardWriter, ZoneProvider
 from discoveryd.sdnotify import Notifier
+from discoveryd.session import Backoff, SessionEnded, SessionState, run_sessions
 from discoveryd.xds import XdsServer
 
 log = logging.getLogger("discoveryd.supervisor")
@@ -322,17 +323,21 @@ class Supervisor:
 
 
 async def _guard(registry: Registry, shard: ShardWriter) -> None:
-    """Run an adapter; restart it with backoff if it raises or returns (a bug, never a reason to stop)."""
-    delay = _RESTART_MIN
-    while True:
-        try:
-            await registry.run(shard)
-            log.error("registry %s: run() returned; restarting in %.0fs", shard.source, delay)
-        except Exception as e:
-            log.exception("registry %s crashed; restarting in %.0fs", shard.source, delay)
-            shard.mark_failing(f"adapter crashed: {e!r}")
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, _RESTART_MAX)
+    """Run an adapter; restart it with backoff if it raises or returns (a bug, never a reason to stop).
+
+    The shared session policy (`discoveryd.session`): jitter, the shard marked
+    failing before each wait, the backoff reset after a run that lasted.
+    """
+
+    async def run(state: SessionState) -> None:
+        state.healthy()
+        await registry.run(shard)
+
+    def describe(error: BaseException) -> str:
+        return "run() returned" if isinstance(error, SessionEnded) else f"adapter crashed: {error!r}"
+
+    backoff = Backoff(initial=_RESTART_MIN, maximum=_RESTART_MAX, healthy_after=_RESTART_MAX)
+    await run_sessions(shard, run, backoff=backoff, describe=describe, what="registry", logger=log, traceback=True)
 
 
 async def _serve_or_report(server: Server) -> OSError | None:

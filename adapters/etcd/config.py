@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from adapters.etcd.formats import FORMATS, valid_dns_name
+from adapters.toolkit.hostport import split_url
 from discoveryd.registry import Duration, RegistryConfig
 
 
@@ -23,18 +23,7 @@ def split_endpoint(url: str) -> tuple[str, str, int]:
 
     A URL without a scheme is `http`; without a port, 2379.
     """
-    parts = urlsplit(url if "://" in url else f"http://{url}")
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"{url!r}: the scheme must be http or https")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise ValueError(f"{url!r}: expected scheme://host:port and nothing else")
-    try:
-        port = parts.port
-    except ValueError as e:
-        raise ValueError(f"{url!r}: {e}") from None
-    if not parts.hostname:
-        raise ValueError(f"{url!r}: missing host")
-    return parts.scheme, parts.hostname, port if port is not None else 2379
+    return split_url(url, 2379)
 
 
 def _endpoint(value: Any) -> str:

@@ -14,12 +14,13 @@ is one class with `parse` and an entry in `FORMATS`.
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from adapters.toolkit.hostport import split_hostport
+from adapters.toolkit.names import is_dns_name
 from discoveryd.model import (
     Endpoint,
     Health,
@@ -35,14 +36,13 @@ from discoveryd.model import (
     parse_protocol,
 )
 
-_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 _MAX_WEIGHT = 65535
 """Weights and priorities end up in 16-bit SRV fields."""
 
 
 def valid_dns_name(name: str) -> bool:
     """A lower-case DNS name without trailing dot: labels of letters, digits, `-`, `_`."""
-    return 0 < len(name) <= 253 and all(_LABEL.match(label) for label in name.split("."))
+    return is_dns_name(name, underscore=True)
 
 
 class FormatError(ValueError):
@@ -141,16 +141,13 @@ def _str(doc: Mapping[str, Any], name: str, field: str) -> str:
 
 def _split_addr(addr: str) -> tuple[str, int]:
     """`10.0.0.1:8080`, `[fd00::1]:8080` → (ip, port)."""
-    if addr.startswith("["):
-        host, sep, rest = addr[1:].partition("]")
-        port_s = rest[1:] if sep and rest.startswith(":") else ""
-    else:
-        host, _, port_s = addr.rpartition(":")
-    if not host or not port_s.isdigit() or not 0 < int(port_s) <= 65535:
-        raise FormatError(f"expected ip:port, got {addr!r}", "Addr")
+    try:
+        host, port = split_hostport(addr)
+    except ValueError:
+        raise FormatError(f"expected ip:port, got {addr!r}", "Addr") from None
     if not is_ip(host):
         raise FormatError(f"the host in {addr!r} must be an IP address", "Addr")
-    return host, int(port_s)
+    return host, port
 
 
 _HEALTH = {h.value.lower(): h for h in Health}

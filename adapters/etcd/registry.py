@@ -12,7 +12,8 @@ Data flow, in the registry's own task (`run`):
    are rebuilt (`formats.assemble`) and upserted or deleted. A lease that
    expires arrives as a DELETE like any other;
 4. when the connection breaks, `shard.mark_failing` (the content stays,
-   marked stale), reconnect with exponential backoff and jitter, and resume
+   marked stale), reconnect with exponential backoff and jitter (the shared
+   session loop, `discoveryd.session`: reset after a watch that lasted), and resume
    the watch from the last revision seen + 1; when etcd has compacted that
    revision away, list again and replace (step 2).
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,18 +39,12 @@ from typing import Any
 import grpc
 import grpc.aio
 from aetcd import rpc
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    wait_exponential,
-    wait_random_exponential,
-)
 
 from adapters.etcd.config import EtcdConfig, split_endpoint
 from adapters.etcd.formats import FORMATS, Format, FormatError, Member, assemble
 from discoveryd.model import Hostname, Problem, SourceId, Zone, ZoneFlavor, hostname
 from discoveryd.registry import RegistryConfig, ShardWriter
+from discoveryd.session import Backoff, SessionState, run_sessions
 
 log = logging.getLogger("discoveryd.adapters.etcd")
 
@@ -225,35 +219,20 @@ class EtcdRegistry:
     async def run(self, shard: ShardWriter) -> None:
         """Sync `shard` with the prefix until cancelled (see the module docstring)."""
         view = _View(self._format, self._config.prefix, shard)
+        backoff = Backoff(
+            initial=self._config.backoff_initial, maximum=self._config.backoff_max, healthy_after=_STABLE_AFTER
+        )
 
-        def failing(state: RetryCallState) -> None:
-            error = state.outcome.exception() if state.outcome is not None else None
-            reason = describe(error) if error is not None else "unknown error"
-            log.warning("etcd %s: %s; retrying in %.2fs", self.config.source, reason, state.upcoming_sleep)
-            shard.mark_failing(reason)
+        async def session(state: SessionState) -> None:
+            await self._session(view, shard, state)
 
-        half_initial, half_max = self._config.backoff_initial / 2, self._config.backoff_max / 2
-        while True:
-            # A fresh retry loop per healthy session, so the backoff starts over after one.
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(_TRANSIENT),
-                wait=wait_exponential(multiplier=half_initial, max=half_max)
-                + wait_random_exponential(multiplier=half_initial, max=half_max),
-                before_sleep=failing,
-                reraise=True,
-            ):
-                with attempt:
-                    await self._session(view, shard)
+        await run_sessions(
+            shard, session, backoff=backoff, retry_on=_TRANSIENT, describe=describe, what="etcd", logger=log
+        )
 
-    async def _session(self, view: _View, shard: ShardWriter) -> None:
-        """Connect, list when needed, and watch. Returns after a healthy watch broke; raises otherwise."""
+    async def _session(self, view: _View, shard: ShardWriter, state: SessionState) -> None:
+        """Connect, list when needed, and watch until the connection fails (raises)."""
         conn = await self._connect()
-        established: float | None = None
-
-        def on_established() -> None:
-            nonlocal established
-            established = time.monotonic()
-
         try:
             while True:
                 if view.revision == 0:
@@ -264,16 +243,13 @@ class EtcdRegistry:
                         shard.mark_synced()
                     log.info("etcd %s: listed %d keys at revision %d", self.config.source, listing.count, revision)
                 try:
-                    await self._watch(conn, view, shard, on_established)
+                    await self._watch(conn, view, shard, state.healthy)
                 except _Compacted as e:
                     log.info("etcd %s: %s; listing again", self.config.source, e)
                     view.revision = 0
-        except _TRANSIENT as e:
+        except _TRANSIENT:
             self._next = (conn.endpoint + 1) % len(self._config.endpoints)
-            if established is None or time.monotonic() - established < _STABLE_AFTER:
-                raise
-            log.warning("etcd %s: watch lost: %s; reconnecting", self.config.source, describe(e))
-            shard.mark_failing(describe(e))
+            raise
         finally:
             await conn.channel.close()
 

@@ -9,15 +9,13 @@ read the same files.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
 
+from adapters.toolkit.names import is_dns1123_label
 from discoveryd.registry import RegistryConfig
-
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 class FilesConfig(RegistryConfig):
@@ -40,7 +38,7 @@ class FilesConfig(RegistryConfig):
     @field_validator("namespace")
     @classmethod
     def _namespace(cls, value: str) -> str:
-        if not _DNS1123_LABEL.match(value):
+        if not is_dns1123_label(value):
             raise ValueError(f"{value!r} is not a namespace name (a DNS-1123 label)")
         return value
 

@@ -46,13 +46,13 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tenacity
 from watchfiles import awatch
 
 from adapters.files.config import FilesConfig
 from adapters.istio import ChunkCache, Object, Translation, read_yaml_objects
 from discoveryd.model import Hostname, Problem, Service, SourceId
 from discoveryd.registry import AdapterContext, RegistryConfig, ShardWriter
+from discoveryd.session import Backoff, SessionState, run_sessions
 
 log = logging.getLogger("discoveryd.adapters.files")
 
@@ -69,6 +69,9 @@ EMPTY_GRACE = 0.3
 """A file that had content and is now empty is given this long (in seconds) before its services are
 removed: an in-place write (`open(..., "w")`) truncates before it writes, and a watch event may
 land in between. A file emptied on purpose still takes effect well within a second."""
+
+WATCH_BACKOFF = Backoff(initial=0.5, maximum=30.0, healthy_after=10.0)
+"""When watching fails (the inotify watch limit, a directory gone mid-setup): retry, marked failing meanwhile."""
 
 Signature = tuple[int, int, int, int, int]
 """(device, inode, size, mtime_ns, ctime_ns) of a file, following symlinks."""
@@ -331,17 +334,21 @@ class FilesRegistry:
         publisher = _Publisher(shard, files)
         await publisher.refresh()
         shard.mark_synced()
-        while True:
-            retrying = tenacity.AsyncRetrying(
-                wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=30, jitter=1),
-                retry=tenacity.retry_if_exception_type(Exception),
-                before_sleep=lambda state: _watch_failed(shard, state),
-            )
-            async for attempt in retrying:
-                with attempt:
-                    await self._follow(files, publisher)
 
-    async def _follow(self, files: FileSet, publisher: _Publisher) -> None:
+        async def session(state: SessionState) -> None:
+            while True:  # a new plan (directories appeared or went away) is no failure
+                await self._follow(files, publisher, state)
+
+        await run_sessions(
+            shard,
+            session,
+            backoff=WATCH_BACKOFF,
+            describe=lambda e: f"cannot watch files: {e}",
+            what="files",
+            logger=log,
+        )
+
+    async def _follow(self, files: FileSet, publisher: _Publisher, state: SessionState) -> None:
         """Watch the current plan and refresh on every event; return when the plan must change."""
         plan = await asyncio.to_thread(files.watch_plan)
         queue: asyncio.Queue[set[str] | Exception | None] = asyncio.Queue()
@@ -357,6 +364,7 @@ class FilesRegistry:
             await asyncio.sleep(0)
             recheck = await publisher.refresh()
             publisher.shard.mark_synced()
+            state.healthy()
             while True:
                 try:
                     item = await asyncio.wait_for(queue.get(), recheck)
@@ -434,13 +442,6 @@ async def _pump(
         queue.put_nowait(e)
     else:
         queue.put_nowait(None)
-
-
-def _watch_failed(shard: ShardWriter, state: tenacity.RetryCallState) -> None:
-    error = state.outcome.exception() if state.outcome is not None else None
-    delay = state.next_action.sleep if state.next_action is not None else 0.0
-    log.warning("%s: cannot watch files (%s); retrying in %.1fs", shard.source, error, delay)
-    shard.mark_failing(f"cannot watch files: {error}")
 
 
 class _Publisher:

@@ -14,29 +14,13 @@ offset is kept current by the reader that owns the file (see `yamlread`).
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from adapters.toolkit.location import FieldPath, dotted
 from discoveryd.model import Problem
 
-FieldPath = tuple[str | int, ...]
-"""A path into an object: `("spec", "ports", 1, "name")`."""
-
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def dotted(path: FieldPath) -> str:
-    """`("spec", "ports", 1, "name")` → `spec.ports[1].name`; odd map keys are quoted: `labels["app/x"]`."""
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif _IDENTIFIER.match(part):
-            out += f".{part}" if out else part
-        else:
-            out += f"[{part!r}]".replace("'", '"')
-    return out
+__all__ = ["FieldPath", "FixedLocator", "Locator", "ObjectLocator", "dotted"]
 
 
 class Locator(ABC):

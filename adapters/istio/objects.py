@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 from adapters.istio.locate import FieldPath, Locator, ObjectLocator
 from adapters.istio.yamlread import FAST_LOADER, ChunkCache, Document, LoaderClass, read_documents
+from adapters.toolkit.names import is_dns1123_label, is_dns1123_subdomain, is_dns_label, is_fqdn
 from discoveryd.model import (
     NO_LOCALITY,
     Endpoint,
@@ -60,10 +61,7 @@ WORKLOAD_ENTRY = "WorkloadEntry"
 UNIX_PREFIX = "unix://"
 _MAX_UINT32 = 2**32 - 1
 
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 # Istio accepts upper case in host labels and port names (matching is case-insensitive).
-_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?$")
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
@@ -181,14 +179,6 @@ def read_objects(documents: Sequence[Document], default_namespace: str) -> tuple
         if obj is not None:
             objects.append(obj)
     return objects, problems
-
-
-def valid_fqdn(name: str) -> bool:
-    """Istio's ValidateFQDN: DNS-1123 labels (any case), at most 255 characters, a trailing dot allowed."""
-    name = name[:-1] if name.endswith(".") else name
-    if not name or len(name) > 255:
-        return False
-    return all(len(label) <= 63 and _HOST_LABEL.match(label) for label in name.split("."))
 
 
 def labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
@@ -321,9 +311,9 @@ class _Checker:
         if not name:
             self.fail(path, "metadata.name is required")
             return None, labels
-        if len(name) > 253 or not _DNS1123_SUBDOMAIN.match(name):
+        if not is_dns1123_subdomain(name):
             self.fail((*path, "name"), f"invalid name {name!r}: lower-case letters, digits, '-' and '.'")
-        if namespace is not None and (len(namespace) > 63 or not _DNS1123_LABEL.match(namespace)):
+        if namespace is not None and not is_dns1123_label(namespace):
             self.fail((*path, "namespace"), f"invalid namespace {namespace!r}: lower-case letters, digits and '-'")
         ref = ObjectRef(
             kind=kind,
@@ -468,7 +458,7 @@ class _Checker:
         errors = len(self.problems)
         number = self.required(port, "number", path, self.port_number)
         name = self.required(port, "name", path, self.string)
-        if name is not None and (len(name) > 63 or not _HOST_LABEL.match(name)):
+        if name is not None and not is_dns_label(name, upper=True):
             self.fail((*path, "name"), f"invalid port name {name!r}: must be a DNS-1123 label")
         target = self.port_number(port.get("targetPort"), (*path, "targetPort"))
         declared = self.string(port.get("protocol"), (*path, "protocol"))
@@ -538,7 +528,7 @@ class _Checker:
             if entry in seen:
                 self.fail((*path, i), f"duplicate entry {entry!r}")
             seen.add(entry)
-            if entry not in (".", "*", "~") and (len(entry) > 63 or not _DNS1123_LABEL.match(entry)):
+            if entry not in (".", "*", "~") and not is_dns1123_label(entry):
                 self.fail((*path, i), f"{entry!r} must be '.', '*', '~' or a namespace name")
         if len(entries) > 1 and "*" in seen:
             self.fail(path, "'*' (every namespace) cannot be combined with other entries")
@@ -569,13 +559,13 @@ class _Checker:
         elif not is_ip(address):
             if not allow_fqdn:
                 self.fail((*path, "address"), f"{address!r} is not an IP address (resolution STATIC)")
-            elif not valid_fqdn(address):
+            elif not is_fqdn(address):
                 self.fail((*path, "address"), f"{address!r} is not an IP address or a FQDN")
 
         ports: dict[str, int] = {}
         for name, number in (self.mapping(ep.get("ports"), (*path, "ports")) or {}).items():
             ppath = (*path, "ports", str(name))
-            if not isinstance(name, str) or len(name) > 63 or not _HOST_LABEL.match(name):
+            if not isinstance(name, str) or not is_dns_label(name, upper=True):
                 self.fail(ppath, f"invalid port name {name!r}: must be a DNS-1123 label")
                 continue
             if service_ports is not None and name not in service_ports:
@@ -635,14 +625,14 @@ def _host_problem(name: str) -> str | None:
     rest = name[2:] if name.startswith("*.") else name
     if "*" in rest:
         return f"invalid host {name!r}: a wildcard must be the whole first label, as in '*.example.com'"
-    if not valid_fqdn(rest):
+    if not is_fqdn(rest):
         return f"invalid host {name!r}: expected a DNS name such as 'api.example.com' or '*.example.com'"
     return None
 
 
 def _label_key_problem(key: str) -> str | None:
     prefix, sep, name = key.rpartition("/")
-    if sep and (not prefix or len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix)):
+    if sep and not is_dns1123_subdomain(prefix):
         return f"invalid label key {key!r}: the prefix must be a DNS subdomain"
     if not name or len(name) > 63 or not _LABEL_NAME.match(name):
         return f"invalid label key {key!r}: at most 63 letters, digits, '-', '_' or '.'"

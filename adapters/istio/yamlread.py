@@ -46,6 +46,7 @@ from yaml.events import (
 )
 
 from adapters.istio.locate import FieldPath, Locator
+from adapters.toolkit.location import yaml_line
 from discoveryd.model import Problem
 
 LoaderClass = type[yaml.SafeLoader] | type[yaml.CSafeLoader]
@@ -105,7 +106,7 @@ class Chunk:
         nodes = self.nodes()
         if document >= len(nodes):
             return self.first_line + 1
-        return self.first_line + _line_of(nodes[document], path)
+        return self.first_line + yaml_line(nodes[document], path)
 
 
 class ChunkLocator(Locator):
@@ -335,25 +336,6 @@ def _compose(chunk: Chunk) -> tuple[list[Document], list[Problem]]:
         loader.dispose()
     chunk._nodes = nodes
     return documents, problems
-
-
-def _line_of(node: yaml.Node, path: FieldPath) -> int:
-    """1-based line (in the chunk) of the deepest node along `path` that exists (a mapping field: its key's line)."""
-    line: int = node.start_mark.line + 1
-    current: yaml.Node = node
-    for part in path:
-        nxt: yaml.Node | None = None
-        if isinstance(current, yaml.MappingNode):
-            for key, value in current.value:  # the last occurrence wins, as in the constructed data
-                if isinstance(key, yaml.ScalarNode) and key.value == part:
-                    line, nxt = key.start_mark.line + 1, value
-        elif isinstance(current, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(current.value):
-            nxt = current.value[part]
-            line = nxt.start_mark.line + 1
-        if nxt is None:
-            break
-        current = nxt
-    return line
 
 
 def _duplicate_keys(chunk: Chunk, root: yaml.Node) -> list[Problem]:

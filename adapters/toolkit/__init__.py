@@ -1,0 +1,10 @@
+"""Small helpers every adapter may import: names, addresses, source locations.
+
+- `names`: DNS names and Kubernetes names (one set of rules, with the
+  variations registries need: case, `_`, a trailing dot).
+- `hostport`: `host:port`, `[v6]:port` and `scheme://host:port` parsing.
+- `location`: field paths (`spec.ports[1].name`) and YAML node → line.
+
+The session loop (connect → sync → follow with backoff) is
+`discoveryd.session`, shared with the supervisor. Pure functions; no I/O.
+"""
