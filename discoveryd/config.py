@@ -113,6 +113,19 @@ def _forward_target(value: Any) -> str:
     return value
 
 
+class RrlConfig(_Section):
+    """Response rate limiting of UDP answers per source prefix (`dns/rrl.py`)."""
+
+    responses_per_second: float = Field(default=0.0, ge=0)
+    """Per source prefix; 0 turns RRL off."""
+    slip: int = Field(default=1, ge=0, le=100)
+    """Every slip-th limited response goes out truncated (TC) instead of dropped; 0 drops them all."""
+    ipv4_prefix: int = Field(default=24, ge=8, le=32)
+    ipv6_prefix: int = Field(default=56, ge=16, le=128)
+    table_size: int = Field(default=65536, ge=1, le=1 << 24)
+    """Token buckets (prefixes that hash alike share one)."""
+
+
 class DnsConfig(_Section):
     listen: list[HostPort] = Field(default_factory=lambda: ["127.0.0.1:15053"])
     zones: list[str] = Field(default_factory=list)
@@ -134,6 +147,11 @@ class DnsConfig(_Section):
     tcp_max_connections: int = Field(default=1024, ge=1)
     tcp_max_connections_per_source: int = Field(default=64, ge=1)
     """TCP connections one client may hold (an IPv4 address, an IPv6 /64); further ones are closed at once."""
+    query_log: bool = False
+    """One log line per answered query (client, name, type, rcode, duration) on logger discoveryd.dns.query."""
+    query_log_rate: float = Field(default=100.0, gt=0)
+    """Query log lines per second at most; the rest are counted and summarised."""
+    rrl: RrlConfig = Field(default_factory=RrlConfig)
 
     @field_validator("zones")
     @classmethod

@@ -186,7 +186,8 @@ class RateLimiter(logging.Filter):
         self._sink = handler
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if hasattr(record, "suppressed"):
+        # Summaries, and records whose producer applies its own rate limit (the DNS query log).
+        if hasattr(record, "suppressed") or getattr(record, "prelimited", False):
             return True
         key = (record.name, record.levelno, str(record.msg))
         now = self._clock()

@@ -32,7 +32,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from discoveryd.dns import metrics
 from discoveryd.dns.message import (
     AAAA,
     ANY,
@@ -53,6 +52,7 @@ from discoveryd.dns.message import (
     opt_record,
     pack,
 )
+from discoveryd.dns.metrics import DnsMetrics, Tally
 from discoveryd.dns.records import EMPTY, Node, RecordTable
 from discoveryd.dns.wire import scan, subkey
 from discoveryd.model import Hostname, Service
@@ -245,9 +245,10 @@ class _Cached:
     by the exact-query map die with it.
     """
 
-    __slots__ = ("counter", "live", "qname_end", "tails", "truncated", "turn", "variants")
+    __slots__ = ("counter", "live", "metrics", "qname_end", "tails", "truncated", "turn", "variants")
 
-    def __init__(self, packed: Sequence[bytes], qname_len: int, counter: metrics.Tally) -> None:
+    def __init__(self, packed: Sequence[bytes], qname_len: int, counter: Tally, metrics: DnsMetrics) -> None:
+        self.metrics = metrics
         self.variants = tuple(packed)
         self.qname_end = 12 + qname_len
         self.turn = 0
@@ -273,21 +274,21 @@ class _Cached:
 
     def pick(self, after_id: tuple[bytes, ...]) -> bytes:
         """This turn's variant out of `after_id()`, counted as a cache hit (the hottest call)."""
-        metrics.ANSWER_CACHE_HIT.n += 1
+        self.metrics.cache_hit.n += 1
         self.counter.n += 1
         if self.tails == 1 and not self.truncated:
             return after_id[0]
         turn = self.turn
         self.turn = turn + 1
         if self.truncated:
-            metrics.TRUNCATED.n += 1
+            self.metrics.truncated.n += 1
         return after_id[turn % self.tails]
 
     def _count(self) -> None:
         self.turn += 1
         self.counter.n += 1
         if self.truncated:
-            metrics.TRUNCATED.n += 1
+            self.metrics.truncated.n += 1
 
 
 _ExactMap = dict[bytes, tuple[_Cached, tuple[bytes, ...]]]
@@ -338,8 +339,10 @@ def _wire_name(name: str) -> bytes:
 class Authority:
     """The record table plus the answer cache in front of it. Owned by one server, used on its loop."""
 
-    def __init__(self, table: RecordTable) -> None:
+    def __init__(self, table: RecordTable, metrics: DnsMetrics | None = None) -> None:
+        """`metrics`: the owning server's (a private set when None)."""
         self.table = table
+        self.metrics = metrics if metrics is not None else DnsMetrics()
         self._cache: dict[bytes, _Slot] = {}
         self._size = 0
         self._deps: dict[str, set[bytes]] = {}
@@ -370,12 +373,12 @@ class Authority:
         slot = self._cache.get(data[12:qend].lower())
         cached = slot.get(sub) if slot is not None else None
         if cached is None:
-            metrics.ANSWER_CACHE_MISS.n += 1
+            self.metrics.cache_miss.n += 1
             return None
         if len(exact) >= _EXACT_LIMIT:
             exact.clear()
         exact[data[2:]] = (cached, cached.after_id(data, qend))
-        metrics.ANSWER_CACHE_HIT.n += 1
+        self.metrics.cache_hit.n += 1
         return cached.reply(data, qend)
 
     # -- miss path --------------------------------------------------------------------
@@ -425,7 +428,7 @@ class Authority:
             packed.append(pack(0, header, question, rotated, authority, additional, opt, limit))
         wire = b"".join(bytes((len(p),)) + p for p in qname) + b"\x00"
         key = wire.lower()  # length bytes are below 64: lower() changes only the labels' letters
-        cached = _Cached(packed, len(key), metrics.query_counter(qtype, resolved.rcode))
+        cached = _Cached(packed, len(key), self.metrics.query_counter(qtype, resolved.rcode), self.metrics)
         if resolved.dangling is None:
             self._store(key, subkey(qtype, qclass, limit, edns is not None and edns.do), cached, resolved.reads)
         return cached.reply(struct.pack("!HH8x", qid, flags) + wire, 12 + len(wire))
@@ -464,7 +467,7 @@ class Authority:
         self._deps.clear()
         for exact in self._exact:
             exact.clear()
-        metrics.RECORD_NAMES.set(self.table.names())
+        self.metrics.record_names.set(self.table.names())
 
     def forget(self, names: Iterable[str]) -> None:
         """Drop cached answers that may depend on these owner names."""
@@ -482,7 +485,7 @@ class Authority:
             slot = self._cache.pop(key, None)
             if slot is not None:
                 self._drop(slot)
-        metrics.RECORD_NAMES.set(self.table.names())
+        self.metrics.record_names.set(self.table.names())
 
     def _drop(self, slot: _Slot) -> None:
         """Account for a slot leaving the cache: its entries die, its dependencies go."""

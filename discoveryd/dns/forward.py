@@ -44,9 +44,9 @@ from typing import Any
 
 from dnslib import QTYPE, DNSBuffer, DNSRecord
 
-from discoveryd.dns import metrics
 from discoveryd.dns.answer import Edns, encode, response_limit
 from discoveryd.dns.message import NOERROR, NXDOMAIN, OPT, RR, SERVFAIL, SOA, opt_record, pack
+from discoveryd.dns.metrics import DnsMetrics
 
 MAX_CACHE_TTL = 86400
 """Cap on how long any forwarded reply is kept."""
@@ -84,8 +84,16 @@ class Forwarder:
     """Upstream exchanges and the forward cache. Used from one event loop."""
 
     def __init__(
-        self, upstreams: Sequence[Upstream], timeout: float, cache_size: int, *, randomize_case: bool = True
+        self,
+        upstreams: Sequence[Upstream],
+        timeout: float,
+        cache_size: int,
+        *,
+        randomize_case: bool = True,
+        metrics: DnsMetrics | None = None,
     ) -> None:
+        """`metrics`: the owning server's (a private set when None)."""
+        self.metrics = metrics if metrics is not None else DnsMetrics()
         self.upstreams = tuple(upstreams)
         self._timeout = timeout
         self._randomize_case = randomize_case
@@ -106,11 +114,11 @@ class Forwarder:
         """The client's response: from the cache, else from the first upstream that answers, else SERVFAIL."""
         found = await self.lookup(qname, qtype, qclass, edns is not None and edns.do)
         if found is None:
-            metrics.query_counter(qtype, SERVFAIL).inc()
+            self.metrics.query_counter(qtype, SERVFAIL).inc()
             return encode(qname, qtype, qclass, SERVFAIL, aa=False, ra=True, rd=rd, qid=qid, edns=edns)
         reply, age = found
         rcode = reply.header.rcode
-        metrics.query_counter(qtype, rcode).inc()
+        self.metrics.query_counter(qtype, rcode).inc()
         out = encode(
             qname,
             qtype,
@@ -127,7 +135,7 @@ class Forwarder:
             limit=response_limit(edns, tcp),
         )
         if out[2] & 0x02:
-            metrics.TRUNCATED.inc()
+            self.metrics.truncated.inc()
         return out
 
     async def lookup(self, qname: Sequence[bytes], qtype: int, qclass: int, do: bool) -> tuple[Any, int] | None:
@@ -138,13 +146,13 @@ class Forwarder:
         entry = self._cache.get(key)
         if entry is not None and entry.expires > now:
             self._cache.move_to_end(key)
-            metrics.FORWARDED.labels("cached").inc()
+            self.metrics.forwarded.labels("cached").inc()
             return entry.reply, int(now - entry.stored)
         reply = await self._fetch(key, qname, qtype, qclass, do)
         if reply is None:
-            metrics.FORWARDED.labels("failed").inc()
+            self.metrics.forwarded.labels("failed").inc()
             return None
-        metrics.FORWARDED.labels("answered").inc()
+        self.metrics.forwarded.labels("answered").inc()
         return reply, 0
 
     async def _fetch(self, key: _Key, qname: Sequence[bytes], qtype: int, qclass: int, do: bool) -> Any:
@@ -175,16 +183,16 @@ class Forwarder:
             expect = _Expect(qid, sent, qtype, qclass)
             started = time.monotonic()
             try:
-                reply = await _udp(upstream, wire, expect, self._timeout)
+                reply = await _udp(upstream, wire, expect, self._timeout, self.metrics)
                 if reply.header.tc:
                     reply = expect.check(await _tcp(upstream, wire, self._timeout))
                 if reply.header.rcode not in (NOERROR, NXDOMAIN):
                     raise UpstreamError(f"rcode {reply.header.rcode}")
             except (UpstreamError, OSError, TimeoutError) as e:
                 result = "timeout" if isinstance(e, TimeoutError) else "error"
-                metrics.UPSTREAM_SECONDS.labels(str(upstream), result).observe(time.monotonic() - started)
+                self.metrics.upstream_seconds.labels(str(upstream), result).observe(time.monotonic() - started)
                 continue
-            metrics.UPSTREAM_SECONDS.labels(str(upstream), "ok").observe(time.monotonic() - started)
+            self.metrics.upstream_seconds.labels(str(upstream), "ok").observe(time.monotonic() - started)
             return _in_bailiwick(reply, qname)
         return None
 
@@ -320,7 +328,8 @@ def _target(rr: Any) -> bytes | None:
 
 
 class _UdpExchange(asyncio.DatagramProtocol):
-    def __init__(self, expect: _Expect, upstream: tuple[str, int]) -> None:
+    def __init__(self, expect: _Expect, upstream: tuple[str, int], metrics: DnsMetrics) -> None:
+        self.metrics = metrics
         self.expect = expect
         self.upstream = upstream
         self.reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -330,12 +339,12 @@ class _UdpExchange(asyncio.DatagramProtocol):
         if self.reply.done():
             return
         if (_normal(addr[0]), addr[1]) != self.upstream:
-            metrics.UPSTREAM_REJECTED.labels("source").inc()
+            self.metrics.upstream_rejected.labels("source").inc()
             return
         try:
             reply = self.expect.check(data)
         except UpstreamError as e:
-            metrics.UPSTREAM_REJECTED.labels(str(e)).inc()
+            self.metrics.upstream_rejected.labels(str(e)).inc()
             return
         self.reply.set_result(reply)
 
@@ -351,11 +360,11 @@ def _normal(host: str) -> str:
         return host
 
 
-async def _udp(upstream: Upstream, wire: bytes, expect: _Expect, timeout: float) -> Any:
+async def _udp(upstream: Upstream, wire: bytes, expect: _Expect, timeout: float, metrics: DnsMetrics) -> Any:
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         transport, protocol = await loop.create_datagram_endpoint(
-            lambda: _UdpExchange(expect, (_normal(upstream.host), upstream.port)),
+            lambda: _UdpExchange(expect, (_normal(upstream.host), upstream.port), metrics),
             remote_addr=(upstream.host, upstream.port),
         )
         try:

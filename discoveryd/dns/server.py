@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from discoveryd.config import DnsConfig, split_hostport
-from discoveryd.dns import metrics, tcp, udp, wire
+from discoveryd.dns import tcp, udp, wire
 from discoveryd.dns.answer import Authority, Edns, Resolved, encode, error_response, response_limit
 from discoveryd.dns.forward import Forwarder, Upstream, for_client
 from discoveryd.dns.message import (
@@ -55,7 +55,10 @@ from discoveryd.dns.message import (
     SERVFAIL,
     labels,
 )
+from discoveryd.dns.metrics import DnsMetrics, daemon_metrics
+from discoveryd.dns.querylog import QueryLog
 from discoveryd.dns.records import RecordTable
+from discoveryd.dns.rrl import RateLimiter, RrlSettings
 from discoveryd.index import Snapshot, SnapshotSource
 from discoveryd.model import Zone
 
@@ -91,7 +94,11 @@ class _Forward:
 class DnsServer:
     """Authoritative for the given zones (and the hosts in the index), forwarding the rest."""
 
-    def __init__(self, config: DnsConfig, index: SnapshotSource, zones: Sequence[Zone]) -> None:
+    def __init__(
+        self, config: DnsConfig, index: SnapshotSource, zones: Sequence[Zone], metrics: DnsMetrics | None = None
+    ) -> None:
+        """`metrics`: where this server counts (the daemon's, in the default registry, when None)."""
+        self.metrics = metrics if metrics is not None else daemon_metrics()
         self.started = asyncio.Event()
         self._config = config
         self._index = index
@@ -105,12 +112,22 @@ class DnsServer:
             config.forward_timeout,
             config.cache_size,
             randomize_case=config.forward_case_randomization,
+            metrics=self.metrics,
         )
         self._allowed_nets = tuple(config.allow_forward_from)
         self._allowed: dict[str, bool] = {}
         self._addresses: list[tuple[str, int]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._connections: set[asyncio.Task[Any]] = set()
+        rrl = config.rrl
+        self._rrl = (
+            RateLimiter(
+                RrlSettings(rrl.responses_per_second, rrl.slip, rrl.ipv4_prefix, rrl.ipv6_prefix, rrl.table_size)
+            )
+            if rrl.responses_per_second > 0
+            else None
+        )
+        self._query_log = QueryLog(config.query_log_rate) if config.query_log else None
         self._slots = tcp.Slots(
             config.tcp_max_connections, config.tcp_max_connections_per_source, config.tcp_idle_timeout
         )
@@ -128,7 +145,7 @@ class DnsServer:
         self._authority = self._build(zones, self._snapshot)
 
     def _build(self, zones: Sequence[Zone], snapshot: Snapshot) -> Authority:
-        authority = Authority(RecordTable(zones, self._ttl, self._ns_addresses, self._serial))
+        authority = Authority(RecordTable(zones, self._ttl, self._ns_addresses, self._serial), self.metrics)
         authority.load(snapshot.services)
         return authority
 
@@ -191,7 +208,8 @@ class DnsServer:
                 if port == 0 and e.errno == errno.EADDRINUSE:
                     continue
                 raise OSError(e.errno, f"dns: cannot listen on {host}:{bound}/udp: {e.strerror or e}") from e
-            loop.add_reader(sock.fileno(), udp.reader(sock, self).readable)
+            gate = self._gate if self._rrl is not None or self._query_log is not None else None
+            loop.add_reader(sock.fileno(), udp.reader(sock, self, self.metrics, gate).readable)
             return server, sock, bound
         raise OSError(errno.EADDRINUSE, f"dns: no port free for both udp and tcp on {host}")
 
@@ -212,7 +230,7 @@ class DnsServer:
             return self._parse(data, client, tcp)
         except Exception:
             log.exception("dns: failed to answer a query from %s", client)
-            metrics.DROPPED.labels("error").inc()
+            self.metrics.dropped.labels("error").inc()
             return error_response(data, SERVFAIL)
 
     def fast_path(self) -> tuple[udp.Lookup, udp.Lookup]:
@@ -222,7 +240,7 @@ class DnsServer:
                 self._sync()
             except Exception:
                 log.exception("dns: failed to apply index changes; rebuilding on the next packet")
-                metrics.DROPPED.labels("error").inc()
+                self.metrics.dropped.labels("error").inc()
                 self._authority.clear()
         return self._authority.repeated, self._authority.fast
 
@@ -235,56 +253,62 @@ class DnsServer:
         return out
 
     def _parse(self, data: bytes, client: str, tcp: bool) -> bytes | _Forward | None:
-        if len(data) < 12:
-            metrics.DROPPED.labels("short").inc()
+        if len(data) < _HEADER:
+            self.metrics.dropped.labels("short").inc()
+            self.metrics.malformed.labels("short").inc()
             return None
         if data[2] & 0x80:
-            metrics.DROPPED.labels("response").inc()
+            self.metrics.dropped.labels("response").inc()
             return None
         try:
             query = wire.parse(data)
         except wire.FormatError:
-            metrics.query_counter(0, FORMERR).inc()
+            self.metrics.malformed.labels("unreadable").inc()
+            self.metrics.query_counter(0, FORMERR).inc()
             return error_response(data, FORMERR)
         qid, rd, question = query.qid, bool(query.flags & 0x0100), query.question
         if query.opcode != 0:
-            metrics.query_counter(0, NOTIMP).inc()
+            self.metrics.query_counter(0, NOTIMP).inc()
             return error_response(data, NOTIMP, question)
         if question is None:
-            metrics.query_counter(0, FORMERR).inc()
+            self.metrics.malformed.labels("qdcount").inc()
+            self.metrics.query_counter(0, FORMERR).inc()
             return error_response(data, FORMERR)
         qname, qtype, qclass = question
         if query.opts > 1:
-            metrics.query_counter(qtype, FORMERR).inc()
+            self.metrics.malformed.labels("opt").inc()
+            self.metrics.query_counter(qtype, FORMERR).inc()
             return error_response(data, FORMERR, question)
         edns = None
         if query.opts:
             edns = Edns(udp_size=query.udp_size, do=query.do, version=query.edns_version)
             if query.edns_version:
-                metrics.query_counter(qtype, BADVERS).inc()
+                self.metrics.query_counter(qtype, BADVERS).inc()
                 return encode(qname, qtype, qclass, BADVERS, aa=False, rd=rd, qid=qid, edns=edns)
         if qtype == OPT or qclass != CLASS_IN or qtype in _ZONE_TRANSFERS:
             rcode = FORMERR if qtype == OPT else REFUSED
-            metrics.query_counter(qtype, rcode).inc()
+            if rcode == FORMERR:
+                self.metrics.malformed.labels("opt").inc()
+            self.metrics.query_counter(qtype, rcode).inc()
             return encode(qname, qtype, qclass, rcode, aa=False, rd=rd, qid=qid, edns=edns)
         recursive = rd and bool(self._forwarder.upstreams) and self._may_forward(client)
         resolved = self._authority.resolve(qname, qtype) if recursive else None
         if resolved is not None and resolved.dangling is not None:
             if len(self._tasks) >= _MAX_FORWARDS:
-                metrics.FORWARDED.labels("failed").inc()
-                metrics.query_counter(qtype, SERVFAIL).inc()
+                self.metrics.forwarded.labels("failed").inc()
+                self.metrics.query_counter(qtype, SERVFAIL).inc()
                 return encode(qname, qtype, qclass, SERVFAIL, aa=False, ra=True, rd=rd, qid=qid, edns=edns)
             return _Forward(qname, qtype, qclass, edns, qid, rd, resolved)
         answer = self._authority.answer(qname, qtype, qclass, edns, tcp, qid, query.flags, resolved)
         if answer is not None:
             return answer
         if not self._forwarder.upstreams or not self._may_forward(client):
-            metrics.FORWARDED.labels("refused").inc()
-            metrics.query_counter(qtype, REFUSED).inc()
+            self.metrics.forwarded.labels("refused").inc()
+            self.metrics.query_counter(qtype, REFUSED).inc()
             return encode(qname, qtype, qclass, REFUSED, aa=False, rd=rd, qid=qid, edns=edns)
         if len(self._tasks) >= _MAX_FORWARDS:
-            metrics.FORWARDED.labels("failed").inc()
-            metrics.query_counter(qtype, SERVFAIL).inc()
+            self.metrics.forwarded.labels("failed").inc()
+            self.metrics.query_counter(qtype, SERVFAIL).inc()
             return encode(qname, qtype, qclass, SERVFAIL, aa=False, ra=True, rd=rd, qid=qid, edns=edns)
         return _Forward(qname, qtype, qclass, edns, qid, rd)
 
@@ -363,7 +387,7 @@ class DnsServer:
                 rcode, target = local.rcode, local.dangling
         if target is not None:
             return self._servfail(job)
-        metrics.query_counter(qtype, rcode).inc()
+        self.metrics.query_counter(qtype, rcode).inc()
         limit = response_limit(job.edns, tcp)
         out = encode(
             qname,
@@ -381,11 +405,40 @@ class DnsServer:
             limit=limit,
         )
         if out[2] & 0x02:
-            metrics.TRUNCATED.inc()
+            self.metrics.truncated.inc()
         return out
 
+    # -- rate limiting and the query log ----------------------------------------------
+
+    def _gate(self, response: bytes, ip: bytes, port: int, started: float, local: bool) -> bytes | None:
+        """`udp.Gate`: RRL for our own answers, then the query log."""
+        if local and self._rrl is not None:
+            passed = self._rrl.check(response, ip)
+            if passed is not response:
+                if passed is None:
+                    self.metrics.rrl_dropped.n += 1
+                    return None
+                self.metrics.rrl_slipped.n += 1
+            response = passed
+        if self._query_log is not None:
+            self._log(ip, port, "udp", response, started)
+        return response
+
+    def _log(self, ip: bytes, port: int, proto: str, response: bytes, started: float) -> None:
+        assert self._query_log is not None
+        written = self._query_log.written
+        try:
+            self._query_log.record(ip, port, proto, response, started)
+        except Exception:
+            log.exception("dns: query log failed")
+            return
+        if self._query_log.written != written:
+            self.metrics.query_log_written.n += 1
+        else:
+            self.metrics.query_log_suppressed.n += 1
+
     def _servfail(self, job: _Forward) -> bytes:
-        metrics.query_counter(job.qtype, SERVFAIL).inc()
+        self.metrics.query_counter(job.qtype, SERVFAIL).inc()
         return encode(
             job.qname, job.qtype, job.qclass, SERVFAIL, aa=False, ra=True, rd=job.rd, qid=job.qid, edns=job.edns
         )
@@ -398,59 +451,85 @@ class DnsServer:
         peer = writer.get_extra_info("peername")
         client = str(peer[0]) if peer else ""
         conn = tcp.Conn(tcp.source_key(client), asyncio.get_running_loop().time(), writer.transport.abort)
+        shed = self._slots.shed
         refused = self._slots.admit(conn)
+        if self._slots.shed != shed:
+            self.metrics.tcp_shed.inc(self._slots.shed - shed)
         if refused is not None:
-            metrics.DROPPED.labels(refused).inc()
+            self.metrics.dropped.labels(refused).inc()
             writer.transport.abort()
             return
         self._connections.add(task)
-        metrics.TCP_CONNECTIONS.inc()
+        self.metrics.tcp_connections.inc()
         try:
-            await self._tcp_queries(reader, writer, client, conn)
+            await self._tcp_queries(reader, writer, client, peer[1] if peer else 0, conn)
         except asyncio.CancelledError:
             # Only serve() cancels connections, on shutdown. Ending normally keeps asyncio's
             # stream callback, which reads the task's exception, from raising in the loop.
             return
         finally:
             self._slots.release(conn)
-            metrics.TCP_CONNECTIONS.dec()
+            self.metrics.tcp_connections.dec()
             self._connections.discard(task)
             writer.close()
 
     async def _tcp_queries(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: str, conn: tcp.Conn
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: str, port: int, conn: tcp.Conn
     ) -> None:
         """Answer queries on one connection until it is idle too long (only complete queries count),
         sends something that is not a DNS message, is closed, or the slot table closes it."""
         loop = asyncio.get_running_loop()
+        query_log = self._query_log
+        ip = _packed(client) if query_log is not None else b""
 
         def send(out: bytes) -> None:
             if not writer.is_closing():
                 writer.write(len(out).to_bytes(2, "big") + out)
+
+        def logged(started: float) -> Callable[[bytes], None]:
+            def send_logged(out: bytes) -> None:
+                self._log(ip, port, "tcp", out, started)
+                send(out)
+
+            return send_logged
 
         while True:
             try:
                 async with asyncio.timeout_at(conn.last + self._slots.idle_timeout()):
                     size = int.from_bytes(await reader.readexactly(2), "big")
                     if size < _HEADER:
-                        metrics.DROPPED.labels("tcp_short").inc()
+                        self.metrics.dropped.labels("tcp_short").inc()
+                        self.metrics.malformed.labels("tcp_short").inc()
                         return
                     data = await reader.readexactly(size)
             except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                 return
+            started = time.perf_counter()
             out = self.handle(data, client, True)
             if out is None:
                 continue
             self._slots.touch(conn, loop.time())
+            reply = send if query_log is None or not ip else logged(started)
             if isinstance(out, _Forward):
-                self.forward(out, True, send)
+                self.forward(out, True, reply)
             else:
-                send(out)
+                reply(out)
             try:
                 async with asyncio.timeout(self._slots.idle_timeout()):
                     await writer.drain()
             except (TimeoutError, ConnectionError):
                 return
+
+
+def _packed(client: str) -> bytes:
+    """A client address as packed bytes (4 or 16), v4-mapped IPv6 as IPv4; empty when unreadable."""
+    try:
+        ip = ipaddress.ip_address(client.partition("%")[0])
+    except ValueError:
+        return b""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.packed
 
 
 def _chain_end(reply: Any, name: Sequence[bytes]) -> str | None:

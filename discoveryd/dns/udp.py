@@ -5,7 +5,9 @@ Each batch starts with `Answerer.fast_path()` (the index cannot change within
 a batch); each datagram goes to those cache lookups (no parsing): first by
 its bytes after the ID (a repeated query), then by its question; on a miss
 the peer address is decoded and the packet goes to `Answerer.answer`, which
-may return a forwarding job's reply later through `send`.
+may return a forwarding job's reply later through `send`. With a `Gate` (RRL
+or the query log on), each reply first passes through it with the client's
+packed address, and the repeated-query shortcut is skipped.
 
 On Linux, `MmsgSocket` moves up to 64 datagrams per system call each way
 (recvmmsg/sendmmsg through ctypes, with buffers allocated once and read and
@@ -20,10 +22,11 @@ from __future__ import annotations
 import ctypes
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
-from discoveryd.dns import metrics
+from discoveryd.dns.metrics import DnsMetrics
 
 BATCH = 64
 """Datagrams per recvmmsg/sendmmsg call (and per wake-up for the plain socket)."""
@@ -52,15 +55,24 @@ class Answerer(Protocol):
         """The reply to a UDP query from `client` (an address tuple), or None (dropped, or sent later via `send`)."""
 
 
+class Gate(Protocol):
+    def __call__(self, response: bytes, ip: bytes, port: int, started: float, local: bool) -> bytes | None:
+        """What to send for `response` to the client at packed `ip`, `port`: itself, a truncated
+        slip, or None (withheld). `started`: `time.perf_counter()` when the query was read; `local`:
+        an answer of ours (rate limiting applies), not a forwarded reply. Never raises."""
+
+
 class PlainSocket:
     """recvfrom/sendto, one datagram per call."""
 
-    def __init__(self, sock: socket.socket, answerer: Answerer) -> None:
+    def __init__(self, sock: socket.socket, answerer: Answerer, metrics: DnsMetrics, gate: Gate | None = None) -> None:
+        self._metrics = metrics
         self._sock = sock
         self._answerer = answerer
+        self._gate = gate
 
     def readable(self) -> None:
-        sock, (_, fast), answer = self._sock, self._answerer.fast_path(), self._answerer.answer
+        sock, (_, fast), answer, gate = self._sock, self._answerer.fast_path(), self._answerer.answer, self._gate
         for _ in range(BATCH):
             try:
                 data, addr = sock.recvfrom(0xFFFF)
@@ -68,22 +80,44 @@ class PlainSocket:
                 return
             except OSError:
                 continue  # ICMP errors for earlier replies (client gone)
-            out = fast(data, False)
-            if out is None:
-                out = answer(data, addr, _sender(sock, addr))
+            if gate is None:
+                out = fast(data, False)
+                if out is None:
+                    out = answer(data, addr, _sender(sock, addr, self._metrics))
+            else:
+                started = time.perf_counter()
+                ip, port = socket.inet_pton(sock.family, addr[0].partition("%")[0]), addr[1]
+                out = fast(data, False)
+                if out is None:
+                    out = answer(data, addr, _gated_sender(sock, addr, self._metrics, gate, ip, port, started))
+                if out is not None:
+                    out = gate(out, ip, port, started, True)
             if out is not None:
-                _sendto(sock, out, addr)
+                _sendto(sock, out, addr, self._metrics)
 
 
-def _sendto(sock: socket.socket, out: bytes, addr: Any) -> None:
+def _sendto(sock: socket.socket, out: bytes, addr: Any, metrics: DnsMetrics) -> None:
     try:
         sock.sendto(out, addr)
     except OSError:
-        metrics.DROPPED.labels("udp_send").inc()
+        metrics.dropped.labels("udp_send").inc()
 
 
-def _sender(sock: socket.socket, addr: Any) -> Callable[[bytes], None]:
-    return lambda out: _sendto(sock, out, addr)
+def _sender(sock: socket.socket, addr: Any, metrics: DnsMetrics) -> Callable[[bytes], None]:
+    return lambda out: _sendto(sock, out, addr, metrics)
+
+
+def _gated_sender(
+    sock: socket.socket, addr: Any, metrics: DnsMetrics, gate: Gate, ip: bytes, port: int, started: float
+) -> Callable[[bytes], None]:
+    """The `send` for a forwarded reply: through `gate` (logged, not rate limited)."""
+
+    def send(out: bytes) -> None:
+        passed = gate(out, ip, port, started, False)
+        if passed is not None:
+            _sendto(sock, passed, addr, metrics)
+
+    return send
 
 
 class _Iovec(ctypes.Structure):
@@ -144,8 +178,10 @@ class MmsgSocket:
     builds a Python address tuple.
     """
 
-    def __init__(self, sock: socket.socket, answerer: Answerer) -> None:
+    def __init__(self, sock: socket.socket, answerer: Answerer, metrics: DnsMetrics, gate: Gate | None = None) -> None:
         assert _MMSG is not None
+        self._metrics = metrics
+        self._gate = gate
         self._recvmmsg, self._sendmmsg = _MMSG
         self._sock = sock
         self._fd = sock.fileno()
@@ -202,16 +238,18 @@ class MmsgSocket:
         repeated, fast = self._answerer.fast_path()
         # A c_char array slices to bytes in one step (typeshed has it return a list).
         rbuf, rdata, sdata, siov_n = cast(bytes, self._rbuf), self._rdata, self._sdata, self._siov_n
+        gate = self._gate
         replies = 0
         for i in range(n):
             word = i * _WORDS
             size = r32[word + _LEN_WORD]
             if r32[word + _FLAGS_WORD] & _MSG_TRUNC:
-                metrics.DROPPED.labels("oversized").inc()
+                self._metrics.dropped.labels("oversized").inc()
+                self._metrics.malformed.labels("oversized").inc()
                 continue
             start = i * _RECV_SIZE
             slot = replies * _SEND_SIZE
-            body = repeated(rbuf[start + 2 : start + size], False) if size > 2 else None
+            body = repeated(rbuf[start + 2 : start + size], False) if size > 2 and gate is None else None
             if body is not None:
                 length = len(body) + 2
                 sdata[slot] = rdata[start]
@@ -219,15 +257,28 @@ class MmsgSocket:
                 sdata[slot + 2 : slot + length] = body
             else:
                 data = rbuf[start : start + size]
-                out = fast(data, False)
-                if out is None:
-                    addr = self._address(i, r32[word + _NAMELEN_WORD])
-                    out = self._answerer.answer(data, addr, _sender(self._sock, addr))
+                if gate is None:
+                    out = fast(data, False)
+                    if out is None:
+                        addr = self._address(i, r32[word + _NAMELEN_WORD])
+                        out = self._answerer.answer(data, addr, _sender(self._sock, addr, self._metrics))
+                        if out is None:
+                            continue
+                else:
+                    started = time.perf_counter()
+                    ip, port = self._peer(i)
+                    out = fast(data, False)
+                    if out is None:
+                        addr = self._address(i, r32[word + _NAMELEN_WORD])
+                        send = _gated_sender(self._sock, addr, self._metrics, gate, ip, port, started)
+                        out = self._answerer.answer(data, addr, send)
+                    if out is not None:
+                        out = gate(out, ip, port, started, True)
                     if out is None:
                         continue
                 length = len(out)
                 if length > _SEND_SIZE:
-                    _sendto(self._sock, out, self._address(i, r32[word + _NAMELEN_WORD]))
+                    _sendto(self._sock, out, self._address(i, r32[word + _NAMELEN_WORD]), self._metrics)
                     continue
                 sdata[slot : slot + length] = out
             siov_n[replies * _IOV_WORDS + 1] = length
@@ -238,8 +289,16 @@ class MmsgSocket:
         if replies:
             sent = int(self._sendmmsg(self._fd, self._smsgs, replies, _MSG_DONTWAIT))
             if sent < replies:
-                metrics.DROPPED.labels("udp_send").inc(replies - max(sent, 0))
+                self._metrics.dropped.labels("udp_send").inc(replies - max(sent, 0))
         return n
+
+    def _peer(self, i: int) -> tuple[bytes, int]:
+        """The packed address and the port of receive slot `i`'s sender."""
+        start, view = i * _NAME_SIZE, self._names_view
+        port = view[start + 2] << 8 | view[start + 3]
+        if self._family == socket.AF_INET6:
+            return bytes(view[start + 8 : start + 24]), port
+        return bytes(view[start + 4 : start + 8]), port
 
     def _address(self, i: int, namelen: int) -> Any:
         """The peer of receive slot `i` as a socket address tuple."""
@@ -251,6 +310,10 @@ class MmsgSocket:
         return (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
 
 
-def reader(sock: socket.socket, answerer: Answerer) -> PlainSocket | MmsgSocket:
-    """The fastest UDP reader this platform supports for `sock`."""
-    return MmsgSocket(sock, answerer) if _MMSG is not None else PlainSocket(sock, answerer)
+def reader(
+    sock: socket.socket, answerer: Answerer, metrics: DnsMetrics, gate: Gate | None = None
+) -> PlainSocket | MmsgSocket:
+    """The fastest UDP reader this platform supports for `sock`; every reply through `gate` when given."""
+    if _MMSG is not None:
+        return MmsgSocket(sock, answerer, metrics, gate)
+    return PlainSocket(sock, answerer, metrics, gate)

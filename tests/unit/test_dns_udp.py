@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from discoveryd.dns import udp
+from discoveryd.dns.metrics import DnsMetrics
 
 
 class _Echo:
@@ -73,14 +74,28 @@ def _kind(n: int) -> bytes:
     return [b"plain", b"drop", b"again", b"later", b"plain", b"big", b"again"][n % 7]
 
 
+class _Gate:
+    """Passes every reply, noting who it went to and whether it was local."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[bytes, bytes, int, bool]] = []
+
+    def __call__(self, response: bytes, ip: bytes, port: int, started: float, local: bool) -> bytes | None:
+        self.seen.append((response, ip, port, local))
+        return response
+
+
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("reader", ["mmsg", "plain"])
 def test_every_reply_goes_to_its_sender_across_batches_with_gaps(
-    server: socket.socket, clients: list[socket.socket], reader: str
+    server: socket.socket, clients: list[socket.socket], reader: str, gated: bool
 ) -> None:
     if reader == "mmsg" and udp._MMSG is None:
         pytest.skip("recvmmsg/sendmmsg not available")
     answerer = _Echo()
-    handler = udp.MmsgSocket(server, answerer) if reader == "mmsg" else udp.PlainSocket(server, answerer)
+    gate = _Gate() if gated else None
+    kind = udp.MmsgSocket if reader == "mmsg" else udp.PlainSocket
+    handler = kind(server, answerer, DnsMetrics(), gate)
     sent: dict[int, list[bytes]] = {i: [] for i in range(len(clients))}
     total = udp.BATCH * 2 + 17
     for n in range(total):
@@ -98,5 +113,14 @@ def test_every_reply_goes_to_its_sender_across_batches_with_gaps(
         got = [clients[c].recv(4096) for _ in expected]
         assert {g.rstrip(b"x") if g[2:].startswith(b"ok:big") else g for g in got} == expected, f"client {c}"
         assert all(len(g) > udp._SEND_SIZE for g in got if g[2:].startswith(b"ok:big"))
-    if reader == "mmsg":
+    if gate is not None:
+        ports = {c.getsockname()[1] for c in clients}
+        assert {(ip, port in ports) for _, ip, port, _ in gate.seen} == {(socket.inet_aton("127.0.0.1"), True)}
+        by_port = {c.getsockname()[1]: c for c in clients}
+        for response, _, port, _ in gate.seen:  # each reply was gated for the client that sent its query
+            n = int(response.split(b"-")[-1].rstrip(b"x"))
+            assert by_port[port] is clients[n % len(clients)]
+        later = sum(1 for n in range(total) if _kind(n) == b"later")
+        assert sum(1 for *_, local in gate.seen if not local) == later
+    elif reader == "mmsg":
         assert answerer.repeated_calls == sum(1 for n in range(total) if _kind(n) == b"again")
