@@ -373,8 +373,14 @@ class Connection:
     # -- pushes ---------------------------------------------------------------------------
 
     def notify(self, view: View, changes: Changes, origin: float) -> None:
-        """A new view; `changes` are the names added, changed or removed since the previous one."""
-        self.view = view
+        """A new view; `changes` are the names added, changed or removed since the previous one.
+
+        Names the client may see neither in the old view nor in the new one are
+        no news to it (exportTo): they cost it no push.
+        """
+        old, self.view = self.view, view
+        scoped = bool(view.audiences or old.audiences)
+        ns = self.namespace
         clusters = changes.get(CLUSTER)
         if clusters:
             self._rewarm(clusters, origin)
@@ -383,6 +389,8 @@ class Connection:
             if not st.requested:
                 continue
             relevant = names if st.wildcard else names & st.names
+            if relevant and scoped:
+                relevant = frozenset(n for n in relevant if view.visible(n, ns) or old.visible(n, ns))
             if not relevant:
                 continue
             if st.type_url in FULL_STATE and not self.delta:

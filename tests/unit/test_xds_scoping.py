@@ -163,3 +163,30 @@ async def test_wildcard_responses_are_built_once_per_scope(xds: RunningXds, chan
     await eventually(lambda: len(view.cached_scopes(CLUSTER)) == 3, what="one cached body per scope")
     for s in streams:
         await s.close()
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_a_change_the_client_cannot_see_is_not_pushed_to_it(
+    xds: RunningXds, channel: grpc.aio.Channel, delta: bool
+) -> None:
+    from discoveryd.model import PortProtocol
+
+    xds.put(*world())
+    s = Stream(channel, delta)
+    s.node = NODES["web"]
+    await s.send(CLUSTER)
+    await s.ack(await s.recv())
+    conn = xds.server.connections[0]
+    before = conn.types[CLUSTER].responses
+    hidden_change = [w if w.hostname != SHOP else service(SHOP, "10.0.0.3", protocol=PortProtocol.GRPC,
+                     namespace="shop", export_to=(".",)) for w in world()]  # fmt: skip
+    xds.put(*hidden_change)
+    version = xds.index.snapshot.version
+    await eventually(lambda: xds.server.view.version == version, what="the hidden change built")
+    await eventually(lambda: not conn.types[CLUSTER].has_work(), what="anything it queued written")
+    seen = [w if w.hostname != PUB else service(PUB, "10.0.0.1", protocol=PortProtocol.GRPC) for w in hidden_change]
+    xds.put(*seen)
+    r = await s.recv()
+    assert cluster(PUB) in names(r)
+    assert conn.types[CLUSTER].responses == before + 1, "the shop-only change cost the web client no push"
+    await s.close()
