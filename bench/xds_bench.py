@@ -1,6 +1,8 @@
 """xDS push benchmark: convergence, CPU and bytes per push, memory per client, against a floor.
 
 `python -m bench xds [--clients=1,100,1000] [--pushes=N] [--services=1000] [--endpoints=10]`
+`python -m bench xds --scoped [--namespaces=10] ...`: the same with exportTo and clients spread over namespaces
+(see `_measure_scoped`).
 
 The daemon's `XdsServer` runs in this process on a loopback port with an index
 of `--services` services of `--endpoints` endpoints each. A client subprocess
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import resource
 import sys
@@ -289,6 +292,202 @@ async def _measure_floor(clients: int, pushes: int, services: int, body: bytes) 
     }
 
 
+# -- exportTo: clients in namespaces -------------------------------------------------------------
+
+
+def _scoped_service(i: int, namespaces: int, endpoints: int, generation: int = 0, restrict: bool = True) -> Service:
+    """svc<i> in namespace ns<i // 2 % namespaces>; every odd one exported to its own namespace only."""
+    protocol = PortProtocol.GRPC if generation else PortProtocol.HTTP  # each push changes a fresh service
+    return Service(
+        hostname=Hostname(f"svc{i}.bench.local"),
+        namespace=f"ns{i // 2 % namespaces}",
+        export_to=(".",) if restrict and i % 2 else (),
+        ports=(Port(8080, protocol.value.lower(), protocol),),
+        endpoints=tuple(Endpoint(f"10.0.{i % 250}.{e + 1}") for e in range(endpoints)),
+    )
+
+
+def _visible_names(services: int, namespaces: int, ns: int, restrict: bool) -> list[str]:
+    return [
+        f"outbound|8080||svc{i}.bench.local"
+        for i in range(services)
+        if not restrict or i % 2 == 0 or i // 2 % namespaces == ns
+    ]
+
+
+async def _scoped_stream(target: str, i: int, namespaces: int, names: list[str]) -> None:
+    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", -1)]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        call = channel.stream_stream(
+            ADS,
+            request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+            response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+        )()
+        first = discovery_pb2.DiscoveryRequest(type_url=CLUSTER)
+        first.node.id, first.node.cluster = f"bench-{os.getpid()}-{i}", "bench"
+        first.node.metadata.update({"NAMESPACE": f"ns{i % namespaces}"})
+        await call.write(first)
+        await call.write(discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=names))
+        async for response in call:
+            subscribed = names if response.type_url == ENDPOINT else []
+            await call.write(
+                discovery_pb2.DiscoveryRequest(
+                    type_url=response.type_url,
+                    version_info=response.version_info,
+                    response_nonce=response.nonce,
+                    resource_names=subscribed,
+                )
+            )
+
+
+async def _scoped_client_main(target: str, streams: int, services: int, namespaces: int, restrict: bool) -> None:
+    per_ns = [_visible_names(services, namespaces, ns, restrict) for ns in range(namespaces)]
+    tasks = []
+    for i in range(streams):
+        tasks.append(asyncio.create_task(_scoped_stream(target, i, namespaces, per_ns[i % namespaces])))
+        if i % 50 == 49:
+            await asyncio.sleep(0.05)
+    print("STARTED", flush=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _measure_scoped(
+    clients: int, pushes: int, services: int, endpoints: int, namespaces: int, restrict: bool
+) -> dict[str, Any]:
+    """Cluster changes pushed to `clients` wildcard SotW CDS clients spread over `namespaces`.
+
+    A push changes one unrestricted service's cluster (its port protocol), so
+    every client gets a full CDS response and the changed assignment; with
+    `restrict`, half the services are exported to their own namespace only,
+    so each namespace sees a different cluster set.
+    """
+    index = Index()
+    shard: Shard = index.writer(SourceId("bench/b"))
+    shard.replace([_scoped_service(i, namespaces, endpoints, restrict=restrict) for i in range(services)])
+    shard.mark_synced()
+    server = XdsServer(XdsConfig(listen="127.0.0.1:0", debounce_after=0.0, debounce_max=0.0), index)
+    serving = asyncio.create_task(server.serve())
+    await server.started.wait()
+    target = f"127.0.0.1:{server.ports[0]}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.xds_bench", "--scoped-client", target, str(clients), str(services),
+        str(namespaces), "1" if restrict else "0",
+    )  # fmt: skip
+    results: list[float] = []
+    cpu: list[float] = []
+    sent: list[float] = []
+    builds: list[int] = []
+    build_s: list[float] = []
+    body_s: list[float] = []
+    try:
+
+        def synced() -> bool:
+            conns = server.connections
+            return len(conns) == clients and all(
+                c.types[t].acked_nonce and c.types[t].acked_nonce == c.types[t].nonce
+                for c in conns
+                for t in (CLUSTER, ENDPOINT)
+            )
+
+        await _wait(synced, 600, "initial sync of every client")
+        for p in range(1, pushes + 1):
+            i = (2 * p) % services  # even: exported to every namespace
+            conns = server.connections
+            before = {c.id: c.types[CLUSTER].nonce for c in conns}
+            builds0 = _count(server.metrics.build_seconds)
+            sum0 = _sum(server.metrics.build_seconds)
+            cpu0, bytes0 = _cpu(), _sent_bytes(server)
+            t0 = time.monotonic()
+            shard.upsert(_scoped_service(i, namespaces, endpoints, generation=p, restrict=restrict))
+
+            def converged(conns: list[Any] = conns, before: dict[int, str] = before) -> bool:
+                return all(
+                    c.types[CLUSTER].nonce != before[c.id] and c.types[CLUSTER].acked_nonce == c.types[CLUSTER].nonce
+                    for c in conns
+                )
+
+            await _wait(converged, 120, f"push {p}")
+            results.append(max(c.types[CLUSTER].acked_at or t0 for c in conns) - t0)
+            cpu.append(_cpu() - cpu0)
+            sent.append(_sent_bytes(server) - bytes0)
+            builds.append(len(server.view.cached_scopes(CLUSTER)))
+            if _count(server.metrics.build_seconds) > builds0:
+                build_s.append(
+                    (_sum(server.metrics.build_seconds) - sum0) / (_count(server.metrics.build_seconds) - builds0)
+                )
+            view = server.view
+            t1 = time.perf_counter()
+            for ns in range(namespaces):  # the per-scope body, measured on a copy with an empty memo
+                dataclasses.replace(view, _bodies={}).sotw_body(CLUSTER, f"ns{ns}")
+            body_s.append((time.perf_counter() - t1) / namespaces)
+            await asyncio.sleep(0.02)
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+    return {
+        "clients": clients,
+        "namespaces": namespaces,
+        "restricted": restrict,
+        "pushes": pushes,
+        "convergence_median_s": median(results),
+        "convergence_p99_s": percentile(results, 99),
+        "cpu_s_per_push": median(cpu),
+        "bytes_per_push": median(sent),
+        "cds_bodies_built_per_push": median([float(b) for b in builds]),
+        "rebuild_s_per_push": median(build_s) if build_s else 0.0,
+        "cds_body_s_per_scope": median(body_s),
+    }
+
+
+def _count(histogram: Any) -> float:
+    return float(next(s.value for s in histogram.collect()[0].samples if s.name.endswith("_count")))
+
+
+def _sum(histogram: Any) -> float:
+    return float(next(s.value for s in histogram.collect()[0].samples if s.name.endswith("_sum")))
+
+
+async def _run_scoped(args: argparse.Namespace) -> dict[str, Any]:
+    figures: dict[str, Any] = {"services": args.services, "endpoints": args.services * args.endpoints, "runs": []}
+    for clients in args.clients:
+        for restrict in (False, True):
+            run = await _measure_scoped(clients, args.pushes, args.services, args.endpoints, args.namespaces, restrict)
+            figures["runs"].append(run)
+            print(f"  {clients} clients, restricted={restrict} done", flush=True)
+    return figures
+
+
+def _main_scoped(args: argparse.Namespace, argv: list[str]) -> None:
+    figures = asyncio.run(_run_scoped(args))
+    ms = 1000.0
+    rows = [
+        [
+            run["clients"],
+            run["namespaces"],
+            "half '.'" if run["restricted"] else "none",
+            f"{run['cds_bodies_built_per_push']:.0f}",
+            f"{run['cds_body_s_per_scope'] * ms:.2f}",
+            f"{run['rebuild_s_per_push'] * ms:.2f}",
+            f"{run['convergence_median_s'] * ms:.1f}",
+            f"{run['convergence_p99_s'] * ms:.1f}",
+            f"{run['cpu_s_per_push'] * ms:.1f}",
+            f"{run['bytes_per_push'] / 1024:.0f}",
+        ]
+        for run in figures["runs"]
+    ]
+    header = [
+        "clients", "namespaces", "exportTo", "CDS bodies/push", "ms/body", "rebuild ms/push",
+        "conv p50 ms", "conv p99 ms", "cpu ms/push", "KiB/push",
+    ]  # fmt: skip
+    print(f"{figures['services']} services, {figures['endpoints']} endpoints; CDS wildcard SotW clients; no debounce")
+    print(table(rows, header))
+    write_results("xds_scoped", figures, ("python -m bench xds " + " ".join(argv)).strip())
+
+
 # -- entry points ------------------------------------------------------------------------------
 
 
@@ -312,12 +511,21 @@ def main(argv: list[str]) -> None:
         target, streams, services = argv[1], int(argv[2]), int(argv[3])
         asyncio.run(_client_main(target, streams, services))
         return
+    if argv and argv[0] == "--scoped-client":
+        target, streams, services, namespaces, restrict = argv[1], *map(int, argv[2:6])
+        asyncio.run(_scoped_client_main(target, streams, services, namespaces, bool(restrict)))
+        return
     parser = argparse.ArgumentParser(prog="python -m bench xds")
     parser.add_argument("--clients", default="1,100,1000", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--pushes", type=int, default=40)
     parser.add_argument("--services", type=int, default=1000)
     parser.add_argument("--endpoints", type=int, default=10, help="per service")
+    parser.add_argument("--scoped", action="store_true", help="exportTo: clients spread over --namespaces")
+    parser.add_argument("--namespaces", type=int, default=10)
     args = parser.parse_args(argv)
+    if args.scoped:
+        _main_scoped(args, argv)
+        return
     figures = asyncio.run(_run(args))
     ms = 1000.0
     rows = []
