@@ -15,7 +15,10 @@ Data flow, in the registry's own task (`run`):
    marked stale), reconnect with exponential backoff and jitter (the shared
    session loop, `discoveryd.session`: reset after a watch that lasted), and resume
    the watch from the last revision seen + 1; when etcd has compacted that
-   revision away, list again and replace (step 2).
+   revision away, list again and replace (step 2). On every reconnect the
+   cluster ID and current revision are compared with the last seen: another
+   cluster at the same address (etcd restored, or started on a new data
+   dir) or a revision below the last applied one also means listing again.
 
 A key whose value does not parse is skipped and reported with
 `shard.set_problems(<key>, ...)`; the report is cleared when the key is fixed
@@ -125,6 +128,8 @@ class _View:
         self._problems: set[str] = set()
         self.revision = 0
         """Every change up to this revision is applied; 0: a full list is needed."""
+        self.cluster_id = 0
+        """The cluster the content was read from; 0: none yet."""
 
     def _parse(self, kv: Any) -> tuple[str, tuple[Member, ...] | Problem]:
         key = _key(kv)
@@ -234,6 +239,7 @@ class EtcdRegistry:
         """Connect, list when needed, and watch until the connection fails (raises)."""
         conn = await self._connect()
         try:
+            await self._check_cluster(conn, view)
             while True:
                 if view.revision == 0:
                     listing = _Listing()
@@ -252,6 +258,26 @@ class EtcdRegistry:
             raise
         finally:
             await conn.channel.close()
+
+    async def _check_cluster(self, conn: _Connection, view: _View) -> None:
+        """A new or restored cluster at the same address (another cluster ID, or a revision below the
+        last one applied) would leave the watch waiting for revisions that mean something else: list again."""
+        request = rpc.RangeRequest(key=self._prefix, range_end=_range_end(self._prefix), count_only=True)
+        reply = await conn.kv.Range(request, timeout=self._config.request_timeout, metadata=conn.metadata)
+        cluster, revision = int(reply.header.cluster_id), int(reply.header.revision)
+        if view.revision and view.cluster_id and cluster != view.cluster_id:
+            source, was = self.config.source, view.cluster_id
+            log.warning("etcd %s: the cluster changed (id %x, was %x); listing again", source, cluster, was)
+            view.revision = 0
+        elif view.revision and revision < view.revision:
+            log.warning(
+                "etcd %s: the revision went back to %d (was %d): a restored or new cluster; listing again",
+                self.config.source,
+                revision,
+                view.revision,
+            )
+            view.revision = 0
+        view.cluster_id = cluster
 
     async def _connect(self) -> _Connection:
         """A connection to the first endpoint that answers, starting at `_next`."""

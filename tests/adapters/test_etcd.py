@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -331,6 +332,47 @@ async def test_etcd_killed_and_restarted(prefix: str, tmp_path: Path) -> None:
                 await c.put(f"{prefix}api/2".encode(), naming("10.8.0.2:80"))
                 await c.delete(f"{prefix}api/1".encode())
             await eventually(lambda: addresses(index, "api.mesh.local") == {("10.8.0.2", 80)}, timeout=15)
+    finally:
+        own.stop()
+
+
+@pytest.mark.parametrize("more_writes", [0, 40], ids=["lower-revision", "higher-revision"])
+async def test_etcd_restarted_as_a_new_cluster_is_listed_again(prefix: str, tmp_path: Path, more_writes: int) -> None:
+    """etcd restored or restarted on a new data dir at the same URL: the old content must not linger as fresh.
+
+    With `more_writes`, the new cluster's revision is already past the old one when the adapter reconnects,
+    so only the cluster ID tells them apart.
+    """
+    own = EtcdServer(tmp_path)
+    own.start()
+    try:
+        async with connect(own) as c:
+            for i in range(10):  # revision 11 in the old cluster
+                await c.put(f"{prefix}old/{i}".encode(), naming(f"10.8.1.{i}:80"))
+        async with running(make_registry([own.url], prefix, tmp_path)) as index:
+            await eventually(lambda: status(index).synced and addresses(index, "old.mesh.local"), what="first sync")
+
+            own.stop(signal.SIGKILL)
+            await eventually(lambda: status(index).stale, timeout=10, what="marked stale while down")
+            shutil.rmtree(own.data_dir)
+            own.start()  # a new, empty cluster at the same URL
+            async with connect(own) as c:
+                for i in range(more_writes):
+                    await c.put(f"{prefix}filler/{i}".encode(), b"not json")
+                await c.put(f"{prefix}new/1".encode(), naming("10.8.2.1:80"))
+            await eventually(
+                lambda: (
+                    addresses(index, "new.mesh.local") == {("10.8.2.1", 80)}
+                    and addresses(index, "old.mesh.local") is None
+                    and not status(index).stale
+                ),
+                timeout=20,
+                what="the new cluster's content replaced the old",
+            )
+            # And it follows the new cluster from there.
+            async with connect(own) as c:
+                await c.put(f"{prefix}new/2".encode(), naming("10.8.2.2:80"))
+            await eventually(lambda: addresses(index, "new.mesh.local") == {("10.8.2.1", 80), ("10.8.2.2", 80)})
     finally:
         own.stop()
 
