@@ -17,7 +17,10 @@ What it implements, and where the semantics come from (developer.hashicorp.com,
   index of the last deregistration).
 - Blocking: `?index=N&wait=D` holds the request until the resource's index
   is > N or `wait` (default 5m, at most 10m) plus a random jitter of up to
-  wait/16 has passed, then answers the current content either way.
+  wait/16 has passed, then answers the current content either way. A
+  query asking with an index above the current one (its client missed a
+  reset) is held the same way; queries held while the index is reset are
+  answered at once (Consul aborts them when it restores a snapshot).
 - `?stale` and `?consistent` are accepted (both at once is a 400, as in Consul).
 - Tokens: when `acl_token` is set, a request without that token
   (`X-Consul-Token`, `Authorization: Bearer` or `?token=`) gets 403
@@ -148,6 +151,8 @@ class FakeConsul:
         self.requests: Counter[str] = Counter()
         self.blocking_requests: Counter[str] = Counter()
         """Requests that carried `?index=` (blocking queries), by path."""
+        self.blocked: Counter[str] = Counter()
+        """Blocking queries being held right now, by path."""
         self.seen_tokens: list[str | None] = []
         self._faults: list[_Fault] = []
         self._runner: web.AppRunner | None = None
@@ -205,7 +210,8 @@ class FakeConsul:
         return self._dc(dc).index
 
     def _bump(self, dc: _Datacenter, services: Iterable[str], *, table: bool) -> int:
-        dc.index += 1
+        # Raft's first entry (index 1) is the cluster's own configuration: a write lands at 2 or later.
+        dc.index = max(dc.index + 1, 2)
         for s in services:
             dc.service_index[s] = dc.index
         if table:
@@ -441,15 +447,19 @@ class FakeConsul:
         wait += random.uniform(0, wait / 16)
         deadline = time.monotonic() + wait
         epoch = dc.epoch
-        async with dc.changed:
-            while current() <= index and not dc.down and dc.epoch == epoch:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                try:
-                    await asyncio.wait_for(dc.changed.wait(), left)
-                except TimeoutError:
-                    return
+        self.blocked[request.path] += 1
+        try:
+            async with dc.changed:
+                while current() <= index and not dc.down and dc.epoch == epoch:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    try:
+                        await asyncio.wait_for(dc.changed.wait(), left)
+                    except TimeoutError:
+                        return
+        finally:
+            self.blocked[request.path] -= 1
 
     def _checks(self, dc: _Datacenter, inst: Instance) -> list[Check]:
         return [
