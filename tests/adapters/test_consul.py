@@ -21,6 +21,7 @@ import pytest
 from adapters.consul import ConsulConfig, ConsulRegistry
 from adapters.consul.registry import next_index
 from discoveryd.model import Health, Hostname, PortProtocol, Problem, Service, SourceId
+from discoveryd.testing import AdapterContract
 from tests.fakes.consul import FakeConsul
 from tests.helpers import eventually
 
@@ -467,3 +468,41 @@ async def test_unusable_service_name_is_a_problem_not_a_failure(fake: FakeConsul
         assert "dc1/web_api" in r.part().problems
         fake.deregister("web_api")
         await eventually(lambda: "dc1/web_api" not in r.part().problems, what="problem cleared")
+
+
+class ConsulHarness:
+    """The contract suite's view of Consul: service `<name>` in dc1, one node per endpoint."""
+
+    def __init__(self, fake: FakeConsul, tmp: Path) -> None:
+        self.fake, self.tmp = fake, tmp
+
+    def registry(self) -> ConsulRegistry:
+        return ConsulRegistry(config(self.fake), self.tmp)
+
+    async def put(self, name: str, endpoints: list[tuple[str, int]]) -> Hostname:
+        self.fake.deregister_service(name)
+        for i, (ip, port) in enumerate(endpoints):
+            self.fake.register(name, ip, port, node=f"{name}-node-{i}", service_id=f"{name}-{i}")
+        return Hostname(f"{name}.service.dc1.consul")
+
+    async def remove(self, name: str) -> None:
+        self.fake.deregister_service(name)
+
+    async def put_broken(self, name: str) -> None:
+        # An instance without any address (neither the service's nor its node's).
+        self.fake.register(name, "", 80, node=f"{name}-node", node_address="")
+
+    async def outage(self) -> None:
+        await self.fake.stop()
+
+    async def restore(self) -> None:
+        await self.fake.start()
+
+    async def reset(self) -> None:
+        self.fake.new_cluster()
+
+
+class TestContract(AdapterContract):
+    @pytest.fixture
+    async def harness(self, fake: FakeConsul, tmp_path: Path) -> ConsulHarness:
+        return ConsulHarness(fake, tmp_path)

@@ -328,6 +328,14 @@ class FakeConsul:
             d.service_index[s] = min(d.service_index[s], to)
         self._notify(d)
 
+    def new_cluster(self) -> None:
+        """Replace every datacenter by a new, empty one at the same address (indexes start over)."""
+        for name, d in list(self._dcs.items()):
+            fresh = self._dcs[name] = _Datacenter(name, down=d.down)
+            d.epoch += 1
+            self._notify(d)
+            self._notify(fresh)
+
     def fail(self, status: int, count: int = 1, path: str = "/v1/", body: str | None = None) -> None:
         """Answer the next `count` requests whose path starts with `path` with `status`."""
         default = {403: "Permission denied", 429: "rate limit exceeded", 500: "No cluster leader"}
