@@ -8,14 +8,12 @@ from __future__ import annotations
 
 from adapters.consul.config import ConsulConfig
 from adapters.consul.registry import ConsulRegistry
-from discoveryd.registry import AdapterContext, AdapterSpec, RegistryConfig
+from discoveryd.registry import AdapterContext, AdapterSpec
 
 __all__ = ["ADAPTER", "ConsulConfig", "ConsulRegistry"]
 
 
-def _create(config: RegistryConfig, context: AdapterContext) -> ConsulRegistry:
-    if not isinstance(config, ConsulConfig):
-        raise TypeError(f"expected a ConsulConfig, got {type(config).__name__}")
+def _create(config: ConsulConfig, context: AdapterContext) -> ConsulRegistry:
     return ConsulRegistry(config, context.base_dir)
 
 

@@ -55,7 +55,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from adapters.consul.client import ConsulClient, ConsulError, ConsulHTTPError, ConsulUnavailable, Reply, read_token
 from adapters.consul.config import ConsulConfig
 from adapters.consul.mapping import Naming, build, names
-from discoveryd.model import Problem, Service, Zone, ZoneFlavor, hostname
+from discoveryd.model import Problem, Service, SourceId, Zone, ZoneFlavor, hostname
 from discoveryd.registry import RegistryConfig, ShardWriter
 
 log = logging.getLogger("discoveryd.adapters.consul")
@@ -342,6 +342,10 @@ class ConsulRegistry:
         self.consul_config = config
         self._base_dir = base_dir
         self._client: ConsulClient | None = None
+
+    @property
+    def source(self) -> SourceId:
+        return self.consul_config.source
 
     @property
     def client(self) -> ConsulClient:
