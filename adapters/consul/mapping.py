@@ -21,7 +21,8 @@ and the problems found in the rows. The rules:
   also a label. `ServiceMeta` is merged into the labels (meta wins);
   `ServiceMeta.protocol` selects the port protocol (default TCP).
 - One port, named after its protocol (`tcp`, `http`, `grpc`, ...), numbered
-  with the port most instances use; each endpoint maps it to its own port.
+  with the port most instances use (the previous number while any instance
+  still uses it: a stable cluster name); each endpoint maps it to its own port.
 - Locality: region = datacenter, zone = the node meta key `zone_node_meta`.
 """
 
@@ -177,10 +178,14 @@ def _instance(row: Mapping[str, Any], dc: str, naming: Naming) -> _Instance | Pr
     return _Instance(endpoint, port, _str(meta, "protocol"))
 
 
-def build(service: str, dc: str, rows: Any, naming: Naming) -> tuple[Service | None, list[Problem]]:
+def build(
+    service: str, dc: str, rows: Any, naming: Naming, previous: Service | None = None
+) -> tuple[Service | None, list[Problem]]:
     """The service for `service` in `dc` from its health rows, and the problems of rows that were skipped.
 
-    None when the name is unusable or no row gives an instance (the service has none left).
+    None when the name is unusable or no row gives an instance (the service has none left). `previous`
+    is the last service built for it: its port number is kept while any instance still uses it, so the
+    cluster name (`outbound|<port>||<host>`) does not move when instances come and go.
     """
     named = names(service, dc, naming)
     if named is None:
@@ -218,7 +223,9 @@ def build(service: str, dc: str, rows: Any, naming: Naming) -> tuple[Service | N
     ports: tuple[Port, ...] = ()
     endpoints: Sequence[Endpoint]
     if numbers:
-        port = Port(number=min(numbers, key=lambda n: (-numbers[n], n)), name=protocol.value.lower(), protocol=protocol)
+        kept = previous.ports[0].number if previous is not None and previous.ports else None
+        number = kept if kept in numbers else min(numbers, key=lambda n: (-numbers[n], n))
+        port = Port(number=number, name=protocol.value.lower(), protocol=protocol)
         ports = (port,)
         endpoints = [
             _with_port(i.endpoint, port.name, i.port) if i.port and i.port != port.number else i.endpoint

@@ -306,7 +306,7 @@ class _Datacenter:
             watch.first.set()
 
     def _apply(self, watch: _Watch, rows: Any) -> None:
-        built, problems = build(watch.name, self._dc, rows, self._naming)
+        built, problems = build(watch.name, self._dc, rows, self._naming, watch.built)
         previous = watch.built
         if problems != list(watch.problems):
             watch.problems = tuple(problems)

@@ -506,3 +506,19 @@ class TestContract(AdapterContract):
     @pytest.fixture
     async def harness(self, fake: FakeConsul, tmp_path: Path) -> ConsulHarness:
         return ConsulHarness(fake, tmp_path)
+
+
+async def test_port_number_and_so_the_cluster_name_stay_while_used(fake: FakeConsul) -> None:
+    fake.register("web", "10.0.0.1", 9000, node="n1")
+    async with running(fake) as r:
+        await eventually(lambda: r.part().synced, what="synced")
+        # Two instances on a lower port now outnumber the first: the number stays while 9000 is used.
+        fake.register("web", "10.0.0.2", 8000, node="n2", service_id="web-2")
+        fake.register("web", "10.0.0.3", 8000, node="n3", service_id="web-3")
+        await eventually(lambda: len(r.service("web").endpoints) == 3, what="three instances")  # type: ignore[union-attr]
+        svc = r.service("web")
+        assert svc is not None and svc.ports[0].number == 9000
+        assert _addresses(svc) == {("10.0.0.1", 9000), ("10.0.0.2", 8000), ("10.0.0.3", 8000)}
+        fake.deregister("web")
+        await eventually(lambda: len(r.service("web").endpoints) == 2, what="first gone")  # type: ignore[union-attr]
+        assert r.service("web").ports[0].number == 8000  # type: ignore[union-attr]
