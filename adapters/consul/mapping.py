@@ -224,7 +224,7 @@ def build(
     endpoints: Sequence[Endpoint]
     if numbers:
         kept = previous.ports[0].number if previous is not None and previous.ports else None
-        number = kept if kept in numbers else min(numbers, key=lambda n: (-numbers[n], n))
+        number = kept if kept is not None and kept in numbers else min(numbers, key=lambda n: (-numbers[n], n))
         port = Port(number=number, name=protocol.value.lower(), protocol=protocol)
         ports = (port,)
         endpoints = [
