@@ -1,4 +1,4 @@
-"""The Kubernetes registry: Services and EndpointSlices of one cluster, listed and watched.
+"""The Kubernetes registry: Services, EndpointSlices and Istio CRDs of one cluster, listed and watched.
 
 The entry point `kubernetes = "adapters.kubernetes:ADAPTER"` makes
 `kind: kubernetes` available in `registries:`; see README.md in this folder.

@@ -215,7 +215,7 @@ class Reflector:
         on_listed: Callable[[], None] | None = None,
     ) -> None:
         self.kind = kind
-        self._store = store
+        self.store = store
         self._page_size = page_size
         self._watch_timeout = max(1, int(watch_timeout))
         self._selector = label_selector
@@ -225,6 +225,10 @@ class Reflector:
         self.lists = 0
         self.watches = 0
         self.events = 0
+
+    def mark_listed(self) -> None:
+        if self._on_listed is not None:
+            self._on_listed()
 
     def _query(self) -> list[tuple[str, str]]:
         return [("labelSelector", self._selector)] if self._selector else []
@@ -237,11 +241,10 @@ class Reflector:
         while True:
             if self.resource_version is None:
                 items, version = await self.list(api)
-                self._store.replace(items)
+                self.store.replace(items)
                 self.resource_version = version
                 self.lists += 1
-                if self._on_listed is not None:
-                    self._on_listed()
+                self.mark_listed()
             try:
                 await self._watch(api, on_watching)
             except (Gone, TooLarge) as e:
@@ -286,7 +289,7 @@ class Reflector:
                     kind, obj = event.get("type"), event.get("object") or {}
                     if kind == "ERROR":
                         if changes:
-                            self._store.apply(changes)
+                            self.store.apply(changes)
                             self.resource_version = version
                         raise _error(int(obj.get("code") or 500), orjson.dumps(obj))
                     rv = (obj.get("metadata") or {}).get("resourceVersion")
@@ -296,7 +299,7 @@ class Reflector:
                         changes.append((kind, obj))
                 if changes:
                     self.events += len(changes)
-                    self._store.apply(changes)
+                    self.store.apply(changes)
                 self.resource_version = version
         finally:
             await stream.aclose()  # type: ignore[attr-defined]

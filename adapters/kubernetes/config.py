@@ -45,6 +45,8 @@ class KubernetesConfig(RegistryConfig):
     `topology.istio.io/subzone`); needs get/list/watch on nodes."""
     istio: bool = True
     """Read Istio ServiceEntry and WorkloadEntry CRDs when they are installed."""
+    pods: bool = False
+    """Read Pods as workloads for ServiceEntries with a `workloadSelector` (needs get/list/watch on pods)."""
     istio_version: str = "v1"
     """The networking.istio.io API version read."""
     endpoint_pod_names: bool = False
@@ -58,8 +60,8 @@ class KubernetesConfig(RegistryConfig):
     request_timeout: Duration = 30.0
     """Per list page, per watch connect, and the longest silence on a watch (bookmarks keep it talking)."""
     coalesce: Duration = 0.02
-    """The least time between two index versions of one part: a burst of watch events in that time
-    becomes one version."""
+    """Under a stream of watch events, at most one index version per this interval (after a reserve of 4);
+    what arrives meanwhile goes into the next one. Sparse events are published at once."""
     backoff_initial: Duration = 0.2
     backoff_max: Duration = 30.0
     crd_retry: Duration = 60.0

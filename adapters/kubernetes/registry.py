@@ -1,18 +1,22 @@
-"""Keep the `services` part of a Kubernetes registry's shard equal to the cluster.
+"""Keep the `services` and `istio` parts of a Kubernetes registry's shard equal to the cluster.
 
 Data flow, all in the registry's task (`run`) and the tasks it owns:
 
 1. a session connects (`api.Api`: kubeconfig + context, or in-cluster) and
    runs one `Reflector` per kind and namespace scope: Services (with the
-   configured label selector), EndpointSlices, and Nodes when `watch_nodes`;
+   configured label selector), EndpointSlices, and Nodes when `watch_nodes`,
+   into the `services` part; ServiceEntries, WorkloadEntries (and Pods with
+   `pods`) into the `istio` part (`crds.py`), where a CRD that is not
+   installed counts as empty and is looked for again every `crd_retry`;
 2. each reflector keeps a `Store` of `_ServiceView` current: raw objects are
    mapped at once (`mapping.py`) into compact immutable values, and the
    Services they touch are marked dirty. A relist compares by
    resourceVersion, so it marks dirty only what changed or vanished;
 3. the `_Coalescer` task turns the dirty set into one staged
-   `shard.batch()` of upserts/deletes, at most one per `coalesce` interval
-   (20 ms: ≤ 50 versions/s per part): a burst of watch events becomes few
-   index versions, while a lone event is applied at once. Nothing is
+   `shard.batch()` of upserts/deletes: at once while changes are sparse, and
+   under a stream of them at most one per `coalesce` interval (20 ms: at most
+   50 versions/s per part sustained, after a reserve of 4): a burst of watch
+   events becomes few index versions, while a lone event is applied at once. Nothing is
    published before every reflector has listed once; the first publication
    is a `replace` (it also drops what a state snapshot restored but the
    cluster no longer has) with `mark_synced`;
@@ -32,15 +36,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random_exponential
 
-from adapters.kubernetes.api import Api, ApiError, Kind, Obj, Reflector
+from adapters.kubernetes.api import Api, ApiError, Kind, NotFound, Obj, Reflector, Store
 from adapters.kubernetes.config import KubernetesConfig
+from adapters.kubernetes.crds import ISTIO_PART, IstioView
 from adapters.kubernetes.mapping import (
     MappingError,
     ServiceInfo,
@@ -69,26 +75,38 @@ def describe(error: BaseException) -> str:
 
 
 class _Coalescer:
-    """Calls `flush` after `poke`, at most once per `interval`; a lone poke after a quiet time flushes at once."""
+    """Calls `flush` after `poke`: at once while changes are sparse, at most once per `interval` under a
+    stream of them (a token bucket: `burst` flushes in reserve, one more every `interval`)."""
 
-    def __init__(self, interval: float, flush: Callable[[], None]) -> None:
+    def __init__(self, interval: float, flush: Callable[[], None], burst: int = 4) -> None:
         self._interval = interval
         self._flush = flush
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._stamp = time.monotonic()
         self._wake = asyncio.Event()
-        self._last = -1e9
         self.flushes = 0
 
     def poke(self) -> None:
         self._wake.set()
 
+    def _refill(self) -> None:
+        now = time.monotonic()
+        if self._interval > 0:
+            self._tokens = min(self._burst, self._tokens + (now - self._stamp) / self._interval)
+        else:
+            self._tokens = self._burst
+        self._stamp = now
+
     async def run(self) -> None:
         while True:
             await self._wake.wait()
-            delay = self._last + self._interval - time.monotonic()
-            # Even without a delay, yield once: the reader may hold more of the same chunk burst.
-            await asyncio.sleep(max(delay, 0))
+            self._refill()
+            # Even without a wait, yield once: the reader may hold more of the same burst.
+            await asyncio.sleep(max(0.0, (1 - self._tokens) * self._interval))
+            self._refill()
+            self._tokens -= 1
             self._wake.clear()
-            self._last = time.monotonic()
             self.flushes += 1
             self._flush()
 
@@ -341,6 +359,30 @@ class _ScopedStore:
         self._replace(self._namespace, items)
 
 
+class _Part(Protocol):
+    """What the session needs of a part's view: which reflectors feed it, and their progress."""
+
+    expected: set[str]
+    listed: set[str]
+    watching: set[str]
+    stale: bool
+
+    def poke(self) -> None: ...
+
+
+class _KindStore:
+    """A `Store` for one Istio kind and namespace scope of the `istio` part."""
+
+    def __init__(self, view: IstioView, plural: str, namespace: str | None) -> None:
+        self._view, self._plural, self._namespace = view, plural, namespace
+
+    def replace(self, items: list[Obj]) -> None:
+        self._view.replace(self._plural, self._namespace, items)
+
+    def apply(self, events: list[tuple[str, Obj]]) -> None:
+        self._view.apply(self._plural, events)
+
+
 class KubernetesRegistry:
     """The `Registry` (and `ZoneProvider`) for one Kubernetes cluster."""
 
@@ -350,7 +392,9 @@ class KubernetesRegistry:
         self._config = config
         self._base_dir = base_dir
         self.view: _ServiceView | None = None
+        self.istio: IstioView | None = None
         self.reflectors: list[Reflector] = []
+        self._owners: dict[int, _Part] = {}
         self.sessions = 0
 
     def zones(self) -> Sequence[Zone]:
@@ -360,28 +404,29 @@ class KubernetesRegistry:
         path = self._config.kubeconfig
         return None if path is None else self._base_dir / path.expanduser()
 
-    def _reflectors(self, view: _ServiceView) -> list[Reflector]:
+    def _reflectors(self, view: _ServiceView, istio: IstioView | None = None) -> list[Reflector]:
         cfg = self._config
         scopes: list[str | None] = list(cfg.namespaces) or [None]
         out: list[Reflector] = []
 
-        def add(kind: Kind, store: _ScopedStore, selector: str | None = None) -> None:
+        def add(kind: Kind, store: Store, selector: str | None = None, part: _Part | None = None) -> None:
             name = str(kind)
-            view.expected.add(name)
+            owner: _Part = part if part is not None else view
+            owner.expected.add(name)
 
             def listed() -> None:
-                view.listed.add(name)
+                owner.listed.add(name)
 
-            out.append(
-                Reflector(
-                    kind,
-                    store,
-                    page_size=cfg.page_size,
-                    watch_timeout=cfg.watch_timeout,
-                    label_selector=selector,
-                    on_listed=listed,
-                )
+            reflector = Reflector(
+                kind,
+                store,
+                page_size=cfg.page_size,
+                watch_timeout=cfg.watch_timeout,
+                label_selector=selector,
+                on_listed=listed,
             )
+            self._owners[id(reflector)] = owner
+            out.append(reflector)
 
         for ns in scopes:
             add(
@@ -395,27 +440,51 @@ class KubernetesRegistry:
             )
         if cfg.watch_nodes:
             add(Kind("", "v1", "nodes"), _ScopedStore(None, view.nodes_replace, view.nodes_apply))
+        if istio is not None:
+            plurals = ["serviceentries", "workloadentries"]
+            for ns in scopes:
+                for plural in plurals:
+                    kind = Kind("networking.istio.io", cfg.istio_version, plural, ns)
+                    add(kind, _KindStore(istio, plural, ns), part=istio)
+                if cfg.pods:
+                    add(Kind("", "v1", "pods", ns), _KindStore(istio, "pods", ns), part=istio)
         return out
 
     async def run(self, shard: ShardWriter) -> None:
-        """Sync the `services` part with the cluster until cancelled (see the module docstring)."""
-        part = shard.part(SERVICES_PART)
-        view = self.view = _ServiceView(self._config, part)
-        coalescer = _Coalescer(self._config.coalesce, view.flush)
+        """Sync the `services` (and `istio`) parts with the cluster until cancelled (see the module docstring)."""
+        parts = [shard.part(SERVICES_PART)]
+        view = self.view = _ServiceView(self._config, parts[0])
+        if self._config.istio:
+            parts.append(shard.part(ISTIO_PART))
+            self.istio = IstioView(parts[1])
+        istio = self.istio
+
+        def flush() -> None:
+            view.flush()
+            if istio is not None:
+                istio.flush()
+
+        coalescer = _Coalescer(self._config.coalesce, flush)
         view.poke = coalescer.poke
-        self.reflectors = self._reflectors(view)
+        if istio is not None:
+            istio.poke = coalescer.poke
+        self.reflectors = self._reflectors(view, istio)
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(coalescer.run(), name=f"{self.config.source}:coalesce")
-            tasks.create_task(self._sessions(view, part), name=f"{self.config.source}:sessions")
+            tasks.create_task(self._sessions(parts), name=f"{self.config.source}:sessions")
 
-    async def _sessions(self, view: _ServiceView, part: ShardWriter) -> None:
+    def _views(self) -> list[_Part]:
+        out: list[_Part] = [self.view] if self.view is not None else []
+        return out + ([self.istio] if self.istio is not None else [])
+
+    async def _sessions(self, parts: list[ShardWriter]) -> None:
         cfg = self._config
 
         def failing(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome is not None else None
             reason = describe(error) if error is not None else "unknown error"
             log.warning("kubernetes %s: %s; retrying in %.2fs", self.config.source, reason, state.upcoming_sleep)
-            self._failing(view, part, reason)
+            self._failing(parts, reason)
 
         half_initial, half_max = cfg.backoff_initial / 2, cfg.backoff_max / 2
         while True:
@@ -428,34 +497,42 @@ class KubernetesRegistry:
                 reraise=True,
             ):
                 with attempt:
-                    await self._session(view, part)
+                    await self._session(parts)
 
-    def _failing(self, view: _ServiceView, part: ShardWriter, reason: str) -> None:
-        view.watching.clear()
-        view.stale = True
-        part.mark_failing(reason)
+    def _failing(self, parts: list[ShardWriter], reason: str) -> None:
+        for view in self._views():
+            view.watching.clear()
+            view.stale = True
+        for part in parts:
+            part.mark_failing(reason)
 
-    async def _session(self, view: _ServiceView, part: ShardWriter) -> None:
+    async def _session(self, parts: list[ShardWriter]) -> None:
         """Connect and run every reflector. Returns after a healthy session broke; raises otherwise."""
         api = await Api.connect(self._kubeconfig(), self._config.context, self._config.request_timeout)
         self.sessions += 1
         started = time.monotonic()
         established: float | None = None
 
-        def watching(name: str) -> Callable[[], None]:
+        views = self._views()
+
+        def watching(reflector: Reflector) -> Callable[[], None]:
+            name, owner = str(reflector.kind), self._owners[id(reflector)]
+
             def mark() -> None:
                 nonlocal established
-                view.watching.add(name)
-                if view.expected <= view.watching and established is None:
+                owner.watching.add(name)
+                if established is None and all(v.expected <= v.watching for v in views):
                     established = time.monotonic()
-                view.poke()
+                owner.poke()
 
             return mark
 
-        tasks = [
-            asyncio.create_task(r.run(api, watching(str(r.kind))), name=f"{self.config.source}:{r.kind}")
-            for r in self.reflectors
-        ]
+        def follow(reflector: Reflector) -> Coroutine[Any, Any, None]:
+            if reflector.kind.group == "networking.istio.io":
+                return self._crd(reflector, api, watching(reflector))
+            return reflector.run(api, watching(reflector))
+
+        tasks = [asyncio.create_task(follow(r), name=f"{self.config.source}:{r.kind}") for r in self.reflectors]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             error = next(t.exception() for t in done if t.exception() is not None)
@@ -467,9 +544,32 @@ class KubernetesRegistry:
             log.warning(
                 "kubernetes %s: lost after %.0fs: %s; reconnecting", self.config.source, time.monotonic() - started, e
             )
-            self._failing(view, part, describe(e))
+            self._failing(parts, describe(e))
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await api.close()
+
+    async def _crd(self, reflector: Reflector, api: Api, on_watching: Callable[[], None]) -> None:
+        """`reflector.run` for a CRD that may not be installed: its absence is reported once and
+        looked at again every `crd_retry`; meanwhile the kind counts as listed, empty."""
+        absent = False
+        while True:
+            try:
+                await reflector.run(api, on_watching)
+            except NotFound as e:
+                if not absent:
+                    log.info(
+                        "kubernetes %s: %s is not served (%s); Istio CRDs not installed? looking again every %gs",
+                        self.config.source,
+                        reflector.kind,
+                        e.message,
+                        self._config.crd_retry,
+                    )
+                absent = True
+                reflector.resource_version = None
+                reflector.store.replace([])
+                reflector.mark_listed()
+                on_watching()
+                await asyncio.sleep(self._config.crd_retry)

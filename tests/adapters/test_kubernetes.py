@@ -232,8 +232,8 @@ async def test_expired_continue_token_lists_again(fake: FakeApiServer, index: In
     _web(fake, 7)
     expired = []
 
-    def expire_once() -> None:
-        if not expired:
+    def expire_once(plural: str) -> None:
+        if plural == "services" and not expired:
             expired.append(True)
             fake.expire_continue_tokens()
 
@@ -440,3 +440,127 @@ async def test_a_replaced_cluster_with_lower_versions_is_listed_again(
         await eventually(
             lambda: set(index.snapshot.services) == {"fresh.shop.svc.cluster.local"}, timeout=10, what="relisted"
         )
+
+
+def _entry(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+
+async def test_istio_crds_absent_then_installed(fake: FakeApiServer, index: Index, tmp_path: Path) -> None:
+    """Without the CRDs the registry is ready (the istio part empty, reported once, looked at again slowly);
+    once installed, a ServiceEntry and a WorkloadEntry selected by another arrive in the `istio` part."""
+    _web(fake, 1)
+    source = SourceId("kubernetes/c1")
+    async with running(index, _config(tmp_path, fake, crd_retry="200ms"), tmp_path):
+        await eventually(lambda: index.snapshot.ready and _host(0) in index.snapshot.services, what="first sync")
+        parts = index.snapshot.shards[source].parts
+        assert set(parts) == {"services", "istio"} and parts["istio"].synced and parts["istio"].services == 0
+        fake.install_crds()
+        fake.apply(
+            "serviceentries",
+            _entry(
+                "ext",
+                "shop",
+                {
+                    "hosts": ["api.example.com"],
+                    "ports": [{"number": 443, "name": "https", "protocol": "TLS"}],
+                    "resolution": "DNS",
+                    "location": "MESH_EXTERNAL",
+                },
+            ),
+        )
+        fake.apply(
+            "serviceentries",
+            _entry(
+                "vms",
+                "shop",
+                {
+                    "hosts": ["billing.vms.internal"],
+                    "ports": [{"number": 8080, "name": "http", "protocol": "HTTP"}],
+                    "resolution": "STATIC",
+                    "workloadSelector": {"labels": {"app": "billing"}},
+                },
+            ),
+        )
+        fake.apply("workloadentries", _entry("vm-1", "shop", {"address": "10.30.0.1", "labels": {"app": "billing"}}))
+        fake.apply("workloadentries", _entry("vm-2", "shop", {"address": "10.30.0.2", "labels": {"app": "other"}}))
+        fake.apply(
+            "workloadentries", _entry("vm-3", "elsewhere", {"address": "10.30.0.3", "labels": {"app": "billing"}})
+        )
+        billing = Hostname("billing.vms.internal")
+        await eventually(lambda: _eps(index, billing) == {"10.30.0.1": Health.HEALTHY}, timeout=10, what="selected")
+        ext = index.snapshot.services[Hostname("api.example.com")]
+        assert ext.resolution is Resolution.DNS and ext.ports[0].protocol is PortProtocol.TLS
+        assert index.snapshot.shards[source].parts["istio"].services == 2
+        # The selection follows the workloads' labels.
+        fake.apply("workloadentries", _entry("vm-2", "shop", {"address": "10.30.0.2", "labels": {"app": "billing"}}))
+        await eventually(lambda: len(_eps(index, billing) or {}) == 2, what="second workload selected")
+        fake.delete("serviceentries", "shop", "ext")
+        await eventually(lambda: Hostname("api.example.com") not in index.snapshot.services, what="entry deleted")
+    listed = [p for p, q in fake.requests if p.endswith("/serviceentries") and q.get("watch") != "true"]
+    assert 2 <= len(listed) < 60  # looked at again slowly, not polled in a loop
+
+
+async def test_invalid_crd_is_reported_by_name_and_field(fake: FakeApiServer, index: Index, tmp_path: Path) -> None:
+    fake.install_crds()
+    good = {"hosts": ["a.example.com"], "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}]}
+    fake.apply("serviceentries", _entry("good", "ns1", good | {"resolution": "DNS"}))
+    source = SourceId("kubernetes/c1")
+    async with running(index, _config(tmp_path, fake), tmp_path):
+        await eventually(lambda: Hostname("a.example.com") in index.snapshot.services, what="first sync")
+        bad = {"hosts": ["b.example.com"], "ports": [{"number": 99999, "name": "http", "protocol": "HTTP"}]}
+        fake.apply("serviceentries", _entry("bad", "ns1", bad | {"resolution": "DNS"}))
+        problems = await eventually(lambda: index.snapshot.shards[source].problems, what="problem reported")
+        assert [(p.where, p.field) for p in problems] == [("ServiceEntry ns1/bad", "spec.ports[0].number")]
+        assert Hostname("b.example.com") not in index.snapshot.services
+        # The watch goes on: a later change to the good entry arrives, the fix clears the report.
+        fake.apply("serviceentries", _entry("good", "ns1", good | {"resolution": "DNS", "hosts": ["c.example.com"]}))
+        await eventually(lambda: Hostname("c.example.com") in index.snapshot.services, what="watch continues")
+        fake.apply("serviceentries", _entry("bad", "ns1", good | {"resolution": "DNS", "hosts": ["b.example.com"]}))
+        await eventually(
+            lambda: Hostname("b.example.com") in index.snapshot.services and not index.snapshot.shards[source].problems,
+            what="fixed",
+        )
+
+
+async def test_a_service_and_a_serviceentry_for_one_host_coexist(
+    fake: FakeApiServer, index: Index, tmp_path: Path
+) -> None:
+    fake.install_crds()
+    fake.apply("services", service("web", "shop", cluster_ips=["10.96.0.10"]))
+    fake.apply("endpointslices", endpoint_slice("web", [endpoint("10.1.0.1")], namespace="shop"))
+    spec = {
+        "hosts": [WEB],
+        "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+        "resolution": "STATIC",
+        "endpoints": [{"address": "10.40.0.1"}],
+    }
+    fake.apply("serviceentries", _entry("web-vms", "shop", spec))
+    async with running(index, _config(tmp_path, fake), tmp_path):
+        await eventually(lambda: len(_eps(index, WEB) or {}) == 2, what="both parts merged")
+        conflict = index.snapshot.conflicts[WEB]
+        assert {key.part for key in conflict.shards} == {"services", "istio"}
+
+
+async def test_pods_selected_as_workloads_when_enabled(fake: FakeApiServer, index: Index, tmp_path: Path) -> None:
+    fake.install_crds()
+    spec = {
+        "hosts": ["legacy.shop.internal"],
+        "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+        "resolution": "STATIC",
+        "workloadSelector": {"labels": {"app": "legacy"}},
+    }
+    fake.apply("serviceentries", _entry("legacy", "shop", spec))
+    pod = {
+        "metadata": {"name": "legacy-1", "namespace": "shop", "labels": {"app": "legacy"}},
+        "spec": {"nodeName": "n1", "serviceAccountName": "legacy"},
+        "status": {"podIP": "10.50.0.1", "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+    fake.apply("pods", pod)
+    host = Hostname("legacy.shop.internal")
+    async with running(index, _config(tmp_path, fake, pods=True), tmp_path):
+        await eventually(lambda: _eps(index, host) == {"10.50.0.1": Health.HEALTHY}, what="pod selected")
+        ep = index.snapshot.services[host].endpoints[0]
+        assert (ep.service_account, ep.target_ref) == ("legacy", "Pod/shop/legacy-1")
+        fake.delete("pods", "shop", "legacy-1")
+        await eventually(lambda: _eps(index, host) == {}, what="pod gone")

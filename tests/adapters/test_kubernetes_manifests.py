@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from adapters.kubernetes import KubernetesConfig, KubernetesRegistry
+from adapters.kubernetes.crds import IstioView
 from adapters.kubernetes.registry import _ServiceView
 from discoveryd.index import Index
 
@@ -25,7 +26,7 @@ def _docs(name: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all((MANIFESTS / name).read_text()) if d]
 
 
-@pytest.mark.parametrize("name", ["rbac.yaml", "rbac-nodes.yaml", "discoveryd.yaml"])
+@pytest.mark.parametrize("name", ["rbac.yaml", "rbac-nodes.yaml", "rbac-pods.yaml", "discoveryd.yaml"])
 def test_manifests_validate_against_the_kubernetes_schemas(name: str) -> None:
     version = kubernetes_validate.latest_version()
     for doc in _docs(name):
@@ -45,8 +46,10 @@ def _rules(name: str) -> set[tuple[str, str]]:
 def _requested(tmp: Path, **keys: Any) -> set[tuple[str, str]]:
     config = KubernetesConfig.model_validate({"kind": "kubernetes", "name": "c"} | keys)
     registry = KubernetesRegistry(config, tmp)
-    view = _ServiceView(config, Index().writer(config.source).part("services"))
-    return {(r.kind.group, r.kind.plural) for r in registry._reflectors(view)}
+    shard = Index().writer(config.source)
+    view = _ServiceView(config, shard.part("services"))
+    istio = IstioView(shard.part("istio")) if config.istio else None
+    return {(r.kind.group, r.kind.plural) for r in registry._reflectors(view, istio)}
 
 
 def test_the_cluster_role_grants_what_the_adapter_reads_and_no_more(tmp_path: Path) -> None:
@@ -61,6 +64,10 @@ def test_the_cluster_role_grants_what_the_adapter_reads_and_no_more(tmp_path: Pa
     # Nodes only with watch_nodes, from the separate file.
     assert ("", "nodes") in _requested(tmp_path, watch_nodes=True)
     assert _rules("rbac-nodes.yaml") == {("", "nodes")}
+    # Pods only with pods (workloadSelector over Pods), from their own file.
+    assert ("", "pods") not in _requested(tmp_path)
+    assert ("", "pods") in _requested(tmp_path, pods=True)
+    assert _rules("rbac-pods.yaml") == {("", "pods")}
 
 
 def test_the_deployment_runs_as_the_service_account_with_an_in_cluster_registry() -> None:

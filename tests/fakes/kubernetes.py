@@ -204,8 +204,8 @@ class FakeApiServer:
         self._snapshots: dict[str, _Snapshot] = {}
         self._runner: web.AppRunner | None = None
         self.requests: list[tuple[str, dict[str, str]]] = []
-        self.after_page: Callable[[], None] | None = None
-        """Called after each list page that has a continue token (to expire it, restart, ...)."""
+        self.after_page: Callable[[str], None] | None = None
+        """Called with the resource's plural after each list page that has a continue token (to expire it, ...)."""
         self.failures: dict[str, int] = {}
         """Resource plural → HTTP status answered to its next request (one-shot fault injection)."""
 
@@ -284,10 +284,13 @@ class FakeApiServer:
         for w in self._watchers:
             w.queue.put_nowait(("BOOKMARK", {}))
 
-    def apply(self, plural: str, obj: Obj) -> Obj:
-        """Create or replace an object (by namespace/name); returns it as stored, with its new resourceVersion."""
+    def apply(self, plural: str, obj: Obj, *, copy_obj: bool = True) -> Obj:
+        """Create or replace an object (by namespace/name); returns it as stored, with its new resourceVersion.
+
+        `copy_obj=False` stores `obj` itself (a caller that never touches it again: benchmarks)."""
         res = RESOURCES[plural]
-        obj = copy.deepcopy(obj)
+        if copy_obj:
+            obj = copy.deepcopy(obj)
         meta = obj.setdefault("metadata", {})
         ns = meta.get("namespace", "default") if res.namespaced else ""
         if res.namespaced:
@@ -414,7 +417,7 @@ class FakeApiServer:
             meta["continue"] = base64.urlsafe_b64encode(json.dumps({"id": snap_id, "start": end}).encode()).decode()
             meta["remainingItemCount"] = len(snap.items) - end
             if self.after_page is not None:
-                self.after_page()
+                self.after_page(res.plural)
         else:
             self._snapshots.pop(snap_id, None)
         body = {"kind": f"{res.kind}List", "apiVersion": res.api_version, "metadata": meta, "items": items}
