@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from discoveryd.model import (
     Endpoint,
@@ -64,6 +64,8 @@ _APP_PROTOCOLS: dict[str, PortProtocol] = {
     "kubernetes.io/ws": PortProtocol.HTTP,
     "kubernetes.io/wss": PortProtocol.HTTPS,
 }
+_NO_LABELS: Mapping[str, str] = {}
+"""Shared by every endpoint without labels; never mutated (the model's convention for mappings)."""
 _HEALTH_RANK = {Health.HEALTHY: 0, Health.DRAINING: 1, Health.UNKNOWN: 2, Health.UNHEALTHY: 3}
 
 
@@ -95,16 +97,17 @@ class ServiceInfo:
     external_name: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class SliceEndpoint:
+class SliceEndpoint(NamedTuple):
+    """One endpoint of a slice, as `build` needs it (a tuple: tens of thousands are held and made per sync)."""
+
     address: str
     health: Health
     """Health ignoring `publishNotReadyAddresses` (applied in `build`)."""
-    hostname: str = ""
-    zone: str = ""
-    node: str = ""
-    target_ref: str = ""
-    pod: str = ""
+    hostname: str
+    zone: str
+    node: str
+    target_ref: str
+    pod: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,13 +181,16 @@ def parse_service(obj: Mapping[str, Any], domain: str, source: SourceId) -> Serv
     return ServiceInfo(template, publish_not_ready=bool(spec.get("publishNotReadyAddresses")))
 
 
+_HEALTHY, _DRAINING, _UNHEALTHY = Health.HEALTHY, Health.DRAINING, Health.UNHEALTHY
+
+
 def _health(conditions: Mapping[str, Any]) -> Health:
     ready = conditions.get("ready")
     if ready is None or ready is True:
-        return Health.HEALTHY
+        return _HEALTHY
     if conditions.get("serving") is True and conditions.get("terminating") is True:
-        return Health.DRAINING
-    return Health.UNHEALTHY
+        return _DRAINING
+    return _UNHEALTHY
 
 
 def parse_slice(obj: Mapping[str, Any]) -> SliceInfo | None:
@@ -199,23 +205,30 @@ def parse_slice(obj: Mapping[str, Any]) -> SliceInfo | None:
         number = p.get("port")
         if isinstance(number, int) and 0 < number < 65536 and str(p.get("protocol") or "TCP").upper() != "SCTP":
             ports[str(p.get("name") or "")] = number
-    endpoints = []
+    endpoints: list[SliceEndpoint] = []
+    append = endpoints.append
     for ep in obj.get("endpoints") or ():
-        addresses = ep.get("addresses") or ()
+        addresses = ep.get("addresses")
         if not addresses:
             continue
-        ref = ep.get("targetRef") or {}
-        ref_kind, ref_name = ref.get("kind") or "", ref.get("name") or ""
-        target_ref = f"{ref_kind}/{ref.get('namespace') or namespace}/{ref_name}" if ref_kind and ref_name else ""
-        endpoints.append(
+        ref = ep.get("targetRef")
+        target_ref = pod = ""
+        if ref:
+            ref_kind, ref_name = ref.get("kind") or "", ref.get("name") or ""
+            if ref_kind and ref_name:
+                target_ref = f"{ref_kind}/{ref.get('namespace') or namespace}/{ref_name}"
+                pod = ref_name if ref_kind == "Pod" else ""
+        conditions = ep.get("conditions")
+        # Values are JSON strings already (orjson); `or ""` only replaces null.
+        append(
             SliceEndpoint(
-                address=str(addresses[0]),
-                health=_health(ep.get("conditions") or {}),
-                hostname=str(ep.get("hostname") or ""),
-                zone=str(ep.get("zone") or ""),
-                node=str(ep.get("nodeName") or ""),
-                target_ref=target_ref,
-                pod=str(ref_name) if ref_kind == "Pod" else "",
+                str(addresses[0]),
+                _health(conditions) if conditions else _HEALTHY,
+                ep.get("hostname") or "",
+                ep.get("zone") or "",
+                ep.get("nodeName") or "",
+                target_ref,
+                pod,
             )
         )
     return SliceInfo((namespace, str(service)), tuple(endpoints), ports)
@@ -259,15 +272,9 @@ def build(
             if locality is None:
                 locality = localities[key] = Locality(region, se.zone, subzone)
             label = se.hostname or (se.pod if pod_names and _dns_label(se.pod) else "")
+            # Positional: several times cheaper than keywords on this path (the order of `Endpoint`'s fields).
             best[se.address] = Endpoint(
-                address=se.address,
-                ports=sl.ports,
-                locality=locality,
-                health=health,
-                network=network,
-                hostname=label,
-                source=source,
-                node_name=se.node,
-                target_ref=se.target_ref,
-            )
+                se.address, sl.ports, _NO_LABELS, locality, 1, health, network, "", label, 0, source, (), se.node,
+                se.target_ref,
+            )  # fmt: skip
     return dataclasses.replace(template, endpoints=tuple(best[a] for a in sorted(best)))
