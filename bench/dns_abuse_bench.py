@@ -241,6 +241,22 @@ def rrl_overhead(names: int, duration: float, rounds: int) -> dict[str, Any] | N
     return figures
 
 
+def verdict_cost(calls: int = 1_000_000) -> dict[str, float]:
+    """Nanoseconds per `RateLimiter.verdict()` in this process: 256 sources under the rate, and one over it."""
+    from discoveryd.dns.rrl import RateLimiter, RrlSettings
+
+    out = {}
+    for label, rate, sources in (("passing", 1e9, 256), ("limiting", 1.0, 1)):
+        rrl = RateLimiter(RrlSettings(responses_per_second=rate, slip=2))
+        ips = [bytes((10, i % 7, i, 1)) for i in range(sources)] * (calls // sources)
+        verdict = rrl.verdict
+        started = time.perf_counter()
+        for ip in ips:
+            verdict(ip)
+        out[f"verdict_ns_{label}"] = round((time.perf_counter() - started) / len(ips) * 1e9, 1)
+    return out
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.dns_abuse_bench")
     parser.add_argument("--hold", type=int, default=1024, help="connections the attacker tries to hold")
@@ -270,6 +286,8 @@ def main(argv: list[str]) -> None:
         ]
         print(table(rows, ["legitimate TCP client", "answered", "p50 ms", "p99 ms"]))
         print(f"attacker connections held at the end: {slots['attacker_held_at_end']} of {args.hold} tried")
+    figures["rrl_verdict"] = costs = verdict_cost()
+    print(f"RateLimiter.verdict: {costs['verdict_ns_passing']} ns passing, {costs['verdict_ns_limiting']} ns limiting")
     rrl = rrl_overhead(args.names, args.duration, args.rounds)
     if rrl is not None:
         figures["rrl"] = rrl

@@ -2,9 +2,12 @@
 
 Modules, in data-flow order: `records` (the index snapshot as DNS records),
 `answer` (resolution, wire encoding, the answer cache and its hot path),
-`forward` (upstream resolvers and their cache), `server` (UDP/TCP listeners
-and the protocol rules), `metrics`, `wire` (reading a query's question) and
-`message` (record types and writing responses), both without a DNS library.
+`forward` (upstream resolvers, their cache, spoofing checks), `server`
+(UDP/TCP listeners, the protocol rules, CNAME chasing for recursive
+clients), `udp` (batched datagram I/O), `tcp` (who may hold a connection),
+`rrl` (response rate limiting), `querylog`, `metrics` (per-server counters),
+`wire` (reading a query's question) and `message` (record types and writing
+responses), both without a DNS library.
 """
 
 from discoveryd.dns.server import DnsServer

@@ -20,6 +20,10 @@ connections may stay: at most `tcp_max_connections_per_source` per client,
 connection to admit a new one. A message shorter than a DNS header closes the
 connection. The listen backlog is `tcp_max_connections`.
 
+With `dns.rrl` or `dns.query_log` on, every UDP reply passes `_gate` (RRL
+for our own answers, then the query log); TCP replies are logged, never rate
+limited (TCP cannot be spoofed). Counters go to the server's `DnsMetrics`.
+
 Ownership: `serve()` owns every socket, connection task and forwarding task;
 cancelling it closes them all before it returns.
 """
@@ -122,7 +126,9 @@ class DnsServer:
         rrl = config.rrl
         self._rrl = (
             RateLimiter(
-                RrlSettings(rrl.responses_per_second, rrl.slip, rrl.ipv4_prefix, rrl.ipv6_prefix, rrl.table_size)
+                RrlSettings(rrl.responses_per_second, rrl.slip, rrl.ipv4_prefix, rrl.ipv6_prefix, rrl.table_size),
+                dropped=self.metrics.rrl_dropped,
+                slipped=self.metrics.rrl_slipped,
             )
             if rrl.responses_per_second > 0
             else None
@@ -208,8 +214,9 @@ class DnsServer:
                 if port == 0 and e.errno == errno.EADDRINUSE:
                     continue
                 raise OSError(e.errno, f"dns: cannot listen on {host}:{bound}/udp: {e.strerror or e}") from e
-            gate = self._gate if self._rrl is not None or self._query_log is not None else None
-            loop.add_reader(sock.fileno(), udp.reader(sock, self, self.metrics, gate).readable)
+            gate = self._gate if self._query_log is not None else None
+            limit = self._rrl.verdict if self._rrl is not None else None
+            loop.add_reader(sock.fileno(), udp.reader(sock, self, self.metrics, gate, limit).readable)
             return server, sock, bound
         raise OSError(errno.EADDRINUSE, f"dns: no port free for both udp and tcp on {host}")
 
@@ -411,15 +418,7 @@ class DnsServer:
     # -- rate limiting and the query log ----------------------------------------------
 
     def _gate(self, response: bytes, ip: bytes, port: int, started: float, local: bool) -> bytes | None:
-        """`udp.Gate`: RRL for our own answers, then the query log."""
-        if local and self._rrl is not None:
-            passed = self._rrl.check(response, ip)
-            if passed is not response:
-                if passed is None:
-                    self.metrics.rrl_dropped.n += 1
-                    return None
-                self.metrics.rrl_slipped.n += 1
-            response = passed
+        """`udp.Gate`: the query log."""
         if self._query_log is not None:
             self._log(ip, port, "udp", response, started)
         return response
@@ -493,16 +492,35 @@ class DnsServer:
 
             return send_logged
 
+        pending = 0
+        """Forwarded queries of this connection not answered yet: while any, it is not idle."""
+
+        def answered(reply: Callable[[bytes], None]) -> Callable[[bytes], None]:
+            def send_forwarded(out: bytes) -> None:
+                nonlocal pending
+                pending -= 1
+                self._slots.touch(conn, loop.time())
+                reply(out)
+
+            return send_forwarded
+
         while True:
+            size = None
+            idle = self._slots.idle_timeout()
             try:
-                async with asyncio.timeout_at(conn.last + self._slots.idle_timeout()):
+                async with asyncio.timeout_at(max(conn.last, loop.time() if pending else 0.0) + idle):
                     size = int.from_bytes(await reader.readexactly(2), "big")
                     if size < _HEADER:
                         self.metrics.dropped.labels("tcp_short").inc()
                         self.metrics.malformed.labels("tcp_short").inc()
                         return
                     data = await reader.readexactly(size)
-            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            except TimeoutError:
+                # Waiting on our upstream is not the client's idleness; a message cut off midway is.
+                if pending and size is None:
+                    continue
+                return
+            except (asyncio.IncompleteReadError, ConnectionError):
                 return
             started = time.perf_counter()
             out = self.handle(data, client, True)
@@ -511,7 +529,8 @@ class DnsServer:
             self._slots.touch(conn, loop.time())
             reply = send if query_log is None or not ip else logged(started)
             if isinstance(out, _Forward):
-                self.forward(out, True, reply)
+                pending += 1
+                self.forward(out, True, answered(reply))
             else:
                 reply(out)
             try:

@@ -5,9 +5,11 @@ Each batch starts with `Answerer.fast_path()` (the index cannot change within
 a batch); each datagram goes to those cache lookups (no parsing): first by
 its bytes after the ID (a repeated query), then by its question; on a miss
 the peer address is decoded and the packet goes to `Answerer.answer`, which
-may return a forwarding job's reply later through `send`. With a `Gate` (RRL
-or the query log on), each reply first passes through it with the client's
-packed address, and the repeated-query shortcut is skipped.
+may return a forwarding job's reply later through `send`. With a `Limit`
+(RRL on), each answer of ours (not forwarded replies) is first checked
+against the client's packed address: passed, dropped, or sent truncated.
+With a `Gate` (the query log on), each reply passes through it, and the
+repeated-query shortcut is skipped.
 
 On Linux, `MmsgSocket` moves up to 64 datagrams per system call each way
 (recvmmsg/sendmmsg through ctypes, with buffers allocated once and read and
@@ -27,6 +29,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from discoveryd.dns.metrics import DnsMetrics
+from discoveryd.dns.rrl import DROP, SLIP, truncated
 
 BATCH = 64
 """Datagrams per recvmmsg/sendmmsg call (and per wake-up for the plain socket)."""
@@ -57,19 +60,31 @@ class Answerer(Protocol):
 
 class Gate(Protocol):
     def __call__(self, response: bytes, ip: bytes, port: int, started: float, local: bool) -> bytes | None:
-        """What to send for `response` to the client at packed `ip`, `port`: itself, a truncated
-        slip, or None (withheld). `started`: `time.perf_counter()` when the query was read; `local`:
-        an answer of ours (rate limiting applies), not a forwarded reply. Never raises."""
+        """What to send for `response` to the client at packed `ip`, `port` (the query log sees it
+        here): itself, or None (withheld). `started`: `time.perf_counter()` when the query was read;
+        `local`: an answer of ours, not a forwarded reply. Never raises."""
+
+
+Limit = Callable[[bytes], int]
+"""Rate limiting (`rrl.RateLimiter.verdict`): for an answer of ours to packed `ip`, PASS, DROP or SLIP."""
 
 
 class PlainSocket:
     """recvfrom/sendto, one datagram per call."""
 
-    def __init__(self, sock: socket.socket, answerer: Answerer, metrics: DnsMetrics, gate: Gate | None = None) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        answerer: Answerer,
+        metrics: DnsMetrics,
+        gate: Gate | None = None,
+        limit: Limit | None = None,
+    ) -> None:
         self._metrics = metrics
         self._sock = sock
         self._answerer = answerer
         self._gate = gate
+        self._limit = limit
 
     def readable(self) -> None:
         sock, (_, fast), answer, gate = self._sock, self._answerer.fast_path(), self._answerer.answer, self._gate
@@ -80,19 +95,28 @@ class PlainSocket:
                 return
             except OSError:
                 continue  # ICMP errors for earlier replies (client gone)
-            if gate is None:
-                out = fast(data, False)
+            started = time.perf_counter() if gate is not None else 0.0
+            ip = socket.inet_pton(sock.family, addr[0].partition("%")[0]) if gate or self._limit else b""
+            out = fast(data, False)
+            if out is None:
+                if gate is None:
+                    send = _sender(sock, addr, self._metrics)
+                else:
+                    send = _gated_sender(sock, addr, self._metrics, gate, ip, addr[1], started)
+                out = answer(data, addr, send)
                 if out is None:
-                    out = answer(data, addr, _sender(sock, addr, self._metrics))
-            else:
-                started = time.perf_counter()
-                ip, port = socket.inet_pton(sock.family, addr[0].partition("%")[0]), addr[1]
-                out = fast(data, False)
-                if out is None:
-                    out = answer(data, addr, _gated_sender(sock, addr, self._metrics, gate, ip, port, started))
+                    continue
+            if self._limit is not None:
+                verdict = self._limit(ip)
+                if verdict:
+                    out = truncated(out) if verdict == SLIP else None
+                    if out is None:
+                        continue
+            if gate is not None:
+                out = gate(out, ip, addr[1], started, True)
                 if out is not None:
-                    out = gate(out, ip, port, started, True)
-            if out is not None:
+                    _sendto(sock, out, addr, self._metrics)
+            else:
                 _sendto(sock, out, addr, self._metrics)
 
 
@@ -178,10 +202,19 @@ class MmsgSocket:
     builds a Python address tuple.
     """
 
-    def __init__(self, sock: socket.socket, answerer: Answerer, metrics: DnsMetrics, gate: Gate | None = None) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        answerer: Answerer,
+        metrics: DnsMetrics,
+        gate: Gate | None = None,
+        limit: Limit | None = None,
+    ) -> None:
         assert _MMSG is not None
         self._metrics = metrics
         self._gate = gate
+        self._limit = limit
+        self._ip_at, self._ip_len = (8, 16) if sock.family == socket.AF_INET6 else (4, 4)
         self._recvmmsg, self._sendmmsg = _MMSG
         self._sock = sock
         self._fd = sock.fileno()
@@ -238,7 +271,7 @@ class MmsgSocket:
         repeated, fast = self._answerer.fast_path()
         # A c_char array slices to bytes in one step (typeshed has it return a list).
         rbuf, rdata, sdata, siov_n = cast(bytes, self._rbuf), self._rdata, self._sdata, self._siov_n
-        gate = self._gate
+        gate, limit = self._gate, self._limit
         replies = 0
         for i in range(n):
             word = i * _WORDS
@@ -250,32 +283,44 @@ class MmsgSocket:
             start = i * _RECV_SIZE
             slot = replies * _SEND_SIZE
             body = repeated(rbuf[start + 2 : start + size], False) if size > 2 and gate is None else None
+            out = None
+            if body is not None and limit is not None:
+                verdict = limit(self._ip(i))
+                if verdict:
+                    if verdict == DROP:
+                        continue
+                    out, body = truncated(rbuf[start : start + 2] + body), None
+                    if out is None:
+                        continue
             if body is not None:
                 length = len(body) + 2
                 sdata[slot] = rdata[start]
                 sdata[slot + 1] = rdata[start + 1]
                 sdata[slot + 2 : slot + length] = body
             else:
-                data = rbuf[start : start + size]
-                if gate is None:
+                if out is None:
+                    data = rbuf[start : start + size]
+                    started = time.perf_counter() if gate is not None else 0.0
                     out = fast(data, False)
                     if out is None:
                         addr = self._address(i, r32[word + _NAMELEN_WORD])
-                        out = self._answerer.answer(data, addr, _sender(self._sock, addr, self._metrics))
+                        if gate is None:
+                            send = _sender(self._sock, addr, self._metrics)
+                        else:
+                            send = _gated_sender(self._sock, addr, self._metrics, gate, *self._peer(i), started)
+                        out = self._answerer.answer(data, addr, send)
                         if out is None:
                             continue
-                else:
-                    started = time.perf_counter()
-                    ip, port = self._peer(i)
-                    out = fast(data, False)
-                    if out is None:
-                        addr = self._address(i, r32[word + _NAMELEN_WORD])
-                        send = _gated_sender(self._sock, addr, self._metrics, gate, ip, port, started)
-                        out = self._answerer.answer(data, addr, send)
-                    if out is not None:
-                        out = gate(out, ip, port, started, True)
-                    if out is None:
-                        continue
+                    if limit is not None:
+                        verdict = limit(self._ip(i))
+                        if verdict:
+                            out = truncated(out) if verdict == SLIP else None
+                            if out is None:
+                                continue
+                    if gate is not None:
+                        out = gate(out, *self._peer(i), started, True)
+                        if out is None:
+                            continue
                 length = len(out)
                 if length > _SEND_SIZE:
                     _sendto(self._sock, out, self._address(i, r32[word + _NAMELEN_WORD]), self._metrics)
@@ -291,6 +336,11 @@ class MmsgSocket:
             if sent < replies:
                 self._metrics.dropped.labels("udp_send").inc(replies - max(sent, 0))
         return n
+
+    def _ip(self, i: int) -> bytes:
+        """The packed address of receive slot `i`'s sender."""
+        start = i * _NAME_SIZE + self._ip_at
+        return bytes(self._names_view[start : start + self._ip_len])
 
     def _peer(self, i: int) -> tuple[bytes, int]:
         """The packed address and the port of receive slot `i`'s sender."""
@@ -311,9 +361,10 @@ class MmsgSocket:
 
 
 def reader(
-    sock: socket.socket, answerer: Answerer, metrics: DnsMetrics, gate: Gate | None = None
+    sock: socket.socket, answerer: Answerer, metrics: DnsMetrics, gate: Gate | None = None, limit: Limit | None = None
 ) -> PlainSocket | MmsgSocket:
-    """The fastest UDP reader this platform supports for `sock`; every reply through `gate` when given."""
+    """The fastest UDP reader this platform supports for `sock`; our answers through `limit`, every
+    reply through `gate`, when given."""
     if _MMSG is not None:
-        return MmsgSocket(sock, answerer, metrics, gate)
-    return PlainSocket(sock, answerer, metrics, gate)
+        return MmsgSocket(sock, answerer, metrics, gate, limit)
+    return PlainSocket(sock, answerer, metrics, gate, limit)

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from discoveryd.config import DnsConfig
-from discoveryd.dns import DnsServer
+from discoveryd.dns import DnsServer, udp
 from discoveryd.dns.metrics import DnsMetrics
 from discoveryd.index import Index
 from discoveryd.model import Endpoint, Hostname, Service, SourceId
@@ -66,7 +66,12 @@ async def test_rrl_off_by_default_answers_every_query(index: Index) -> None:
         assert all(r is not None and r.answer and not r.flags & dns.flags.TC for r in replies)
 
 
-async def test_rrl_slips_truncated_answers_and_tcp_retry_succeeds(index: Index) -> None:
+@pytest.mark.parametrize("batched", [True, False])
+async def test_rrl_slips_truncated_answers_and_tcp_retry_succeeds(
+    index: Index, monkeypatch: pytest.MonkeyPatch, batched: bool
+) -> None:
+    if not batched:
+        monkeypatch.setattr(udp, "_MMSG", None)
     metrics = DnsMetrics()
     config = DnsConfig(listen=["127.0.0.1:0"], rrl={"responses_per_second": 5, "slip": 2})
     server = DnsServer(config, index, [], metrics)

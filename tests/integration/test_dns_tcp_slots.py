@@ -14,7 +14,7 @@ import pytest
 from discoveryd.index import Index
 from discoveryd.model import Endpoint, Hostname, Service, SourceId
 from tests.helpers import eventually
-from tests.unit.test_dns_harness import ask, running
+from tests.unit.test_dns_harness import ask, running, upstream_server
 
 NAME = "svc.mesh.local."
 
@@ -159,3 +159,21 @@ async def test_idle_timeout_shrinks_under_pressure(index: Index) -> None:
                 assert (await _query(conn)).answer
         finally:
             _close(idle)
+
+
+async def test_a_connection_waiting_for_a_forwarded_answer_is_not_idle(index: Index) -> None:
+    async with (
+        upstream_server("ok", delay=0.8) as up,
+        running(index, forward=[up.address], tcp_idle_timeout="300ms") as srv,
+    ):
+        host, port = srv.addresses[0]
+        conn = await _connect(host, port, "127.0.0.1")
+        try:
+            wire = dns.message.make_query("slow.example.", "A").to_wire()
+            conn[1].write(struct.pack("!H", len(wire)) + wire)
+            size = struct.unpack("!H", await asyncio.wait_for(conn[0].readexactly(2), 5))[0]
+            reply = dns.message.from_wire(await conn[0].readexactly(size))
+            assert reply.answer, "the forwarded answer outlived the idle timeout"
+            assert await _closed(conn, 3.0), "idle again after the answer: closed"
+        finally:
+            _close([conn])

@@ -9,7 +9,7 @@ import dns.message
 import pytest
 
 from discoveryd.dns.querylog import describe, presentation
-from discoveryd.dns.rrl import RateLimiter, RrlSettings, truncated
+from discoveryd.dns.rrl import DROP, PASS, RateLimiter, RrlSettings, truncated
 
 
 class Clock:
@@ -35,7 +35,7 @@ def test_rate_refills_over_time_and_slips_every_nth() -> None:
     outs = [rrl.check(RESPONSE, ip) for _ in range(8)]
     assert outs[:2] == [RESPONSE, RESPONSE]
     assert [o is None for o in outs[2:]] == [True, True, False, True, True, False]
-    assert rrl.limited == 6 and rrl.slipped == 2
+    assert rrl.dropped.n == 4 and rrl.slipped.n == 2
     clock.now += 0.5  # one token back
     assert rrl.check(RESPONSE, ip) is RESPONSE
     assert rrl.check(RESPONSE, ip) is None
@@ -54,6 +54,15 @@ def test_buckets_are_per_prefix(a: str, b: str, shared: bool) -> None:
     rrl = RateLimiter(RrlSettings(responses_per_second=1, slip=0), Clock())
     assert rrl.check(RESPONSE, _ip(a)) is RESPONSE
     assert (rrl.check(RESPONSE, _ip(b)) is None) is shared
+
+
+def test_prefixes_not_on_byte_boundaries() -> None:
+    rrl = RateLimiter(RrlSettings(responses_per_second=1, slip=0, ipv4_prefix=20, ipv6_prefix=60), Clock())
+    assert rrl.verdict(_ip("192.0.16.1")) == PASS
+    assert rrl.verdict(_ip("192.0.31.254")) == DROP  # same /20
+    assert rrl.verdict(_ip("192.0.32.1")) == PASS
+    assert rrl.verdict(_ip("2001:db8:0:abc0::1")) == PASS
+    assert rrl.verdict(_ip("2001:db8:0:abcf::1")) == DROP  # same /60
 
 
 def test_slip_is_the_question_with_tc() -> None:
