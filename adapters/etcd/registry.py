@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,6 +299,7 @@ class EtcdRegistry:
         options: list[tuple[str, Any]] = [
             ("grpc.keepalive_time_ms", int(cfg.keepalive * 1000)),
             ("grpc.keepalive_timeout_ms", int(cfg.dial_timeout * 1000)),
+            ("grpc.http2.ping_timeout_ms", int(cfg.keepalive * 1000)),
             ("grpc.max_receive_message_length", -1),
         ]
         if cfg.secure:
@@ -373,9 +375,16 @@ class EtcdRegistry:
         shard: ShardWriter,
         on_established: Callable[[], None],
     ) -> None:
-        """Follow the prefix from `view.revision` + 1 until the stream fails (raises)."""
+        """Follow the prefix from `view.revision` + 1 until the stream fails (raises).
+
+        A connection that stalls (a proxy or a partition that stops forwarding
+        without closing) is noticed by `_watchdog` within about 2x `keepalive`.
+        """
         cfg = self._config
         call = conn.watch.Watch(metadata=conn.metadata)
+        heard = [time.monotonic()]
+        stalled = asyncio.Event()
+        watchdog: asyncio.Task[None] | None = None
         try:
             create = rpc.WatchCreateRequest(
                 key=self._prefix,
@@ -384,12 +393,22 @@ class EtcdRegistry:
                 progress_notify=True,
             )
             await call.write(rpc.WatchRequest(create_request=create))
+            watchdog = asyncio.create_task(
+                _watchdog(call, heard, cfg.keepalive, stalled), name=f"etcd-watchdog:{self.config.source}"
+            )
             created = False
             while True:
-                if created:
-                    reply = await call.read()
-                else:
-                    reply = await asyncio.wait_for(call.read(), cfg.request_timeout)
+                try:
+                    if created:
+                        reply = await call.read()
+                    else:
+                        reply = await asyncio.wait_for(call.read(), cfg.request_timeout)
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if stalled.is_set() and task is not None and not task.cancelling():
+                        raise EtcdError(f"watch stalled: nothing from etcd for {2 * cfg.keepalive:.1f}s") from None
+                    raise
+                heard[0] = time.monotonic()
                 if reply is grpc.aio.EOF:
                     raise EtcdError("watch stream closed by the server")
                 if reply.compact_revision:
@@ -403,8 +422,41 @@ class EtcdRegistry:
                 if reply.events:
                     with shard.batch():
                         view.apply(reply.events)
-                elif not reply.created:
+                elif created and not reply.created:
                     # A progress notification: nothing under the prefix changed up to here.
                     view.revision = max(view.revision, reply.header.revision)
         finally:
             call.cancel()
+            if watchdog is not None:
+                watchdog.cancel()
+                await asyncio.gather(watchdog, return_exceptions=True)
+
+
+async def _watchdog(call: Any, heard: list[float], interval: float, stalled: asyncio.Event) -> None:
+    """Ask etcd for a progress notification after `interval` of silence on the watch stream; cancel the
+    call (setting `stalled`) when nothing at all came back for 2x `interval`.
+
+    gRPC keepalive pings alone do not close a connection that stopped forwarding (grpcio's
+    keepalive_timeout_ms does not apply once a stream is open), so the watch proves its own liveness.
+    Runs beside `_watch`'s reader, which owns the call and cancels this task when it ends.
+    """
+    progress = rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())
+    asked = False
+    while True:
+        await asyncio.sleep(interval / 4)
+        silent = time.monotonic() - heard[0]
+        if silent < interval:
+            asked = False
+            continue
+        if silent >= 2 * interval:
+            stalled.set()
+            call.cancel()
+            return
+        if not asked:
+            asked = True
+            try:
+                await asyncio.wait_for(call.write(progress), interval)
+            except (TimeoutError, grpc.RpcError, asyncio.InvalidStateError):
+                stalled.set()
+                call.cancel()
+                return

@@ -7,8 +7,9 @@ same data directory and ports, like a restarted member. The session fixture
 server make their own with `EtcdServer(tmp_path)`.
 
 `TcpProxy` sits between an adapter and etcd so a test can cut the adapter
-off (existing connections reset, new ones refused) while it keeps talking
-to etcd directly.
+off (existing connections reset, new ones refused), or stall it (bytes
+held, nothing closed: a partition or a hung middlebox), while it keeps
+talking to etcd directly.
 """
 
 from __future__ import annotations
@@ -158,6 +159,8 @@ class TcpProxy:
         self._sockets: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
         self._closed = False
+        self._flowing = threading.Event()
+        self._flowing.set()
         self._acceptor = threading.Thread(target=self._accept, name="etcd-proxy-accept", daemon=True)
         self._acceptor.start()
 
@@ -179,8 +182,17 @@ class TcpProxy:
         with self._lock:
             self._blocked = False
 
+    def stall(self) -> None:
+        """Stop forwarding in both directions without closing anything; new connections stall too."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        """Forward again, held bytes first."""
+        self._flowing.set()
+
     def close(self) -> None:
         self._closed = True
+        self._flowing.set()
         self.block()
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
@@ -212,11 +224,11 @@ class TcpProxy:
                     self._threads.append(t)
                     t.start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         src.settimeout(None)
         try:
             while data := src.recv(65536):
+                self._flowing.wait()
                 dst.sendall(data)
         except OSError:
             pass

@@ -313,6 +313,36 @@ async def test_resume_after_reconnect_without_relist(
         proxy.close()
 
 
+async def test_a_stalled_connection_is_noticed_within_twice_the_keepalive(
+    client: aetcd.Client, etcd: EtcdServer, prefix: str, tmp_path: Path
+) -> None:
+    proxy = TcpProxy(etcd.client_port)
+    try:
+        registry = make_registry([proxy.url], prefix, tmp_path, keepalive="1s")
+        async with running(registry) as index:
+            await client.put(f"{prefix}a/1".encode(), naming("10.7.1.1:80"))
+            await eventually(lambda: addresses(index, "a.mesh.local") == {("10.7.1.1", 80)}, what="first sync")
+            # An idle but healthy watch is not mistaken for a stalled one: over 3x keepalive of silence
+            # the liveness probes are answered and nothing fails.
+            await asyncio.sleep(3.0)
+            assert status(index).errors_total == 0 and not status(index).stale, status(index)
+            proxy.stall()  # nothing is closed: only a deadline of our own can notice
+            # 2x keepalive, plus the watchdog's tick and scheduling on a loaded machine; grpc alone takes ~60 s.
+            await eventually(lambda: status(index).stale, timeout=4.0, what="stale within ~2x keepalive")
+            assert any(why in (status(index).last_error or "") for why in ("stalled", "ping timeout"))
+            await client.put(f"{prefix}a/2".encode(), naming("10.7.1.2:80"))
+            proxy.resume()
+            await eventually(
+                lambda: (
+                    addresses(index, "a.mesh.local") == {("10.7.1.1", 80), ("10.7.1.2", 80)} and not status(index).stale
+                ),
+                timeout=15,
+                what="reconnected and caught up",
+            )
+    finally:
+        proxy.close()
+
+
 async def test_etcd_killed_and_restarted(prefix: str, tmp_path: Path) -> None:
     own = EtcdServer(tmp_path)
     own.start()
