@@ -20,9 +20,9 @@ Data flow, all in the registry's task (`run`) and the tasks it owns:
    published before every reflector has listed once; the first publication
    is a `replace` (it also drops what a state snapshot restored but the
    cluster no longer has) with `mark_synced`;
-4. on an error the session ends, the part is marked failing (content kept,
-   stale) and a new session starts after exponential backoff with jitter
-   (tenacity). The reflectors keep their resourceVersion and resume their
+4. on an error the session ends, the parts are marked failing (content
+   kept, stale) and a new session starts after exponential backoff with
+   jitter (the shared session loop, `discoveryd.session`). The reflectors keep their resourceVersion and resume their
    watches; 410 relists. When every reflector watches again the part is
    marked synced.
 
@@ -42,7 +42,6 @@ from typing import Any, Protocol
 
 import aiohttp
 import orjson
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random_exponential
 
 from adapters.kubernetes.api import Api, ApiError, Kind, NotFound, Obj, Reflector, Store
 from adapters.kubernetes.config import KubernetesConfig
@@ -61,12 +60,13 @@ from adapters.kubernetes.mapping import (
 )
 from discoveryd.model import Problem, Service, SourceId, Zone, ZoneFlavor, hostname
 from discoveryd.registry import RegistryConfig, ShardWriter
+from discoveryd.session import Backoff, SessionState, run_sessions
 
 log = logging.getLogger("discoveryd.adapters.kubernetes")
 
 SERVICES_PART = "services"
-_STABLE_AFTER = 1.0
-"""A session whose watches stayed up this long (seconds) was healthy: its loss resets the backoff."""
+_STABLE_AFTER = 5.0
+"""A session whose watches all stayed up this long (seconds) was healthy: its loss resets the backoff."""
 _TRANSIENT = (ApiError, aiohttp.ClientError, OSError, TimeoutError, orjson.JSONDecodeError)
 
 
@@ -478,26 +478,21 @@ class KubernetesRegistry:
         return out + ([self.istio] if self.istio is not None else [])
 
     async def _sessions(self, parts: list[ShardWriter]) -> None:
+        """The shared session loop (`discoveryd.session`): it marks the `services` part failing before each
+        backoff; a failed session marks the `istio` part (and both views) itself."""
         cfg = self._config
+        backoff = Backoff(initial=cfg.backoff_initial, maximum=cfg.backoff_max, healthy_after=_STABLE_AFTER)
 
-        def failing(state: RetryCallState) -> None:
-            error = state.outcome.exception() if state.outcome is not None else None
-            reason = describe(error) if error is not None else "unknown error"
-            log.warning("kubernetes %s: %s; retrying in %.2fs", self.config.source, reason, state.upcoming_sleep)
-            self._failing(parts, reason)
+        async def session(state: SessionState) -> None:
+            try:
+                await self._session(state)
+            except _TRANSIENT as e:
+                self._failing(parts[1:], describe(e))
+                raise
 
-        half_initial, half_max = cfg.backoff_initial / 2, cfg.backoff_max / 2
-        while True:
-            # A fresh retry loop per healthy session, so the backoff starts over after one.
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(_TRANSIENT),
-                wait=wait_exponential(multiplier=half_initial, max=half_max)
-                + wait_random_exponential(multiplier=half_initial, max=half_max),
-                before_sleep=failing,
-                reraise=True,
-            ):
-                with attempt:
-                    await self._session(parts)
+        await run_sessions(
+            parts[0], session, backoff=backoff, retry_on=_TRANSIENT, describe=describe, what="kubernetes", logger=log
+        )
 
     def _failing(self, parts: list[ShardWriter], reason: str) -> None:
         for view in self._views():
@@ -506,23 +501,19 @@ class KubernetesRegistry:
         for part in parts:
             part.mark_failing(reason)
 
-    async def _session(self, parts: list[ShardWriter]) -> None:
-        """Connect and run every reflector. Returns after a healthy session broke; raises otherwise."""
+    async def _session(self, state: SessionState) -> None:
+        """Connect and run every reflector until one fails (raises)."""
         api = await Api.connect(self._kubeconfig(), self._config.context, self._config.request_timeout)
         self.sessions += 1
-        started = time.monotonic()
-        established: float | None = None
-
         views = self._views()
 
         def watching(reflector: Reflector) -> Callable[[], None]:
             name, owner = str(reflector.kind), self._owners[id(reflector)]
 
             def mark() -> None:
-                nonlocal established
                 owner.watching.add(name)
-                if established is None and all(v.expected <= v.watching for v in views):
-                    established = time.monotonic()
+                if all(v.expected <= v.watching for v in views):
+                    state.healthy()
                 owner.poke()
 
             return mark
@@ -535,16 +526,10 @@ class KubernetesRegistry:
         tasks = [asyncio.create_task(follow(r), name=f"{self.config.source}:{r.kind}") for r in self.reflectors]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            error = next(t.exception() for t in done if t.exception() is not None)
-            assert error is not None
-            raise error
-        except _TRANSIENT as e:
-            if established is None or time.monotonic() - established < _STABLE_AFTER:
-                raise
-            log.warning(
-                "kubernetes %s: lost after %.0fs: %s; reconnecting", self.config.source, time.monotonic() - started, e
-            )
-            self._failing(parts, describe(e))
+            for task in done:
+                error = task.exception()
+                if error is not None:
+                    raise error
         finally:
             for t in tasks:
                 t.cancel()
