@@ -66,9 +66,11 @@ STEP_MS = 25
 DEBOUNCE_MS = 250
 
 EMPTY_GRACE = 0.3
-"""A file that had content and is now empty is given this long (in seconds) before its services are
-removed: an in-place write (`open(..., "w")`) truncates before it writes, and a watch event may
-land in between. A file emptied on purpose still takes effect well within a second."""
+"""A file that had content and is now empty, or gone, is given this long (in seconds) before its
+services are removed: an in-place write (`open(..., "w")`) truncates before it writes, and tools
+that delete then re-create a file (`rm` then `cp`, some deploy scripts) leave a moment without
+it; a watch event may land in between. A file that is back within the grace is one change (or
+none). A file emptied or deleted on purpose still takes effect well within a second."""
 
 WATCH_BACKOFF = Backoff(initial=0.5, maximum=30.0, healthy_after=10.0)
 """When watching fails (the inotify watch limit, a directory gone mid-setup): retry, marked failing meanwhile."""
@@ -85,6 +87,8 @@ class _File:
     problems: tuple[Problem, ...] = ()
     emptied_at: float | None = None
     """When the file was first seen empty while it had content (see EMPTY_GRACE)."""
+    gone_at: float | None = None
+    """When the file was first seen gone while it had content (see EMPTY_GRACE)."""
     cache: ChunkCache = field(default_factory=ChunkCache)
     """The documents of the file's last read, by text: an edit re-reads only what changed."""
 
@@ -128,13 +132,25 @@ class FileSet:
         listing = _scan(self.roots)
         changed = False
         recheck: float | None = None
-        for path in list(self._files):
-            if path not in listing.files and not _under_any(path, listing.unlisted):
-                del self._files[path]
-                self._translation.remove(path)
-                changed = True
+        for path, gone in list(self._files.items()):
+            if path in listing.files or _under_any(path, listing.unlisted):
+                continue
+            if gone.objects:
+                now = self._clock()
+                if gone.gone_at is None:
+                    gone.gone_at = now
+                wait = gone.gone_at + EMPTY_GRACE - now
+                if wait > 0:
+                    recheck = wait if recheck is None else min(recheck, wait)
+                    continue
+            del self._files[path]
+            self._translation.remove(path)
+            changed = True
         for path, signature in listing.files.items():
             known = self._files.get(path)
+            if known is not None and known.gone_at is not None:
+                known.gone_at = None  # back within the grace: read it like a changed file
+                known.signature = None
             if (
                 known is not None
                 and signature is not None

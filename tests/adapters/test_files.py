@@ -296,3 +296,33 @@ async def test_watch_failure_marks_the_shard_failing_and_is_retried(
         await eventually(lambda: not index.snapshot.shards[SOURCE].stale, 5.0, what="recovered")
         (directory / "a.yaml").write_text(service_entry("a", [("10.0.0.2", 80)]))
         await eventually(lambda: addresses(index, "a.test.internal") == {"10.0.0.2"}, LANDS_WITHIN, what="watching")
+
+
+async def test_delete_then_recreate_never_loses_the_service(watched: tuple[Path, Index]) -> None:
+    """`rm` then `cp` 50 ms later, again and again (a deploy script): every published version keeps the service."""
+    directory, index = watched
+    host = Hostname("a.test.internal")
+    lost: list[int] = []
+    stop = asyncio.Event()
+
+    async def observe() -> None:
+        version = index.snapshot.version
+        while not stop.is_set():
+            snapshot = await index.wait(version)
+            version = snapshot.version
+            if host not in snapshot.services:
+                lost.append(version)
+
+    observer = asyncio.create_task(observe())
+    try:
+        path = directory / "a.yaml"
+        for i in range(20):
+            path.unlink()
+            await asyncio.sleep(0.05)
+            path.write_text(service_entry("a", [(f"10.0.1.{i}", 80)]))
+            await eventually(lambda i=i: addresses(index, "a.test.internal") == {f"10.0.1.{i}"}, LANDS_WITHIN, what=i)
+    finally:
+        stop.set()
+        path.write_text(service_entry("a", [("10.0.0.9", 80)]))  # wakes the observer
+        await asyncio.wait_for(observer, 5)
+    assert not lost, f"versions without the service: {lost}"

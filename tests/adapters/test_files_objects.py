@@ -376,3 +376,28 @@ def test_a_file_that_becomes_unreadable_keeps_its_content(tmp_path: Path, monkey
     services, problems = files.result()
     assert Hostname("cart.shop.internal") in services
     assert problems == {str(path): (Problem(str(path), "cannot read: Permission denied"),)}
+
+
+def test_a_file_deleted_and_back_within_the_grace_is_one_change(tmp_path: Path) -> None:
+    now = [100.0]
+    path = write(tmp_path, "cart.yaml", se("cart", "cart.shop.internal", "10.0.0.1"))
+    files = FileSet((tmp_path,), "default", clock=lambda: now[0])
+    files.refresh()
+    files.take_changed()
+    host = Hostname("cart.shop.internal")
+
+    path.unlink()
+    refreshed = files.refresh()
+    assert not refreshed.changed and refreshed.recheck_in == pytest.approx(EMPTY_GRACE)
+    assert host in files.result()[0] and not files.take_changed()
+
+    now[0] += EMPTY_GRACE / 2
+    path.write_text(se("cart", "cart.shop.internal", "10.0.0.1"))  # the same content, back
+    refreshed = files.refresh()
+    assert refreshed.recheck_in is None and not files.take_changed(), "no change reaches the index"
+
+    path.unlink()  # deleted on purpose
+    assert files.refresh().recheck_in is not None
+    now[0] += EMPTY_GRACE
+    assert files.refresh().changed
+    assert files.result() == ({}, {}) and files.take_changed() == {host}
