@@ -48,7 +48,7 @@ def the(kind: str) -> dict[str, Any]:
     return found[0]
 
 
-OPTIONAL = {"rbac-nodes.yaml"}  # applied by hand, only with `watch_nodes: true` (see its header)
+OPTIONAL = {"rbac-nodes.yaml", "rbac-pods.yaml"}  # applied by hand, only with `watch_nodes: true` or `pods: true`
 CLUSTER_SCOPED = {"Namespace", "PriorityClass", "ClusterRole", "ClusterRoleBinding"}
 
 
