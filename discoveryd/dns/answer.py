@@ -471,21 +471,33 @@ class Authority:
 
     def forget(self, names: Iterable[str]) -> None:
         """Drop cached answers that may depend on these owner names."""
-        keys: set[bytes] = set()
+        dotted: set[str] = set()
         wildcards: list[str] = []
         for name in names:
-            for n in (name, *_ancestors(name)):
-                keys.add(_wire_name(n))
-                keys |= self._deps.pop(n, set())
             if name == "*" or name.startswith("*."):
                 wildcards.append(name[1:])
+            if name in dotted:
+                continue
+            dotted.add(name)
+            for n in _ancestors(name):
+                if n in dotted:
+                    break  # added before, with all its ancestors
+                dotted.add(n)
+        self.metrics.record_names.set(self.table.names())
+        if not self._cache:
+            return
+        keys: set[bytes] = set()
+        deps = self._deps
+        for n in dotted:
+            keys.add(_wire_name(n))
+            if n in deps:
+                keys |= deps.pop(n)
         if wildcards:
             keys.update(k for k in self._cache if any(_dotted(k).endswith(w) for w in wildcards))
         for key in keys:
             slot = self._cache.pop(key, None)
             if slot is not None:
                 self._drop(slot)
-        self.metrics.record_names.set(self.table.names())
 
     def _drop(self, slot: _Slot) -> None:
         """Account for a slot leaving the cache: its entries die, its dependencies go."""

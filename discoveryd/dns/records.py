@@ -39,7 +39,7 @@ import ipaddress
 import socket
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import cast
+from typing import Generic, TypeVar, cast
 
 from discoveryd.dns.message import AAAA, CNAME, NS, PTR, SOA, SRV, TXT, A, Named, Rdata, Soa, srv, txt
 from discoveryd.model import (
@@ -54,6 +54,9 @@ from discoveryd.model import (
     Zone,
     ZoneFlavor,
 )
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 KUBERNETES_DNS_VERSION = "1.1.0"
 """The schema version answered at `dns-version.<cluster domain>`."""
@@ -72,7 +75,7 @@ class Node(tuple[int | Rdata, ...]):
     __slots__ = ()
 
     @classmethod
-    def of(cls, by_type: Mapping[int, Sequence[Rdata]]) -> Node:
+    def of(cls, by_type: Mapping[int, Iterable[Rdata]]) -> Node:
         flat: list[int | Rdata] = []
         for rtype, rdatas in by_type.items():
             for rdata in rdatas:
@@ -110,6 +113,11 @@ def parse_ip(value: str) -> IP | None:
             return ipaddress.IPv4Address(packed)
     except OSError:
         pass
+    if ":" in value and "%" not in value:
+        try:
+            return ipaddress.IPv6Address(socket.inet_pton(socket.AF_INET6, value))
+        except OSError:
+            return None
     try:
         return ipaddress.ip_address(value)
     except ValueError:
@@ -121,7 +129,10 @@ def _parsed(ip: str | IP) -> IP:
 
 
 def reverse_name(ip: str | IP) -> str:
-    return _parsed(ip).reverse_pointer
+    parsed = _parsed(ip)
+    if parsed.version == 6:
+        return ".".join(parsed.packed.hex()[::-1]) + ".ip6.arpa"
+    return parsed.reverse_pointer
 
 
 def dashed(ip: str | IP) -> str:
@@ -129,7 +140,8 @@ def dashed(ip: str | IP) -> str:
     parsed = _parsed(ip)
     if parsed.version == 4:
         return str(parsed).replace(".", "-")
-    return parsed.exploded.replace(":", "-")
+    digits = parsed.packed.hex()
+    return "-".join(digits[i : i + 4] for i in range(0, 32, 4))
 
 
 def consul_hex(ip: str | IP) -> str:
@@ -171,8 +183,11 @@ def encodable(name: str) -> bool:
         return True
     if len(name) > 253:
         return False
-    parts = name.split(".") if name.isascii() else name.encode("ascii", "replace").split(b".")
-    return all(0 < len(part) <= 63 for part in parts)
+    if name.isascii():
+        if len(name) <= 63:  # no label can be too long: only empty ones are wrong
+            return name[0] != "." and name[-1] != "." and ".." not in name
+        return all(0 < len(part) <= 63 for part in name.split("."))
+    return all(0 < len(part) <= 63 for part in name.encode("ascii", "replace").split(b"."))
 
 
 class _Builder:
@@ -330,6 +345,19 @@ def _consul(svc: Service, zone: Zone, b: _Builder) -> None:
             answer(f"_{name}._{tag}.{suffix}", members, addresses=False)
 
 
+def _count(shared: dict[int, dict[Rdata, int]], node: Node, step: int) -> None:
+    """Add (step 1) or remove (step -1) one contributor's records to a shared name's counts."""
+    for rtype, rdata in node.records():
+        counts = shared.setdefault(rtype, {})
+        left = counts.get(rdata, 0) + step
+        if left > 0:
+            counts[rdata] = left
+        else:
+            counts.pop(rdata, None)
+            if not counts:
+                del shared[rtype]
+
+
 def _ancestors(name: str) -> Iterable[str]:
     """Proper ancestors of `name`, nearest first, ending with the root `""`."""
     while name:
@@ -337,10 +365,59 @@ def _ancestors(name: str) -> Iterable[str]:
         yield name
 
 
+_PARTS = 64
+
+
+class Parts(Generic[K, V]):
+    """A dict split in `_PARTS` dicts by key hash, so that growing it never copies more than
+    1/`_PARTS` of it at once: a plain dict of 400k names doubles in one 50 ms step."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self) -> None:
+        self._parts: tuple[dict[K, V], ...] = tuple({} for _ in range(_PARTS))
+
+    def __getitem__(self, key: K) -> V:
+        return self._parts[hash(key) & (_PARTS - 1)][key]
+
+    def __setitem__(self, key: K, value: V) -> None:
+        self._parts[hash(key) & (_PARTS - 1)][key] = value
+
+    def __delitem__(self, key: K) -> None:
+        del self._parts[hash(key) & (_PARTS - 1)][key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._parts[hash(key) & (_PARTS - 1)]
+
+    def __len__(self) -> int:
+        return sum(map(len, self._parts))
+
+    def __iter__(self) -> Iterator[K]:
+        for part in self._parts:
+            yield from part
+
+    def get(self, key: K) -> V | None:
+        return self._parts[hash(key) & (_PARTS - 1)].get(key)
+
+    def pop(self, key: K) -> V | None:
+        return self._parts[hash(key) & (_PARTS - 1)].pop(key, None)
+
+    def setdefault(self, key: K, default: V) -> V:
+        return self._parts[hash(key) & (_PARTS - 1)].setdefault(key, default)
+
+    def items(self) -> Iterator[tuple[K, V]]:
+        for part in self._parts:
+            yield from part.items()
+
+
 class RecordTable:
     """Owner name → type → records, for every service in the snapshot plus the zone apexes.
 
-    Owned by one `DnsServer` and touched only from its event loop task.
+    Owned by one `DnsServer`; written only by its index-sync task, read by its packet handlers on
+    the same loop. Every write costs O(the records of the hostnames written), never O(the other
+    contributors of a shared name): a name many services share (the reverse name of an ingress IP)
+    keeps a reference count per record, and its merged node is rebuilt on the first read after a
+    change, which costs what answering that name costs anyway.
     """
 
     def __init__(self, zones: Sequence[Zone], ttl: int, ns_addresses: Sequence[str], serial: int) -> None:
@@ -349,11 +426,16 @@ class RecordTable:
         self._serial = serial
         self._ns_addresses = tuple(ns_addresses)
         # Per hostname, its records flat: (name, node, name, node, ...); a third of a dict's size.
-        self._contributions: dict[Hostname, tuple[str | Node, ...]] = {}
-        self._names: dict[str, Node] = {}
-        # One hostname, or several in a tuple: most names have a single contributor.
-        self._contributors: dict[str, Hostname | tuple[Hostname, ...]] = {}
-        self._below: dict[str, int] = defaultdict(int)
+        self._contributions: Parts[Hostname, tuple[str | Node, ...]] = Parts()
+        self._names: Parts[str, Node] = Parts()
+        # One hostname, or a set of several: most names have a single contributor.
+        self._contributors: Parts[str, Hostname | set[Hostname]] = Parts()
+        # Names with several contributors: type → rdata → how many contributors hold it, in the
+        # order first added. `_stale` holds those whose node in `_names` is out of date.
+        self._shared: Parts[str, dict[int, dict[Rdata, int]]] = Parts()
+        self._stale: set[str] = set()
+        # Name → how many of its direct children own records or have descendants (absent: none).
+        self._below: Parts[str, int] = Parts()
         self._set(_STATIC, self._zone_records())
 
     # -- lookups ----------------------------------------------------------------------
@@ -368,11 +450,13 @@ class RecordTable:
 
     def node(self, name: str) -> Node | None:
         """The records at `name` by type, or None when no records are owned there."""
+        if self._stale and name in self._stale:
+            return self._refresh(name)
         return self._names.get(name)
 
     def has_descendants(self, name: str) -> bool:
         """Some owner name lies strictly below `name` (so `name` exists, at least as an empty non-terminal)."""
-        return self._below.get(name, 0) > 0
+        return name in self._below
 
     def soa(self, zone: Zone) -> Soa:
         return Soa(
@@ -387,6 +471,12 @@ class RecordTable:
 
     def names(self) -> int:
         return len(self._names)
+
+    def owners(self) -> dict[str, Node]:
+        """Every owner name with its current node (for tests and debugging: O(names))."""
+        for name in list(self._stale):
+            self._refresh(name)
+        return dict(self._names.items())
 
     # -- updates ----------------------------------------------------------------------
 
@@ -417,42 +507,82 @@ class RecordTable:
         return affected
 
     def _set(self, host: Hostname, records: dict[str, Node]) -> set[str]:
-        flat = self._contributions.pop(host, ())
-        old = dict(zip(cast("tuple[str, ...]", flat[::2]), cast("tuple[Node, ...]", flat[1::2]), strict=True))
+        flat = self._contributions.pop(host) or ()
         if records:
             self._contributions[host] = tuple(item for pair in records.items() for item in pair)
-        touched = {n for n in old if old[n] != records.get(n)} | {n for n in records if n not in old}
+        if flat:
+            old = dict(zip(cast("tuple[str, ...]", flat[::2]), cast("tuple[Node, ...]", flat[1::2]), strict=True))
+            touched = {n for n in old if old[n] != records.get(n)} | {n for n in records if n not in old}
+        else:
+            old, touched = {}, set(records)
+        contributors, below = self._contributors, self._below
         for name in touched:
-            previous = self._contributors.get(name, ())
-            others = tuple(h for h in ((previous,) if isinstance(previous, str) else previous) if h != host)
-            contributors = (*others, host) if name in records else others
-            existed = name in self._names
-            if contributors:
-                self._contributors[name] = contributors[0] if len(contributors) == 1 else contributors
-                self._names[name] = self._merge(name, contributors)
-            else:
-                self._contributors.pop(name, None)
-                self._names.pop(name, None)
-            if existed != (name in self._names):
-                step = 1 if not existed else -1
-                for parent in _ancestors(name):
-                    self._below[parent] += step
-                    if not self._below[parent]:
-                        del self._below[parent]
+            existed = name in contributors
+            self._apply(name, host, old.get(name), records.get(name))
+            if existed != (name in contributors) and not below.get(name):
+                self._propagate(name, 1 if not existed else -1)
         return touched
 
-    def _merge(self, name: str, contributors: tuple[Hostname, ...]) -> Node:
-        """Records of every contributor at `name`, by type, duplicates removed, in hostname order.
-        A single contributor's node is used as it is."""
-        if len(contributors) == 1:
-            return self._contribution(contributors[0], name)
-        by_type: dict[int, list[Rdata]] = {}
-        for host in sorted(contributors):
-            for rtype, rdata in self._contribution(host, name).records():
-                same = by_type.setdefault(rtype, [])
-                if rdata not in same:
-                    same.append(rdata)
-        return Node.of(by_type)
+    def _propagate(self, name: str, step: int) -> None:
+        """`name` turned present (step 1) or absent (-1); update the counts of its ancestors.
+
+        `_below[n]` counts the direct children of `n` that are present (own records or have
+        descendants), so the walk stops at the first ancestor whose own presence does not change.
+        """
+        contributors, below = self._contributors, self._below
+        while name:
+            _, _, parent = name.partition(".")
+            was = parent in contributors or parent in below
+            left = (below.get(parent) or 0) + step
+            if left:
+                below[parent] = left
+            else:
+                del below[parent]
+            if was == (parent in contributors or parent in below):
+                return
+            name = parent
+
+    def _apply(self, name: str, host: Hostname, old: Node | None, new: Node | None) -> None:
+        """Replace `host`'s contribution `old` at `name` with `new` (either may be None). O(len(old) + len(new))."""
+        current = self._contributors.get(name)
+        if current is None or current == host:
+            if new is None:
+                self._contributors.pop(name)
+                self._names.pop(name)
+            else:
+                self._contributors[name] = host
+                self._names[name] = new
+            return
+        shared = self._shared.get(name)
+        if isinstance(current, str):  # a second contributor arrives
+            if new is None:
+                return
+            other = self._contribution(current, name)
+            shared = self._shared[name] = {}
+            _count(shared, other, 1)
+            current = self._contributors[name] = {current}
+        assert shared is not None
+        if old is not None:
+            _count(shared, old, -1)
+            current.discard(host)
+        if new is not None:
+            _count(shared, new, 1)
+            current.add(host)
+        if len(current) == 1:  # back to one contributor: its own node, no counts
+            (last,) = current
+            self._contributors[name] = last
+            self._names[name] = self._contribution(last, name)
+            del self._shared[name]
+            self._stale.discard(name)
+        else:
+            self._names.setdefault(name, EMPTY)
+            self._stale.add(name)
+
+    def _refresh(self, name: str) -> Node:
+        """Rebuild a shared name's node from its counts (on the first read after a change)."""
+        self._stale.discard(name)
+        node = self._names[name] = Node.of(self._shared[name])
+        return node
 
     def _contribution(self, host: Hostname, name: str) -> Node:
         flat = self._contributions[host]

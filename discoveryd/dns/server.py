@@ -1,10 +1,17 @@
 """The DNS server: UDP and TCP listeners in front of the authority and the forwarder.
 
-Data flow per packet: bring the record table up to the index's current
-snapshot if it moved (only the hostnames the index reports changed are
-rebuilt), try the answer cache on the raw bytes (`Authority.fast`), else read
-the query (`wire.parse`) and apply the protocol rules here (FORMERR, NOTIMP, BADVERS,
-REFUSED), then ask the authority; a name that is not ours goes to the
+Data flow of index changes, off the packet path: one task (`_follow`, owned
+by `serve()`) waits on `index.wait()` and applies each new snapshot to the
+record table: only the hostnames the index reports changed (`changed_between`,
+or `index.diff`-style comparison by identity when that history is gone),
+a few at a time, yielding to the loop every `_STEP` seconds so that no packet
+waits behind a build; the answer cache forgets what each chunk touched. The
+first build and a zone change build a new table aside, in the same steps, and
+swap it in whole. `serve()` listens only once the first build is done.
+
+Data flow per packet: try the answer cache on the raw bytes
+(`Authority.fast`), else read the query (`wire.parse`) and apply the protocol
+rules here (FORMERR, NOTIMP, BADVERS, REFUSED), then ask the authority; a name that is not ours goes to the
 forwarder in a task of its own, for clients in `dns.allow_forward_from` only.
 For such a client with RD set, an answer of ours whose CNAME chain leaves our
 data (`Resolved.dangling`) is completed the same way (`_chase`): the target
@@ -24,20 +31,23 @@ With `dns.rrl` or `dns.query_log` on, every UDP reply passes `_gate` (RRL
 for our own answers, then the query log); TCP replies are logged, never rate
 limited (TCP cannot be spoofed). Counters go to the server's `DnsMetrics`.
 
-Ownership: `serve()` owns every socket, connection task and forwarding task;
-cancelling it closes them all before it returns.
+Ownership: `serve()` owns every socket, the index-sync task, connection tasks
+and forwarding tasks; cancelling it closes them all before it returns. A build
+in progress is abandoned between two steps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from discoveryd.config import DnsConfig, split_hostport
@@ -64,7 +74,7 @@ from discoveryd.dns.querylog import QueryLog
 from discoveryd.dns.records import RecordTable
 from discoveryd.dns.rrl import RateLimiter, RrlSettings
 from discoveryd.index import Snapshot, SnapshotSource
-from discoveryd.model import Zone
+from discoveryd.model import Hostname, Service, Zone
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +89,63 @@ _MAX_CHASE = 8
 """Upstream lookups, and CNAME links read per upstream reply, when completing a chain for a recursive client."""
 _HEADER = 12
 """Bytes in a DNS header: no message is shorter."""
+_STEP = 0.001
+"""Seconds of record building between two yields to the event loop."""
+_CHUNK = 8
+"""Hostnames applied between two looks at the clock."""
+
+
+class SyncSteps:
+    """How long the sync task held the event loop at most in one step (CPU seconds of this thread).
+
+    Owned by one `DnsServer`; written by its sync task. A query waits at most one step.
+    """
+
+    __slots__ = ("longest", "steps")
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self.steps = 0
+
+    def pacer(self) -> _Pacer:
+        return _Pacer(self)
+
+
+class _Pacer:
+    """Yields to the loop once `_STEP` seconds of work have passed since the last yield."""
+
+    __slots__ = ("_cpu", "_started", "_stats")
+
+    def __init__(self, stats: SyncSteps) -> None:
+        self._stats = stats
+        self._started = time.perf_counter()
+        self._cpu = time.thread_time()
+
+    async def pause(self) -> None:
+        if time.perf_counter() - self._started >= _STEP:
+            self.done()
+            await asyncio.sleep(0)
+            self._started = time.perf_counter()
+            self._cpu = time.thread_time()
+
+    def done(self) -> None:
+        stats = self._stats
+        stats.steps += 1
+        stats.longest = max(stats.longest, time.thread_time() - self._cpu)
+
+
+async def _diff(old: Mapping[Hostname, Service], new: Mapping[Hostname, Service], pacer: _Pacer) -> list[Hostname]:
+    """Hostnames whose service differs by identity between two snapshots (`index.diff`), in steps."""
+    changed: list[Hostname] = []
+    items = iter(new.items())
+    while chunk := list(islice(items, 1024)):
+        changed.extend(h for h, svc in chunk if old.get(h) is not svc)
+        await pacer.pause()
+    gone = iter(old)
+    while keys := list(islice(gone, 1024)):
+        changed.extend(h for h in keys if h not in new)
+        await pacer.pause()
+    return changed
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +176,13 @@ class DnsServer:
         self._ttl = max(0, round(config.ttl))
         self._serial = int(time.time()) & 0xFFFFFFFF
         self._ns_addresses = _ns_addresses(config.listen)
-        self._snapshot = index.snapshot
-        self._authority = self._build(zones, self._snapshot)
+        self._zones = tuple(zones)
+        self._zones_changed = False
+        self._snapshot = Snapshot(version=-1)
+        """The snapshot the record table reflects (version -1: not built yet)."""
+        self._authority = Authority(self._table(), self.metrics)
+        self._sync_lock = asyncio.Lock()
+        self.sync_steps = SyncSteps()
         self._forwarder = Forwarder(
             [Upstream(*split_hostport(f, 53)) for f in config.forward],
             config.forward_timeout,
@@ -147,23 +219,111 @@ class DnsServer:
         return len(self._slots)
 
     def set_zones(self, zones: Sequence[Zone]) -> None:
-        self._snapshot = self._index.snapshot
-        self._authority = self._build(zones, self._snapshot)
+        """Serve these zones from now on: a sync task owned by `serve()` rebuilds the table aside
+        and swaps it in (without `serve()`, the next `sync()` call does)."""
+        self._zones = tuple(zones)
+        self._zones_changed = True
+        if self.started.is_set():
+            task = asyncio.get_running_loop().create_task(self._sync_or_log(), name="dns:zones")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    def _build(self, zones: Sequence[Zone], snapshot: Snapshot) -> Authority:
-        authority = Authority(RecordTable(zones, self._ttl, self._ns_addresses, self._serial), self.metrics)
-        authority.load(snapshot.services)
-        return authority
+    @property
+    def version(self) -> int:
+        """The index version the answers reflect (-1 before the first build)."""
+        return self._snapshot.version
 
-    def _sync(self) -> None:
-        """Apply the snapshots published since the last packet."""
-        new = self._index.snapshot
-        changed = self._index.changed_between(self._snapshot.version, new.version)
-        if changed is None:
-            self._authority.load(new.services)
+    def _table(self) -> RecordTable:
+        return RecordTable(self._zones, self._ttl, self._ns_addresses, self._serial)
+
+    async def sync(self) -> None:
+        """Bring the record table up to the index's current snapshot and zones.
+
+        Called by `_follow` (and by `serve()` once before listening; tests without sockets call it
+        directly). Yields to the loop every `_STEP` seconds; cancellation between two steps leaves
+        the table consistent at the previous step (a build aside is dropped).
+        """
+        async with self._sync_lock:
+            # The build makes no reference cycles; a collection in the middle of it would rescan the
+            # growing table in one step (0.4 s at 100k services). Paused for the whole sync, other
+            # tasks' cyclic garbage included, and restored even when cancelled.
+            enabled = gc.isenabled()
+            gc.disable()
+            try:
+                await self._catch_up()
+            finally:
+                if enabled:
+                    gc.enable()
+
+    async def _catch_up(self) -> None:
+        while True:
+            if self._zones_changed or self._snapshot.version < 0:
+                self._zones_changed = False
+                await self._rebuild()
+                continue
+            new = self._index.snapshot
+            if new.version == self._snapshot.version:
+                return
+            await self._advance(new)
+
+    async def _rebuild(self) -> None:
+        """Build a table for the current zones and snapshot aside, then swap it in with an empty cache."""
+        snapshot = self._index.snapshot
+        table = self._table()
+        services = snapshot.services
+        pacer = self.sync_steps.pacer()
+        hosts = iter(services)
+        while chunk := list(islice(hosts, _CHUNK)):
+            table.update(services, chunk)
+            await pacer.pause()
+        pacer.done()
+        self._authority = Authority(table, self.metrics)
+        self._snapshot = snapshot
+        self.metrics.record_names.set(table.names())
+
+    async def _advance(self, new: Snapshot) -> None:
+        """Apply the hostnames changed between the table's snapshot and `new`, chunk by chunk."""
+        old = self._snapshot
+        pacer = self.sync_steps.pacer()
+        changed: Iterable[Hostname] | None
+        if new.version == old.version + 1:
+            changed = new.changed  # no union of sets to build in one step
         else:
-            self._authority.update(new.services, changed)
+            changed = self._index.changed_between(old.version, new.version)
+        if changed is None:
+            changed = await _diff(old.services, new.services, pacer)
+        authority = self._authority
+        hosts = iter(changed)
+        while chunk := list(islice(hosts, _CHUNK)):
+            if self._authority is not authority:
+                return  # replaced by a rebuild meanwhile (only `sync` swaps; kept for safety)
+            authority.update(new.services, chunk)
+            await pacer.pause()
+        pacer.done()
         self._snapshot = new
+
+    async def _sync_or_log(self) -> None:
+        try:
+            await self.sync()
+        except Exception:
+            log.exception("dns: failed to apply the new zones; the index-sync task retries")
+            self._zones_changed = True
+
+    async def _follow(self) -> None:
+        """The index-sync task: apply every new snapshot until cancelled.
+
+        It awaits `index.wait()` itself (no helper task in between), so a small change is applied
+        on the loop turn right after it is published, before packets that arrive later.
+        """
+        while True:
+            try:
+                await self.sync()
+            except Exception:
+                log.exception("dns: failed to apply index changes; rebuilding the record table")
+                self._zones_changed = True
+                await asyncio.sleep(1.0)
+                continue
+            await self._index.wait(self._snapshot.version)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -172,7 +332,10 @@ class DnsServer:
         loop = asyncio.get_running_loop()
         servers: list[asyncio.Server] = []
         sockets: list[socket.socket] = []
+        follow: asyncio.Task[None] | None = None
         try:
+            await self.sync()
+            follow = asyncio.create_task(self._follow(), name="dns:index-sync")
             for spec in self._config.listen:
                 host, port = split_hostport(spec)
                 server, sock, bound = await self._bind(host, port)
@@ -188,7 +351,7 @@ class DnsServer:
             for sock in sockets:
                 loop.remove_reader(sock.fileno())
                 sock.close()
-            pending = [*self._tasks, *self._connections]
+            pending = [*self._tasks, *self._connections, *([follow] if follow is not None else [])]
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -229,8 +392,6 @@ class DnsServer:
         """
         try:
             if not cache_tried:
-                if self._index.snapshot is not self._snapshot:
-                    self._sync()
                 out = self._authority.fast(data, tcp)
                 if out is not None:
                     return out
@@ -241,15 +402,9 @@ class DnsServer:
             return error_response(data, SERVFAIL)
 
     def fast_path(self) -> tuple[udp.Lookup, udp.Lookup]:
-        """UDP batches (`udp.Answerer`): sync with the index, then the answer cache lookups."""
-        if self._index.snapshot is not self._snapshot:
-            try:
-                self._sync()
-            except Exception:
-                log.exception("dns: failed to apply index changes; rebuilding on the next packet")
-                self.metrics.dropped.labels("error").inc()
-                self._authority.clear()
-        return self._authority.repeated, self._authority.fast
+        """UDP batches (`udp.Answerer`): the answer cache lookups (the sync task keeps them current)."""
+        authority = self._authority
+        return authority.repeated, authority.fast
 
     def answer(self, data: bytes, client: Any, send: Callable[[bytes], None]) -> bytes | None:
         """UDP miss path (`udp.Answerer`): the reply, or None when dropped or forwarded (then `send` gets it)."""

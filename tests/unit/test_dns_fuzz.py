@@ -98,7 +98,9 @@ def _errors() -> float:
 
 @pytest.fixture(scope="module")
 def handler() -> DnsServer:
-    return DnsServer(DnsConfig(forward=["127.0.0.1:9"]), _index(), [CLUSTER, CONSUL, MESH])
+    server = DnsServer(DnsConfig(forward=["127.0.0.1:9"]), _index(), [CLUSTER, CONSUL, MESH])
+    asyncio.run(server.sync())
+    return server
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
