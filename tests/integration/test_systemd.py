@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import re
 import shutil
@@ -362,3 +363,163 @@ def test_the_packaged_config_validates(tmp_path: Path) -> None:
         pytest.skip("state_dir is not a config key of this build yet (it comes with the warm-restart snapshot)")
     assert result.returncode == 0, result.stderr
     assert "ok (1 registries)" in result.stdout
+
+
+# -- the unit's seccomp policy, applied without systemd ------------------------------------------
+
+
+def _groups(tool: str) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in subprocess.run(
+        [tool, "syscall-filter"], capture_output=True, text=True, check=True
+    ).stdout.splitlines():
+        if line.startswith("@"):
+            current = groups.setdefault(line.strip(), [])
+        elif current is not None and line.strip() and not line.strip().startswith("#"):
+            current.append(line.strip())
+    return groups
+
+
+def _expand(names: list[str], groups: dict[str, list[str]]) -> set[str]:
+    out: set[str] = set()
+    for name in names:
+        out |= _expand(groups[name], groups) if name.startswith("@") else {name}
+    return out
+
+
+def unit_policy(tool: str) -> dict[str, object]:
+    """The seccomp policy systemd derives from the unit's SystemCallFilter=, RestrictAddressFamilies=, MDWE."""
+    import errno as errno_mod
+
+    groups = _groups(tool)
+    allow: set[str] | None = None
+    families: list[int] = []
+    errno_value = errno_mod.EPERM
+    mdwe = False
+    for line in UNIT.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key == "SystemCallFilter":
+            deny = value.startswith("~")
+            names = _expand(value.lstrip("~").split(), groups)
+            if allow is None:
+                assert not deny, "the unit's first SystemCallFilter= is an allow-list"
+                allow = names
+            elif deny:
+                allow -= names
+            else:
+                allow |= names
+        elif key == "SystemCallErrorNumber":
+            errno_value = getattr(errno_mod, value)
+        elif key == "RestrictAddressFamilies":
+            families = [int(getattr(socket, f)) for f in value.split()]
+        elif key == "MemoryDenyWriteExecute":
+            mdwe = value == "yes"
+    assert allow, "no SystemCallFilter= allow-list in the unit"
+    return {"allow": sorted(allow), "errno": errno_value, "families": families, "mdwe": mdwe}
+
+
+@pytest.fixture
+def sandboxed(tmp_path: Path) -> list[str]:
+    """argv prefix that runs a command under the unit's seccomp policy."""
+    tool = _systemd_analyze()
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path.append('/usr/lib/python3/dist-packages'); import seccomp"],
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode != 0:
+        pytest.skip("libseccomp's Python binding (Debian package python3-seccomp) is not installed")
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(unit_policy(tool)))
+    return [sys.executable, str(Path(__file__).parent / "sandbox_exec.py"), str(policy), "--"]
+
+
+def test_the_sandbox_policy_is_in_force(sandboxed: list[str]) -> None:
+    """The control: what the unit forbids does fail under the emulated policy."""
+    code = (
+        "import errno, mmap, os, socket\n"
+        "def fails(f, want):\n"
+        "    try: f()\n"
+        "    except OSError as e: return e.errno == want\n"
+        "    return False\n"
+        "print(fails(lambda: os.setgroups([]), errno.EPERM),"
+        " fails(lambda: os.setpriority(os.PRIO_PROCESS, 0, 5), errno.EPERM),"
+        " fails(lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW), errno.EAFNOSUPPORT),"
+        " fails(lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC), errno.EPERM))\n"
+    )
+    result = subprocess.run([*sandboxed, sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True", "True", "True"], result.stdout + result.stderr
+
+
+def test_the_daemon_serves_dns_xds_and_reloads_under_the_units_sandbox(tmp_path: Path, sandboxed: list[str]) -> None:
+    import grpc
+    from envoy.config.cluster.v3 import cluster_pb2
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    (tmp_path / "se").mkdir()
+    (tmp_path / "se" / "web.yaml").write_text(serviceentry("web", "web.shop.example", "10.1.0.1"))
+    admin, dns_port, xds_port = free_port(), free_port(), free_port()
+    cfg = tmp_path / "discoveryd.yaml"
+
+    def config(registries: str) -> str:
+        return (
+            f"registries:\n{registries}xds:\n  listen: 127.0.0.1:{xds_port}\n"
+            f"dns:\n  listen: [127.0.0.1:{dns_port}]\nadmin:\n  listen: 127.0.0.1:{admin}\n"
+        )
+
+    cfg.write_text(config("  - {kind: files, name: local, paths: [se/]}\n"))
+    log = tmp_path / "daemon.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [*sandboxed, sys.executable, "-m", "discoveryd.cli", "run", "--config", str(cfg)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    d = Proc(proc, log, admin, dns_port)  # type: ignore[arg-type]  # bytes output: only readyz() is used
+    try:
+        wait_sync(lambda: proc.poll() is not None or d.readyz() == 200, timeout=30, what="ready under the sandbox")
+        assert proc.poll() is None, log.read_text()
+        query = dns.message.make_query("web.shop.example", "A")
+        for reply in (
+            dns.query.udp(query, "127.0.0.1", port=dns_port, timeout=5),
+            dns.query.tcp(query, "127.0.0.1", port=dns_port, timeout=5),
+        ):
+            assert [rr.to_text() for rr in reply.answer[0]] == ["10.1.0.1"]
+
+        with grpc.insecure_channel(f"127.0.0.1:{xds_port}") as channel:
+            ads = channel.stream_stream(
+                "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+                request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+                response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+            )
+            request = discovery_pb2.DiscoveryRequest(type_url="type.googleapis.com/envoy.config.cluster.v3.Cluster")
+            request.node.id = "sandbox-test"
+            responses = ads(iter([request]), timeout=10)
+            first = next(responses)
+            clusters = []
+            for packed in first.resources:
+                c = cluster_pb2.Cluster()
+                packed.Unpack(c)
+                clusters.append(c.name)
+            responses.cancel()
+        assert clusters == ["outbound|80||web.shop.example"]
+
+        (tmp_path / "more").mkdir()
+        (tmp_path / "more" / "api.yaml").write_text(serviceentry("api", "api.shop.example", "10.2.0.1"))
+        cfg.write_text(
+            config("  - {kind: files, name: local, paths: [se/]}\n  - {kind: files, name: more, paths: [more/]}\n")
+        )
+        os.kill(proc.pid, signal.SIGHUP)
+        api = dns.message.make_query("api.shop.example", "A")
+        wait_sync(
+            lambda: dns.query.udp(api, "127.0.0.1", port=dns_port, timeout=2).answer, what="the reloaded registry"
+        )
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(15) == 0, log.read_text()
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert "Traceback" not in text, text
+    assert "Operation not permitted" not in text and "not supported" not in text, text
