@@ -152,6 +152,11 @@ class _Bucket:
     level: int
     logger: str
     template: str
+    last: logging.LogRecord | None = None
+    """The last record suppressed, rendered (clipped) in the summary."""
+
+
+_SAMPLE_CHARS = 300
 
 
 class RateLimiter(logging.Filter):
@@ -209,6 +214,7 @@ class RateLimiter(logging.Filter):
             else:
                 first_suppressed = bucket.suppressed == 0
                 bucket.suppressed += 1
+                bucket.last = record
                 allow = False
         for b in due:
             self._emit_summary(b, now)
@@ -257,13 +263,23 @@ class RateLimiter(logging.Filter):
             bucket.level,
             __file__,
             0,
-            "%d more messages like %r suppressed in the last %.0fs",
-            (bucket.suppressed, bucket.template, max(now - bucket.window_start, 0.0)),
+            "%d more messages like %r suppressed in the last %.0fs (last: %s)",
+            (bucket.suppressed, bucket.template, max(now - bucket.window_start, 0.0), _sample(bucket.last)),
             None,
         )
         record.suppressed = bucket.suppressed
         record.template_suppressed = bucket.template
         self._sink.handle(record)
+
+
+def _sample(record: logging.LogRecord | None) -> str:
+    if record is None:
+        return "-"
+    try:
+        text = record.getMessage()
+    except Exception:
+        text = str(record.msg)
+    return text if len(text) <= _SAMPLE_CHARS else text[:_SAMPLE_CHARS] + "..."
 
 
 class _Handler(logging.StreamHandler[TextIO]):

@@ -142,6 +142,7 @@ def test_ten_thousand_bad_files_give_ten_lines_and_one_summary(
     lines = stream.getvalue().splitlines()
     assert len(lines) == 12
     assert "9990 more messages like '%s:1: invalid YAML' suppressed in the last 10s" in lines[10]
+    assert lines[10].endswith("(last: bad-9999.yaml:1: invalid YAML)")
     assert "late.yaml" in lines[11]
 
 
