@@ -34,7 +34,8 @@ What it implements, and where the semantics come from (developer.hashicorp.com,
   snapshot, a new cluster), `stop()`/`start()` take the listener away and
   bring it back on the same port with the same data (an agent outage).
 - `delay` seconds are added before every answer (a slow agent).
-- `requests` counts requests by path (the tests count the load we put on it).
+- `requests` counts requests by path (the tests count the load we put on it);
+  `GET /v1/fake/requests` (not Consul's) answers the counts over HTTP.
 
 Owned by one test's event loop; `start()` binds on 127.0.0.1 only.
 """
@@ -125,6 +126,11 @@ class _Datacenter:
     service_index: dict[str, int] = field(default_factory=dict)
     """Service name → index of the last write that changed what /v1/health/service/<name> answers."""
     down: bool = False
+    mutations: int = 0
+    """Bumped by every write; the read views below are rebuilt when it moved."""
+    view_at: int = -1
+    by_service: dict[str, list[Instance]] = field(default_factory=dict)
+    checks_by_node: dict[str, list[Check]] = field(default_factory=dict)
     epoch: int = 0
     """Bumped by a reset: blocked queries return at once (Consul aborts them on a snapshot restore)."""
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -212,6 +218,7 @@ class FakeConsul:
     def _bump(self, dc: _Datacenter, services: Iterable[str], *, table: bool) -> int:
         # Raft's first entry (index 1) is the cluster's own configuration: a write lands at 2 or later.
         dc.index = max(dc.index + 1, 2)
+        dc.mutations += 1
         for s in services:
             dc.service_index[s] = dc.index
         if table:
@@ -323,6 +330,7 @@ class FakeConsul:
         d = self._dc(dc)
         d.index = to
         d.epoch += 1
+        d.mutations += 1
         d.services_index = min(d.services_index, to)
         for s in d.service_index:
             d.service_index[s] = min(d.service_index[s], to)
@@ -402,6 +410,9 @@ class FakeConsul:
                     "Meta": {},
                 }
             )
+        if path == "/v1/fake/requests":
+            # Not Consul's: the requests counted so far, for a bench driving the fake in another process.
+            return self._json({"requests": dict(self.requests), "blocking": dict(self.blocking_requests)})
         if path == "/v1/catalog/datacenters":
             return self._json(sorted(self._dcs))
         if path == "/v1/catalog/services":
@@ -430,12 +441,24 @@ class FakeConsul:
                 return self._json([self._catalog_row(dc, i) for i in rows], index())
         return web.Response(status=404, text="Not found")
 
+    def _view(self, dc: _Datacenter) -> _Datacenter:
+        """`dc` with its per-service and per-node read views current (rebuilt after writes, O(size))."""
+        if dc.view_at != dc.mutations:
+            dc.by_service, dc.checks_by_node = {}, {}
+            for key in sorted(dc.instances):
+                inst = dc.instances[key]
+                dc.by_service.setdefault(inst.service, []).append(inst)
+            for (node, _), chk in sorted(dc.checks.items()):
+                dc.checks_by_node.setdefault(node, []).append(chk)
+            dc.view_at = dc.mutations
+        return dc
+
     def _instances(self, request: web.Request, dc: _Datacenter, name: str) -> list[Instance]:
         tags = request.query.getall("tag", [])
         passing = "passing" in request.query
         out = []
-        for inst in sorted(dc.instances.values(), key=lambda i: (i.node, i.service_id)):
-            if inst.service != name or not all(t in inst.tags for t in tags):
+        for inst in self._view(dc).by_service.get(name, ()):
+            if not all(t in inst.tags for t in tags):
                 continue
             if passing and any(c.status != "passing" for c in self._checks(dc, inst)):
                 continue
@@ -472,8 +495,8 @@ class FakeConsul:
     def _checks(self, dc: _Datacenter, inst: Instance) -> list[Check]:
         return [
             c
-            for (node, _), c in sorted(dc.checks.items())
-            if node == inst.node and (not c.service_id or c.service_id == inst.service_id)
+            for c in self._view(dc).checks_by_node.get(inst.node, ())
+            if not c.service_id or c.service_id == inst.service_id
         ]
 
     def _node_doc(self, dc: _Datacenter, node: Node) -> dict[str, Any]:
