@@ -10,24 +10,18 @@ file's directory.
 
 from __future__ import annotations
 
-import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from adapters.toolkit.hostport import split_url
+from adapters.toolkit.names import is_dns_label, is_dns_name
 from discoveryd.registry import Duration, RegistryConfig
 
-_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _MAX_WAIT = 600.0
 """Consul caps a blocking query's `wait` at 10 minutes."""
-
-
-def valid_dns_name(name: str) -> bool:
-    """Lower-case labels of letters, digits and inner `-`, dot-separated, at most 253 characters."""
-    return 0 < len(name) <= 253 and all(_LABEL.match(label) for label in name.split("."))
 
 
 def split_address(url: str) -> tuple[str, str, int]:
@@ -35,18 +29,8 @@ def split_address(url: str) -> tuple[str, str, int]:
 
     Without a scheme: http; without a port: 8500 (http) or 8501 (https), Consul's defaults.
     """
-    parts = urlsplit(url if "://" in url else f"http://{url}")
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"{url!r}: the scheme must be http or https")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise ValueError(f"{url!r}: expected scheme://host:port and nothing else")
-    try:
-        port = parts.port
-    except ValueError as e:
-        raise ValueError(f"{url!r}: {e}") from None
-    if not parts.hostname:
-        raise ValueError(f"{url!r}: missing host")
-    return parts.scheme, parts.hostname, port if port is not None else (8501 if parts.scheme == "https" else 8500)
+    scheme, host, port = split_url(url, 0)
+    return scheme, host, port or (8501 if scheme == "https" else 8500)
 
 
 class Consistency(StrEnum):
@@ -127,7 +111,7 @@ class ConsulConfig(RegistryConfig):
     @classmethod
     def _domain(cls, value: str) -> str:
         name = value.strip().rstrip(".").lower()
-        if not valid_dns_name(name):
+        if not is_dns_name(name):
             raise ValueError(f"{value!r} is not a DNS name")
         return name
 
@@ -137,7 +121,7 @@ class ConsulConfig(RegistryConfig):
         out: list[str] = []
         for dc in value:
             name = dc.strip().lower()
-            if not _LABEL.match(name):
+            if not is_dns_label(name):
                 raise ValueError(f"{dc!r} is not a datacenter name usable as a DNS label")
             if name in out:
                 raise ValueError(f"{dc!r} is listed twice")

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from adapters.consul.config import valid_dns_name
+from adapters.toolkit.names import is_dns_label
 from discoveryd.model import (
     Endpoint,
     Health,
@@ -71,7 +71,7 @@ class Naming:
 def names(service: str, dc: str, naming: Naming) -> tuple[Hostname, tuple[Hostname, ...]] | None:
     """(canonical hostname, aliases) of a Consul service, or None if its name cannot be a DNS label."""
     label = service.lower()
-    if not valid_dns_name(label) or "." in label:
+    if not is_dns_label(label):
         return None
     canonical = hostname(f"{label}.service.{dc}.{naming.domain}")
     aliases = (hostname(f"{label}.service.{naming.domain}"),) if dc == naming.local_dc else ()

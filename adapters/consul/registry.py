@@ -2,8 +2,9 @@
 
 Data flow, all in the registry's task (`run`) and the tasks of its TaskGroups:
 
-1. `/v1/agent/self` names the agent's own datacenter (retried with backoff;
-   the root shard is marked failing meanwhile). The configured datacenters
+1. `/v1/agent/self` names the agent's own datacenter (the shared session
+   loop, `discoveryd.session.run_sessions`, retries it with backoff and
+   marks the root shard failing meanwhile). The configured datacenters
    (empty: that one) each get a part of the shard, `shard.part(<dc>)`, and a
    `_Datacenter` task, so one unreachable datacenter is stale alone.
 2. A datacenter's catalog watch runs a blocking query on
@@ -24,8 +25,8 @@ starts over); an index of 0 or less is used as 1; every watch waits at least
 `min_interval` between two requests, so a churning service costs the agent
 at most 1/min_interval requests per second.
 
-Errors: every watch retries on its own with tenacity, exponential backoff
-with jitter (a 429's Retry-After is honoured as a floor); a 403 is logged
+Errors: every watch retries on its own with tenacity, with the daemon's
+backoff policy (`discoveryd.session.Backoff`; a 429's Retry-After is a floor); a 403 is logged
 as an ACL problem and retried after `acl_retry` (the token is re-read
 first, so a rotated token heals it). While any watch of a datacenter fails,
 its part is marked failing (content kept, stale); when all succeed again it
@@ -57,6 +58,7 @@ from adapters.consul.config import ConsulConfig
 from adapters.consul.mapping import Naming, build, names
 from discoveryd.model import Problem, Service, SourceId, Zone, ZoneFlavor, hostname
 from discoveryd.registry import RegistryConfig, ShardWriter
+from discoveryd.session import Backoff, SessionState, run_sessions
 
 log = logging.getLogger("discoveryd.adapters.consul")
 
@@ -342,6 +344,7 @@ class ConsulRegistry:
         self.consul_config = config
         self._base_dir = base_dir
         self._client: ConsulClient | None = None
+        self._backoff = Backoff(initial=config.backoff_initial, maximum=config.backoff_max)
 
     @property
     def source(self) -> SourceId:
@@ -357,16 +360,19 @@ class ConsulRegistry:
         return [Zone(hostname(self.consul_config.domain), ZoneFlavor.CONSUL)]
 
     def delay(self, state: RetryCallState) -> float:
-        """Seconds before retry number `state.attempt_number` (a tenacity `wait`): exponential, jittered."""
+        """Seconds before retry number `state.attempt_number` of one watch (a tenacity `wait`).
+
+        The daemon's one backoff policy (`discoveryd.session.Backoff`: doubling, equal jitter); after
+        a 403, `acl_retry` with jitter; a 429's `Retry-After` is a floor.
+        """
         cfg = self.consul_config
         error = state.outcome.exception() if state.outcome is not None else None
         if isinstance(error, ConsulHTTPError) and error.status == 403:
             return cfg.acl_retry * random.uniform(1.0, 1.25)
-        ceiling = min(cfg.backoff_max, cfg.backoff_initial * 2 ** min(state.attempt_number - 1, 30))
-        seconds = ceiling / 2 + random.uniform(0, ceiling / 2)
+        seconds = self._backoff.delay(state.attempt_number)
         if isinstance(error, ConsulHTTPError) and error.retry_after is not None:
             seconds = max(seconds, min(error.retry_after, cfg.backoff_max))
-        return float(seconds)
+        return seconds
 
     def refresh_token(self) -> None:
         """Re-read the token (after a 403: it may have been rotated); a read error keeps the old one."""
@@ -379,47 +385,53 @@ class ConsulRegistry:
             self._client.set_token(token)
 
     async def run(self, shard: ShardWriter) -> None:
-        """Sync one part per datacenter with the agent until cancelled (see the module docstring)."""
-        cfg = self.consul_config
+        """Sync one part per datacenter with the agent until cancelled (see the module docstring).
+
+        The root shard carries the bootstrap (token, `/v1/agent/self`): the shared session loop marks
+        it failing while that fails, and it is marked synced again once the agent answered.
+        """
         root_failed = False
 
-        def failing(state: RetryCallState) -> None:
+        def describe(error: BaseException) -> str:
             nonlocal root_failed
-            error = state.outcome.exception() if state.outcome is not None else None
-            reason = str(error) if error is not None else "unknown error"
-            log.warning("consul %s: %s; retrying in %.2fs", self.config.source, reason, state.upcoming_sleep)
             root_failed = True
-            shard.mark_failing(reason)
+            return str(error) or type(error).__name__
 
-        self._client = ConsulClient(cfg, self._base_dir, None)
+        async def session(state: SessionState) -> None:
+            nonlocal root_failed
+            await self._session(shard, state, root_failed)
+            root_failed = False
+
+        await run_sessions(
+            shard, session, backoff=self._backoff, retry_on=(ConsulError,), describe=describe, what="consul", logger=log
+        )
+
+    async def _session(self, shard: ShardWriter, state: SessionState, root_failed: bool) -> None:
+        """Find the agent's datacenter, then watch every configured one until cancelled (or a bootstrap error)."""
+        cfg = self.consul_config
+        client = ConsulClient(cfg, self._base_dir, read_token(cfg, self._base_dir))
         try:
-            local: str | None = None
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(ConsulError), wait=self.delay, before_sleep=failing, reraise=True
-            ):
-                with attempt:
-                    # Read on every attempt: a missing or rotated token file heals without a restart.
-                    self._client.set_token(read_token(cfg, self._base_dir))
-                    local = _datacenter_of(await self._client.agent_self())
-            assert local is not None
+            local = _datacenter_of(await client.agent_self())
+            self._client = client
             if root_failed:
                 shard.mark_synced()
             dcs = cfg.datacenters or [local]
             log.info("consul %s: agent in %s; watching %s", self.config.source, local, ", ".join(dcs))
+            naming = Naming(
+                source=shard.source,
+                domain=cfg.domain,
+                local_dc=local,
+                tagged_address=cfg.tagged_address,
+                zone_node_meta=cfg.zone_node_meta,
+                namespace=cfg.namespace or "default",
+                tags=tuple(cfg.tags),
+            )
+            state.healthy()
             async with asyncio.TaskGroup() as tg:
                 for dc in dcs:
-                    naming = Naming(
-                        source=shard.source,
-                        domain=cfg.domain,
-                        local_dc=local,
-                        tagged_address=cfg.tagged_address,
-                        zone_node_meta=cfg.zone_node_meta,
-                        namespace=cfg.namespace or "default",
-                        tags=tuple(cfg.tags),
-                    )
                     tg.create_task(_Datacenter(self, dc, shard.part(dc), naming).run(), name=f"consul:{dc}")
         finally:
-            client, self._client = self._client, None
+            self._client = None
             await client.close()
 
 
