@@ -75,6 +75,10 @@ none). A file emptied or deleted on purpose still takes effect well within a sec
 WATCH_BACKOFF = Backoff(initial=0.5, maximum=30.0, healthy_after=10.0)
 """When watching fails (the inotify watch limit, a directory gone mid-setup): retry, marked failing meanwhile."""
 
+LOG_LIMIT = 10
+"""At most this many lines of one kind (problems, unsafe permissions) per publish; the rest are one summary line.
+Every problem stays visible in /debug/registryz and in metrics."""
+
 Signature = tuple[int, int, int, int, int]
 """(device, inode, size, mtime_ns, ctime_ns) of a file, following symlinks."""
 
@@ -126,6 +130,8 @@ class FileSet:
         self._root_problems: dict[str, tuple[Problem, ...]] = {}
         self._translation = Translation()
         self._changed: set[Hostname] = set()
+        self._unsafe: set[str] = set()
+        """Paths already reported as writable by others (reported once each, again after a fix and relapse)."""
 
     def refresh(self, named: Collection[str] = ()) -> Refreshed:
         """Re-read files that are new, changed or `named` (by a watch event). Blocking."""
@@ -187,7 +193,21 @@ class FileSet:
             self._root_problems = root_problems
             changed = True
         self._changed |= self._translation.build()
+        self._report_unsafe(listing.files)
         return Refreshed(changed, recheck)
+
+    def _report_unsafe(self, paths: Collection[str]) -> None:
+        """Warn about watched files (or their directories) others can write: anyone there can change the mesh."""
+        found: list[str] = []
+        unsafe: set[str] = set()
+        for path in paths:
+            why = _writable_by_others(path)
+            if why:
+                unsafe.add(path)
+                if path not in self._unsafe:
+                    found.append(why)
+        self._unsafe = unsafe
+        log_limited(found, "more watched files writable by others")
 
     def has_content(self, path: str) -> bool:
         known = self._files.get(path)
@@ -263,6 +283,33 @@ def load_file(path: str, namespace: str, cache: ChunkCache | None = None) -> tup
         line = raw[: e.start].count(b"\n") + 1
         return [], [Problem(f"{path}:{line}", "not UTF-8 text")]
     return read_yaml_objects(path, text, namespace, cache=cache)
+
+
+def _writable_by_others(path: str) -> str | None:
+    """Why others can change `path`: the file is writable by others, or its directory is (without the sticky bit)."""
+    try:
+        mode = os.stat(path).st_mode
+        parent = os.stat(os.path.dirname(path)).st_mode
+    except OSError:
+        return None
+    if mode & stat.S_IWOTH:
+        return f"{_shown(path)} is writable by others (mode {stat.S_IMODE(mode):04o}): anyone on the host can change it"
+    if parent & stat.S_IWOTH and not parent & stat.S_ISVTX:
+        return f"{_shown(os.path.dirname(path))} is writable by others: anyone on the host can replace {_shown(path)}"
+    return None
+
+
+def _shown(text: str) -> str:
+    """Untrusted text (a file name) for a log line: control characters escaped."""
+    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+
+
+def log_limited(lines: Sequence[str], more: str) -> None:
+    """Warn with the first `LOG_LIMIT` lines and one summary for the rest (10k bad files: 11 lines, not 10k)."""
+    for line in lines[:LOG_LIMIT]:
+        log.warning("%s", line)
+    if len(lines) > LOG_LIMIT:
+        log.warning("... and %d %s (see /debug/registryz)", len(lines) - LOG_LIMIT, more)
 
 
 def _wanted(name: str) -> bool:
@@ -491,15 +538,20 @@ class _Publisher:
                         self.shard.delete(host)
                     else:
                         self.shard.upsert(service)
-            for scope in self._problems.keys() - problems.keys():
+            cleared = sorted(self._problems.keys() - problems.keys())
+            for scope in cleared:
                 self.shard.set_problems(scope, [])
-                log.info("%s: problems cleared", scope)
+            lines: list[str] = []
             for scope, found in problems.items():
                 if self._problems.get(scope) == found:
                     continue
-                for problem in found:
-                    log.warning("%s", problem)
+                lines.extend(_shown(str(problem)) for problem in found)
                 if self.files.has_content(scope):
-                    log.warning("%s: serving the file's last good content", scope)
+                    lines.append(f"{_shown(scope)}: serving the file's last good content")
                 self.shard.set_problems(scope, found)
             self._problems = problems
+        for scope in cleared[:LOG_LIMIT]:
+            log.info("%s: problems cleared", _shown(scope))
+        if len(cleared) > LOG_LIMIT:
+            log.info("... and problems cleared in %d more files", len(cleared) - LOG_LIMIT)
+        log_limited(lines, "more problems")

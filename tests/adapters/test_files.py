@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator, Collection
 from pathlib import Path
@@ -326,3 +327,38 @@ async def test_delete_then_recreate_never_loses_the_service(watched: tuple[Path,
         path.write_text(service_entry("a", [("10.0.0.9", 80)]))  # wakes the observer
         await asyncio.wait_for(observer, 5)
     assert not lost, f"versions without the service: {lost}"
+
+
+async def test_many_bad_files_are_summarised_in_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    directory = tmp_path / "se"
+    directory.mkdir()
+    for i in range(300):
+        (directory / f"bad-{i:03d}.yaml").write_text(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nspec: [\n"
+        )
+    caplog.set_level(logging.WARNING, logger="discoveryd.adapters.files")
+    async with running(registry(tmp_path, "se")) as index:
+        files_with_problems = {p.where.rpartition(":")[0] for p in problems(index)}
+        assert len(files_with_problems) == 300, "every file's problem is still reported"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 11, [r.getMessage() for r in warnings]
+    assert warnings[-1].getMessage() == "... and 290 more problems (see /debug/registryz)"
+
+
+async def test_a_watched_file_writable_by_others_is_warned_about_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "se"
+    directory.mkdir()
+    path = directory / "a.yaml"
+    path.write_text(service_entry("a", [("10.0.0.1", 80)]))
+    path.chmod(0o666)
+    caplog.set_level(logging.WARNING, logger="discoveryd.adapters.files")
+    files = FileSet((directory,), "default")
+    files.refresh()
+    files.refresh(named={str(path)})
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert messages == [f"{path} is writable by others (mode 0666): anyone on the host can change it"]
+    path.chmod(0o644)
+    files.refresh()
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
