@@ -150,6 +150,8 @@ def test_version_and_check_run_in_the_image_as_65532(container: str) -> None:
     assert version.stdout.strip().startswith("discoveryd ")
     who = _run(*buildah_run(container, "python3", "-c", "import os; print(os.getuid(), os.getgid())"), timeout=120)
     assert who.stdout.split() == ["65532", "65532"], who.stdout + who.stderr
+    state = _run(*buildah_run(container, "sh", "-c", "touch /var/lib/discoveryd/probe && echo ok"), timeout=120)
+    assert state.stdout.strip() == "ok", state.stderr  # the state directory is the image user's
     uv = _run(*buildah_run(container, "python3", "-c", "import uvloop; print(uvloop.__version__)"), timeout=120)
     assert uv.returncode == 0, uv.stderr
     # The image's own demo config (the default path /etc/discoveryd/discoveryd.yaml).
