@@ -8,7 +8,15 @@ in place (`write`) and as an editor does (`replace`: write a temporary file,
 rename it over the original). Latency is from just before the write to the
 `created` time of the first snapshot holding the new address.
 
-    python -m bench files [--writes=100] [--others=0,500]
+Two more measurements of large files (issue 8 item 8):
+- `--big-file N` (default 1000): one file of N ServiceEntries; one entry in
+  the middle is edited (atomic replace) `--writes` times; latency as above.
+- `--parse N` (default 20000, about 15 MB): a file of N ServiceEntries read,
+  parsed, validated and translated once (`FileSet.refresh()` + `result()`)
+  in a child process; its wall time and peak RSS (the child's ru_maxrss).
+  `--parse 0` skips it.
+
+    python -m bench files [--writes=100] [--others=0,500] [--big-file=1000] [--parse=20000]
 """
 
 from __future__ import annotations
@@ -16,7 +24,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -86,10 +97,124 @@ async def _measure(directory: Path, others: int, writes: int, mode: str) -> list
     return latencies
 
 
+def rich_entry(i: int) -> str:
+    """A ServiceEntry with two hosts, three ports, two labelled endpoints: about 750 bytes."""
+    return f"""---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: svc-{i}
+  namespace: ns-{i % 50}
+  labels:
+    app: svc-{i}
+    team: team-{i % 17}
+spec:
+  hosts:
+    - svc-{i}.ns-{i % 50}.example.internal
+    - alt-{i}.example.internal
+  addresses:
+    - 240.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports:
+    - number: 8080
+      name: http
+      protocol: HTTP
+    - number: 8443
+      name: https
+      protocol: HTTPS
+    - number: 9090
+      name: grpc-metrics
+      protocol: GRPC
+  endpoints:
+    - address: {_address(i)}
+      ports:
+        http: 18080
+      labels:
+        version: v1
+      locality: us-east1/us-east1-b
+      weight: 10
+    - address: 10.200.{i // 256 % 256}.{i % 256}
+      labels:
+        version: v2
+      locality: us-east1/us-east1-c
+  exportTo:
+    - "."
+    - istio-system
+"""
+
+
+async def _measure_big_file(directory: Path, entries: int, writes: int) -> list[float]:
+    """Edit one entry in the middle of a file of `entries` ServiceEntries; latency to the index."""
+    middle = entries // 2
+    parts = [rich_entry(i) for i in range(entries)]
+    target = directory / "big.yaml"
+    target.write_text("".join(parts))
+    host = Hostname(f"svc-{middle}.ns-{middle % 50}.example.internal")
+    index = Index()
+    config = FilesConfig(kind="files", name="bench", paths=[str(directory)])
+    registry = FilesRegistry(config, AdapterContext(directory))
+    task = asyncio.create_task(registry.run(index.writer(SourceId("files/bench"))))
+    latencies: list[float] = []
+    try:
+        while not index.snapshot.ready or host not in index.snapshot.services:
+            await asyncio.wait_for(index.wait(index.snapshot.version), timeout=120)
+        for n in range(1, writes + 1):
+            want = f"10.250.{n // 256 % 256}.{n % 256}"
+            parts[middle] = rich_entry(middle).replace(f"address: {_address(middle)}", f"address: {want}")
+            temp = directory / ".big.yaml.tmp"
+            temp.write_text("".join(parts))
+            version = index.snapshot.version
+            start = time.monotonic()
+            os.replace(temp, target)
+            while True:
+                snapshot = await asyncio.wait_for(index.wait(version), timeout=30)
+                version = snapshot.version
+                svc = snapshot.services.get(host)
+                if svc is not None and any(ep.address == want for ep in svc.endpoints):
+                    latencies.append(snapshot.created - start)
+                    break
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return latencies
+
+
+_PARSE_CHILD = """
+import json, resource, sys, time
+from adapters.files.registry import FileSet
+start = time.perf_counter()
+files = FileSet((sys.argv[1],), "default")
+files.refresh()
+services, problems = files.result()
+elapsed = time.perf_counter() - start
+print(json.dumps({"seconds": elapsed, "services": len(services), "problems": sum(map(len, problems.values())),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def _measure_parse(entries: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="files-bench-parse-") as tmp:
+        path = Path(tmp) / "big.yaml"
+        with path.open("w") as f:
+            for i in range(entries):
+                f.write(rich_entry(i))
+        size = path.stat().st_size
+        out = subprocess.run(
+            [sys.executable, "-c", _PARSE_CHILD, str(path)], check=True, capture_output=True, text=True
+        ).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    result["file_mb"] = round(size / 2**20, 1)
+    return result
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench files", description=__doc__.splitlines()[0])
     parser.add_argument("--writes", type=int, default=100)
     parser.add_argument("--others", default="0,500", help="comma-separated counts of unrelated files in the directory")
+    parser.add_argument("--big-file", type=int, default=1000, help="ServiceEntries in the edited big file (0: skip)")
+    parser.add_argument("--parse", type=int, default=20000, help="ServiceEntries in the parsed file (0: skip)")
     args = parser.parse_args(argv)
     others_counts = [int(x) for x in args.others.split(",") if x]
 
@@ -108,6 +233,31 @@ def main(argv: list[str]) -> None:
             }
             rows.append([others + 1, mode, len(ms), f"{median(ms):.1f}", f"{percentile(ms, 99):.1f}", f"{max(ms):.1f}"])
     print(table(rows, ["files in dir", "write", "n", "median ms", "p99 ms", "max ms"]))
+    if args.big_file:
+        with tempfile.TemporaryDirectory(prefix="files-bench-big-") as tmp:
+            ms = [x * 1000 for x in asyncio.run(_measure_big_file(Path(tmp), args.big_file, args.writes))]
+        figures[f"edit_one_of_{args.big_file}"] = {
+            "median_ms": round(median(ms), 1),
+            "p99_ms": round(percentile(ms, 99), 1),
+            "max_ms": round(max(ms), 1),
+        }
+        print(f"\nedit one ServiceEntry of a {args.big_file}-entry file -> index ({len(ms)} edits):")
+        print(
+            table(
+                [[f"{median(ms):.1f}", f"{percentile(ms, 99):.1f}", f"{max(ms):.1f}"]],
+                ["median ms", "p99 ms", "max ms"],
+            )
+        )
+    if args.parse:
+        parsed = _measure_parse(args.parse)
+        figures[f"parse_{args.parse}"] = parsed
+        print(f"\nread + parse + validate + translate one file of {args.parse} ServiceEntries:")
+        print(
+            table(
+                [[parsed["file_mb"], f"{parsed['seconds']:.2f}", f"{parsed['peak_rss_mb']:.0f}", parsed["services"]]],
+                ["file MB", "seconds", "peak RSS MB", "services"],
+            )
+        )
     command = "python -m bench files " + " ".join(argv)
     path = write_results("files", figures, command.strip())
     print(f"results: {path}")

@@ -19,6 +19,12 @@ Data flow, in the registry's own task (`run`):
    cluster ID and current revision are compared with the last seen: another
    cluster at the same address (etcd restored, or started on a new data
    dir) or a revision below the last applied one also means listing again.
+5. the resume point (`<cluster ID>:<revision>`) is saved with the content
+   in the same batch; after a warm restart from the state directory, if
+   etcd is still the same cluster at that very revision the restored content
+   is exact and marked synced at once. The prefix is listed all the same:
+   the per-key state that applying watch events needs is not in the
+   snapshot (which holds services, not keys).
 
 A key whose value does not parse is skipped and reported with
 `shard.set_problems(<key>, ...)`; the report is cleared when the key is fixed
@@ -131,6 +137,13 @@ class _View:
         """Every change up to this revision is applied; 0: a full list is needed."""
         self.cluster_id = 0
         """The cluster the content was read from; 0: none yet."""
+        self.restored: tuple[int, int] | None = _parse_resume_point(shard.resume_point)
+        """(cluster ID, revision) of content restored from the state directory, until the first list."""
+
+    def save_point(self) -> None:
+        """Record (cluster ID, revision) with the content it describes: call inside the same `shard.batch()`."""
+        if self.cluster_id and self.revision:
+            self._shard.set_resume_point(f"{self.cluster_id:x}:{self.revision}")
 
     def _parse(self, kv: Any) -> tuple[str, tuple[Member, ...] | Problem]:
         key = _key(kv)
@@ -182,6 +195,8 @@ class _View:
         services = (assemble(h, sorted(ms.items()), self._source) for h, ms in self._hosts.items())
         self._shard.replace(s for s in services if s is not None)
         self.revision = revision
+        self.restored = None
+        self.save_point()
 
     def apply(self, events: Sequence[Any]) -> None:
         """Apply one watch response's events, in order. Call inside `shard.batch()`."""
@@ -203,6 +218,18 @@ class _View:
             self.revision = max(self.revision, event.kv.mod_revision)
         for host in dirty:
             self._service(host)
+        self.save_point()
+
+
+def _parse_resume_point(point: str | None) -> tuple[int, int] | None:
+    """`<cluster ID hex>:<revision>` as saved by `_View`; None when absent or not ours."""
+    if not point:
+        return None
+    cluster, _, revision = point.partition(":")
+    try:
+        return int(cluster, 16), int(revision)
+    except ValueError:
+        return None
 
 
 class EtcdRegistry:
@@ -240,7 +267,12 @@ class EtcdRegistry:
         """Connect, list when needed, and watch until the connection fails (raises)."""
         conn = await self._connect()
         try:
-            await self._check_cluster(conn, view)
+            current = await self._check_cluster(conn, view)
+            if view.revision == 0 and view.restored == (view.cluster_id, current):
+                # Warm restart, and etcd has not changed since the state was saved: the restored content
+                # is exact, so it is fresh now. The list below only rebuilds the per-key state.
+                log.info("etcd %s: restored content is current (revision %d)", self.config.source, current)
+                shard.mark_synced()
             while True:
                 if view.revision == 0:
                     listing = _Listing()
@@ -260,7 +292,7 @@ class EtcdRegistry:
         finally:
             await conn.channel.close()
 
-    async def _check_cluster(self, conn: _Connection, view: _View) -> None:
+    async def _check_cluster(self, conn: _Connection, view: _View) -> int:
         """A new or restored cluster at the same address (another cluster ID, or a revision below the
         last one applied) would leave the watch waiting for revisions that mean something else: list again."""
         request = rpc.RangeRequest(key=self._prefix, range_end=_range_end(self._prefix), count_only=True)
@@ -278,7 +310,15 @@ class EtcdRegistry:
                 view.revision,
             )
             view.revision = 0
+        elif view.restored is not None and view.restored[0] != cluster:
+            log.warning(
+                "etcd %s: the restored content was read from another cluster (id %x, now %x); the list replaces it",
+                self.config.source,
+                view.restored[0],
+                cluster,
+            )
         view.cluster_id = cluster
+        return revision
 
     async def _connect(self) -> _Connection:
         """A connection to the first endpoint that answers, starting at `_next`."""
@@ -422,9 +462,11 @@ class EtcdRegistry:
                 if reply.events:
                     with shard.batch():
                         view.apply(reply.events)
-                elif created and not reply.created:
+                elif created and not reply.created and reply.header.revision > view.revision:
                     # A progress notification: nothing under the prefix changed up to here.
-                    view.revision = max(view.revision, reply.header.revision)
+                    with shard.batch():
+                        view.revision = reply.header.revision
+                        view.save_point()
         finally:
             call.cancel()
             if watchdog is not None:

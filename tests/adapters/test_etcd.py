@@ -407,6 +407,71 @@ async def test_etcd_restarted_as_a_new_cluster_is_listed_again(prefix: str, tmp_
         own.stop()
 
 
+class _RestoredShard:
+    """A shard as a warm restart hands it over: restored content and resume point (the index's state loader)."""
+
+    def __init__(self, inner: Any, point: str | None) -> None:
+        self._inner, self._point = inner, point
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @property
+    def resume_point(self) -> str | None:
+        return self._point
+
+    def set_resume_point(self, value: str) -> None:
+        self._point = value
+        self._inner.set_resume_point(value)
+
+
+async def test_resume_point_is_saved_and_a_current_restore_is_fresh_at_once(
+    client: aetcd.Client, etcd: EtcdServer, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put = await client.put(f"{prefix}a/1".encode(), naming("10.7.2.1:80"))
+    first = Index()
+    registry = make_registry([etcd.url], prefix, tmp_path)
+    task = asyncio.create_task(registry.run(first.writer(registry.config.source)))
+    try:
+        writer = first.writer(registry.config.source)
+        await eventually(lambda: writer.resume_point is not None, what="resume point saved")
+        cluster, _, revision = (writer.resume_point or "").partition(":")
+        assert int(revision) >= put.header.revision and int(cluster, 16) == put.header.cluster_id
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    point = writer.resume_point
+
+    # The list is held back, so what the adapter does before listing is visible.
+    listed = asyncio.Event()
+    release = asyncio.Event()
+    real_list = etcd_registry.EtcdRegistry._list
+
+    async def held_list(self: Any, conn: Any, on_page: Any) -> int:
+        listed.set()
+        await release.wait()
+        return await real_list(self, conn, on_page)
+
+    monkeypatch.setattr(etcd_registry.EtcdRegistry, "_list", held_list)
+    for stored, fresh_at_once in ((point, True), (f"{cluster}:1", False)):
+        listed.clear()
+        release.clear()
+        restarted = Index()
+        inner = restarted.writer(registry.config.source)
+        inner.replace(first.snapshot.services.values())  # what the state directory restored
+        shard = _RestoredShard(inner, stored)
+        task = asyncio.create_task(make_registry([etcd.url], prefix, tmp_path).run(shard))  # type: ignore[arg-type]
+        try:
+            await asyncio.wait_for(listed.wait(), 10)
+            assert status(restarted).synced is fresh_at_once, (stored, status(restarted))
+            release.set()
+            await eventually(lambda r=restarted: status(r).synced, what="synced after the list")
+            assert addresses(restarted, "a.mesh.local") == {("10.7.2.1", 80)}
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 # -- skydns ---------------------------------------------------------------------------
 
 
