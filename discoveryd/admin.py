@@ -5,8 +5,10 @@ the supervisor hands it for pages owned by other servers (`/debug/syncz` comes
 from the xDS server). It never writes anything.
 
 - `/healthz`: 200 while the process serves.
-- `/readyz`: 200 once every registry has completed its first sync or reported
-  its first failure; 503 with the registries still waiting before that.
+- `/readyz`: 200 once every registry has completed its first sync or been
+  restored from the state directory, or has not managed either within
+  `ready_timeout` (named in the body: served without them); 503 with the
+  registries still waiting before that.
 - `/metrics`: Prometheus text; index figures are collected at scrape time from
   the snapshot, so they cannot drift from what is served.
 - `/debug/registryz`, `/debug/endpointz[?host=]`, `/debug/configz`,
@@ -93,6 +95,8 @@ def registryz(snap: Snapshot) -> dict[str, Any]:
     for source, st in snap.shards.items():
         entry = _status_json(st)
         entry["parts"] = {name: _status_json(part) for name, part in st.parts.items()}
+        entry["restored"] = st.restored
+        entry["timed_out"] = st.timed_out
         out["registries"][source] = entry
     out["conflicts"] = {
         h: {
@@ -144,7 +148,21 @@ _REGISTRY_GAUGES: tuple[tuple[str, str, Callable[[ShardStatus, float], float | N
         "1 while a registry is failing and its last content is served.",
         lambda st, now: float(st.stale),
     ),
-    ("discoveryd_registry_ready", "1 once a registry has synced or failed once.", lambda st, now: float(st.ready)),
+    (
+        "discoveryd_registry_ready",
+        "1 once a registry has synced or was restored from the state directory (or timed out).",
+        lambda st, now: float(st.ready),
+    ),
+    (
+        "discoveryd_registry_ready_timed_out",
+        "1 while a registry has not synced within ready_timeout and no longer blocks readiness.",
+        lambda st, now: float(st.timed_out),
+    ),
+    (
+        "discoveryd_registry_restored",
+        "1 while a registry serves content restored from the state directory, not yet resynced.",
+        lambda st, now: float(st.restored),
+    ),
     (
         "discoveryd_registry_last_sync_age_seconds",
         "Seconds since a registry's last full sync.",
@@ -252,6 +270,10 @@ class AdminServer:
         waiting = sorted(s for s, st in snap.shards.items() if not st.ready)
         if waiting:
             return web.Response(status=503, text="waiting for first sync: " + ", ".join(waiting) + "\n")
+        late = sorted(s for s, st in snap.shards.items() if st.timed_out)
+        if late:
+            text = "ready; not synced within ready_timeout, serving without them: " + ", ".join(late) + "\n"
+            return web.Response(text=text)
         return web.Response(text="ready\n")
 
     async def _metrics(self, request: web.Request) -> web.Response:

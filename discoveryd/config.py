@@ -177,6 +177,8 @@ class _Document(_Section):
     admin: AdminConfig = Field(default_factory=AdminConfig)
     log_level: LogLevel = LogLevel.INFO
     log_format: LogFormat = LogFormat.TEXT
+    state_dir: str | None = None
+    ready_timeout: Duration = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +192,10 @@ class Config:
     admin: AdminConfig
     log_level: LogLevel
     log_format: LogFormat = LogFormat.TEXT
+    state_dir: Path | None = None
+    """Where the index snapshot for warm restarts lives (discoveryd/state.py); None: no snapshot."""
+    ready_timeout: float = 30.0
+    """Seconds a registry may take to sync (or be restored) before it stops blocking readiness."""
 
     @property
     def base_dir(self) -> Path:
@@ -205,6 +211,8 @@ class Config:
             "admin": self.admin.model_dump(mode="json"),
             "log_level": self.log_level.value,
             "log_format": self.log_format.value,
+            "state_dir": None if self.state_dir is None else str(self.state_dir),
+            "ready_timeout": self.ready_timeout,
         }
 
 
@@ -310,6 +318,8 @@ def parse(text: str, path: Path) -> Config:
         admin=doc.admin,
         log_level=doc.log_level,
         log_format=doc.log_format,
+        state_dir=None if doc.state_dir is None else path.parent / Path(doc.state_dir).expanduser(),
+        ready_timeout=doc.ready_timeout,
     )
 
 

@@ -103,13 +103,24 @@ class ShardStatus:
     """Failures reported since start (sync errors plus input problems set)."""
     parts: Mapping[str, ShardStatus] = field(default_factory=dict)
     """On a registry's status: its counted parts by name (`""` the root). Empty on a part's own status."""
+    restored: bool = False
+    """The content was loaded from the state directory and has not been replaced by a sync yet."""
+    timed_out: bool = False
+    """On a registry's status: it did not get ready within `ready_timeout` and no longer blocks readiness."""
+    resume_point: str | None = None
+    """A part's: where its adapter read its content up to (see `ShardWriter.set_resume_point`)."""
 
     @property
     def ready(self) -> bool:
-        """A part: has synced or failed once. A registry: every counted part is ready."""
+        """A part: has synced, or was restored from the state directory (a failure alone is not ready).
+
+        A registry: every counted part is ready, or it timed out (`ready_timeout`).
+        """
+        if self.timed_out:
+            return True
         if self.parts:
             return all(p.ready for p in self.parts.values())
-        return self.synced or self.failed
+        return self.synced or self.restored
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +158,11 @@ class Snapshot:
 
     @property
     def ready(self) -> bool:
-        """Every registry has synced once or failed once."""
+        """Every registry has synced or was restored, or stopped blocking after `ready_timeout`.
+
+        The one readiness rule: /readyz, systemd READY=1, xDS state-of-the-world
+        and DNS answers for a registry's zones all follow it.
+        """
         return all(s.ready for s in self.shards.values())
 
     def endpoint_count(self) -> int:
@@ -189,6 +204,7 @@ class Index:
         self._status_dirty: set[SourceId] = set()
         self._shards_gone = False
         self._hold = 0
+        self._timed_out: set[SourceId] = set()
         self._state_dirty = False
         """A resume point changed without a new version (the state saver reads and clears it)."""
         self._snapshot = Snapshot()
@@ -234,6 +250,7 @@ class Index:
             self._detach(state)
         self._statuses.pop(source, None)
         self._status_dirty.discard(source)
+        self._timed_out.discard(source)
         self._shards_gone = True
         self._publish()
 
@@ -245,6 +262,60 @@ class Index:
         self._order = new
         self._dirty.update(self._conflicts.keys())
         self._publish()
+
+    def set_timed_out(self, source: SourceId, timed_out: bool) -> None:
+        """Mark a registry that did not get ready within `ready_timeout`: it stops blocking readiness.
+
+        Called by the supervisor's deadline task; cleared when the registry is
+        restarted. Shown as `timed_out` in its status.
+        """
+        if (source in self._timed_out) == timed_out or source not in self._registries:
+            return
+        if timed_out:
+            self._timed_out.add(source)
+        else:
+            self._timed_out.discard(source)
+        self._status_dirty.add(source)
+        self._publish()
+
+    def restore(self, source: SourceId, part: str, services: Iterable[Service], resume_point: str | None) -> None:
+        """Load one part's content from the state directory: served at once, stale and `restored`.
+
+        Call before the registry's adapter starts (inside `batch()` to publish
+        all parts as one version). The adapter's first `mark_synced` of the part
+        drops what it has not written since; a restored part the adapter never
+        opens again is dropped once every part it did open has synced.
+        """
+        state = self._open(source, part)
+        shard = Shard(self, state)
+        shard._replace({s.hostname: shard._stamp(s) for s in services})
+        state.used = True
+        state.restored = True
+        state.restored_hosts = set(state.services)
+        state.live = False
+        state.stale = True
+        state.resume_point = resume_point
+        state.touch()
+        self._status_dirty.add(source)
+        self._publish()
+
+    def capture(self) -> list[PartCapture]:
+        """Every part's content as it is now, for the state writer (O(parts), no serialisation).
+
+        The services are immutable values and the tuples are new: the result
+        may be read from another thread while the index moves on.
+        """
+        self._state_dirty = False
+        return [
+            PartCapture(key.source, key.part, tuple(st.services.values()), st.resume_point)
+            for key, st in self._parts.items()
+            if st.used or st.services
+        ]
+
+    @property
+    def state_dirty(self) -> bool:
+        """A resume point changed since the last `capture()` without a new version."""
+        return self._state_dirty
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -285,6 +356,27 @@ class Index:
         self._detach(state)
         self._status_dirty.add(source)
         self._publish()
+
+    def _retire_restored(self, source: SourceId) -> None:
+        """Once every part the adapter uses has synced, drop the restored parts it never opened again."""
+        parts = self._registries.get(source)
+        if parts is None:
+            return
+        live = [st for st in parts.values() if st.live and st.used]
+        if not live or not all(st.synced and not st.restored for st in live):
+            return
+        for name, st in list(parts.items()):
+            if st.live or not st.restored:
+                continue
+            if name != ROOT:
+                self._close(source, name)
+                continue
+            self._dirty.update(st.services)
+            st.services, st.endpoints = {}, 0
+            st.restored, st.restored_hosts, st.used, st.stale = False, None, False, False
+            st.live = True
+            st.touch()
+            self._status_dirty.add(source)
 
     def _detach(self, state: _PartState) -> None:
         del self._parts[state.key]
@@ -357,7 +449,13 @@ class Index:
         for source in self._status_dirty:
             parts = self._registries.get(source)
             if parts is not None:
-                self._statuses[source] = _aggregate(source, parts)
+                status = _aggregate(source, parts)
+                if source in self._timed_out:
+                    if status.ready:  # synced after all: no longer reported
+                        self._timed_out.discard(source)
+                    else:
+                        status = dataclasses.replace(status, timed_out=True)
+                self._statuses[source] = status
         self._status_dirty.clear()
         self._shards_gone = False
         if not changed and not statuses_changed and not conflicts_changed:
@@ -402,7 +500,18 @@ def _aggregate(source: SourceId, parts: Mapping[str, _PartState]) -> ShardStatus
         problems=tuple(p for s in statuses for p in s.problems),
         errors_total=sum(s.errors_total for s in statuses),
         parts=MappingProxyType({s.part: s for s in sorted(statuses, key=lambda s: s.part)}),
+        restored=any(s.restored for s in statuses),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class PartCapture:
+    """One part's content at a point in time, for the state directory (see `Index.capture`)."""
+
+    source: SourceId
+    part: str
+    services: tuple[Service, ...]
+    resume_point: str | None
 
 
 _Op = Callable[[], None]
@@ -430,6 +539,12 @@ class _PartState:
     errors_total: int = 0
     resume_point: str | None = None
     """Opaque to the index: where the adapter read this part's content up to (saved with the state)."""
+    restored: bool = False
+    """Content loaded from the state directory, not yet replaced by a sync of this run."""
+    restored_hosts: set[Hostname] | None = None
+    """While restored: the hostnames not written by the adapter since (dropped on its first sync)."""
+    live: bool = True
+    """Opened or written by the adapter in this run (restored parts start not live)."""
     used: bool = True
     """For the root part: written to or marked (it then counts for the registry's readiness)."""
     closed: bool = False
@@ -460,6 +575,9 @@ class _PartState:
             tuple(p for ps in self.problems.values() for p in ps) if self.problems else (),
             self.errors_total,
             parts,
+            self.restored,
+            False,
+            self.resume_point,
         )
 
 
@@ -488,7 +606,9 @@ class Shard:
         if not isinstance(name, str):
             raise TypeError(f"a part name is a string, not {type(name).__name__}")
         self._check_open()
-        return Shard(self._index, self._index._open(self.source, name))
+        state = self._index._open(self.source, name)
+        state.live = True
+        return Shard(self._index, state)
 
     def close_part(self, name: str) -> None:
         if name == ROOT:
@@ -588,13 +708,15 @@ class Shard:
     def _changed(self) -> None:
         st = self._state
         st.touch()
-        st.used = True
+        st.used = st.live = True
         index = self._index
         index._status_dirty.add(st.key.source)
         index._publish()
 
     def _replace(self, new: dict[Hostname, Service]) -> None:
         st = self._state
+        if st.restored_hosts is not None:
+            st.restored_hosts = set()  # the content is exactly `new` now
         old = st.services
         touched = {h for h in old if h not in new}
         touched.update(h for h, s in new.items() if old.get(h) != s)
@@ -610,6 +732,8 @@ class Shard:
 
     def _upsert(self, service: Service) -> None:
         st = self._state
+        if st.restored_hosts:
+            st.restored_hosts.discard(service.hostname)
         previous = st.services.get(service.hostname)
         if previous == service:
             return
@@ -620,6 +744,8 @@ class Shard:
 
     def _delete(self, hostname: Hostname) -> None:
         st = self._state
+        if st.restored_hosts:
+            st.restored_hosts.discard(hostname)
         previous = st.services.pop(hostname, None)
         if previous is None:
             return
@@ -629,10 +755,29 @@ class Shard:
 
     def _mark_synced(self) -> None:
         st = self._state
-        if st.synced and not st.stale and st.used:
+        if st.synced and not st.stale and st.used and st.live:
             return
-        st.synced, st.stale, st.last_sync = True, False, time.time()
-        self._changed()
+        index = self._index
+        index._hold += 1
+        try:
+            if st.restored:
+                self._end_restore()
+            st.synced, st.stale, st.last_sync = True, False, time.time()
+            self._changed()
+            index._retire_restored(st.key.source)
+        finally:
+            index._hold -= 1
+            index._publish()
+
+    def _end_restore(self) -> None:
+        """The first sync of a restored part: what the adapter has not written since is gone."""
+        st = self._state
+        for host in st.restored_hosts or ():
+            previous = st.services.pop(host, None)
+            if previous is not None:
+                st.endpoints -= len(previous.endpoints)
+                self._index._dirty.add(host)
+        st.restored, st.restored_hosts = False, None
 
     def _mark_failing(self, error: str) -> None:
         st = self._state

@@ -15,9 +15,18 @@ A registry task that raises is a bug in that adapter, never a reason to stop
 the daemon: it is logged, its shard is marked failing (content kept), and
 the adapter is started again after a backoff.
 
+Readiness (`Snapshot.ready`, the one rule for /readyz, READY=1, xDS and DNS):
+every registry has completed its first sync or was restored from the state
+directory. A registry that manages neither within `ready_timeout` is logged,
+shown in /readyz, /debug/registryz and metrics, and stops blocking readiness
+(`Index.set_timed_out`, by a deadline task per registry start).
+
+Warm restarts (`state_dir`, discoveryd/state.py): before any registry starts
+the saved index is loaded and restored (stale, counted as ready); a
+`StateSaver` task writes it back at most once a second and at stop.
+
 systemd (discoveryd/sdnotify.py, only under a `$NOTIFY_SOCKET`): `READY=1`
-once every registry has completed its first sync or reported its first
-failure — the same rule as /readyz; around each reload after that,
+once the index is ready (the rule above); around each reload after that,
 `RELOADING=1` then `READY=1` once the new config is applied or rejected;
 `STATUS=` (registries synced/stale, xDS clients, DNS zones) on index changes,
 at most once a second; `WATCHDOG=1` from the event loop when systemd asks.
@@ -33,9 +42,11 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from discoveryd import config as config_mod
+from discoveryd import state
 from discoveryd.admin import AdminServer
 from discoveryd.config import Config, ConfigError
 from discoveryd.dns import DnsServer
@@ -44,6 +55,7 @@ from discoveryd.model import Hostname, SourceId, Zone, ZoneFlavor
 from discoveryd.registry import AdapterContext, Registry, RegistryConfig, ShardWriter, ZoneProvider
 from discoveryd.sdnotify import Notifier
 from discoveryd.session import Backoff, SessionEnded, SessionState, run_sessions
+from discoveryd.state import StateSaver
 from discoveryd.xds import XdsServer
 
 log = logging.getLogger("discoveryd.supervisor")
@@ -90,6 +102,8 @@ class _RegistryTask:
     config: RegistryConfig
     registry: Registry
     task: asyncio.Task[None]
+    deadline: asyncio.Task[None]
+    """Marks the registry timed out after `ready_timeout` if it is not ready by then."""
 
 
 @dataclass(slots=True)
@@ -128,6 +142,9 @@ class Supervisor:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
+                if self.config.state_dir is not None:
+                    self._restore_state(self.config.state_dir)
+                    tg.create_task(StateSaver(self.index, self.config.state_dir).run(), name="state-saver")
                 for reg_cfg in self.config.registries:
                     self._start_registry(reg_cfg)
                 self._start_servers(self.config)
@@ -156,18 +173,52 @@ class Supervisor:
 
     # -- registries -----------------------------------------------------------------------
 
+    def _restore_state(self, directory: Path) -> None:
+        started = time.monotonic()
+        result = state.load(directory, [r.source for r in self.config.registries])
+        if result is None:
+            return
+        count = state.restore(self.index, result)
+        log.info(
+            "state: restored %d services in %d parts from %s (saved %.0fs ago) in %.0f ms; served stale until resynced",
+            count,
+            len(result.parts),
+            directory / state.FILE_NAME,
+            max(0.0, time.time() - result.written),
+            (time.monotonic() - started) * 1e3,
+        )
+
     def _start_registry(self, cfg: RegistryConfig) -> None:
         assert self._tg is not None
         registry = build_registry(cfg, self.config)
         shard = self.index.writer(cfg.source)
+        self.index.set_timed_out(cfg.source, False)
         task = self._tg.create_task(_guard(registry, shard), name=f"registry:{cfg.source}")
-        self._registries[cfg.source] = _RegistryTask(cfg, registry, task)
+        deadline = self._tg.create_task(
+            self._ready_deadline(cfg.source, self.config.ready_timeout), name=f"ready-deadline:{cfg.source}"
+        )
+        self._registries[cfg.source] = _RegistryTask(cfg, registry, task, deadline)
         log.info("registry %s started", cfg.source)
 
     async def _stop_registry(self, source: SourceId) -> None:
         entry = self._registries.pop(source)
         entry.task.cancel()
-        await asyncio.gather(entry.task, return_exceptions=True)
+        entry.deadline.cancel()
+        await asyncio.gather(entry.task, entry.deadline, return_exceptions=True)
+
+    async def _ready_deadline(self, source: SourceId, timeout: float) -> None:
+        """After `timeout`, a registry that has neither synced nor been restored stops blocking readiness."""
+        await asyncio.sleep(timeout)
+        status = self.index.snapshot.shards.get(source)
+        if status is None or status.ready:
+            return
+        log.warning(
+            "registry %s has not synced within ready_timeout (%gs)%s; readiness no longer waits for it",
+            source,
+            timeout,
+            f", last error: {status.last_error}" if status.last_error else "",
+        )
+        self.index.set_timed_out(source, True)
 
     # -- servers --------------------------------------------------------------------------
 
@@ -282,7 +333,11 @@ class Supervisor:
         snap = self.index.snapshot
         while not snap.ready:
             snap = await self.index.wait(snap.version)
-        log.info("all registries synced (index version %d, %d services)", snap.version, len(snap.services))
+        log.info(
+            "index ready: every registry synced, restored or timed out (version %d, %d services)",
+            snap.version,
+            len(snap.services),
+        )
         self._ready_sent = True
         self.notifier.ready(self.status_text())
 

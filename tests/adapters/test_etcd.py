@@ -247,7 +247,7 @@ async def test_unreachable_etcd_marks_failing(prefix: str, tmp_path: Path) -> No
     async with running(make_registry([dead.url], prefix, tmp_path)) as index:
         await eventually(lambda: status(index).failed, timeout=10, what="failure reported")
         st = status(index)
-        assert st.ready and not st.synced and st.last_error and dead.url in st.last_error
+        assert st.stale and not st.ready and not st.synced and st.last_error and dead.url in st.last_error
 
 
 # -- connectivity: compaction while cut off, a crashed etcd ------------------------------

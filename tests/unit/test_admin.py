@@ -43,8 +43,16 @@ async def test_readyz_waits_for_every_registry(admin: tuple[Index, str]) -> None
     a.mark_synced()
     status, body = await get(base + "/readyz")
     assert status == 503 and "etcd/b" in body and "files/a" not in body
-    b.mark_failing("connection refused")  # a first failure counts: serve what we have
-    assert (await get(base + "/readyz"))[0] == 200
+    b.mark_failing("connection refused")  # a failure alone is not ready
+    status, body = await get(base + "/readyz")
+    assert status == 503 and "etcd/b" in body
+    index.set_timed_out(B, True)  # what the supervisor does after ready_timeout
+    status, body = await get(base + "/readyz")
+    assert status == 200 and "ready_timeout" in body and "etcd/b" in body
+    _, text = await get(base + "/metrics")
+    assert 'discoveryd_registry_ready_timed_out{registry="etcd/b"} 1.0' in text
+    b.mark_synced()
+    assert await get(base + "/readyz") == (200, "ready\n")
     assert (await get(base + "/healthz"))[0] == 200
 
 
@@ -69,7 +77,7 @@ async def test_metrics_reflect_the_snapshot(admin: tuple[Index, str]) -> None:
     assert 'discoveryd_registry_stale{registry="etcd/b"} 1.0' in text
     assert f"discoveryd_index_version {float(index.snapshot.version)}" in text
     assert 'discoveryd_registry_sync_errors_total{registry="etcd/b"} 1.0' in text
-    assert 'discoveryd_registry_ready{registry="etcd/b"} 1.0' in text
+    assert 'discoveryd_registry_ready{registry="etcd/b"} 0.0' in text  # failed, never synced
     assert 'discoveryd_registry_last_sync_age_seconds{registry="files/a"}' not in text  # never synced
 
 
@@ -111,7 +119,9 @@ async def test_parts_show_per_part_in_registryz_metrics_and_readyz(admin: tuple[
     dc1.mark_synced()
     status, body = await get(base + "/readyz")
     assert status == 503 and "etcd/b" in body  # dc2 has neither synced nor failed
+    dc2.mark_synced()
     dc2.mark_failing("dc2 unreachable")
+    assert (await get(base + "/readyz"))[0] == 200
     async with aiohttp.ClientSession() as session, session.get(base + "/debug/registryz") as resp:
         reg = await resp.json()
     parts = reg["registries"]["etcd/b"]["parts"]

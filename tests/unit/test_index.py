@@ -137,14 +137,18 @@ def test_dropping_a_registry_removes_its_data() -> None:
     assert B not in snap.shards
 
 
-def test_ready_after_every_registry_synced_or_failed() -> None:
+def test_ready_needs_a_sync_not_just_a_failure() -> None:
     index = Index([A, B])
     a, b = index.writer(A), index.writer(B)
     assert not index.snapshot.ready
     a.mark_synced()
     assert not index.snapshot.ready
     b.mark_failing("unreachable")
-    assert index.snapshot.ready
+    assert not index.snapshot.ready  # a registry that never synced is not ready because it failed
+    index.set_timed_out(B, True)  # ready_timeout passed: it stops blocking, and is reported
+    assert index.snapshot.ready and index.snapshot.shards[B].timed_out
+    b.mark_synced()
+    assert index.snapshot.ready and not index.snapshot.shards[B].timed_out
 
 
 def test_problems_are_kept_per_scope_and_cleared() -> None:
@@ -223,6 +227,8 @@ def test_registry_is_ready_when_every_opened_part_is() -> None:
     dc1.mark_synced()
     assert not index.snapshot.ready  # dc2 not yet; the unused root does not count
     dc2.mark_failing("down")
+    assert not index.snapshot.ready  # a failure alone is not ready
+    dc2.mark_synced()
     assert index.snapshot.ready
     root.replace([])  # writing the root makes it count, and it has not synced
     assert not index.snapshot.ready

@@ -1,0 +1,234 @@
+"""Warm restarts: the state file round trip, bad files ignored, restored parts served until resynced."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gzip
+import logging
+import os
+from pathlib import Path
+
+import orjson
+import pytest
+
+from discoveryd import state
+from discoveryd.index import Index
+from discoveryd.model import (
+    Endpoint,
+    Health,
+    Hostname,
+    Locality,
+    Location,
+    Port,
+    PortProtocol,
+    Resolution,
+    Service,
+    SourceId,
+)
+from discoveryd.state import StateSaver
+
+A = SourceId("etcd/main")
+B = SourceId("files/local")
+
+
+def rich_service(host: str) -> Service:
+    return Service(
+        Hostname(host),
+        namespace="ns",
+        ports=(Port(80, "http", PortProtocol.HTTP, 8080), Port(53, "dns", PortProtocol.UDP)),
+        addresses=("10.96.0.1",),
+        resolution=Resolution.DNS,
+        location=Location.MESH_EXTERNAL,
+        labels={"app": "x"},
+        source=A,
+        endpoints=(
+            Endpoint(
+                "10.0.0.1",
+                ports={"http": 9090},
+                labels={"v": "1"},
+                locality=Locality("r", "z", "s"),
+                weight=3,
+                health=Health.DRAINING,
+                network="n",
+                service_account="sa",
+                hostname="pod-0",
+                priority=2,
+                source=A,
+                tags=("t",),
+                node_name="node",
+                target_ref="Pod/ns/pod-0",
+            ),
+        ),
+        name="x",
+        export_to=(".",),
+        subject_alt_names=("spiffe://x",),
+        aliases=(Hostname("alias.example"),),
+    )
+
+
+def svc(host: str, ip: str) -> Service:
+    return Service(Hostname(host), ports=(Port(80, "http"),), endpoints=(Endpoint(ip),))
+
+
+def test_round_trip_keeps_every_field_and_resume_points(tmp_path: Path) -> None:
+    index = Index([A, B])
+    root = index.writer(A)
+    root.replace([rich_service("a.example")])
+    root.set_resume_point("rev=42")
+    root.part("dc2").replace([svc("b.example", "10.0.0.2")])
+    state.write_atomically(tmp_path, state.encode(index.capture(), 1000.0))
+    loaded = state.load(tmp_path, [A, B])
+    assert loaded is not None and loaded.written == 1000.0
+    by_part = {(p.source, p.part): p for p in loaded.parts}
+    assert by_part[(A, "")].services == (rich_service("a.example"),)  # dataclass equality: every field
+    assert by_part[(A, "")].resume_point == "rev=42"
+    assert [s.hostname for s in by_part[(A, "dc2")].services] == ["b.example"]
+    # Registries no longer configured are not restored.
+    only_b = state.load(tmp_path, [B])
+    assert only_b is not None and only_b.parts == ()
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"garbage", "not a readable state file"),
+        (gzip.compress(b"{not json"), "not a readable state file"),
+        (gzip.compress(orjson.dumps({"format": "other"})), "not a discoveryd state file"),
+        (gzip.compress(orjson.dumps({"format": state.FORMAT, "version": 999})), "state format version 999"),
+        (
+            gzip.compress(
+                orjson.dumps(
+                    {"format": state.FORMAT, "version": state.VERSION, "written": 1, "parts": [{"source": "x"}]}
+                )
+            ),
+            "parts[0]",
+        ),
+        (
+            gzip.compress(
+                orjson.dumps(
+                    {
+                        "format": state.FORMAT,
+                        "version": state.VERSION,
+                        "written": 1,
+                        "parts": [{"source": A, "part": "", "services": [{"hostname": "x", "resolution": "BOGUS"}]}],
+                    }
+                )
+            ),
+            "parts[0]",
+        ),
+    ],
+)
+def test_an_unusable_file_is_logged_and_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: bytes, reason: str
+) -> None:
+    (tmp_path / state.FILE_NAME).write_bytes(content)
+    with caplog.at_level(logging.ERROR, logger="discoveryd.state"):
+        assert state.load(tmp_path, [A]) is None
+    assert reason in caplog.text and str(tmp_path / state.FILE_NAME) in caplog.text
+
+
+def test_a_missing_file_is_a_cold_start(tmp_path: Path) -> None:
+    assert state.load(tmp_path / "nothing-here", [A]) is None
+
+
+def restored_index(tmp_path: Path) -> Index:
+    before = Index([A, B])
+    root = before.writer(A)
+    root.replace([svc("kept.example", "10.0.0.1"), svc("gone.example", "10.0.0.2")])
+    root.mark_synced()
+    before.writer(A).part("old-dc").replace([svc("old-dc.example", "10.0.1.1")])
+    before.writer(B).replace([svc("file.example", "10.0.2.1")])
+    state.write_atomically(tmp_path, state.encode(before.capture(), 1.0))
+    after = Index([A, B])
+    loaded = state.load(tmp_path, [A, B])
+    assert loaded is not None
+    state.restore(after, loaded)
+    return after
+
+
+def test_restored_parts_are_served_stale_and_count_as_ready(tmp_path: Path) -> None:
+    index = restored_index(tmp_path)
+    snap = index.snapshot
+    assert {"kept.example", "gone.example", "old-dc.example", "file.example"} <= set(snap.services)
+    assert snap.ready  # restored counts, before any registry ran
+    status = snap.shards[A]
+    assert status.restored and status.stale and not status.synced
+
+
+def test_first_sync_replaces_restored_content(tmp_path: Path) -> None:
+    index = restored_index(tmp_path)
+    a = index.writer(A)
+    a.upsert(svc("kept.example", "10.0.0.1"))  # an adapter that upserts what it lists ...
+    a.upsert(svc("new.example", "10.0.0.3"))
+    assert "gone.example" in index.snapshot.services  # ... serves the restored rest until it has synced
+    a.mark_synced()
+    services = set(index.snapshot.services)
+    assert {"kept.example", "new.example"} <= services
+    assert "gone.example" not in services  # restored, not seen by the sync: gone
+    assert "old-dc.example" not in services  # a restored part the adapter never reopened: dropped
+    status = index.snapshot.shards[A]
+    assert status.synced and not status.restored and not status.stale and set(status.parts) == {""}
+    # Another registry's restored content is untouched until it syncs.
+    assert "file.example" in services and index.snapshot.shards[B].restored
+
+
+def test_resume_point_is_handed_back_after_a_restart(tmp_path: Path) -> None:
+    index = Index([A])
+    index.writer(A).part("dc1").set_resume_point("index=7")
+    index.writer(A).part("dc1").replace([svc("x.example", "10.0.0.1")])
+    state.write_atomically(tmp_path, state.encode(index.capture(), 1.0))
+    again = Index([A])
+    loaded = state.load(tmp_path, [A])
+    assert loaded is not None
+    state.restore(again, loaded)
+    assert again.writer(A).part("dc1").resume_point == "index=7"
+
+
+async def test_saver_writes_throttled_and_on_stop(tmp_path: Path) -> None:
+    index = Index([A])
+    shard = index.writer(A)
+    saver = StateSaver(index, tmp_path, interval=0.2)
+    task = asyncio.create_task(saver.run())
+    try:
+        for i in range(20):
+            shard.upsert(svc(f"s{i}.example", "10.0.0.1"))
+            await asyncio.sleep(0.01)
+        for _ in range(300):
+            if saver.writes:
+                break
+            await asyncio.sleep(0.01)
+        assert 1 <= saver.writes <= 3  # 20 versions in ~0.2 s: throttled
+        shard.upsert(svc("last.example", "10.0.0.9"))
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    loaded = state.load(tmp_path, [A])
+    assert loaded is not None
+    assert "last.example" in {s.hostname for p in loaded.parts for s in p.services}  # written at stop
+    assert not [p.name for p in os.scandir(tmp_path) if p.name.startswith(".index.")]  # no temporary file left
+
+
+def test_restore_keeps_field_list_complete() -> None:
+    # A new model field must round-trip: the decoders convert by name and default the rest.
+    saved = rich_service("z.example")
+    raw = state.encode([_capture(saved)], 0.0)
+    out = state.decode(raw, "mem")
+    assert out.parts[0].services[0] == saved
+    saved_keys = set(orjson.loads(gzip.decompress(raw))["parts"][0]["services"][0])
+    assert {f.name for f in dataclasses.fields(Service)} <= saved_keys
+
+
+def _capture(service: Service) -> state.PartCapture:
+    return state.PartCapture(A, "", (service,), None)
+
+
+def test_a_replace_identical_to_the_restored_content_keeps_it_after_sync(tmp_path: Path) -> None:
+    index = restored_index(tmp_path)
+    a = index.writer(A)
+    a.replace([svc("kept.example", "10.0.0.1"), svc("gone.example", "10.0.0.2")])
+    version = index.snapshot.version
+    a.mark_synced()
+    assert {"kept.example", "gone.example"} <= set(index.snapshot.services)
+    assert not (index.snapshot.changed & {"kept.example", "gone.example"})
+    assert index.snapshot.version > version
