@@ -33,6 +33,7 @@ import os
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -92,18 +93,30 @@ def _default(value: Any) -> Any:
     raise TypeError(f"cannot save a {type(value).__name__} in the state file")
 
 
+_CHUNK = 500
+"""Services per orjson call: orjson holds the GIL while it runs, so the event loop gets it back between chunks."""
+
+
 def encode(parts: Sequence[PartCapture], written: float) -> bytes:
-    """The state file's bytes (gzip of one JSON document). CPU-bound: call it from a worker thread."""
-    doc = {
-        "format": FORMAT,
-        "version": VERSION,
-        "written": written,
-        "parts": [
-            {"source": p.source, "part": p.part, "resume_point": p.resume_point, "services": p.services} for p in parts
-        ],
-    }
-    raw = orjson.dumps(doc, default=_default)
-    return gzip.compress(raw, compresslevel=1, mtime=0)
+    """The state file's bytes (gzip of one JSON document). CPU-bound: call it from a worker thread.
+
+    Built chunk by chunk (and compressed as it goes, zlib releasing the GIL) so
+    that no single call holds the GIL for long while the event loop runs.
+    """
+    comp = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: a gzip container
+    out = [comp.compress(orjson.dumps({"format": FORMAT, "version": VERSION, "written": written})[:-1])]
+    out.append(comp.compress(b',"parts":['))
+    for i, part in enumerate(parts):
+        head = orjson.dumps({"source": part.source, "part": part.part, "resume_point": part.resume_point})
+        out.append(comp.compress((b"," if i else b"") + head[:-1] + b',"services":['))
+        services = part.services
+        for start in range(0, len(services), _CHUNK):
+            chunk = orjson.dumps(services[start : start + _CHUNK], default=_default)
+            out.append(comp.compress((b"," if start else b"") + chunk[1:-1]))
+        out.append(comp.compress(b"]}"))
+    out.append(comp.compress(b"]}"))
+    out.append(comp.flush())
+    return b"".join(out)
 
 
 # -- decoding ---------------------------------------------------------------------------
@@ -141,18 +154,18 @@ def _build(cls: type[Any], converters: Mapping[str, _Convert]) -> _Convert:
     return decode
 
 
-_locality = _build(Locality, {})
+_locality_slow = _build(Locality, {})
 _port = _build(Port, {"protocol": _enum(PortProtocol)})
-_endpoint = _build(
+_endpoint_slow = _build(
     Endpoint,
     {
-        "locality": _locality,
+        "locality": _locality_slow,
         "health": _enum(Health),
         "source": SourceId,
         "tags": _str_tuple,
     },
 )
-_service = _build(
+_service_slow = _build(
     Service,
     {
         "hostname": Hostname,
@@ -161,12 +174,50 @@ _service = _build(
         "resolution": _enum(Resolution),
         "location": _enum(Location),
         "source": SourceId,
-        "endpoints": _tuple_of(_endpoint),
+        "endpoints": lambda v: tuple(e if isinstance(e, Endpoint) else _endpoint_slow(e) for e in v),
         "export_to": _str_tuple,
         "subject_alt_names": _str_tuple,
         "aliases": _tuple_of(Hostname),
     },
 )
+_HEALTH = {h.value: h for h in Health}
+
+
+class _Decoder:
+    """Rebuilds services from the file's objects; fast path per object, the by-name path as fallback.
+
+    The fast path converts the few typed fields in place and calls the class
+    with the object as keywords; anything unexpected (a field this model does
+    not have, a wrong type) falls back to the slow path, which ignores unknown
+    keys and converts every field. Equal localities are shared.
+    """
+
+    def __init__(self) -> None:
+        self._localities: dict[tuple[Any, ...], Locality] = {}
+
+    def locality(self, obj: Any) -> Locality:
+        key = (obj.get("region", ""), obj.get("zone", ""), obj.get("subzone", ""))
+        found = self._localities.get(key)
+        if found is None:
+            found = self._localities[key] = _locality_slow(obj)
+        return found
+
+    def endpoint(self, obj: Any) -> Endpoint:
+        try:
+            obj["locality"] = self.locality(obj["locality"])
+            obj["health"] = _HEALTH[obj["health"]]
+            obj["tags"] = tuple(obj["tags"])
+            return Endpoint(**obj)
+        except (KeyError, TypeError, AttributeError):
+            return _endpoint_slow(obj)  # type: ignore[no-any-return]
+
+    def service(self, obj: Any) -> Service:
+        if not isinstance(obj, dict):
+            raise StateError(f"expected an object for Service, got {type(obj).__name__}")
+        endpoints = obj.get("endpoints")
+        if isinstance(endpoints, list):
+            obj["endpoints"] = tuple(self.endpoint(e) if isinstance(e, dict) else e for e in endpoints)
+        return _service_slow(obj)  # type: ignore[no-any-return]
 
 
 def decode(data: bytes, where: str) -> LoadResult:
@@ -180,6 +231,7 @@ def decode(data: bytes, where: str) -> LoadResult:
     if doc.get("version") != VERSION:
         raise StateError(f"{where}: state format version {doc.get('version')!r}, this discoveryd reads {VERSION}")
     parts = []
+    decoder = _Decoder()
     try:
         for i, p in enumerate(doc["parts"]):
             try:
@@ -188,7 +240,7 @@ def decode(data: bytes, where: str) -> LoadResult:
                     RestoredPart(
                         SourceId(str(p["source"])),
                         str(p["part"]),
-                        tuple(_service(s) for s in p["services"]),
+                        tuple(decoder.service(s) for s in p["services"]),
                         None if resume is None else str(resume),
                     )
                 )

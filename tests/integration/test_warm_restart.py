@@ -155,7 +155,9 @@ def test_a_dead_registry_blocks_readiness_until_ready_timeout_then_is_reported(t
 
 
 async def _cds_names(port: int) -> list[str]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    # Own subchannel pool: a shared one keeps the reconnect backoff of refused connections.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
         stream = Stream(channel)
         await stream.send(CLUSTER)
         response = await stream.recv(timeout=20)
