@@ -333,11 +333,18 @@ class Supervisor:
         snap = self.index.snapshot
         while not snap.ready:
             snap = await self.index.wait(snap.version)
-        log.info(
-            "index ready: every registry synced, restored or timed out (version %d, %d services)",
-            snap.version,
-            len(snap.services),
-        )
+        late = sorted(source for source, st in snap.shards.items() if st.timed_out)
+        if late:
+            log.warning(
+                "index ready without %s (not synced within ready_timeout; version %d, %d services)",
+                ", ".join(late),
+                snap.version,
+                len(snap.services),
+            )
+        else:
+            log.info(
+                "all registries synced or restored (index version %d, %d services)", snap.version, len(snap.services)
+            )
         self._ready_sent = True
         self.notifier.ready(self.status_text())
 

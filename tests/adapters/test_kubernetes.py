@@ -371,8 +371,8 @@ async def test_unreachable_at_start_fails_readiness_then_syncs(index: Index, tmp
     await fake.stop()
     config = _config(tmp_path, fake)
     async with running(index, config, tmp_path):
-        await eventually(lambda: index.snapshot.ready, what="ready after the first failure")
-        assert index.snapshot.shards[config.source].stale
+        await eventually(lambda: index.snapshot.shards[config.source].failed, what="the first failure reported")
+        assert index.snapshot.shards[config.source].stale and not index.snapshot.ready  # a failure alone is not ready
         fake2 = FakeApiServer(port=port)
         _web(fake2, 1)
         async with fake2:
