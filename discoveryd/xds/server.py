@@ -191,8 +191,13 @@ class XdsServer:
                         snap = await self._index.wait(snap.version)
                 except TimeoutError:
                     break
+                if not self._serving and snap.ready:
+                    break
                 last = time.monotonic()
             snap = self._index.snapshot
+            if not self._serving and snap.ready:  # readiness came during the debounce: no need to wait longer
+                self._release()
+                continue
             self._rebuild(snap, self._index.changed_between(self._built_from.version, snap.version), origin)
             if not self._serving and snap.ready:
                 # The index became ready inside the debounce window: the loop head will not see it again.

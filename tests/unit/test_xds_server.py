@@ -395,3 +395,23 @@ async def test_two_servers_in_one_process_share_no_counters() -> None:
     finally:
         for _, task in servers:
             await stop(task)
+
+
+async def test_readiness_arriving_during_the_debounce_releases_the_held_streams(index: Index) -> None:
+    """A registry writes its content and then says it synced, both within one debounce window."""
+    etcd = index.writer(SourceId("etcd/main"))
+    server, task = await start_xds(index, debounce_after=0.3, debounce_max=2.0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.ports[0]}") as ch:
+            s = Stream(ch)
+            await s.send(CLUSTER)
+            await eventually(lambda: len(server.connections) == 1 and server.connections[0].types[CLUSTER].requested)
+            etcd.replace([service("b.test", "10.0.0.2")])
+            for _ in range(10):  # let the push loop take that version and enter its debounce window
+                await asyncio.sleep(0)
+            etcd.mark_synced()
+            r = await s.recv(timeout=5)
+            assert names(r) == [cluster("b.test")]
+            await s.close()
+    finally:
+        await stop(task)
