@@ -44,7 +44,7 @@ from discoveryd.index import Index, Shard
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service, SourceId
 from discoveryd.xds import XdsServer
 from discoveryd.xds.connection import varint
-from discoveryd.xds.resources import CLUSTER, ENDPOINT
+from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ENDPOINT, Builder, BuildOptions
 
 ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 
@@ -488,6 +488,42 @@ def _main_scoped(args: argparse.Namespace, argv: list[str]) -> None:
     write_results("xds_scoped", figures, ("python -m bench xds " + " ".join(argv)).strip())
 
 
+# -- rebuild cost by index size -----------------------------------------------------------------
+
+
+def _measure_rebuild(sizes: list[int], changes: int) -> dict[str, Any]:
+    """`Builder.update` for one changed service, at each index size (in-process, no clients)."""
+    runs = []
+    for size in sizes:
+        index = Index()
+        shard: Shard = index.writer(SourceId("bench/b"))
+        shard.replace([_service(i, 2) for i in range(size)])
+        shard.mark_synced()
+        builder = Builder(BuildOptions())
+        view, _ = builder.update(EMPTY_VIEW, index.snapshot, None)
+        times = []
+        for p in range(1, changes + 1):
+            before = index.snapshot.version
+            shard.upsert(_service(p % size, 2, generation=p))
+            changed = index.changed_between(before, index.snapshot.version)
+            t0 = time.perf_counter()
+            view, _ = builder.update(view, index.snapshot, changed)
+            times.append(time.perf_counter() - t0)
+        runs.append({"services": size, "update_median_s": median(times), "update_p99_s": percentile(times, 99)})
+        print(f"  {size} services done", flush=True)
+    return {"changes": changes, "runs": runs}
+
+
+def _main_rebuild(args: argparse.Namespace, argv: list[str]) -> None:
+    figures = _measure_rebuild(args.sizes, args.pushes)
+    rows = [
+        [r["services"], f"{r['update_median_s'] * 1e6:.0f}", f"{r['update_p99_s'] * 1e6:.0f}"] for r in figures["runs"]
+    ]
+    print("Builder.update for one changed service (2 endpoints, one port: 4 resources)")
+    print(table(rows, ["services", "p50 us", "p99 us"]))
+    write_results("xds_rebuild", figures, ("python -m bench xds " + " ".join(argv)).strip())
+
+
 # -- entry points ------------------------------------------------------------------------------
 
 
@@ -522,7 +558,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--endpoints", type=int, default=10, help="per service")
     parser.add_argument("--scoped", action="store_true", help="exportTo: clients spread over --namespaces")
     parser.add_argument("--namespaces", type=int, default=10)
+    parser.add_argument("--rebuild", action="store_true", help="Builder.update cost by index size (--sizes)")
+    parser.add_argument("--sizes", default="1000,10000,100000", type=lambda s: [int(x) for x in s.split(",")])
     args = parser.parse_args(argv)
+    if args.rebuild:
+        _main_rebuild(args, argv)
+        return
     if args.scoped:
         _main_scoped(args, argv)
         return

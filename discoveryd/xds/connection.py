@@ -324,10 +324,10 @@ class Connection:
             if st.type_url in FULL_STATE and not subscribe:
                 st.wildcard = True
                 st.must_respond = True
-                st.pending |= resources.keys()
+                st.pending.update(resources.keys())
         if "*" in subscribe and not st.wildcard:
             st.wildcard = True
-            st.pending |= resources.keys()
+            st.pending.update(resources.keys())
         if "*" in unsubscribe:
             st.wildcard = False
         subscribe.discard("*")

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from types import MappingProxyType
 
+import immutables
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, config_source_pb2, health_check_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
@@ -143,16 +144,17 @@ class View:
     """
 
     version: int
-    resources: Mapping[str, Mapping[str, Resource]]
-    """type URL → resource name → resource."""
-    by_host: Mapping[Hostname, tuple[tuple[str, str], ...]]
+    resources: Mapping[str, immutables.Map[str, Resource]]
+    """type URL → resource name → resource (persistent maps: a new view shares all unchanged entries)."""
+    by_host: immutables.Map[Hostname, tuple[tuple[str, str], ...]]
     """hostname → the (type URL, name) pairs built from it."""
-    audiences: Mapping[str, Audience] = field(default_factory=dict)
+    audiences: immutables.Map[str, Audience] = field(default_factory=immutables.Map)
     """Resource name → the namespaces that may see it, for restricted resources only (the rest: everyone).
     A cluster and its assignment, a listener and its route share a name and a service, so one map serves
     every type."""
-    granted: frozenset[str] = frozenset()
-    """Every namespace named in `audiences`: a client in any other namespace sees only unrestricted resources."""
+    granted: immutables.Map[str, int] = field(default_factory=immutables.Map)
+    """Namespace → how many names in `audiences` it may see; a client in a namespace not in here sees only
+    unrestricted resources."""
     _bodies: dict[tuple[str, str | None], bytes] = field(default_factory=dict, compare=False, repr=False)
 
     def visible(self, name: str, namespace: str | None) -> bool:
@@ -185,7 +187,7 @@ class View:
         return [scope for t, scope in self._bodies if t == type_url]
 
 
-EMPTY_VIEW = View(0, MappingProxyType({t: MappingProxyType({}) for t in TYPES}), MappingProxyType({}))
+EMPTY_VIEW = View(0, MappingProxyType({t: immutables.Map() for t in TYPES}), immutables.Map())
 
 Changes = Mapping[str, frozenset[str]]
 """type URL → names added, changed or removed by an update."""
@@ -206,24 +208,28 @@ class Builder:
         self._timeout.FromTimedelta(timedelta(seconds=options.connect_timeout))
 
     def update(self, old: View, snapshot: Snapshot, changed: Iterable[Hostname] | None) -> tuple[View, Changes]:
-        """The view of `snapshot`, rebuilding only `changed` hostnames (all of them when None)."""
+        """The view of `snapshot`, rebuilding only `changed` hostnames (all of them when None).
+
+        O(changed): the tables are persistent maps, so an update touches only
+        the entries of the changed hostnames, whatever the size of the view.
+        """
         hosts = set(snapshot.services) | set(old.by_host) if changed is None else set(changed)
-        tables = {t: dict(old.resources[t]) for t in TYPES}
-        by_host = dict(old.by_host)
-        audiences = dict(old.audiences)
+        tables = {t: old.resources[t].mutate() for t in TYPES}
+        by_host = old.by_host.mutate()
+        audiences = old.audiences.mutate()
+        granted = old.granted.mutate()
         touched: dict[str, set[str]] = {t: set() for t in TYPES}
-        regranted = False
         for host in hosts:
-            keys_before = by_host.pop(host, ())
+            keys_before: tuple[tuple[str, str], ...] = by_host.pop(host, ())
             previous = {key: tables[key[0]].pop(key[1]) for key in keys_before if key[1] in tables[key[0]]}
             was: dict[str, Audience | None] = {}
             for _, name in keys_before:  # a cluster and its assignment share one name and one entry
                 if name not in was:
-                    was[name] = audiences.pop(name, None)
+                    was[name] = allowed = audiences.pop(name, None)
+                    _count(granted, allowed, -1)
             service = snapshot.services.get(host)
             built = self._build_or_skip(service) if service is not None else []
             now = audience(service) if service is not None else None
-            regranted = regranted or now is not None or any(a is not None for a in was.values())
             keys = []
             for type_url, name, message in built:
                 body = _pack(type_url, message)
@@ -235,20 +241,20 @@ class Builder:
                 else:
                     tables[type_url][name] = Resource(name, hashlib.blake2b(body, digest_size=8).hexdigest(), body)
                     touched[type_url].add(name)
-                if now is not None:
+                if now is not None and name not in audiences:
                     audiences[name] = now
+                    _count(granted, now, 1)
                 keys.append((type_url, name))
             for type_url, name in previous:
                 touched[type_url].add(name)
             if keys:
                 by_host[host] = tuple(keys)
-        granted = frozenset().union(*audiences.values()) if regranted else old.granted
         view = View(
             snapshot.version,
-            MappingProxyType({t: MappingProxyType(tables[t]) for t in TYPES}),
-            MappingProxyType(by_host),
-            MappingProxyType(audiences),
-            granted,
+            MappingProxyType({t: tables[t].finish() for t in TYPES}),
+            by_host.finish(),
+            audiences.finish(),
+            granted.finish(),
         )
         return view, {t: frozenset(names) for t, names in touched.items() if names}
 
@@ -385,6 +391,16 @@ def _pack(type_url: str, message: Message) -> bytes:
     value = message.SerializeToString(deterministic=True)
     packed: bytes = any_pb2.Any(type_url=type_url, value=value).SerializeToString(deterministic=True)
     return packed
+
+
+def _count(granted: immutables.MapMutation[str, int], allowed: Audience | None, delta: int) -> None:
+    """Add `delta` to the number of restricted names each namespace of `allowed` may see."""
+    for ns in allowed or ():
+        left = granted.get(ns, 0) + delta
+        if left:
+            granted[ns] = left
+        else:
+            del granted[ns]
 
 
 def _varint(n: int) -> bytes:
