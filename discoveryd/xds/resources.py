@@ -6,6 +6,9 @@ returns a new immutable `View`: for every type URL, resource name → `Resource`
 (a version and the serialized `google.protobuf.Any`). Only the changed
 hostnames are rebuilt; every other `Resource` object is carried over, so the
 bytes of one resource version are built once and shared by every connection.
+The tables are persistent maps (`immutables`): a new view shares every
+unchanged entry with the previous one, so a push costs O(changed), not
+O(resources).
 A rebuilt resource whose bytes did not change keeps its old object and is not
 reported as changed, so clients see no push for it.
 
