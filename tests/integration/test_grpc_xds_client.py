@@ -66,7 +66,10 @@ async def grpc_backend(name: str) -> AsyncIterator[int]:
         await server.stop(None)
 
 
-def bootstrap(xds_port: int) -> str:
+def bootstrap(xds_port: int, namespace: str | None = None) -> str:
+    node: dict[str, object] = {"id": "grpc-client", "cluster": "integration"}
+    if namespace is not None:
+        node["metadata"] = {"NAMESPACE": namespace}
     return json.dumps(
         {
             "xds_servers": [
@@ -76,7 +79,7 @@ def bootstrap(xds_port: int) -> str:
                     "server_features": ["xds_v3"],
                 }
             ],
-            "node": {"id": "grpc-client", "cluster": "integration"},
+            "node": node,
         }
     )
 
@@ -136,3 +139,59 @@ async def test_grpc_xds_client_spreads_over_both_backends_and_follows_updates(xd
                 await proc.wait()
         assert proc.returncode == 0, (await proc.stderr.read()).decode()[-3000:]
     assert sum(float(daemon_metrics().nacks.labels(t)._value.get()) for t in ("CDS", "EDS", "LDS", "RDS")) == nacks
+
+
+# Calls each target once and prints the status code of each call.
+PROBE = """
+import json, sys
+import grpc
+
+out = {}
+for target in sys.argv[2:]:
+    with grpc.insecure_channel(f"xds:///{target}") as channel:
+        try:
+            channel.unary_unary(sys.argv[1])(b"", timeout=40)
+            out[target] = "OK"
+        except grpc.RpcError as e:
+            out[target] = e.code().name
+print(json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.parametrize(("namespace", "sees_shop"), [("shop", True), ("web", False)])
+async def test_grpc_xds_client_dials_only_what_is_exported_to_its_namespace(
+    xds: RunningXds, namespace: str | None, sees_shop: bool
+) -> None:
+    async with grpc_backend("public") as public, grpc_backend("shop") as shop:
+        xds.put(
+            Service(
+                hostname=Hostname("public.test"),
+                ports=(Port(PORT, "grpc", PortProtocol.GRPC),),
+                endpoints=(Endpoint("127.0.0.1", ports={"grpc": public}),),
+            ),
+            Service(
+                hostname=Hostname("shop-only.test"),
+                namespace="shop",
+                export_to=(".",),
+                ports=(Port(PORT, "grpc", PortProtocol.GRPC),),
+                endpoints=(Endpoint("127.0.0.1", ports={"grpc": shop}),),
+            ),
+        )
+        env = {**os.environ, "GRPC_XDS_BOOTSTRAP_CONFIG": bootstrap(xds.port, namespace)}
+        env.pop("GRPC_XDS_BOOTSTRAP", None)
+        targets = [f"public.test:{PORT}", f"shop-only.test:{PORT}"]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", PROBE, METHOD, *targets, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            async with asyncio.timeout(90):  # a name gRPC never saw is "does not exist" only after 15 s
+                out, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 0, err.decode()[-3000:]
+        result = json.loads(out)
+        assert result[targets[0]] == "OK"
+        assert result[targets[1]] == ("OK" if sees_shop else "UNAVAILABLE"), result
