@@ -14,6 +14,7 @@ the daemon listens on loopback), and a DNS query is answered through it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -57,13 +58,22 @@ def _require_tools() -> None:
 
 
 def _base_image() -> str:
-    """A local image built from Debian packages; its tarball is cached by the hash of its inputs."""
+    """A local image built from Debian packages; its tarball is cached by the hash of its inputs.
+
+    Runs under a file lock: test runs in other checkouts on this machine share the cache.
+    """
     sources = SOURCES.read_bytes() if SOURCES.exists() else b""
     key = hashlib.sha256(repr((SUITE, BASE_PACKAGES, sources)).encode()).hexdigest()[:16]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with (CACHE / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _base_image_locked(key)
+
+
+def _base_image_locked(key: str) -> str:
     name = f"localhost/discoveryd-test-base:{key}"
     if _run("buildah", "inspect", "--type", "image", name, timeout=60).returncode == 0:
         return name
-    CACHE.mkdir(parents=True, exist_ok=True)
     tarball = CACHE / f"base-{key}.tar"
     if not tarball.exists():
         partial = tarball.with_suffix(".partial")
