@@ -300,5 +300,14 @@ def test_xds_is_tls_only_and_the_config_validates(tmp_path: Path) -> None:
         (tmp_path / name).write_text(text)
     loaded = config_mod.load(tmp_path / "discoveryd.yaml")  # raises ConfigError naming the key
     assert loaded.xds.listen is None
-    mounts = {m["mountPath"] for m in pod_spec()["containers"][0]["volumeMounts"]}
+    mounts = {m["mountPath"]: m for m in pod_spec()["containers"][0]["volumeMounts"]}
     assert str(Path(cfg["xds"]["tls"]["cert_file"]).parent) in mounts
+
+
+def test_the_state_dir_is_a_writable_volume_under_the_read_only_root() -> None:
+    cfg = yaml.safe_load(the("ConfigMap")["data"]["discoveryd.yaml"])
+    (container,) = pod_spec()["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == cfg["state_dir"]]
+    assert not mount.get("readOnly", False)
+    (volume,) = [v for v in pod_spec()["volumes"] if v["name"] == mount["name"]]
+    assert "emptyDir" in volume
