@@ -95,6 +95,7 @@ class XdsServer:
         self._plain_port: int | None = None
         self._tls_port: int | None = None
         self._serving = False
+        self._healthz = health.aio.HealthServicer()
         """False until a ready snapshot has been built: streams are accepted and their requests
         recorded, but nothing is written (a partial state of the world deletes what it lacks)."""
         self.started = asyncio.Event()
@@ -131,10 +132,9 @@ class XdsServer:
             log.info("xds: holding responses until every registry has synced or been restored")
         server = grpc.aio.server(options=_options(self._config))
         server.add_generic_rpc_handlers(self._handlers())
-        healthz = health.aio.HealthServicer()
+        healthz = self._healthz = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(healthz, server)
-        for service in ("", *(s[0] for s in _SERVICES)):
-            await healthz.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health()
         try:
             if self._config.listen is None and self._config.tls is None:
                 raise OSError(errno.EINVAL, "xds: no listener: set xds.listen or xds.tls")
@@ -174,7 +174,7 @@ class XdsServer:
         while True:
             snap = await self._index.wait(self._built_from.version)
             if not self._serving and snap.ready:
-                self._release()
+                await self._release()
                 continue
             changed = self._index.changed_between(self._built_from.version, snap.version)
             if changed is not None and not changed:
@@ -196,14 +196,14 @@ class XdsServer:
                 last = time.monotonic()
             snap = self._index.snapshot
             if not self._serving and snap.ready:  # readiness came during the debounce: no need to wait longer
-                self._release()
+                await self._release()
                 continue
             self._rebuild(snap, self._index.changed_between(self._built_from.version, snap.version), origin)
             if not self._serving and snap.ready:
                 # The index became ready inside the debounce window: the loop head will not see it again.
-                self._release()
+                await self._release()
 
-    def _release(self) -> None:
+    async def _release(self) -> None:
         """The index became ready: build its newest snapshot at once (no debounce) and start writing."""
         snap = self._index.snapshot
         self._rebuild(snap, self._index.changed_between(self._built_from.version, snap.version))
@@ -212,6 +212,13 @@ class XdsServer:
         for conn in self._connections.values():
             conn.held = False
             conn.wake.set()
+        await self._set_health()
+
+    async def _set_health(self) -> None:
+        """grpc.health.v1: NOT_SERVING while responses are held, so a balancer can send clients elsewhere."""
+        status = health_pb2.HealthCheckResponse.SERVING if self._serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", *(s[0] for s in _SERVICES)):
+            await self._healthz.set(service, status)
 
     def _rebuild(self, snap: Snapshot, changed: frozenset[Any] | None, origin: float | None = None) -> None:
         if changed is None:

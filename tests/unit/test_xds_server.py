@@ -312,6 +312,9 @@ async def test_nothing_is_served_until_every_registry_is_ready(index: Index) -> 
             await s.send(ENDPOINT, resource_names=[cluster("a.test"), cluster("b.test")])
             await eventually(lambda: len(server.connections) == 1 and server.connections[0].types[ENDPOINT].requested)
             assert server.syncz()["serving"] is False
+            health = health_pb2_grpc.HealthStub(ch)
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING, "a balancer can route elsewhere"
             etcd.replace([service("b.test", "10.0.0.2")])  # content, but not synced yet
             await eventually(lambda: cluster("b.test") in server.view.resources[CLUSTER], what="b built")
             etcd.mark_synced()
@@ -321,6 +324,8 @@ async def test_nothing_is_served_until_every_registry_is_ready(index: Index) -> 
             eds = await s.recv()
             assert endpoints_of(eds) == {cluster("a.test"): ["10.0.0.1:8080"], cluster("b.test"): ["10.0.0.2:8080"]}
             assert server.syncz()["serving"] is True
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
             await s.close()
     finally:
         await stop(task)
