@@ -557,9 +557,12 @@ class Connection:
     def _resource_count(self, st: TypeState) -> int:
         """How many resources the client holds: delta, what it was sent; SotW, what it subscribes to and exists."""
         if self.delta:
-            return sum(1 for v in st.known.values() if v != _ABSENT)
-        table = self.view.resources[st.type_url]
-        return len(table) if st.wildcard else sum(1 for n in st.names if n in table)
+            return sum(1 for v in st.known.values() if v not in (_ABSENT, _RESEND))
+        view, ns = self.view, self.namespace
+        table = view.resources[st.type_url]
+        if st.wildcard:
+            return view.visible_count(st.type_url, ns)
+        return sum(1 for n in st.names if n in table and view.visible(n, ns))
 
     def syncz(self) -> dict[str, Any]:
         types: dict[str, Any] = {}

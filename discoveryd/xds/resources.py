@@ -159,6 +159,7 @@ class View:
     """Namespace → how many names in `audiences` it may see; a client in a namespace not in here sees only
     unrestricted resources."""
     _bodies: dict[tuple[str, str | None], bytes] = field(default_factory=dict, compare=False, repr=False)
+    _counts: dict[tuple[str, str | None], int] = field(default_factory=dict, compare=False, repr=False)
 
     def visible(self, name: str, namespace: str | None) -> bool:
         """Whether a client in `namespace` (None: unknown) may see resource `name`."""
@@ -184,6 +185,16 @@ class View:
                     parts += (b"\x12", _varint(len(r.body)), r.body)
             body = self._bodies[key] = b"".join(parts)
         return body
+
+    def visible_count(self, type_url: str, namespace: str | None) -> int:
+        """How many resources of `type_url` a client in `namespace` sees (memoized per scope, like the bodies)."""
+        key = (type_url, self.scope(namespace))
+        count = self._counts.get(key)
+        if count is None:
+            table = self.resources[type_url]
+            hidden = sum(1 for n in self.audiences if n in table and not self.visible(n, key[1]))
+            count = self._counts[key] = len(table) - hidden
+        return count
 
     def cached_scopes(self, type_url: str) -> list[str | None]:
         """The scopes whose `sotw_body` of `type_url` has been built (for tests and /debug)."""

@@ -161,6 +161,8 @@ async def test_wildcard_responses_are_built_once_per_scope(xds: RunningXds, chan
         streams.append(s)
     view = xds.server.view
     await eventually(lambda: len(view.cached_scopes(CLUSTER)) == 3, what="one cached body per scope")
+    counts = {c["node"]: c["types"]["CDS"]["resources"] for c in xds.server.syncz()["connections"]}
+    assert counts[NODES["web"]["id"]] == len(SEES["web"]) and counts["plain-client2"] == len(SEES["none"])
     for s in streams:
         await s.close()
 
