@@ -20,6 +20,7 @@ the fake agent with py-consul, so the two agree on the wire.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -114,10 +115,12 @@ class ConsulClient:
         self._headers = {"X-Consul-Token": token} if token else {}
         self._ssl = _ssl_context(config, base_dir)
         self._server_name = config.tls.server_name if config.tls is not None else None
-        # One connection per concurrent blocking query: no pool limit (the registry bounds its own concurrency).
+        # One connection per request in flight; `max_connections` caps them with a fair (FIFO) semaphore,
+        # so a watch that just got its answer queues behind the ones waiting instead of starving them.
+        self._slots = asyncio.Semaphore(config.max_connections) if config.max_connections else None
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ssl=self._ssl if self._ssl is not None else False),
-            timeout=aiohttp.ClientTimeout(total=None, connect=config.connect_timeout),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout),
             raise_for_status=False,
         )
 
@@ -153,6 +156,12 @@ class ConsulClient:
         return params
 
     async def _get(self, path: str, params: list[tuple[str, str]], blocking: bool) -> Reply:
+        if self._slots is None:
+            return await self._request(path, params, blocking)
+        async with self._slots:
+            return await self._request(path, params, blocking)
+
+    async def _request(self, path: str, params: list[tuple[str, str]], blocking: bool) -> Reply:
         cfg = self._config
         read = cfg.request_timeout + (cfg.wait + cfg.wait / 16 if blocking else 0.0)
         try:
@@ -160,7 +169,7 @@ class ConsulClient:
                 self._base + path,
                 params=params,
                 headers=self._headers,
-                timeout=aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout, sock_read=read),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout, sock_read=read),
                 server_hostname=self._server_name,
             ) as resp:
                 body = await resp.read()

@@ -94,6 +94,12 @@ class ConsulConfig(RegistryConfig):
     connect_timeout: Duration = 5.0
     request_timeout: Duration = 30.0
     """Non-blocking requests (/v1/agent/self, first reads); blocking ones wait `wait` + wait/16 + this."""
+    max_connections: int = Field(default=0, ge=0)
+    """HTTP connections to the agent at most; 0: one per watch (a watch per service, +1 per datacenter).
+
+    A Consul agent accepts `limits.http_max_conns_per_client` (default 200) connections per client
+    address: above that many services, raise it on the agent, or cap here (watches beyond the cap
+    then wait for a free connection, so their changes arrive up to `wait` late)."""
     initial_concurrency: int = Field(default=32, ge=1, le=1024)
     """Services read at once during a datacenter's full sync."""
     backoff_initial: Duration = 0.2

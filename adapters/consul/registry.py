@@ -64,6 +64,9 @@ log = logging.getLogger("discoveryd.adapters.consul")
 
 __all__ = ["ConsulRegistry", "next_index"]
 
+_AGENT_CONNS = 200
+"""Consul's default `limits.http_max_conns_per_client`."""
+
 
 def next_index(asked: int, answered: int) -> int:
     """The index for the next blocking read after asking with `asked` and being answered `answered`.
@@ -232,6 +235,7 @@ class _Datacenter:
         assert self._tg is not None
         for name in [n for n in self._watches if n not in found]:
             watch = self._watches.pop(name)
+            self._registry.count_watches(-1)
             if watch.task is not None:
                 watch.task.cancel()
             self._ok(f"service {name}")
@@ -254,6 +258,7 @@ class _Datacenter:
                 )
                 continue
             watch = self._watches[name] = _Watch(name)
+            self._registry.count_watches(1)
             watch.task = self._tg.create_task(self._health(watch), name=f"consul:{self._dc}:{name}")
             started.append(watch)
         if not self._synced:
@@ -345,6 +350,8 @@ class ConsulRegistry:
         self._base_dir = base_dir
         self._client: ConsulClient | None = None
         self._backoff = Backoff(initial=config.backoff_initial, maximum=config.backoff_max)
+        self._watches = 0
+        self._warned = False
 
     @property
     def source(self) -> SourceId:
@@ -373,6 +380,20 @@ class ConsulRegistry:
         if isinstance(error, ConsulHTTPError) and error.retry_after is not None:
             seconds = max(seconds, min(error.retry_after, cfg.backoff_max))
         return seconds
+
+    def count_watches(self, delta: int) -> None:
+        """Track blocking queries held at once; warn once when they pass what an agent allows by default."""
+        self._watches += delta
+        cfg = self.consul_config
+        if self._watches + max(1, len(cfg.datacenters)) > _AGENT_CONNS and not cfg.max_connections and not self._warned:
+            self._warned = True
+            log.warning(
+                "consul %s: %d blocking queries at once: a Consul agent allows %d connections per client by "
+                "default (limits.http_max_conns_per_client); raise it there, or set max_connections here",
+                self.config.source,
+                self._watches,
+                _AGENT_CONNS,
+            )
 
     def refresh_token(self) -> None:
         """Re-read the token (after a 403: it may have been rotated); a read error keeps the old one."""

@@ -525,3 +525,16 @@ async def test_port_number_and_so_the_cluster_name_stay_while_used(fake: FakeCon
         fake.deregister("web")
         await eventually(lambda: len(r.service("web").endpoints) == 2, what="first gone")  # type: ignore[union-attr]
         assert r.service("web").ports[0].number == 8000  # type: ignore[union-attr]
+
+
+async def test_capped_connections_still_deliver_every_change(fake: FakeConsul) -> None:
+    for i in range(4):
+        fake.register(f"svc{i}", f"10.0.0.{i + 1}", 80)
+    # 5 watches over 2 connections: the watches queue for a connection, each change still arrives
+    # (at most one `wait` late).
+    async with running(fake, max_connections=2, wait="500ms") as r:
+        await eventually(lambda: r.part().synced, timeout=10, what="synced")
+        assert len(r.part().services) == 4
+        fake.register("svc3", "10.0.0.99", 80, service_id="svc3-b")
+        await eventually(lambda: len(r.service("svc3").endpoints) == 2, timeout=10, what="change seen")  # type: ignore[union-attr]
+        assert not r.part().stale

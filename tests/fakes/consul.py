@@ -112,25 +112,65 @@ class Node:
     modify_index: int = 0
 
 
+class _Instances(dict[tuple[str, str], Instance]):
+    """(node, service_id) → instance, with views by service and by node kept up to date on every write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_service: dict[str, dict[tuple[str, str], Instance]] = {}
+        self.by_node: dict[str, dict[tuple[str, str], Instance]] = {}
+
+    def __setitem__(self, key: tuple[str, str], inst: Instance) -> None:
+        if key in self:
+            self._unindex(key, self[key])
+        super().__setitem__(key, inst)
+        self.by_service.setdefault(inst.service, {})[key] = inst
+        self.by_node.setdefault(key[0], {})[key] = inst
+
+    def __delitem__(self, key: tuple[str, str]) -> None:
+        inst = self[key]
+        super().__delitem__(key)
+        self._unindex(key, inst)
+
+    def _unindex(self, key: tuple[str, str], inst: Instance) -> None:
+        for view, name in ((self.by_service, inst.service), (self.by_node, key[0])):
+            group = view[name]
+            del group[key]
+            if not group:
+                del view[name]
+
+
+class _Checks(dict[tuple[str, str], Check]):
+    """(node, check_id) → check, with a view by node kept up to date on every write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_node: dict[str, dict[str, Check]] = {}
+
+    def __setitem__(self, key: tuple[str, str], chk: Check) -> None:
+        super().__setitem__(key, chk)
+        self.by_node.setdefault(key[0], {})[key[1]] = chk
+
+    def __delitem__(self, key: tuple[str, str]) -> None:
+        super().__delitem__(key)
+        group = self.by_node[key[0]]
+        del group[key[1]]
+        if not group:
+            del self.by_node[key[0]]
+
+
 @dataclass(slots=True)
 class _Datacenter:
     name: str
     index: int = 1
     nodes: dict[str, Node] = field(default_factory=dict)
-    instances: dict[tuple[str, str], Instance] = field(default_factory=dict)
-    """(node, service_id) → instance."""
-    checks: dict[tuple[str, str], Check] = field(default_factory=dict)
-    """(node, check_id) → check."""
+    instances: _Instances = field(default_factory=_Instances)
+    checks: _Checks = field(default_factory=_Checks)
     services_index: int = 1
     """Index of the last write to the services table (what /v1/catalog/services answers)."""
     service_index: dict[str, int] = field(default_factory=dict)
     """Service name → index of the last write that changed what /v1/health/service/<name> answers."""
     down: bool = False
-    mutations: int = 0
-    """Bumped by every write; the read views below are rebuilt when it moved."""
-    view_at: int = -1
-    by_service: dict[str, list[Instance]] = field(default_factory=dict)
-    checks_by_node: dict[str, list[Check]] = field(default_factory=dict)
     epoch: int = 0
     """Bumped by a reset: blocked queries return at once (Consul aborts them on a snapshot restore)."""
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -218,7 +258,6 @@ class FakeConsul:
     def _bump(self, dc: _Datacenter, services: Iterable[str], *, table: bool) -> int:
         # Raft's first entry (index 1) is the cluster's own configuration: a write lands at 2 or later.
         dc.index = max(dc.index + 1, 2)
-        dc.mutations += 1
         for s in services:
             dc.service_index[s] = dc.index
         if table:
@@ -274,7 +313,7 @@ class FakeConsul:
             weights=dict(weights or {"Passing": 1, "Warning": 1}),
             tagged_addresses={k: dict(v) for k, v in (tagged_addresses or {}).items()},
         )
-        affected = {service} | {i.service for i in d.instances.values() if i.node == node_name}
+        affected = {service} | {i.service for i in d.instances.by_node.get(node_name, {}).values()}
         d.instances[(node_name, inst.service_id)] = inst
         if status is not None:
             check_id = f"service:{inst.service_id}"
@@ -286,20 +325,21 @@ class FakeConsul:
     def deregister(self, service_id: str, *, node: str | None = None, dc: str | None = None) -> None:
         """Remove one instance (by service ID, on `node` or on any node) and its checks."""
         d = self._dc(dc)
-        gone = [k for k in d.instances if k[1] == service_id and (node is None or k[0] == node)]
+        keys = d.instances if node is None else d.instances.by_node.get(node, {})
+        gone = [k for k in keys if k[1] == service_id]
         names = {d.instances[k].service for k in gone}
         for k in gone:
             del d.instances[k]
-            for ck in [c for c, chk in d.checks.items() if c[0] == k[0] and chk.service_id == service_id]:
-                del d.checks[ck]
+            for check_id, chk in list(d.checks.by_node.get(k[0], {}).items()):
+                if chk.service_id == service_id:
+                    del d.checks[(k[0], check_id)]
         if gone:
             self._bump(d, names, table=True)
 
     def deregister_service(self, service: str, dc: str | None = None) -> None:
         d = self._dc(dc)
-        for k, inst in list(d.instances.items()):
-            if inst.service == service:
-                self.deregister(inst.service_id, node=k[0], dc=dc)
+        for k, inst in list(d.instances.by_service.get(service, {}).items()):
+            self.deregister(inst.service_id, node=k[0], dc=dc)
 
     def set_check(self, node: str, check_id: str, status: str, *, service_id: str = "", dc: str | None = None) -> None:
         """Set (or add) a check on `node`: a node check when `service_id` is empty."""
@@ -309,9 +349,10 @@ class FakeConsul:
             chk = d.checks[(node, check_id)] = Check(check_id, status, service_id, check_id)
         chk.status = status
         if chk.service_id:
-            affected = {i.service for i in d.instances.values() if i.node == node and i.service_id == chk.service_id}
+            on_node = d.instances.by_node.get(node, {}).values()
+            affected = {i.service for i in on_node if i.service_id == chk.service_id}
         else:
-            affected = {i.service for i in d.instances.values() if i.node == node}
+            affected = {i.service for i in d.instances.by_node.get(node, {}).values()}
         chk.modify_index = self._bump(d, affected, table=False)
 
     def set_service_check(self, service_id: str, status: str, dc: str | None = None) -> None:
@@ -330,7 +371,6 @@ class FakeConsul:
         d = self._dc(dc)
         d.index = to
         d.epoch += 1
-        d.mutations += 1
         d.services_index = min(d.services_index, to)
         for s in d.service_index:
             d.service_index[s] = min(d.service_index[s], to)
@@ -420,8 +460,8 @@ class FakeConsul:
             if dc.down:
                 return web.Response(status=500, text="rpc error making call: No path to datacenter")
             services: dict[str, set[str]] = {}
-            for inst in dc.instances.values():
-                services.setdefault(inst.service, set()).update(inst.tags)
+            for name, group in dc.instances.by_service.items():
+                services[name] = {t for inst in group.values() for t in inst.tags}
             return self._json({s: sorted(t) for s, t in sorted(services.items())}, dc.services_index)
         for prefix in ("/v1/health/service/", "/v1/catalog/service/"):
             if path.startswith(prefix):
@@ -441,23 +481,12 @@ class FakeConsul:
                 return self._json([self._catalog_row(dc, i) for i in rows], index())
         return web.Response(status=404, text="Not found")
 
-    def _view(self, dc: _Datacenter) -> _Datacenter:
-        """`dc` with its per-service and per-node read views current (rebuilt after writes, O(size))."""
-        if dc.view_at != dc.mutations:
-            dc.by_service, dc.checks_by_node = {}, {}
-            for key in sorted(dc.instances):
-                inst = dc.instances[key]
-                dc.by_service.setdefault(inst.service, []).append(inst)
-            for (node, _), chk in sorted(dc.checks.items()):
-                dc.checks_by_node.setdefault(node, []).append(chk)
-            dc.view_at = dc.mutations
-        return dc
-
     def _instances(self, request: web.Request, dc: _Datacenter, name: str) -> list[Instance]:
         tags = request.query.getall("tag", [])
         passing = "passing" in request.query
         out = []
-        for inst in self._view(dc).by_service.get(name, ()):
+        group = dc.instances.by_service.get(name, {})
+        for _, inst in sorted(group.items()):
             if not all(t in inst.tags for t in tags):
                 continue
             if passing and any(c.status != "passing" for c in self._checks(dc, inst)):
@@ -495,7 +524,7 @@ class FakeConsul:
     def _checks(self, dc: _Datacenter, inst: Instance) -> list[Check]:
         return [
             c
-            for c in self._view(dc).checks_by_node.get(inst.node, ())
+            for _, c in sorted(dc.checks.by_node.get(inst.node, {}).items())
             if not c.service_id or c.service_id == inst.service_id
         ]
 
@@ -577,7 +606,7 @@ class FakeConsul:
             if sid:
                 self.deregister(sid, node=node, dc=dc.name)
             else:
-                for inst in [i for i in dc.instances.values() if i.node == node]:
+                for inst in list(dc.instances.by_node.get(node, {}).values()):
                     self.deregister(inst.service_id, node=node, dc=dc.name)
                 dc.nodes.pop(node, None)
             return self._json(True)
@@ -603,16 +632,20 @@ class FakeConsul:
         return web.Response(status=404, text="Not found")
 
     def _catalog_register(self, body: dict[str, Any], dc: _Datacenter) -> web.Response:
+        """Consul's catalog register: a write that changes nothing registered (the same service again, a
+        check's new status) leaves the services table, and so /v1/catalog/services, alone."""
         node_name, address = _field(body, "Node"), _field(body, "Address")
         if not node_name or not address:
             raise ValueError("Must provide node and address")
         node = dc.nodes.get(node_name)
+        before = (node.address, node.meta, node.tagged_addresses) if node is not None else None
         if node is None:
             node = dc.nodes[node_name] = Node(node_name, address)
         node.address = address
         node.meta = dict(_field(body, "NodeMeta") or node.meta)
         node.tagged_addresses = dict(_field(body, "TaggedAddresses") or node.tagged_addresses)
-        affected = {i.service for i in dc.instances.values() if i.node == node_name}
+        table = before != (node.address, node.meta, node.tagged_addresses)
+        affected = {i.service for i in dc.instances.by_node.get(node_name, {}).values()} if table else set()
         svc = _field(body, "Service")
         if svc:
             name = _field(svc, "Service")
@@ -629,21 +662,32 @@ class FakeConsul:
                 weights=dict(_field(svc, "Weights") or {"Passing": 1, "Warning": 1}),
                 tagged_addresses=dict(_field(svc, "TaggedAddresses") or {}),
             )
-            dc.instances[(node_name, inst.service_id)] = inst
-            affected.add(inst.service)
+            key = (node_name, inst.service_id)
+            old = dc.instances.get(key)
+            if old is not None:
+                inst.modify_index = old.modify_index
+            if old != inst:
+                dc.instances[key] = inst
+                affected.add(inst.service)
+                table = True
         checks = list(_field(body, "Checks") or ()) + ([_field(body, "Check")] if _field(body, "Check") else [])
         for c in checks:
             check_id = _field(c, "CheckID") or _field(c, "Name")
             if not check_id:
                 raise ValueError("Missing check ID")
-            dc.checks[(node_name, check_id)] = Check(
-                check_id,
-                _field(c, "Status") or "critical",
-                _field(c, "ServiceID") or "",
-                _field(c, "Name") or check_id,
+            chk = Check(
+                check_id, _field(c, "Status") or "critical", _field(c, "ServiceID") or "", _field(c, "Name") or check_id
             )
-        idx = self._bump(dc, affected, table=True)
-        node.modify_index = idx
+            old_check = dc.checks.get((node_name, check_id))
+            if old_check is not None:
+                chk.modify_index = old_check.modify_index
+            if old_check != chk:
+                dc.checks[(node_name, check_id)] = chk
+                on_node = dc.instances.by_node.get(node_name, {}).values()
+                affected |= {i.service for i in on_node if not chk.service_id or i.service_id == chk.service_id}
+        if table or affected:
+            idx = self._bump(dc, affected, table=table)
+            node.modify_index = idx
         return self._json(True)
 
 
