@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from adapters.consul import ConsulConfig, ConsulRegistry
 from adapters.consul.registry import next_index
 from discoveryd.model import Health, Hostname, PortProtocol, Problem, Service, SourceId
 from discoveryd.testing import AdapterContract
+from tests.adapters.etcd_server import make_certs
 from tests.fakes.consul import FakeConsul
 from tests.helpers import eventually
 
@@ -538,3 +540,37 @@ async def test_capped_connections_still_deliver_every_change(fake: FakeConsul) -
         fake.register("svc3", "10.0.0.99", 80, service_id="svc3-b")
         await eventually(lambda: len(r.service("svc3").endpoints) == 2, timeout=10, what="change seen")  # type: ignore[union-attr]
         assert not r.part().stale
+
+
+async def test_consistency_namespace_partition_and_tags_go_on_the_wire(fake: FakeConsul) -> None:
+    fake.register("web", "10.0.0.1", 80, tags=["prod"])
+    async with running(fake) as r:
+        await eventually(lambda: r.service("web"), what="read")
+        plain = fake.last_query["/v1/health/service/web"]
+        assert not {"stale", "consistent", "ns", "partition", "tag"} & plain.keys(), plain
+    async with running(fake, consistency="stale", namespace="team-a", partition="p1", tags=["prod"]) as r:
+        await eventually(lambda: r.service("web"), what="read")
+        query = fake.last_query["/v1/health/service/web"]
+        assert "stale" in query and query["ns"] == "team-a" and query["partition"] == "p1" and query["tag"] == "prod"
+        assert "stale" in fake.last_query["/v1/catalog/services"]
+        assert r.service("web").namespace == "team-a"  # type: ignore[union-attr]
+
+
+async def test_https_with_client_certificate(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "pki")
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(certs["ca"]))
+    server.load_cert_chain(certs["server_cert"], certs["server_key"])
+    server.verify_mode = ssl.CERT_REQUIRED
+    fake = FakeConsul()
+    await fake.start(server)
+    try:
+        fake.register("web", "10.0.0.1", 80)
+        tls = {"ca_file": "pki/ca.pem", "cert_file": "pki/client.pem", "key_file": "pki/client.key"}
+        async with running(fake, tmp_path, tls=tls) as r:
+            await eventually(lambda: r.service("web"), what="read over mTLS")
+        # Without our certificate the agent refuses the handshake: failing, reported, nothing read.
+        async with running(fake, tmp_path, tls={"ca_file": "pki/ca.pem"}) as r:
+            await eventually(lambda: r.part("").errors, what="handshake refused")
+            assert r.part("dc1").services == {}
+    finally:
+        await fake.stop()

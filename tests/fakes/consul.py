@@ -46,6 +46,7 @@ import asyncio
 import json
 import random
 import re
+import ssl
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -200,25 +201,32 @@ class FakeConsul:
         self.blocked: Counter[str] = Counter()
         """Blocking queries being held right now, by path."""
         self.seen_tokens: list[str | None] = []
+        self.last_query: dict[str, dict[str, str]] = {}
+        """The query parameters of the last request, by path."""
         self._faults: list[_Fault] = []
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.port = 0
+        self._scheme = "http"
         self._active: set[asyncio.Task[Any]] = set()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self._scheme}://127.0.0.1:{self.port}"
 
-    async def start(self) -> None:
-        """Listen on 127.0.0.1 (the port of the previous start, if any, so clients reconnect there)."""
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        """Listen on 127.0.0.1 (the port of the previous start, if any, so clients reconnect there).
+
+        With `ssl_context`, HTTPS (`url` then says https).
+        """
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True, ssl_context=ssl_context)
+        self._scheme = "https" if ssl_context is not None else "http"
         await self._site.start()
         server = self._site._server
         assert server is not None
@@ -410,6 +418,7 @@ class FakeConsul:
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         path = request.path
         self.requests[path] += 1
+        self.last_query[path] = dict(request.query)
         if "index" in request.query:
             self.blocking_requests[path] += 1
         token = self._token(request)
