@@ -168,7 +168,7 @@ async def _measure_big_file(directory: Path, entries: int, writes: int) -> list[
             start = time.monotonic()
             os.replace(temp, target)
             while True:
-                snapshot = await asyncio.wait_for(index.wait(version), timeout=30)
+                snapshot = await asyncio.wait_for(index.wait(version), timeout=120)
                 version = snapshot.version
                 svc = snapshot.services.get(host)
                 if svc is not None and any(ep.address == want for ep in svc.endpoints):

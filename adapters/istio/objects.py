@@ -205,12 +205,16 @@ class _Checker:
         return None
 
     def mapping(self, value: Any, path: FieldPath, fields: Sequence[str] | None = None) -> dict[str, Any] | None:
-        found: dict[str, Any] | None = self._typed(value, path, lambda v: isinstance(v, dict), "an object")
-        if found is not None and fields is not None:
-            for key in found:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self.fail(path, f"must be an object, not {_describe(value)}")
+            return None
+        if fields is not None:
+            for key in value:
                 if key not in fields:
                     self.unknown(path, key, fields)
-        return found
+        return value
 
     def unknown(self, path: FieldPath, key: Any, fields: Sequence[str]) -> None:
         close = difflib.get_close_matches(str(key), fields, n=1)
@@ -218,8 +222,10 @@ class _Checker:
         self.fail((*path, str(key)), f"unknown field{hint}")
 
     def string(self, value: Any, path: FieldPath) -> str | None:
-        found: str | None = self._typed(value, path, lambda v: isinstance(v, str), "a string")
-        return found
+        if value is None or isinstance(value, str):
+            return value
+        self.fail(path, f"must be a string, not {_describe(value)}")
+        return None
 
     def integer(self, value: Any, path: FieldPath, low: int, high: int) -> int | None:
         found: int | None = self._typed(
@@ -235,7 +241,10 @@ class _Checker:
 
     def items(self, value: Any, path: FieldPath, read: Callable[[Any, FieldPath], T | None]) -> list[T]:
         """Each element of a list, read with `read`; elements that fail are left out."""
-        found = self._typed(value, path, lambda v: isinstance(v, list), "a list")
+        if value is not None and not isinstance(value, list):
+            self.fail(path, f"must be a list, not {_describe(value)}")
+            return []
+        found = value
         out: list[T] = []
         for i, item in enumerate(found or ()):
             got = read(item, (*path, i))
@@ -417,8 +426,8 @@ class _Checker:
                             f"CIDR address {address!r} is allowed only with resolution NONE or STATIC, "
                             f"not {resolution.value}",
                         )
-                else:
-                    ipaddress.ip_address(address)
+                elif not _is_ip(address):
+                    raise ValueError(address)
             except ValueError:
                 self.fail((*path, i), f"{address!r} is not an IP address or CIDR block")
                 continue
@@ -556,7 +565,7 @@ class _Checker:
                 self.fail((*path, "address"), f"{address!r}: a unix address needs an absolute path to a socket")
             if ep.get("ports"):
                 self.fail((*path, "ports"), f"unix endpoint {address} must not have ports")
-        elif not is_ip(address):
+        elif not _is_ip(address):
             if not allow_fqdn:
                 self.fail((*path, "address"), f"{address!r} is not an IP address (resolution STATIC)")
             elif not is_fqdn(address):
@@ -602,6 +611,16 @@ class _Checker:
             return Locality()
         parts += [""] * (3 - len(parts))
         return Locality(region=parts[0], zone=parts[1], subzone=parts[2])
+
+
+_IPV4 = re.compile(
+    r"^(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$"
+)
+
+
+def _is_ip(address: str) -> bool:
+    """`model.is_ip`, with dotted-quad IPv4 (the common case) checked by a pattern of the same rules."""
+    return _IPV4.fullmatch(address) is not None or (":" in address and is_ip(address))
 
 
 def _describe(value: Any) -> str:

@@ -36,13 +36,12 @@ from typing import Any
 import yaml
 from yaml.events import (
     AliasEvent,
-    DocumentEndEvent,
-    DocumentStartEvent,
     MappingEndEvent,
     MappingStartEvent,
     ScalarEvent,
     SequenceEndEvent,
     SequenceStartEvent,
+    StreamEndEvent,
 )
 
 from adapters.istio.locate import FieldPath, Locator
@@ -59,7 +58,7 @@ _ODD_BREAKS = ("\r", "\x85", "\u2028", "\u2029")
 _STR = "tag:yaml.org,2002:str"
 _MERGE = "tag:yaml.org,2002:merge"
 _SCALAR_CACHE_MAX = 4096
-_plain_scalars: dict[tuple[LoaderClass, str], Any] = {}
+_plain_scalars: dict[LoaderClass, dict[str, Any]] = {}
 """Plain scalar text → its value (resolution depends on the text alone); values are immutable.
 
 Shared by every thread: a lost race only computes a value twice."""
@@ -240,48 +239,53 @@ def _build(loader_class: LoaderClass, text: str) -> list[Any]:
     loader = loader_class(text)
     resolve: Callable[..., str] = loader.resolve
     constructors = loader.yaml_constructors
-    cache = _plain_scalars
+    cache = _plain_scalars.setdefault(loader_class, {})
+    get_event = loader.get_event
+    scalar_event, alias_event = ScalarEvent, AliasEvent
+    mapping_start, sequence_start = MappingStartEvent, SequenceStartEvent
+    mapping_end, sequence_end, stream_end = MappingEndEvent, SequenceEndEvent, StreamEndEvent
+    missing = _NO_KEY
     roots: list[Any] = []
     stack: list[Any] = []
     keys: list[Any] = []
-    pending = _NO_KEY
+    pending = missing
     try:
-        while loader.check_event():
-            event: Any = loader.get_event()
+        while True:
+            event: Any = get_event()
             kind = type(event)
-            if kind is ScalarEvent:
+            if kind is scalar_event:
                 if event.anchor is not None:
                     raise _Unusual
                 tag = event.tag
-                plain = event.implicit[0] and tag is None
-                if plain and (loader_class, event.value) in cache:
-                    value = cache[loader_class, event.value]
+                text_value = event.value
+                if tag is None:
+                    if event.implicit[0]:  # plain: its type depends on its text alone
+                        value = cache.get(text_value, missing)
+                        if value is missing:
+                            value = _scalar(loader, resolve(yaml.ScalarNode, text_value, event.implicit), text_value)
+                            if len(cache) < _SCALAR_CACHE_MAX and len(text_value) < 64:
+                                cache[text_value] = value
+                    else:  # quoted
+                        value = text_value
                 else:
-                    if tag is None or tag == "!":
-                        tag = resolve(yaml.ScalarNode, event.value, event.implicit)
-                    if tag == _STR:
-                        value = event.value
-                    elif tag == _MERGE:
-                        raise _Unusual
-                    else:
-                        value = constructors[tag](loader, yaml.ScalarNode(tag, event.value))
-                    if plain and len(cache) < _SCALAR_CACHE_MAX and len(event.value) < 64:
-                        cache[loader_class, event.value] = value
-            elif kind is MappingStartEvent or kind is SequenceStartEvent:
+                    if tag == "!":
+                        tag = resolve(yaml.ScalarNode, text_value, event.implicit)
+                    value = text_value if tag == _STR else _scalar(loader, tag, text_value, constructors)
+            elif kind is mapping_start or kind is sequence_start:
                 if event.anchor is not None or (event.tag is not None and event.tag != "!" and not event.implicit):
                     raise _Unusual
-                stack.append({} if kind is MappingStartEvent else [])
+                stack.append({} if kind is mapping_start else [])
                 keys.append(pending)
-                pending = _NO_KEY
+                pending = missing
                 continue
-            elif kind is MappingEndEvent or kind is SequenceEndEvent:
+            elif kind is mapping_end or kind is sequence_end:
                 value = stack.pop()
                 pending = keys.pop()
-            elif kind is AliasEvent:
+            elif kind is alias_event:
                 raise _Unusual
-            elif kind is DocumentStartEvent or kind is DocumentEndEvent:
-                continue
-            else:  # stream start / end
+            elif kind is stream_end or event is None:
+                break
+            else:  # stream start, document start / end
                 continue
             if not stack:
                 roots.append(value)
@@ -289,7 +293,7 @@ def _build(loader_class: LoaderClass, text: str) -> list[Any]:
             top = stack[-1]
             if type(top) is list:
                 top.append(value)
-            elif pending is _NO_KEY:
+            elif pending is missing:
                 if type(value) is dict or type(value) is list:
                     raise _Unusual  # a complex key
                 pending = value
@@ -297,10 +301,20 @@ def _build(loader_class: LoaderClass, text: str) -> list[Any]:
                 if pending in top:
                     raise _Unusual  # a duplicate key: the composer reports it with its line
                 top[pending] = value
-                pending = _NO_KEY
+                pending = missing
     finally:
         loader.dispose()
     return roots
+
+
+def _scalar(loader: Any, tag: str, text: str, constructors: Any = None) -> Any:
+    """A scalar of a resolved `tag` (not a string), built by the loader's own constructor."""
+    if tag == _STR:
+        return text
+    if tag == _MERGE:
+        raise _Unusual
+    table = constructors if constructors is not None else loader.yaml_constructors
+    return table[tag](loader, yaml.ScalarNode(tag, text))
 
 
 class _NoKey:

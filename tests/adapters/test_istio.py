@@ -6,6 +6,8 @@ import textwrap
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adapters.istio import (
     FAST_LOADER,
@@ -14,12 +16,13 @@ from adapters.istio import (
     ObjectLocator,
     Pod,
     Translation,
+    objects,
     pod_workload,
     read_object,
     read_yaml_objects,
 )
 from adapters.istio.yamlread import parse_documents, split_chunks
-from discoveryd.model import Health, Hostname, Problem
+from discoveryd.model import Health, Hostname, Problem, is_ip
 
 FILE = "/etc/mesh/entries.yaml"
 
@@ -223,3 +226,9 @@ def test_duplicate_object_and_merged_host_problems_point_at_their_lines(loader: 
     assert found == [(f"{FILE}:17", "metadata.name"), (f"{FILE}:33", "spec.hosts[0]")]
     endpoints = translation.services[Hostname("a.example.com")].endpoints
     assert [e.address for e in endpoints] == ["10.0.0.1", "10.0.0.3"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="0123456789.:abcdef%x \n", max_size=20) | st.ip_addresses().map(str))
+def test_the_fast_ip_check_agrees_with_the_model(text: str) -> None:
+    assert objects._is_ip(text) == is_ip(text)
