@@ -416,7 +416,25 @@ class Index:
             return
         changed: set[Hostname] = set()
         conflicts_changed = False
-        if self._dirty:
+        if len(self._dirty) == 1:
+            # The common case (one upsert or delete): plain set/delete, cheaper than a mutation.
+            host = self._dirty.pop()
+            merged, conflict = self._merge(host)
+            previous = self._merged.get(host)
+            if merged is None:
+                if previous is not None:
+                    self._merged = self._merged.delete(host)
+                    changed.add(host)
+            elif merged is not previous:
+                self._merged = self._merged.set(host, merged)
+                changed.add(host)
+            old_conflict = self._conflicts.get(host)
+            if conflict != old_conflict:
+                self._conflicts = (
+                    self._conflicts.delete(host) if conflict is None else self._conflicts.set(host, conflict)
+                )
+                conflicts_changed = True
+        elif self._dirty:
             merged_old, conflicts_old = self._merged, self._conflicts
             # One mutation per version; its setup costs about two plain `set`s.
             merged_map = merged_old.mutate()
@@ -624,7 +642,10 @@ class Shard:
 
     def upsert(self, service: Service) -> None:
         stamped = self._stamp(service)
-        self._write(lambda: self._upsert(stamped))
+        if self._state.staged is None and not self._state.closed:
+            self._upsert(stamped)  # the hot path: no closure
+        else:
+            self._write(lambda: self._upsert(stamped))
 
     def delete(self, hostname: Hostname) -> None:
         self._write(lambda: self._delete(hostname))
