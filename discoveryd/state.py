@@ -276,9 +276,20 @@ def write_atomically(directory: Path, data: bytes) -> None:
         os.close(dfd)
 
 
+def _remove_leftovers(directory: Path) -> None:
+    """Temporary files of a write that never finished (the process was killed mid-write)."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            if entry.name.startswith(".index.") and entry.name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    log.info("state: removed %s, left by an interrupted write", entry.path)
+
+
 def load(directory: Path, sources: Sequence[SourceId]) -> LoadResult | None:
     """The saved parts of the registries in `sources`; None on a cold start or an unusable file (logged)."""
     path = directory / FILE_NAME
+    _remove_leftovers(directory)
     try:
         data = path.read_bytes()
     except FileNotFoundError:

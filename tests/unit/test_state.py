@@ -232,3 +232,21 @@ def test_a_replace_identical_to_the_restored_content_keeps_it_after_sync(tmp_pat
     assert {"kept.example", "gone.example"} <= set(index.snapshot.services)
     assert not (index.snapshot.changed & {"kept.example", "gone.example"})
     assert index.snapshot.version > version
+
+
+def test_leftovers_of_an_interrupted_write_are_removed_at_load(tmp_path: Path) -> None:
+    (tmp_path / ".index.abc.tmp").write_bytes(b"half a file")
+    assert state.load(tmp_path, [A]) is None  # no state file: a cold start
+    assert not (tmp_path / ".index.abc.tmp").exists()
+
+
+def test_config_keys_state_dir_and_ready_timeout(tmp_path: Path) -> None:
+    from discoveryd.config import ConfigError, parse
+
+    cfg = parse("state_dir: state\nready_timeout: 5s\n", tmp_path / "discoveryd.yaml")
+    assert cfg.state_dir == tmp_path / "state" and cfg.ready_timeout == 5.0
+    defaults = parse("", tmp_path / "discoveryd.yaml")
+    assert defaults.state_dir is None and defaults.ready_timeout == 30.0
+    with pytest.raises(ConfigError) as e:
+        parse("ready_timeout: soon\n", tmp_path / "discoveryd.yaml")
+    assert "ready_timeout" in str(e.value) and "discoveryd.yaml:1" in str(e.value)
