@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import gzip
 import logging
 import os
@@ -34,7 +35,7 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -276,6 +277,18 @@ def write_atomically(directory: Path, data: bytes) -> None:
         os.close(dfd)
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Decoding allocates millions of objects and no cyclic garbage: the collector would only rescan them."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _remove_leftovers(directory: Path) -> None:
     """Temporary files of a write that never finished (the process was killed mid-write)."""
     with contextlib.suppress(OSError):
@@ -299,7 +312,8 @@ def load(directory: Path, sources: Sequence[SourceId]) -> LoadResult | None:
         log.error("state: cannot read %s (%s); starting without it", path, e.strerror or e)
         return None
     try:
-        result = decode(data, str(path))
+        with _collector_paused():
+            result = decode(data, str(path))
     except StateError as e:
         log.error("state: %s; ignoring it, starting cold (it is replaced at the next save)", e)
         return None
@@ -311,7 +325,7 @@ def load(directory: Path, sources: Sequence[SourceId]) -> LoadResult | None:
 def restore(index: Index, result: LoadResult) -> int:
     """Put restored parts into the index as one version; the number of services restored."""
     count = 0
-    with index.batch():
+    with _collector_paused(), index.batch():
         for part in result.parts:
             index.restore(part.source, part.part, part.services, part.resume_point)
             count += len(part.services)
