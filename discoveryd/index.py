@@ -561,6 +561,8 @@ class _PartState:
     """Content loaded from the state directory, not yet replaced by a sync of this run."""
     restored_hosts: set[Hostname] | None = None
     """While restored: the hostnames not written by the adapter since (dropped on its first sync)."""
+    resumed: bool = False
+    """The adapter read the restored resume point: its first sync keeps the restored content."""
     live: bool = True
     """Opened or written by the adapter in this run (restored parts start not live)."""
     used: bool = True
@@ -662,7 +664,10 @@ class Shard:
 
     @property
     def resume_point(self) -> str | None:
-        return self._state.resume_point
+        st = self._state
+        if st.resume_point is not None and st.restored:
+            st.resumed = True  # the adapter continues from the restored content: its sync keeps it
+        return st.resume_point
 
     def set_resume_point(self, value: str) -> None:
         if not isinstance(value, str):
@@ -793,12 +798,12 @@ class Shard:
     def _end_restore(self) -> None:
         """The first sync of a restored part: what the adapter has not written since is gone."""
         st = self._state
-        for host in st.restored_hosts or ():
+        for host in () if st.resumed else st.restored_hosts or ():
             previous = st.services.pop(host, None)
             if previous is not None:
                 st.endpoints -= len(previous.endpoints)
                 self._index._dirty.add(host)
-        st.restored, st.restored_hosts = False, None
+        st.restored, st.restored_hosts, st.resumed = False, None, False
 
     def _mark_failing(self, error: str) -> None:
         st = self._state

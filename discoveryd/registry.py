@@ -164,6 +164,12 @@ class ShardWriter(Protocol):
         resume a watch from where it was (etcd revision, Kubernetes
         resourceVersion, Consul index) reads this before its first list. None
         when there is nothing to resume from.
+
+        The first `mark_synced` of a restored part drops the restored hostnames
+        the adapter has not written since (it listed afresh), unless the
+        adapter read a restored resume point here: then it resumes, and the
+        restored content is kept as the base its changes apply to. An adapter
+        that reads the point but lists afresh anyway calls `replace()`.
         """
 
     def set_resume_point(self, value: str) -> None:

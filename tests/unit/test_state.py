@@ -250,3 +250,19 @@ def test_config_keys_state_dir_and_ready_timeout(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         parse("ready_timeout: soon\n", tmp_path / "discoveryd.yaml")
     assert "ready_timeout" in str(e.value) and "discoveryd.yaml:1" in str(e.value)
+
+
+def test_an_adapter_that_resumes_keeps_the_restored_content(tmp_path: Path) -> None:
+    before = Index([A])
+    before.writer(A).replace([svc("a.example", "10.0.0.1"), svc("b.example", "10.0.0.2")])
+    before.writer(A).set_resume_point("cluster:42")
+    state.write_atomically(tmp_path, state.encode(before.capture(), 1.0))
+    index = Index([A])
+    loaded = state.load(tmp_path, [A])
+    assert loaded is not None
+    state.restore(index, loaded)
+    shard = index.writer(A)
+    assert shard.resume_point == "cluster:42"  # the adapter resumes from here ...
+    shard.mark_synced()  # ... finds nothing changed, and says so without writing
+    assert {"a.example", "b.example"} <= set(index.snapshot.services)
+    assert index.snapshot.shards[A].synced and not index.snapshot.shards[A].restored
