@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import gc
 import gzip
+import hashlib
 import logging
 import os
 import tempfile
@@ -56,6 +57,7 @@ from discoveryd.model import (
     Service,
     SourceId,
 )
+from discoveryd.registry import RegistryConfig
 
 log = logging.getLogger("discoveryd.state")
 
@@ -75,6 +77,8 @@ class RestoredPart:
     part: str
     services: tuple[Service, ...]
     resume_point: str | None
+    config: str | None = None
+    """The fingerprint of the registry's config when it was saved (`config_fingerprint`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +102,12 @@ _CHUNK = 500
 """Services per orjson call: orjson holds the GIL while it runs, so the event loop gets it back between chunks."""
 
 
-def encode(parts: Sequence[PartCapture], written: float) -> bytes:
+def config_fingerprint(config: RegistryConfig) -> str:
+    """Identifies a registry's config: content saved under another config is not restored (a new etcd prefix)."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:32]
+
+
+def encode(parts: Sequence[PartCapture], written: float, configs: Mapping[SourceId, str] | None = None) -> bytes:
     """The state file's bytes (gzip of one JSON document). CPU-bound: call it from a worker thread.
 
     Built chunk by chunk (and compressed as it goes, zlib releasing the GIL) so
@@ -108,7 +117,14 @@ def encode(parts: Sequence[PartCapture], written: float) -> bytes:
     out = [comp.compress(orjson.dumps({"format": FORMAT, "version": VERSION, "written": written})[:-1])]
     out.append(comp.compress(b',"parts":['))
     for i, part in enumerate(parts):
-        head = orjson.dumps({"source": part.source, "part": part.part, "resume_point": part.resume_point})
+        head = orjson.dumps(
+            {
+                "source": part.source,
+                "part": part.part,
+                "resume_point": part.resume_point,
+                "config": (configs or {}).get(part.source),
+            }
+        )
         out.append(comp.compress((b"," if i else b"") + head[:-1] + b',"services":['))
         services = part.services
         for start in range(0, len(services), _CHUNK):
@@ -236,13 +252,14 @@ def decode(data: bytes, where: str) -> LoadResult:
     try:
         for i, p in enumerate(doc["parts"]):
             try:
-                resume = p.get("resume_point")
+                resume, config = p.get("resume_point"), p.get("config")
                 parts.append(
                     RestoredPart(
                         SourceId(str(p["source"])),
                         str(p["part"]),
                         tuple(decoder.service(s) for s in p["services"]),
                         None if resume is None else str(resume),
+                        None if config is None else str(config),
                     )
                 )
             except (KeyError, TypeError, ValueError, StateError) as e:
@@ -299,8 +316,13 @@ def _remove_leftovers(directory: Path) -> None:
                     log.info("state: removed %s, left by an interrupted write", entry.path)
 
 
-def load(directory: Path, sources: Sequence[SourceId]) -> LoadResult | None:
-    """The saved parts of the registries in `sources`; None on a cold start or an unusable file (logged)."""
+def load(directory: Path, sources: Mapping[SourceId, str] | Sequence[SourceId]) -> LoadResult | None:
+    """The saved parts of the registries in `sources`; None on a cold start or an unusable file (logged).
+
+    With a mapping (source → `config_fingerprint`), a part saved under another
+    config of its registry is not restored (logged): its content and resume
+    point describe something else.
+    """
     path = directory / FILE_NAME
     _remove_leftovers(directory)
     try:
@@ -317,8 +339,22 @@ def load(directory: Path, sources: Sequence[SourceId]) -> LoadResult | None:
     except StateError as e:
         log.error("state: %s; ignoring it, starting cold (it is replaced at the next save)", e)
         return None
-    wanted = set(sources)
-    kept = tuple(p for p in result.parts if p.source in wanted)
+    if isinstance(sources, Mapping):
+        kept_list = []
+        for p in result.parts:
+            current = sources.get(p.source)
+            if current is None:
+                continue
+            if p.config != current:
+                log.info(
+                    "state: %s part %r was saved under another config of that registry; not restored", p.source, p.part
+                )
+                continue
+            kept_list.append(p)
+        kept = tuple(kept_list)
+    else:
+        wanted = set(sources)
+        kept = tuple(p for p in result.parts if p.source in wanted)
     return LoadResult(kept, result.written)
 
 
@@ -341,8 +377,16 @@ class StateSaver:
     state synchronously if it changed since the last write.
     """
 
-    def __init__(self, index: Index, directory: Path, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        index: Index,
+        directory: Path,
+        interval: float = 1.0,
+        configs: Callable[[], Mapping[SourceId, str]] = dict,
+    ) -> None:
+        """`configs`: the current registries' `config_fingerprint`s, saved with their parts."""
         self._index = index
+        self._configs = configs
         self._directory = directory
         self._interval = interval
         self._saved_version = -1
@@ -360,7 +404,7 @@ class StateSaver:
     def _write(self, parts: list[PartCapture]) -> None:
         with self._lock:
             started = time.perf_counter()
-            write_atomically(self._directory, encode(parts, time.time()))
+            write_atomically(self._directory, encode(parts, time.time(), self._configs()))
             self.last_write_seconds = time.perf_counter() - started
             self.writes += 1
 

@@ -144,7 +144,8 @@ class Supervisor:
                 self._tg = tg
                 if self.config.state_dir is not None:
                     self._restore_state(self.config.state_dir)
-                    tg.create_task(StateSaver(self.index, self.config.state_dir).run(), name="state-saver")
+                    saver = StateSaver(self.index, self.config.state_dir, configs=self._config_fingerprints)
+                    tg.create_task(saver.run(), name="state-saver")
                 for reg_cfg in self.config.registries:
                     self._start_registry(reg_cfg)
                 self._start_servers(self.config)
@@ -173,9 +174,12 @@ class Supervisor:
 
     # -- registries -----------------------------------------------------------------------
 
+    def _config_fingerprints(self) -> dict[SourceId, str]:
+        return {r.source: state.config_fingerprint(r) for r in self.config.registries}
+
     def _restore_state(self, directory: Path) -> None:
         started = time.monotonic()
-        result = state.load(directory, [r.source for r in self.config.registries])
+        result = state.load(directory, self._config_fingerprints())
         if result is None:
             return
         count = state.restore(self.index, result)

@@ -266,3 +266,16 @@ def test_an_adapter_that_resumes_keeps_the_restored_content(tmp_path: Path) -> N
     shard.mark_synced()  # ... finds nothing changed, and says so without writing
     assert {"a.example", "b.example"} <= set(index.snapshot.services)
     assert index.snapshot.shards[A].synced and not index.snapshot.shards[A].restored
+
+
+def test_content_saved_under_another_registry_config_is_not_restored(tmp_path: Path) -> None:
+    from discoveryd.registry import RegistryConfig
+
+    old, new = RegistryConfig(kind="etcd", name="main"), RegistryConfig(kind="etcd", name="main2")
+    index = Index([A])
+    index.writer(A).replace([svc("a.example", "10.0.0.1")])
+    state.write_atomically(tmp_path, state.encode(index.capture(), 1.0, {A: state.config_fingerprint(old)}))
+    same = state.load(tmp_path, {A: state.config_fingerprint(old)})
+    assert same is not None and [p.source for p in same.parts] == [A]
+    changed = state.load(tmp_path, {A: state.config_fingerprint(new)})
+    assert changed is not None and changed.parts == ()
