@@ -6,9 +6,9 @@ map: the stored response minus its ID, which the caller prefixes with the
 query's ID (`repeated()` takes and returns the bytes after the ID, so that
 the UDP reader copies each datagram once). Otherwise `fast()` reads the question
 straight from the packet (`wire.scan`), looks it up in the cache by the
-lower-cased question name, then by (type, class, size limit, DO), and returns
-the pre-built response with the query's ID, RD/CD bits and question case
-patched in. Answer owner names are compressed against the question, so
+lower-cased question name, then by what changes the answer (`wire.subkey`:
+type, class, size limit, OPT presence, DO), and returns the pre-built response
+with the query's ID, RD/CD bits and question case patched in. Answer owner names are compressed against the question, so
 patching the question's case also gives the owner names the query's case.
 Multi-address answers are pre-built in up to `_ROTATIONS` orders and served
 in turn.
@@ -23,11 +23,19 @@ The cache is invalidated by owner name (`forget()`), with the names
 appear or vanish) and, for a changed wildcard, every cached name below it.
 Answers that read other names (CNAME targets, SRV/NS glue) are also
 registered under those names.
+
+Memory: what a client can make us keep is bounded in bytes. The answer cache
+holds at most `_CACHE_BYTES` of responses (the oldest names go first); the
+exact-bytes map only admits queries whose question is in lower case (whose
+responses are the cached ones, shared, not copies) and restarts empty past
+`_EXACT_BYTES` of keys. Queries that differ only in bytes that do not change
+the answer (an unknown EDNS option, the name's case) share one cached answer.
 """
 
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -54,7 +62,7 @@ from discoveryd.dns.message import (
 )
 from discoveryd.dns.metrics import DnsMetrics, Tally
 from discoveryd.dns.records import EMPTY, Node, RecordTable
-from discoveryd.dns.wire import scan, subkey
+from discoveryd.dns.wire import cache_limit, scan, subkey
 from discoveryd.model import Hostname, Service
 
 _MAX_CHAIN = 8
@@ -63,8 +71,14 @@ _ROTATIONS = 8
 """Pre-built orders of a multi-address answer; answers cycle through them."""
 _CACHE_LIMIT = 100_000
 """Cached answers kept; the oldest names are evicted first."""
-_EXACT_LIMIT = 50_000
-"""Exact query byte strings remembered per transport; the map restarts empty when full."""
+_CACHE_BYTES = 16 << 20
+"""Bytes of cached responses (with their overhead) kept; the oldest names are evicted first."""
+_EXACT_BYTES = 4 << 20
+"""Bytes of query keys remembered per transport by the exact-bytes map; it restarts empty past this."""
+_BYTES_OVERHEAD = 64
+"""What a bytes object and its references cost besides its length (CPython: 33 + pointers)."""
+_ENTRY_OVERHEAD = 160
+"""What one cached entry or exact-map entry costs besides its bytes (objects, dict slots, tuples)."""
 _ANY_ORDER = (CNAME, A, AAAA, SRV, PTR, TXT, SOA, NS)
 """RFC 8482: ANY gets one RRset, the first of these that exists."""
 
@@ -229,23 +243,27 @@ def encode(
     )
 
 
-def error_response(data: bytes, rcode: int, question: tuple[Sequence[bytes], int, int] | None = None) -> bytes | None:
-    """A response carrying only `rcode` (and the question, when known) for a query we will not answer."""
+def error_response(
+    data: bytes, rcode: int, question: tuple[Sequence[bytes], int, int] | None = None, opt: bytes | None = None
+) -> bytes | None:
+    """A response carrying only `rcode` (the question, when given; our OPT record `opt`, which a
+    query with an OPT record must get back, RFC 6891 7) for a query we will not answer."""
     if len(data) < 12:
         return None
     # QR, the query's opcode and RD, the rcode; no other flag.
     flags = 0x8000 | (data[2] & 0x79) << 8 | (rcode & 0xF)
-    return pack(int.from_bytes(data[:2], "big"), flags, question)
+    return pack(int.from_bytes(data[:2], "big"), flags, question, opt=opt)
 
 
 class _Cached:
     """One cached response in up to `_ROTATIONS` orders, each kept as packed with RD and CD clear.
 
     `live` turns False when the cache forgets the entry, so that references held
-    by the exact-query map die with it.
+    by the exact-query map die with it. `size` is what the entry costs in bytes,
+    counted against `_CACHE_BYTES` by the owning `Authority`.
     """
 
-    __slots__ = ("counter", "live", "metrics", "qname_end", "tails", "truncated", "turn", "variants")
+    __slots__ = ("counter", "flagged", "live", "metrics", "qname_end", "size", "tails", "truncated", "turn", "variants")
 
     def __init__(self, packed: Sequence[bytes], qname_len: int, counter: Tally, metrics: DnsMetrics) -> None:
         self.metrics = metrics
@@ -256,6 +274,10 @@ class _Cached:
         self.tails = len(self.variants)
         self.truncated = bool(packed[0][2] & 0x02)
         self.live = True
+        self.flagged: dict[int, tuple[bytes, ...]] = {}
+        """RD/CD bits of a lower-case query → every variant after the ID with those bits: shared by
+        all such queries (at most four flag combinations)."""
+        self.size = _ENTRY_OVERHEAD + sum(len(v) + _BYTES_OVERHEAD for v in self.variants)
 
     def _after_id(self, packed: bytes, data: bytes, qend: int) -> bytes:
         """`packed` for the query `data`: its RD and CD bits, its question (name case)."""
@@ -268,12 +290,21 @@ class _Cached:
         self._count()
         return data[:2] + self._after_id(packed, data, qend)
 
-    def after_id(self, data: bytes, qend: int) -> tuple[bytes, ...]:
-        """Every variant's response to `data` without the ID: fixed for byte-identical queries."""
-        return tuple(self._after_id(packed, data, qend) for packed in self.variants)
+    def shared(self, data: bytes) -> tuple[tuple[bytes, ...], int]:
+        """Every variant's response without the ID to the lower-case query `data` (one tuple per
+        RD/CD combination, kept here and shared), and how many bytes this call added to `size`."""
+        bits = (data[2] & 0x01) << 8 | (data[3] & 0x10)
+        found = self.flagged.get(bits)
+        if found is not None:
+            return found, 0
+        rd, cd = data[2] & 0x01, data[3] & 0x10
+        found = self.flagged[bits] = tuple(bytes((p[2] | rd, p[3] | cd)) + p[4:] for p in self.variants)
+        added = sum(len(v) + _BYTES_OVERHEAD for v in found) + _BYTES_OVERHEAD
+        self.size += added
+        return found, added
 
     def pick(self, after_id: tuple[bytes, ...]) -> bytes:
-        """This turn's variant out of `after_id()`, counted as a cache hit (the hottest call)."""
+        """This turn's variant out of `shared()`, counted as a cache hit (the hottest call)."""
         self.metrics.cache_hit.n += 1
         self.counter.n += 1
         if self.tails == 1 and not self.truncated:
@@ -343,12 +374,15 @@ class Authority:
         """`metrics`: the owning server's (a private set when None)."""
         self.table = table
         self.metrics = metrics if metrics is not None else DnsMetrics()
-        self._cache: dict[bytes, _Slot] = {}
+        self._cache: OrderedDict[bytes, _Slot] = OrderedDict()
         self._size = 0
+        self._bytes = 0
+        """Bytes of every cached entry (`_Cached.size`) and slot key."""
         self._deps: dict[str, set[bytes]] = {}
-        # Query bytes after the ID → (entry, its responses after the ID), per transport: a repeated
-        # query (same name case, flags and EDNS) skips even `scan` and costs one concatenation.
+        # Query bytes after the ID → (entry, its shared responses after the ID), per transport: a
+        # repeated lower-case query (same flags and EDNS bytes) skips even `scan`.
         self._exact: tuple[_ExactMap, _ExactMap] = ({}, {})
+        self._exact_bytes = [0, 0]
 
     # -- hot path ---------------------------------------------------------------------
 
@@ -370,16 +404,27 @@ class Authority:
         if found is None:
             return None
         qend, sub = found
-        slot = self._cache.get(data[12:qend].lower())
+        question = data[12:qend]
+        key = question.lower()
+        slot = self._cache.get(key)
         cached = slot.get(sub) if slot is not None else None
         if cached is None:
             self.metrics.cache_miss.n += 1
             return None
-        if len(exact) >= _EXACT_LIMIT:
+        if question != key:  # a mixed-case query gets its own copy, kept nowhere
+            self.metrics.cache_hit.n += 1
+            return cached.reply(data, qend)
+        responses, added = cached.shared(data)
+        if added:
+            self._account(added)
+        cost = len(data) + _ENTRY_OVERHEAD
+        if self._exact_bytes[tcp] + cost > _EXACT_BYTES:
             exact.clear()
-        exact[data[2:]] = (cached, cached.after_id(data, qend))
-        self.metrics.cache_hit.n += 1
-        return cached.reply(data, qend)
+            self._exact_bytes[tcp] = 0
+        exact[data[2:]] = (cached, responses)
+        self._exact_bytes[tcp] += cost
+        self._account(0)
+        return data[:2] + cached.pick(responses)
 
     # -- miss path --------------------------------------------------------------------
 
@@ -415,7 +460,7 @@ class Authority:
         if resolved is None:
             return None
         lowered = tuple(map(bytes.lower, qname))
-        limit = response_limit(edns, tcp)
+        limit = 0xFFFF if tcp else cache_limit(response_limit(edns, False))
         question = (lowered, qtype, qclass)
         header = header_flags(resolved.rcode, aa=True)
         opt = opt_record(edns.do, resolved.rcode) if edns is not None else None
@@ -430,24 +475,38 @@ class Authority:
         key = wire.lower()  # length bytes are below 64: lower() changes only the labels' letters
         cached = _Cached(packed, len(key), self.metrics.query_counter(qtype, resolved.rcode), self.metrics)
         if resolved.dangling is None:
-            self._store(key, subkey(qtype, qclass, limit, edns is not None and edns.do), cached, resolved.reads)
+            sub = subkey(qtype, qclass, limit, edns is not None and edns.do, edns is not None)
+            self._store(key, sub, cached, resolved.reads)
         return cached.reply(struct.pack("!HH8x", qid, flags) + wire, 12 + len(wire))
 
     def _store(self, key: bytes, sub: int, cached: _Cached, reads: frozenset[str]) -> None:
         slot = self._cache.get(key)
         if slot is None:
-            while self._size >= _CACHE_LIMIT and self._cache:
-                self._drop(self._cache.pop(next(iter(self._cache))))
             slot = self._cache[key] = _Slot(key)
+            self._bytes += len(key) + _BYTES_OVERHEAD + _ENTRY_OVERHEAD
         previous = slot.put(sub, cached)
         if previous is None:
             self._size += 1
         else:
             previous.live = False
+            self._bytes -= previous.size
         for read in reads:
             self._deps.setdefault(read, set()).add(key)
         if not reads <= slot.reads:
             slot.reads |= reads
+        self._account(cached.size)
+
+    def _account(self, added: int) -> None:
+        """Count `added` bytes of cached answers, then evict the oldest names while over the bounds."""
+        self._bytes += added
+        cache = self._cache
+        while (self._bytes > _CACHE_BYTES or self._size > _CACHE_LIMIT) and len(cache) > 1:
+            self._drop(cache.popitem(last=False)[1])
+        self.metrics.cache_bytes.n = self._bytes + self._exact_bytes[0] + self._exact_bytes[1]
+
+    def cache_bytes(self) -> int:
+        """Bytes the answer cache and the exact-bytes maps hold, as accounted (shown as a gauge)."""
+        return self._bytes + self._exact_bytes[0] + self._exact_bytes[1]
 
     # -- invalidation -----------------------------------------------------------------
 
@@ -467,6 +526,9 @@ class Authority:
         self._deps.clear()
         for exact in self._exact:
             exact.clear()
+        self._exact_bytes = [0, 0]
+        self._bytes = 0
+        self.metrics.cache_bytes.n = 0
         self.metrics.record_names.set(self.table.names())
 
     def forget(self, names: Iterable[str]) -> None:
@@ -498,10 +560,12 @@ class Authority:
             slot = self._cache.pop(key, None)
             if slot is not None:
                 self._drop(slot)
+        self.metrics.cache_bytes.n = self.cache_bytes()
 
     def _drop(self, slot: _Slot) -> None:
         """Account for a slot leaving the cache: its entries die, its dependencies go."""
         self._size -= len(slot.answers)
+        self._bytes -= len(slot.key) + _BYTES_OVERHEAD + _ENTRY_OVERHEAD + sum(c.size for c in slot.answers)
         for read in slot.reads:
             keys = self._deps.get(read)
             if keys is not None:

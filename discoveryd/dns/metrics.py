@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from discoveryd.dns.message import RCODE_NAMES, TYPE_NAMES
 
@@ -50,6 +50,8 @@ class DnsMetrics:
         self.cache_hit = Tally()
         self.cache_miss = Tally()
         self.truncated = Tally()
+        self.cache_bytes = Tally()
+        """Set (not counted) by the authority: bytes its answer cache holds."""
         self.forwarded = Counter(
             "discoveryd_dns_forwarded",
             "Queries for names outside our zones, by outcome: cached, answered (by an upstream), failed (SERVFAIL), "
@@ -142,6 +144,11 @@ class DnsMetrics:
         lookups.add_metric(["hit"], self.cache_hit.n)
         lookups.add_metric(["miss"], self.cache_miss.n)
         yield lookups
+        yield GaugeMetricFamily(
+            "discoveryd_dns_answer_cache_bytes",
+            "Bytes held by the authoritative answer cache (responses and exact-query keys, with overhead).",
+            value=self.cache_bytes.n,
+        )
         yield CounterMetricFamily(
             "discoveryd_dns_truncated",
             "Responses sent with TC set because they did not fit the client's UDP size.",

@@ -68,6 +68,7 @@ from discoveryd.dns.message import (
     RR,
     SERVFAIL,
     labels,
+    opt_record,
 )
 from discoveryd.dns.metrics import DnsMetrics, daemon_metrics
 from discoveryd.dns.querylog import QueryLog
@@ -429,18 +430,23 @@ class DnsServer:
             self.metrics.query_counter(0, FORMERR).inc()
             return error_response(data, FORMERR)
         qid, rd, question = query.qid, bool(query.flags & 0x0100), query.question
+        if not query.read:  # decided from the header: as cheap as garbage
+            self.metrics.malformed.labels("qdcount" if data[4] or data[5] > 1 else "records").inc()
+            self.metrics.query_counter(0, FORMERR).inc()
+            return error_response(data, FORMERR)
         if query.opcode != 0:
+            # No question echoed: another opcode's first section is not a question (UPDATE: the zone).
             self.metrics.query_counter(0, NOTIMP).inc()
-            return error_response(data, NOTIMP, question)
+            return error_response(data, NOTIMP, None, opt_record(query.do, NOTIMP) if query.opts else None)
         if question is None:
             self.metrics.malformed.labels("qdcount").inc()
             self.metrics.query_counter(0, FORMERR).inc()
-            return error_response(data, FORMERR)
+            return error_response(data, FORMERR, None, opt_record(query.do, FORMERR) if query.opts else None)
         qname, qtype, qclass = question
-        if query.opts > 1:
-            self.metrics.malformed.labels("opt").inc()
+        if query.opts > 1 or not query.cookie_ok:
+            self.metrics.malformed.labels("opt" if query.opts > 1 else "cookie").inc()
             self.metrics.query_counter(qtype, FORMERR).inc()
-            return error_response(data, FORMERR, question)
+            return error_response(data, FORMERR, question, opt_record(query.do, FORMERR))
         edns = None
         if query.opts:
             edns = Edns(udp_size=query.udp_size, do=query.do, version=query.edns_version)

@@ -23,9 +23,16 @@ _NO_OPT = b"\x00\x01\x00\x00\x00\x00\x00\x00"
 _ONE_OPT = b"\x00\x01\x00\x00\x00\x00\x00\x01"
 
 
-def subkey(qtype: int, qclass: int, limit: int, do: bool) -> int:
-    """Answer cache key below the name: type, class, response size limit, DNSSEC OK."""
-    return (qtype << 34) | (qclass << 18) | (limit << 1) | int(do)
+def cache_limit(limit: int) -> int:
+    """The response size limit an answer is built (and cached) for: 512, 1024 or 1232 over UDP,
+    whatever the client advertised in between, so that one name has at most three UDP sizes."""
+    return MAX_UDP if limit >= MAX_UDP else 1024 if limit >= 1024 else 512
+
+
+def subkey(qtype: int, qclass: int, limit: int, do: bool, edns: bool) -> int:
+    """Answer cache key below the name: what changes the answer besides the name. Type, class,
+    response size limit (`cache_limit`), whether the query had an OPT record, DNSSEC OK."""
+    return (qtype << 35) | (qclass << 19) | (limit << 2) | (int(edns) << 1) | int(do)
 
 
 def scan(data: bytes, tcp: bool) -> tuple[int, int] | None:
@@ -54,22 +61,42 @@ def scan(data: bytes, tcp: bool) -> tuple[int, int] | None:
     if counts == _NO_OPT:
         if fixed != n:
             return None
-        return qend, subkey(qtype, qclass, 0xFFFF if tcp else 512, False)
+        return qend, subkey(qtype, qclass, 0xFFFF if tcp else 512, False, False)
     # OPT: root name, type 41, class = UDP size, TTL = ext-rcode, version, flags; rdlength; options.
     if fixed + 11 > n or data[fixed] or data[fixed + 1] or data[fixed + 2] != 41 or data[fixed + 6]:
         return None
-    if fixed + 11 + ((data[fixed + 9] << 8) | data[fixed + 10]) != n:
+    rdlength = (data[fixed + 9] << 8) | data[fixed + 10]
+    if fixed + 11 + rdlength != n or (rdlength and not options_ok(data, fixed + 11, n)):
         return None
-    if tcp:
-        limit = 0xFFFF
-    else:
-        limit = (data[fixed + 3] << 8) | data[fixed + 4]
-        limit = 512 if limit < 512 else MAX_UDP if limit > MAX_UDP else limit
-    return qend, subkey(qtype, qclass, limit, bool(data[fixed + 7] & 0x80))
+    limit = 0xFFFF if tcp else cache_limit((data[fixed + 3] << 8) | data[fixed + 4])
+    return qend, subkey(qtype, qclass, limit, bool(data[fixed + 7] & 0x80), True)
+
+
+COOKIE = 10
+"""EDNS option code of DNS cookies (RFC 7873)."""
+
+
+def options_ok(data: bytes, start: int, end: int) -> bool:
+    """The EDNS options in data[start:end] are well formed: each fits, and a COOKIE option is a
+    client cookie (8 bytes) or a client and server cookie (16 to 40 bytes), RFC 7873 5.2.2."""
+    i = start
+    while i < end:
+        if i + 4 > end:
+            return False
+        code = (data[i] << 8) | data[i + 1]
+        length = (data[i + 2] << 8) | data[i + 3]
+        i += 4 + length
+        if i > end or (code == COOKIE and length != 8 and not 16 <= length <= 40):
+            return False
+    return True
 
 
 class FormatError(ValueError):
     """The packet is not a well-formed DNS message (answered with FORMERR)."""
+
+
+_MAX_RECORDS = 4
+"""Records read besides the question (an OPT, a TSIG, ...): a query claiming more gets FORMERR unread."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,12 +107,17 @@ class Query:
     flags: int
     """Bytes 2..3 of the header."""
     question: tuple[tuple[bytes, ...], int, int] | None
-    """(labels as sent, type, class) when QDCOUNT is 1."""
+    """(labels as sent, type, class) when QDCOUNT is 1 and the counts are plausible."""
     opts: int
-    """How many OPT records the additional section holds."""
+    """How many OPT records the additional section holds (0 when not read)."""
     udp_size: int = 512
     edns_version: int = 0
     do: bool = False
+    read: bool = True
+    """False when the header alone decided: QDCOUNT above 1 or more than `_MAX_RECORDS` records;
+    nothing past the header was read (such a packet costs what garbage costs)."""
+    cookie_ok: bool = True
+    """Every COOKIE option (RFC 7873) has a legal length."""
 
     @property
     def opcode(self) -> int:
@@ -95,24 +127,27 @@ class Query:
 def parse(data: bytes) -> Query:
     """Read a query's header, question and OPT record. Labels may hold any bytes (RFC 2181 11).
 
-    Raises FormatError for a message that cannot be read: short, a label or name too long,
-    a compression pointer that does not point backwards, records running past the end.
+    The header decides first: QDCOUNT above 1, or more than `_MAX_RECORDS` other records, returns
+    with `read` False without looking further. Raises FormatError for a message that cannot be read:
+    short, a label or name too long, a compression pointer that does not point backwards, records
+    running past the end.
     """
     if len(data) < 12:
         raise FormatError("shorter than a header")
     qdcount, ancount, nscount, arcount = struct.unpack_from("!HHHH", data, 4)
     qid, flags = struct.unpack_from("!HH", data, 0)
+    if qdcount > 1 or ancount + nscount + arcount > _MAX_RECORDS:
+        return Query(qid, flags, None, 0, read=False)
     offset = 12
     question = None
-    for _ in range(qdcount):
+    if qdcount:
         labels, offset = _name(data, offset)
         qtype, qclass = _unpack("!HH", data, offset)
         offset += 4
-        if qdcount == 1:
-            question = (labels, qtype, qclass)
+        question = (labels, qtype, qclass)
     for _ in range(ancount + nscount):
         offset = _skip_record(data, offset)
-    opts, udp_size, version, do = 0, 512, 0, False
+    opts, udp_size, version, do, cookie_ok = 0, 512, 0, False, True
     for _ in range(arcount):
         labels, offset = _name(data, offset)
         rtype, rclass, ttl, rdlength = _unpack("!HHIH", data, offset)
@@ -125,7 +160,8 @@ def parse(data: bytes) -> Query:
             opts += 1
             if opts == 1:
                 udp_size, version, do = rclass, (ttl >> 16) & 0xFF, bool(ttl & 0x8000)
-    return Query(qid, flags, question, opts, udp_size, version, do)
+                cookie_ok = options_ok(data, offset - rdlength, offset)
+    return Query(qid, flags, question, opts, udp_size, version, do, cookie_ok=cookie_ok)
 
 
 _OPT = 41

@@ -18,7 +18,7 @@ from discoveryd.dns import wire
 from discoveryd.dns.answer import Authority, resolve
 from discoveryd.dns.message import MAX_UDP, NOERROR, NXDOMAIN, PTR, RR, SOA, A, Rdata, pack
 from discoveryd.dns.records import RecordTable, consul_hex, dashed, parse_ip, service_records
-from discoveryd.dns.wire import scan, subkey
+from discoveryd.dns.wire import cache_limit, scan, subkey
 from discoveryd.model import (
     CONSUL_TAG_PREFIX,
     Endpoint,
@@ -198,8 +198,8 @@ def test_scan_reads_what_dnspython_wrote(
     if edns is False:
         limit, want_do = 512, False
     else:
-        limit, want_do = max(512, min(payload, MAX_UDP)), do
-    expected = subkey(dns.rdatatype.from_text(rdtype), 1, 0xFFFF if tcp else limit, want_do)
+        limit, want_do = cache_limit(max(512, min(payload, MAX_UDP))), do
+    expected = subkey(dns.rdatatype.from_text(rdtype), 1, 0xFFFF if tcp else limit, want_do, edns is not False)
     assert scan(wire, tcp) == (qend, expected)
 
 
