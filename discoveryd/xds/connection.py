@@ -215,6 +215,7 @@ class Connection:
         self.connected_since = time.time()
         self.types: dict[str, TypeState] = {t: TypeState(t) for t in TYPES}
         self.wake = asyncio.Event()
+        self._node_seen = False
         self._nack_logged_at: float | None = None
         self._nacks_unlogged = 0
         self._rewarm_on_request: set[str] = set()
@@ -236,9 +237,16 @@ class Connection:
         return state
 
     def _node(self, node: Any) -> None:
-        if node.id and not self.node_id:
+        """Takes the client's identity from the first request that carries a node (the protocol sends it once).
+
+        The namespace, hence what the client sees, is fixed then for the life of the stream.
+        """
+        if self._node_seen or not (node.id or node.HasField("metadata")):
+            return
+        self._node_seen = True
+        self.namespace = node_namespace(node)
+        if node.id:
             self.node_id, self.cluster = clip(node.id, NODE_KEEP), clip(node.cluster, NODE_KEEP)
-            self.namespace = node_namespace(node)
             agent = node.user_agent_name
             version = node.user_agent_version or node.user_agent_build_version.version.major_number
             self.user_agent = clip(f"{agent}/{version}", NODE_KEEP) if agent else ""

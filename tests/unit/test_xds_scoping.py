@@ -192,3 +192,18 @@ async def test_a_change_the_client_cannot_see_is_not_pushed_to_it(
     assert cluster(PUB) in names(r)
     assert conn.types[CLUSTER].responses == before + 1, "the shop-only change cost the web client no push"
     await s.close()
+
+
+async def test_the_scope_is_fixed_by_the_first_node_of_the_stream(xds: RunningXds, channel: grpc.aio.Channel) -> None:
+    xds.put(*world())
+    s = Stream(channel)
+    s.node = {"id": "", "cluster": "", "metadata": {"NAMESPACE": "shop"}}  # metadata alone names the namespace
+    await s.send(CLUSTER)
+    r = await s.recv()
+    assert sorted(names(r)) == clusters(*SEES["shop"])
+    s.node = NODES["web"]  # a later node (the protocol sends it once) changes nothing
+    await s.ack(r)
+    await s.send(ENDPOINT, resource_names=[cluster(NAMED), cluster(SHOP)])
+    r = await s.recv()
+    assert names(r) == [cluster(SHOP)]
+    await s.close()
