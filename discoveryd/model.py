@@ -253,11 +253,3 @@ class Zone:
 
     name: Hostname
     flavor: ZoneFlavor = ZoneFlavor.PLAIN
-
-
-# Conventions for registry-specific facts that DNS naming needs, carried in labels
-# so the model stays registry-neutral. Adapters set them; dns/records.py reads them.
-CONSUL_DATACENTER_LABEL = "consul.hashicorp.com/datacenter"
-"""On a Consul service: the datacenter it was read from."""
-CONSUL_TAG_PREFIX = "consul.hashicorp.com/tag."
-"""On a Consul endpoint: one label `<prefix><tag>` = "" per service tag."""

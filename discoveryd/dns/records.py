@@ -15,15 +15,19 @@ Naming rules depend on the zone a hostname falls in:
   endpoints, one name per endpoint (`<hostname or a-b-c-d>.<svc>...`) and SRV
   records pointing at those; ExternalName is a CNAME; `dns-version.<domain>`
   is a TXT record.
-- CONSUL zone `<domain>`, hostname `<svc>.service.<domain>`: `[tag.]<svc>.service[.<dc>].<domain>`
-  answer passing instances, `_<svc>._<tag|tcp>.service[.<dc>].<domain>` is the
-  RFC 2782 SRV form, and SRV targets are `<hex ip>.addr.<dc>.<domain>`.
+- CONSUL zone `<domain>`, hostname `<svc>.service.<dc>.<domain>` (canonical) with
+  the alias `<svc>.service.<domain>` (the local datacenter), as the Consul adapter
+  writes them: `[tag.]<name>` answer passing instances (tags from
+  `Endpoint.tags`), `_<svc>._<tag|tcp>.service[.<dc>].<domain>` is the RFC 2782
+  SRV form, and SRV targets are `<hex ip>.addr.<dc>.<domain>`.
 - Everything else (ServiceEntry hosts, etcd names, hosts outside every zone):
   VIPs if the service has any, else a CNAME for DNS resolution with hostname
   endpoints, else the serving endpoints' addresses, with per-endpoint names
   for SRV targets. `*.example.com` hosts own the wildcard name itself.
 
-Every IP we answer for also gets a PTR record at its reverse name. Each zone
+`Service.aliases` are answered exactly like the hostname, each under its own
+zone's rules. Every IP we answer for also gets a PTR record at its reverse
+name, naming the hostname (never an alias). Each zone
 apex has SOA and NS records; the NS target `ns.dns.<zone>` resolves to the
 addresses the server listens on.
 
@@ -34,17 +38,16 @@ are escaped by the caller and never match.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import ipaddress
 import socket
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Generic, TypeVar, cast
 
 from discoveryd.dns.message import AAAA, CNAME, NS, PTR, SOA, SRV, TXT, A, Named, Rdata, Soa, srv, txt
 from discoveryd.model import (
-    CONSUL_DATACENTER_LABEL,
-    CONSUL_TAG_PREFIX,
     Endpoint,
     Health,
     Hostname,
@@ -197,6 +200,8 @@ class _Builder:
     """
 
     def __init__(self) -> None:
+        self.ptrs = True
+        """False while building an alias's records: PTR records name the canonical hostname only."""
         self.names: dict[str, dict[int, list[Rdata]]] = defaultdict(dict)
         self._packed: dict[IP, tuple[int, bytes]] = {}
         self._encodable: dict[str, bool] = {"": True}
@@ -218,7 +223,8 @@ class _Builder:
         self.add(owner, *packed)
 
     def ptr(self, ip: IP, target: str) -> None:
-        self.add(reverse_name(ip), PTR, Named(b"", target), target)
+        if self.ptrs:
+            self.add(reverse_name(ip), PTR, Named(b"", target), target)
 
     def srv(self, owner: str, priority: int, weight: int, port: int, target: str) -> None:
         self.add(owner, SRV, srv(_u16(priority), _u16(weight), _u16(port), target), target)
@@ -227,19 +233,46 @@ class _Builder:
         self.add(owner, CNAME, Named(b"", target), target)
 
     def nodes(self) -> dict[str, Node]:
-        return {name: Node.of(by_type) for name, by_type in self.names.items()}
+        """The records by owner name, each RRset without duplicates (an IP listed twice is one record)."""
+        return {
+            name: Node.of({t: dict.fromkeys(rdatas) if len(rdatas) > 1 else rdatas for t, rdatas in by_type.items()})
+            for name, by_type in self.names.items()
+        }
 
 
-def service_records(svc: Service, zone: Zone | None) -> dict[str, Node]:
-    """The records `svc` contributes, by owner name, under the naming rules of `zone` (None: outside every zone)."""
+def service_records(
+    svc: Service, zone: Zone | None, zone_of: Callable[[str], Zone | None] | None = None
+) -> dict[str, Node]:
+    """The records `svc` contributes, by owner name, under the naming rules of `zone` (None: outside every zone).
+
+    Each of `svc.aliases` is answered exactly like the hostname, under the rules of its own zone
+    (`zone_of`; without it, `zone` when the alias is under it); PTR records name the hostname only.
+    A Consul alias (`<svc>.service.<domain>`) keeps the canonical name's datacenter for its SRV targets.
+    """
     b = _Builder()
+    _one(svc, zone, b, svc.hostname)
+    if svc.aliases:
+        b.ptrs = False
+        for alias in svc.aliases:
+            if alias == svc.hostname:
+                continue
+            if zone_of is not None:
+                alias_zone = zone_of(alias)
+            else:
+                alias_zone = (
+                    zone if zone is not None and (alias == zone.name or alias.endswith("." + zone.name)) else None
+                )
+            _one(dataclasses.replace(svc, hostname=alias, aliases=()), alias_zone, b, svc.hostname)
+    return b.nodes()
+
+
+def _one(svc: Service, zone: Zone | None, b: _Builder, canonical: str) -> None:
     if zone is not None and zone.flavor is ZoneFlavor.KUBERNETES and _is_kubernetes_name(svc.hostname, zone):
         _plain(svc, b, kubernetes=True)
-    elif zone is not None and zone.flavor is ZoneFlavor.CONSUL and _is_consul_name(svc.hostname, zone):
-        _consul(svc, zone, b)
+    elif zone is not None and zone.flavor is ZoneFlavor.CONSUL and _consul_parts(svc.hostname, zone) is not None:
+        _consul(svc, zone, b, canonical)
     else:
         _plain(svc, b)
-    return b.nodes()
 
 
 def _is_kubernetes_name(host: str, zone: Zone) -> bool:
@@ -247,9 +280,12 @@ def _is_kubernetes_name(host: str, zone: Zone) -> bool:
     return len(rest) == 3 and rest[2] == "svc"
 
 
-def _is_consul_name(host: str, zone: Zone) -> bool:
+def _consul_parts(host: str, zone: Zone) -> tuple[str, str] | None:
+    """(service, datacenter or "") of a Consul name `<svc>.service[.<dc>].<domain>`, else None."""
     rest = host[: -len(zone.name) - 1].split(".") if host.endswith("." + zone.name) else []
-    return len(rest) == 2 and rest[1] == "service"
+    if len(rest) in (2, 3) and rest[1] == "service":
+        return rest[0], rest[2] if len(rest) == 3 else ""
+    return None
 
 
 def _vips(svc: Service) -> list[IP]:
@@ -310,10 +346,17 @@ def _plain(svc: Service, b: _Builder, *, kubernetes: bool = False) -> None:
         _with_endpoints(svc, (ep for ep in svc.endpoints if ep.health.serving), b)
 
 
-def _consul(svc: Service, zone: Zone, b: _Builder) -> None:
-    name = svc.hostname.split(".", 1)[0]
-    dc = svc.labels.get(CONSUL_DATACENTER_LABEL, "").lower()
-    suffixes = [f"service.{zone.name}"] + ([f"service.{dc}.{zone.name}"] if dc else [])
+def _consul(svc: Service, zone: Zone, b: _Builder, canonical: str) -> None:
+    """Consul's DNS interface for `svc.hostname` = `<svc>.service[.<dc>].<domain>`: passing instances
+    at `[tag.]<svc>.<suffix>` (A/AAAA and SRV) and the RFC 2782 forms `_<svc>._<tag|tcp>.<suffix>`
+    (SRV), tags from `Endpoint.tags`; SRV targets `<hex ip>.addr.<dc>.<domain>`, `<dc>` taken from
+    the `canonical` hostname (an alias without a datacenter points at the same targets)."""
+    parts = _consul_parts(svc.hostname, zone)
+    assert parts is not None
+    name = parts[0]
+    suffix = svc.hostname[len(name) + 1 :]
+    home = _consul_parts(canonical, zone)
+    dc = (home[1] if home is not None else "") or parts[1]
     addr_suffix = f"addr.{dc}.{zone.name}" if dc else f"addr.{zone.name}"
     port = svc.ports[0] if svc.ports else None
     passing: list[tuple[Endpoint, IP, str]] = []
@@ -334,15 +377,13 @@ def _consul(svc: Service, zone: Zone, b: _Builder) -> None:
 
     tags: dict[str, list[tuple[Endpoint, IP, str]]] = defaultdict(list)
     for member in passing:
-        for key in member[0].labels:
-            if key.startswith(CONSUL_TAG_PREFIX) and key != CONSUL_TAG_PREFIX:
-                tags[key[len(CONSUL_TAG_PREFIX) :].lower()].append(member)
-    for suffix in suffixes:
-        answer(f"{name}.{suffix}", passing, addresses=True)
-        answer(f"_{name}._tcp.{suffix}", passing, addresses=False)
-        for tag, members in tags.items():
-            answer(f"{tag}.{name}.{suffix}", members, addresses=True)
-            answer(f"_{name}._{tag}.{suffix}", members, addresses=False)
+        for tag in dict.fromkeys(t.lower() for t in member[0].tags if t):
+            tags[tag].append(member)
+    answer(f"{name}.{suffix}", passing, addresses=True)
+    answer(f"_{name}._tcp.{suffix}", passing, addresses=False)
+    for tag, members in tags.items():
+        answer(f"{tag}.{name}.{suffix}", members, addresses=True)
+        answer(f"_{name}._{tag}.{suffix}", members, addresses=False)
 
 
 def _count(shared: dict[int, dict[Rdata, int]], node: Node, step: int) -> None:
@@ -492,7 +533,7 @@ class RecordTable:
             for host in [h for h in self._contributions if h != _STATIC]:
                 self._set(host, {})
             for svc in services.values():
-                self._set(svc.hostname, service_records(svc, self.zone_of(svc.hostname)))
+                self._set(svc.hostname, service_records(svc, self.zone_of(svc.hostname), self.zone_of))
         finally:
             if enabled:
                 gc.enable()
@@ -502,7 +543,7 @@ class RecordTable:
         affected: set[str] = set()
         for host in changed:
             svc = services.get(host)
-            new = service_records(svc, self.zone_of(host)) if svc is not None else {}
+            new = service_records(svc, self.zone_of(host), self.zone_of) if svc is not None else {}
             affected |= self._set(host, new)
         return affected
 

@@ -27,8 +27,6 @@ from discoveryd.config import DnsConfig
 from discoveryd.dns import DnsServer, udp
 from discoveryd.index import Index
 from discoveryd.model import (
-    CONSUL_DATACENTER_LABEL,
-    CONSUL_TAG_PREFIX,
     Endpoint,
     Health,
     Hostname,
@@ -84,16 +82,16 @@ def k8s_services() -> list[Service]:
 
 
 def consul_services() -> list[Service]:
-    tag = CONSUL_TAG_PREFIX
+    # As the Consul adapter writes them: canonical name with the datacenter, the local alias, typed tags.
     return [
         Service(
-            Hostname("redis.service.consul"),
-            labels={CONSUL_DATACENTER_LABEL: "dc1"},
+            Hostname("redis.service.dc1.consul"),
+            aliases=(Hostname("redis.service.consul"),),
             ports=(Port(6379, "redis"),),
             endpoints=(
-                _ep("10.2.0.1", labels={tag + "primary": ""}),
-                _ep("10.2.0.2", labels={tag + "replica": ""}, ports={"redis": 7000}),
-                _ep("10.2.0.3", labels={tag + "replica": ""}, health=Health.UNHEALTHY),
+                _ep("10.2.0.1", tags=("primary",)),
+                _ep("10.2.0.2", tags=("replica",), ports={"redis": 7000}),
+                _ep("10.2.0.3", tags=("replica",), health=Health.UNHEALTHY),
             ),
         )
     ]

@@ -20,7 +20,6 @@ from discoveryd.dns.message import MAX_UDP, NOERROR, NXDOMAIN, PTR, RR, SOA, A, 
 from discoveryd.dns.records import RecordTable, consul_hex, dashed, parse_ip, service_records
 from discoveryd.dns.wire import cache_limit, scan, subkey
 from discoveryd.model import (
-    CONSUL_TAG_PREFIX,
     Endpoint,
     Health,
     Hostname,
@@ -111,12 +110,59 @@ def test_consul_without_datacenter_uses_plain_addr_names() -> None:
     svc = Service(
         Hostname("web.service.consul"),
         ports=(Port(80, "http"),),
-        endpoints=(Endpoint("10.0.0.1", labels={CONSUL_TAG_PREFIX + "V2": ""}),),
+        endpoints=(Endpoint("10.0.0.1", tags=("V2",)),),
     )
     got = owners(svc, CONSUL)
     assert got["0a000001.addr.consul"] == ["10.0.0.1"]
     assert got["v2.web.service.consul"] == ["0 1 80 0a000001.addr.consul.", "10.0.0.1"]
     assert got["_web._v2.service.consul"] == ["0 1 80 0a000001.addr.consul."]
+
+
+def test_consul_canonical_name_and_local_alias_from_typed_fields() -> None:
+    # What the Consul adapter writes: canonical <svc>.service.<dc>.<domain>, alias <svc>.service.<domain>.
+    svc = Service(
+        Hostname("web.service.dc1.consul"),
+        aliases=(Hostname("web.service.consul"),),
+        ports=(Port(80, "http"),),
+        endpoints=(
+            Endpoint("10.0.0.1", tags=("Primary", "v2")),
+            Endpoint("10.0.0.2", tags=("v2",), ports={"http": 8080}),
+            Endpoint("10.0.0.3", tags=("v2",), health=Health.UNHEALTHY),
+        ),
+    )
+    t = table(svc)
+    got = {n: sorted(text(*r) for r in node.records()) for n, node in t.owners().items()}
+    srv = ["0 1 80 0a000001.addr.dc1.consul.", "0 1 8080 0a000002.addr.dc1.consul."]
+    for suffix in ("service.dc1.consul", "service.consul"):
+        assert got[f"web.{suffix}"] == sorted([*srv, "10.0.0.1", "10.0.0.2"])
+        assert got[f"_web._tcp.{suffix}"] == srv
+        assert got[f"primary.web.{suffix}"] == ["0 1 80 0a000001.addr.dc1.consul.", "10.0.0.1"]
+        assert got[f"_web._v2.{suffix}"] == srv
+    assert got["0a000002.addr.dc1.consul"] == ["10.0.0.2"]
+    assert "0a000002.addr.consul" not in got
+    # PTR names the canonical datacenter's addr name once, not once per alias.
+    assert got["2.0.0.10.in-addr.arpa"] == ["0a000002.addr.dc1.consul."]
+
+
+def test_aliases_are_answered_like_the_hostname() -> None:
+    svc = Service(
+        Hostname("api.mesh.local"),
+        aliases=(Hostname("api.example.org"), Hostname("api.default.svc.cluster.local")),
+        addresses=("10.9.0.1",),
+        ports=(Port(443, "https"),),
+    )
+    t = table(svc)
+    for name in ("api.mesh.local", "api.example.org", "api.default.svc.cluster.local"):
+        node = t.node(name)
+        assert node is not None and [text(A, rd) for rd in node.get(A) or ()] == ["10.9.0.1"], name
+    srv = t.node("_https._tcp.api.default.svc.cluster.local")
+    assert srv is not None and [text(33, rd) for rd in srv.get(33) or ()] == [
+        "0 100 443 api.default.svc.cluster.local."
+    ]
+    ptr = t.node("1.0.9.10.in-addr.arpa")
+    assert ptr is not None and [text(PTR, rd) for rd in ptr.get(PTR) or ()] == ["api.mesh.local."]
+    t.update({}, [svc.hostname])
+    assert t.node("api.example.org") is None
 
 
 def test_table_forgets_everything_it_was_given() -> None:
