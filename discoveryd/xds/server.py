@@ -199,9 +199,6 @@ class XdsServer:
                 await self._release()
                 continue
             self._rebuild(snap, self._index.changed_between(self._built_from.version, snap.version), origin)
-            if not self._serving and snap.ready:
-                # The index became ready inside the debounce window: the loop head will not see it again.
-                await self._release()
 
     async def _release(self) -> None:
         """The index became ready: build its newest snapshot at once (no debounce) and start writing."""
