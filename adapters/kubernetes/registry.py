@@ -43,7 +43,7 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
-from adapters.kubernetes.api import Api, ApiError, Kind, NotFound, Obj, Reflector, Store
+from adapters.kubernetes.api import Api, ApiError, Kind, Obj, Reflector, Store
 from adapters.kubernetes.config import KubernetesConfig
 from adapters.kubernetes.crds import ISTIO_PART, IstioView
 from adapters.kubernetes.mapping import (
@@ -537,22 +537,27 @@ class KubernetesRegistry:
             await api.close()
 
     async def _crd(self, reflector: Reflector, api: Api, on_watching: Callable[[], None]) -> None:
-        """`reflector.run` for a CRD that may not be installed: its absence is reported once and
-        looked at again every `crd_retry`; meanwhile the kind counts as listed, empty."""
-        absent = False
+        """`reflector.run` for a CRD that may not be installed (404) or not readable (403: an RBAC without
+        the Istio rules): that is logged once and looked at again every `crd_retry`; meanwhile the kind
+        counts as listed, empty. Other errors end the session as for any kind."""
+        absent: int | None = None
         while True:
             try:
                 await reflector.run(api, on_watching)
-            except NotFound as e:
-                if not absent:
-                    log.info(
-                        "kubernetes %s: %s is not served (%s); Istio CRDs not installed? looking again every %gs",
+            except ApiError as e:
+                if e.status not in (403, 404):
+                    raise
+                if absent != e.status:
+                    log.log(
+                        logging.INFO if e.status == 404 else logging.WARNING,
+                        "kubernetes %s: %s: %s (%s); looking again every %gs",
                         self.config.source,
                         reflector.kind,
+                        "not served: Istio CRDs not installed?" if e.status == 404 else "forbidden",
                         e.message,
                         self._config.crd_retry,
                     )
-                absent = True
+                absent = e.status
                 reflector.resource_version = None
                 reflector.store.replace([])
                 reflector.mark_listed()

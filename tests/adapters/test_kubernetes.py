@@ -564,3 +564,20 @@ async def test_pods_selected_as_workloads_when_enabled(fake: FakeApiServer, inde
         assert (ep.service_account, ep.target_ref) == ("legacy", "Pod/shop/legacy-1")
         fake.delete("pods", "shop", "legacy-1")
         await eventually(lambda: _eps(index, host) == {}, what="pod gone")
+
+
+async def test_forbidden_crds_do_not_stop_the_services(fake: FakeApiServer, index: Index, tmp_path: Path) -> None:
+    """An RBAC without the Istio rules (403 on serviceentries) leaves the istio part empty and looked at
+    again slowly; the Services are read and followed as usual, the registry ready and not stale."""
+    fake.install_crds()
+    fake.forbidden.add("serviceentries")
+    _web(fake, 1)
+    source = SourceId("kubernetes/c1")
+    async with running(index, _config(tmp_path, fake, crd_retry="100ms"), tmp_path):
+        await eventually(lambda: index.snapshot.ready and _host(0) in index.snapshot.services, what="first sync")
+        fake.apply("services", service("s9", "shop", cluster_ips=["10.96.1.9"]))
+        await eventually(lambda: _host(9) in index.snapshot.services, what="followed")
+        assert not index.snapshot.shards[source].stale
+        fake.forbidden.clear()
+        fake.apply("serviceentries", _entry("e", "shop", {"hosts": ["e.example.com"], "resolution": "DNS"}))
+        await eventually(lambda: Hostname("e.example.com") in index.snapshot.services, what="readable later")

@@ -206,6 +206,8 @@ class FakeApiServer:
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.after_page: Callable[[str], None] | None = None
         """Called with the resource's plural after each list page that has a continue token (to expire it, ...)."""
+        self.forbidden: set[str] = set()
+        """Resource plurals answered 403 Forbidden (an RBAC that does not grant them)."""
         self.failures: dict[str, int] = {}
         """Resource plural → HTTP status answered to its next request (one-shot fault injection)."""
 
@@ -357,6 +359,8 @@ class FakeApiServer:
         namespace = info.get("namespace")
         if namespace is not None and not res.namespaced:
             return self._error(404, "NotFound", "the server could not find the requested resource")
+        if plural in self.forbidden:
+            return self._error(403, "Forbidden", f"{plural} is forbidden: cannot list resource {plural!r}")
         fault = self.failures.pop(plural, None)
         if fault is not None:
             return self._error(fault, "InternalError", f"injected failure {fault}")
