@@ -182,6 +182,7 @@ async def _measure(opts: dict[str, int], figures: dict[str, Any]) -> None:
         # Update throughput: a burst of slice changes, until the last one is in the index.
         count = opts["updates"]
         version0 = index.snapshot.version
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         start = time.monotonic()
         done = (await ask(f"burst {count}")).split()
         last_k, last_flipped = int(done[1]), done[2] == "True"
@@ -196,6 +197,9 @@ async def _measure(opts: dict[str, int], figures: dict[str, Any]) -> None:
         while not applied():
             await index.wait(index.snapshot.version)
         elapsed = time.monotonic() - start
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        burst_cpu = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
+        figures["updates_per_cpu_s"] = round(count / burst_cpu) if burst_cpu > 0 else None
         figures["updates"] = count
         figures["updates_per_s"] = round(count / elapsed)
         figures["writer_alone_per_s"] = round(count / float(done[3]))
@@ -338,7 +342,8 @@ def main(argv: list[str]) -> None:
             "update throughput",
             f"{figures['updates_per_s']} slice changes/s"
             f" ({figures['updates']} → {figures['update_versions']} versions);"
-            f" the fake server alone: {figures['writer_alone_per_s']}/s",
+            f" the fake server alone: {figures['writer_alone_per_s']}/s;"
+            f" {figures['updates_per_cpu_s']} changes per CPU-second in this process",
         ],
         [
             "event → index version",
