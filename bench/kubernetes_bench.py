@@ -332,7 +332,8 @@ def main(argv: list[str]) -> None:
     rows = [
         [
             "initial sync",
-            f"{figures['initial_sync_s']} s ({opts['services']} services, {figures['endpoints']} endpoints)",
+            f"{figures['initial_sync_s']} s, {figures['initial_sync_cpu_s']} s CPU in this process"
+            f" ({opts['services']} services, {figures['endpoints']} endpoints; load average {figures['load_average']})",
         ],
         [
             "RSS before / after / added",
