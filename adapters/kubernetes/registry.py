@@ -127,7 +127,6 @@ class _ServiceView:
         """(namespace, slice name) → (resourceVersion, mapping; None for a slice of no use: FQDN, unlabelled)."""
         self.by_service: dict[ServiceKey, set[tuple[str, str]]] = {}
         self.nodes: dict[str, tuple[str, str]] | None = {} if config.watch_nodes else None
-        self._node_rv: dict[str, str] = {}
         self.by_node: dict[str, dict[ServiceKey, int]] = {}
         """Node → how many endpoints of each Service run there (kept only when nodes are watched)."""
         self.dirty: set[ServiceKey] = set()
