@@ -201,6 +201,9 @@ class FakeApiServer:
         self._history: dict[str, list[tuple[int, str, Obj, Obj | None]]] = {p: [] for p in RESOURCES}
         """Per resource: (rv, type, object, previous object) of every change since `compacted`."""
         self._watchers: set[_Watcher] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
+        """The tasks serving open watches: `stop()` ends any that outlive the runner's shutdown."""
+        self._stopping = False
         self._snapshots: dict[str, _Snapshot] = {}
         self._runner: web.AppRunner | None = None
         self.requests: list[tuple[str, dict[str, str]]] = []
@@ -219,6 +222,7 @@ class FakeApiServer:
         return f"http://{host}:{self.port}"
 
     async def start(self) -> None:
+        self._stopping = False
         app = web.Application()
         app.router.add_get("/api/{version}/{plural}", self._handle)
         app.router.add_get("/api/{version}/namespaces/{namespace}/{plural}", self._handle)
@@ -236,12 +240,18 @@ class FakeApiServer:
 
     async def stop(self) -> None:
         """Stop serving: every watch ends (its connection closes), new connections are refused."""
+        self._stopping = True
         for w in list(self._watchers):
             w.queue.put_nowait(None)
         self._watchers.clear()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+        # A watch that arrived while the runner shut down may still be waiting: end it too.
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.gather(*self._handlers, return_exceptions=True)
 
     async def restart(self, *, keep_history: bool = False) -> None:
         """Stop and start on the same port. The data stays (it lives in etcd); the new watch
@@ -346,6 +356,8 @@ class FakeApiServer:
         return web.json_response(status(code, reason, message), status=code)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self._stopping:
+            return self._error(503, "ServiceUnavailable", "the API server is shutting down")
         info = request.match_info
         query = dict(request.query)
         self.requests.append((request.path, query))
@@ -457,6 +469,9 @@ class FakeApiServer:
             return web.json_response(gone, status=410)
 
         watcher = _Watcher(res, namespace, selector)
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
         backlog: list[tuple[str, Obj]] = []
         if too_old:
             backlog.append(("ERROR", gone))
@@ -520,6 +535,7 @@ class FakeApiServer:
             pass
         finally:
             self._watchers.discard(watcher)
+            self._handlers.discard(task)
         return response
 
 

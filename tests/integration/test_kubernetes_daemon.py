@@ -122,7 +122,12 @@ async def test_kubernetes_names_are_answered_and_envoy_follows_the_slices(tmp_pa
         )
         fake.apply("services", service("mirror", "shop", external_name="mirror.example.org"))
         async with daemon(tmp_path, fake) as d:
-            assert await ask(d.dns, f"{WEB}.", dns.rdatatype.A) == (dns.rcode.NOERROR, {"10.96.0.10"})
+            # The DNS server applies index versions in a task of its own: wait for it to hold the first sync.
+            async def answered() -> bool:
+                return await ask(d.dns, f"{WEB}.", dns.rdatatype.A) == (dns.rcode.NOERROR, {"10.96.0.10"})
+
+            # The first sync is one index version: once one Service is answered, all are.
+            await eventually(answered, timeout=10, what="first sync answered")
             assert await ask(d.dns, f"_http._tcp.{WEB}.", dns.rdatatype.SRV) == (
                 dns.rcode.NOERROR,
                 {f"0 100 80 {WEB}."},
