@@ -253,3 +253,7 @@ class Zone:
 
     name: Hostname
     flavor: ZoneFlavor = ZoneFlavor.PLAIN
+    sources: tuple[SourceId, ...] = ()
+    """The registries whose names live under the zone (set by the supervisor from the registries
+    that offer it). Until every one of them is ready, DNS answers SERVFAIL instead of a negative
+    answer under the zone; empty: the zone never waits."""

@@ -91,7 +91,9 @@ def zones_for(cfg: Config, registries: list[Registry]) -> list[Zone]:
     for reg in registries:
         if isinstance(reg, ZoneProvider):
             for zone in reg.zones():
-                offered.setdefault(zone.name, zone)
+                known = offered.setdefault(zone.name, zone)
+                sources = (*known.sources, *zone.sources, reg.source)
+                offered[zone.name] = dataclasses.replace(known, sources=tuple(dict.fromkeys(sources)))
     if cfg.dns.zones:
         return [offered.get(Hostname(z), Zone(Hostname(z), ZoneFlavor.PLAIN)) for z in cfg.dns.zones]
     return list(offered.values())

@@ -50,6 +50,7 @@ from discoveryd.dns.message import (
     NXDOMAIN,
     PTR,
     RR,
+    SERVFAIL,
     SOA,
     SRV,
     TXT,
@@ -167,6 +168,9 @@ def resolve(table: RecordTable, qname: str, qtype: int, qlabels: Sequence[bytes]
                 dangling = name
             break
     authority: list[RR] = []
+    if negative and zone is not None and zone.name in table.unready:
+        # "No such name" under a zone whose registry has not synced yet is a guess clients would cache.
+        return Resolved(SERVFAIL)
     if negative and zone is not None:
         # RFC 2308: the SOA of the zone that holds the last name, for min(SOA TTL, MINIMUM).
         soa = table.soa(zone)
@@ -462,7 +466,7 @@ class Authority:
         lowered = tuple(map(bytes.lower, qname))
         limit = 0xFFFF if tcp else cache_limit(response_limit(edns, False))
         question = (lowered, qtype, qclass)
-        header = header_flags(resolved.rcode, aa=True)
+        header = header_flags(resolved.rcode, aa=resolved.rcode != SERVFAIL)
         opt = opt_record(edns.do, resolved.rcode) if edns is not None else None
         answer, authority, additional = resolved.answer, resolved.authority, resolved.additional
         packed = [pack(0, header, question, answer, authority, additional, opt, limit)]
@@ -474,7 +478,7 @@ class Authority:
         wire = b"".join(bytes((len(p),)) + p for p in qname) + b"\x00"
         key = wire.lower()  # length bytes are below 64: lower() changes only the labels' letters
         cached = _Cached(packed, len(key), self.metrics.query_counter(qtype, resolved.rcode), self.metrics)
-        if resolved.dangling is None:
+        if resolved.dangling is None and resolved.rcode != SERVFAIL:
             sub = subkey(qtype, qclass, limit, edns is not None and edns.do, edns is not None)
             self._store(key, sub, cached, resolved.reads)
         return cached.reply(struct.pack("!HH8x", qid, flags) + wire, 12 + len(wire))

@@ -466,6 +466,9 @@ class RecordTable:
         self.zones = tuple(sorted(zones, key=lambda z: -len(z.name)))
         self._serial = serial
         self._ns_addresses = tuple(ns_addresses)
+        self.unready: frozenset[str] = frozenset()
+        """Zones (by name) with a registry not ready yet: negative answers under them are SERVFAIL.
+        Set by the server's sync task from each snapshot's shard status."""
         # Per hostname, its records flat: (name, node, name, node, ...); a third of a dict's size.
         self._contributions: Parts[Hostname, tuple[str | Node, ...]] = Parts()
         self._names: Parts[str, Node] = Parts()

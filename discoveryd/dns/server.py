@@ -278,6 +278,7 @@ class DnsServer:
             table.update(services, chunk)
             await pacer.pause()
         pacer.done()
+        table.unready = self._unready(snapshot)
         self._authority = Authority(table, self.metrics)
         self._snapshot = snapshot
         self.metrics.record_names.set(table.names())
@@ -301,7 +302,20 @@ class DnsServer:
             authority.update(new.services, chunk)
             await pacer.pause()
         pacer.done()
+        unready = self._unready(new)
+        if unready != authority.table.unready:
+            authority.table.unready = unready
+            authority.clear()  # negative answers cached for a zone that turned unready (rare: a registry added)
         self._snapshot = new
+
+    def _unready(self, snapshot: Snapshot) -> frozenset[str]:
+        """The zones with a registry that is neither synced nor restored nor timed out (`ready`)."""
+        shards = snapshot.shards
+        return frozenset(
+            zone.name
+            for zone in self._zones
+            if any((status := shards.get(source)) is not None and not status.ready for source in zone.sources)
+        )
 
     async def _sync_or_log(self) -> None:
         try:
