@@ -133,6 +133,11 @@ def resolve(table: RecordTable, qname: str, qtype: int, qlabels: Sequence[bytes]
     dangling = None
     for hop in range(_MAX_CHAIN):
         node = _find(table, name, zone is not None)
+        if node is None and name in table.forwarded:
+            if hop == 0:
+                return None  # a DNS-resolution service without addresses: its name resolves upstream
+            dangling = name
+            break
         if node is None:
             if hop == 0 and zone is None:
                 return None
@@ -166,6 +171,9 @@ def resolve(table: RecordTable, qname: str, qtype: int, qlabels: Sequence[bytes]
         if zone is None and table.node(name) is None:
             if _find(table, name, False) is None:
                 dangling = name
+            break
+        if name in table.forwarded and table.node(name) is None:
+            dangling = name
             break
     authority: list[RR] = []
     if negative and zone is not None and zone.name in table.unready:

@@ -466,6 +466,9 @@ class RecordTable:
         self.zones = tuple(sorted(zones, key=lambda z: -len(z.name)))
         self._serial = serial
         self._ns_addresses = tuple(ns_addresses)
+        self.forwarded: set[Hostname] = set()
+        """Hostnames of DNS-resolution services that contribute no records (a ServiceEntry
+        resolving its own host, no endpoints): their names are forwarded, also inside a zone."""
         self.unready: frozenset[str] = frozenset()
         """Zones (by name) with a registry not ready yet: negative answers under them are SERVFAIL.
         Set by the server's sync task from each snapshot's shard status."""
@@ -535,8 +538,11 @@ class RecordTable:
         try:
             for host in [h for h in self._contributions if h != _STATIC]:
                 self._set(host, {})
+            self.forwarded.clear()
             for svc in services.values():
-                self._set(svc.hostname, service_records(svc, self.zone_of(svc.hostname), self.zone_of))
+                records = service_records(svc, self.zone_of(svc.hostname), self.zone_of)
+                self._set(svc.hostname, records)
+                self._note_forwarded(svc.hostname, svc, records)
         finally:
             if enabled:
                 gc.enable()
@@ -548,7 +554,36 @@ class RecordTable:
             svc = services.get(host)
             new = service_records(svc, self.zone_of(host), self.zone_of) if svc is not None else {}
             affected |= self._set(host, new)
+            if self._note_forwarded(host, svc, new):
+                affected.add(host)
         return affected
+
+    def _note_forwarded(self, host: Hostname, svc: Service | None, records: dict[str, Node]) -> bool:
+        """Track `host` in `forwarded`; True when that changed."""
+        forward = (
+            svc is not None
+            and not records
+            and not svc.is_wildcard
+            and svc.resolution in (Resolution.DNS, Resolution.DNS_ROUND_ROBIN)
+        )
+        if forward == (host in self.forwarded):
+            return False
+        if forward:
+            self.forwarded.add(host)
+        else:
+            self.forwarded.discard(host)
+        return True
+
+    def set_serial(self, serial: int) -> set[str]:
+        """Put `serial` in every zone's SOA; return the apex names whose records changed."""
+        if serial == self._serial:
+            return set()
+        self._serial = serial
+        return self._set(_STATIC, self._zone_records())
+
+    @property
+    def serial(self) -> int:
+        return self._serial
 
     def _set(self, host: Hostname, records: dict[str, Node]) -> set[str]:
         flat = self._contributions.pop(host) or ()

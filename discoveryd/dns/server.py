@@ -302,11 +302,19 @@ class DnsServer:
             authority.update(new.services, chunk)
             await pacer.pause()
         pacer.done()
+        authority.forget(authority.table.set_serial(self._next_serial()))
         unready = self._unready(new)
         if unready != authority.table.unready:
             authority.table.unready = unready
             authority.clear()  # negative answers cached for a zone that turned unready (rare: a registry added)
         self._snapshot = new
+
+    def _next_serial(self) -> int:
+        """The SOA serial for a table that just took new index versions: the current Unix time, or
+        one more than the previous serial when that is not older (several syncs in one second).
+        It moves with every applied change and, restarted later, does not go back (RFC 1982)."""
+        self._serial = max(int(time.time()), self._serial + 1) & 0xFFFFFFFF
+        return self._serial
 
     def _unready(self, snapshot: Snapshot) -> frozenset[str]:
         """The zones with a registry that is neither synced nor restored nor timed out (`ready`)."""
