@@ -300,7 +300,9 @@ class Index:
         self._publish()
 
     def capture(self) -> list[PartCapture]:
-        """Every part's content as it is now, for the state writer (O(parts), no serialisation).
+        """Every part that has synced (or was restored and not yet synced) as it is now, for the state writer.
+
+        O(parts + services), no serialisation.
 
         The services are immutable values and the tuples are new: the result
         may be read from another thread while the index moves on.
@@ -309,7 +311,7 @@ class Index:
         return [
             PartCapture(key.source, key.part, tuple(st.services.values()), st.resume_point)
             for key, st in self._parts.items()
-            if st.used or st.services
+            if st.synced or st.restored  # never synced: no known world, restoring it would fake readiness
         ]
 
     @property

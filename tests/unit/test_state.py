@@ -76,7 +76,9 @@ def test_round_trip_keeps_every_field_and_resume_points(tmp_path: Path) -> None:
     root = index.writer(A)
     root.replace([rich_service("a.example")])
     root.set_resume_point("rev=42")
+    root.mark_synced()
     root.part("dc2").replace([svc("b.example", "10.0.0.2")])
+    root.part("dc2").mark_synced()
     state.write_atomically(tmp_path, state.encode(index.capture(), 1000.0))
     loaded = state.load(tmp_path, [A, B])
     assert loaded is not None and loaded.written == 1000.0
@@ -138,7 +140,9 @@ def restored_index(tmp_path: Path) -> Index:
     root.replace([svc("kept.example", "10.0.0.1"), svc("gone.example", "10.0.0.2")])
     root.mark_synced()
     before.writer(A).part("old-dc").replace([svc("old-dc.example", "10.0.1.1")])
+    before.writer(A).part("old-dc").mark_synced()
     before.writer(B).replace([svc("file.example", "10.0.2.1")])
+    before.writer(B).mark_synced()
     state.write_atomically(tmp_path, state.encode(before.capture(), 1.0))
     after = Index([A, B])
     loaded = state.load(tmp_path, [A, B])
@@ -177,6 +181,7 @@ def test_resume_point_is_handed_back_after_a_restart(tmp_path: Path) -> None:
     index = Index([A])
     index.writer(A).part("dc1").set_resume_point("index=7")
     index.writer(A).part("dc1").replace([svc("x.example", "10.0.0.1")])
+    index.writer(A).part("dc1").mark_synced()
     state.write_atomically(tmp_path, state.encode(index.capture(), 1.0))
     again = Index([A])
     loaded = state.load(tmp_path, [A])
@@ -188,6 +193,7 @@ def test_resume_point_is_handed_back_after_a_restart(tmp_path: Path) -> None:
 async def test_saver_writes_throttled_and_on_stop(tmp_path: Path) -> None:
     index = Index([A])
     shard = index.writer(A)
+    shard.mark_synced()
     saver = StateSaver(index, tmp_path, interval=0.2)
     task = asyncio.create_task(saver.run())
     try:
@@ -256,6 +262,7 @@ def test_an_adapter_that_resumes_keeps_the_restored_content(tmp_path: Path) -> N
     before = Index([A])
     before.writer(A).replace([svc("a.example", "10.0.0.1"), svc("b.example", "10.0.0.2")])
     before.writer(A).set_resume_point("cluster:42")
+    before.writer(A).mark_synced()
     state.write_atomically(tmp_path, state.encode(before.capture(), 1.0))
     index = Index([A])
     loaded = state.load(tmp_path, [A])
@@ -274,8 +281,23 @@ def test_content_saved_under_another_registry_config_is_not_restored(tmp_path: P
     old, new = RegistryConfig(kind="etcd", name="main"), RegistryConfig(kind="etcd", name="main2")
     index = Index([A])
     index.writer(A).replace([svc("a.example", "10.0.0.1")])
+    index.writer(A).mark_synced()
     state.write_atomically(tmp_path, state.encode(index.capture(), 1.0, {A: state.config_fingerprint(old)}))
     same = state.load(tmp_path, {A: state.config_fingerprint(old)})
     assert same is not None and [p.source for p in same.parts] == [A]
     changed = state.load(tmp_path, {A: state.config_fingerprint(new)})
     assert changed is not None and changed.parts == ()
+
+
+def test_a_part_that_never_synced_is_not_saved(tmp_path: Path) -> None:
+    index = Index([A, B])
+    index.writer(A).mark_failing("etcd down")  # never synced: nothing known about it
+    index.writer(B).replace([svc("file.example", "10.0.0.1")])
+    index.writer(B).mark_synced()
+    state.write_atomically(tmp_path, state.encode(index.capture(), 1.0))
+    again = Index([A, B])
+    loaded = state.load(tmp_path, [A, B])
+    assert loaded is not None and [p.source for p in loaded.parts] == [B]
+    state.restore(again, loaded)
+    again.writer(A)
+    assert not again.snapshot.ready  # A must still sync (or time out): it was never restored
