@@ -174,7 +174,8 @@ class _Datacenter:
     down: bool = False
     epoch: int = 0
     """Bumped by a reset: blocked queries return at once (Consul aborts them on a snapshot restore)."""
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    wakers: dict[str, asyncio.Event] = field(default_factory=dict)
+    """Per resource (`services`, `service:<name>`), the event its held queries wait on; replaced when set."""
 
 
 @dataclass(slots=True)
@@ -266,21 +267,27 @@ class FakeConsul:
     def _bump(self, dc: _Datacenter, services: Iterable[str], *, table: bool) -> int:
         # Raft's first entry (index 1) is the cluster's own configuration: a write lands at 2 or later.
         dc.index = max(dc.index + 1, 2)
+        keys = []
         for s in services:
             dc.service_index[s] = dc.index
+            keys.append(f"service:{s}")
         if table:
             dc.services_index = dc.index
-        self._notify(dc)
+            # A service watch on a name without instances answers with the services index.
+            keys += ["services", *(k for k in dc.wakers if k.startswith("service:") and k[8:] not in dc.service_index)]
+        self._wake(dc, keys)
         return dc.index
 
     def _notify(self, dc: _Datacenter) -> None:
-        async def wake() -> None:
-            async with dc.changed:
-                dc.changed.notify_all()
+        """Wake every query held in `dc` (a reset, a datacenter going down or coming back)."""
+        self._wake(dc, list(dc.wakers))
 
-        task = asyncio.get_running_loop().create_task(wake())
-        self._active.add(task)
-        task.add_done_callback(self._active.discard)
+    def _wake(self, dc: _Datacenter, keys: Iterable[str]) -> None:
+        """Wake the queries held on these resources only: a write costs what it touches, not every watch."""
+        for key in keys:
+            event = dc.wakers.pop(key, None)
+            if event is not None:
+                event.set()
 
     def register(
         self,
@@ -465,7 +472,7 @@ class FakeConsul:
         if path == "/v1/catalog/datacenters":
             return self._json(sorted(self._dcs))
         if path == "/v1/catalog/services":
-            await self._block(request, dc, lambda: dc.services_index)
+            await self._block(request, dc, "services", lambda: dc.services_index)
             if dc.down:
                 return web.Response(status=500, text="rpc error making call: No path to datacenter")
             services: dict[str, set[str]] = {}
@@ -481,7 +488,7 @@ class FakeConsul:
                 def index(name: str = name) -> int:
                     return dc.service_index.get(name, dc.services_index)
 
-                await self._block(request, dc, index)
+                await self._block(request, dc, f"service:{name}", index)
                 if dc.down:
                     return web.Response(status=500, text="rpc error making call: No path to datacenter")
                 rows = self._instances(request, dc, name)
@@ -503,8 +510,9 @@ class FakeConsul:
             out.append(inst)
         return out
 
-    async def _block(self, request: web.Request, dc: _Datacenter, current: Any) -> None:
-        """Hold a blocking query until `current()` > its index or its wait (+ jitter up to wait/16) passed."""
+    async def _block(self, request: web.Request, dc: _Datacenter, key: str, current: Any) -> None:
+        """Hold a blocking query on resource `key` until `current()` > its index, or its wait
+        (+ jitter up to wait/16) passed."""
         if "index" not in request.query:
             return
         try:
@@ -518,15 +526,17 @@ class FakeConsul:
         epoch = dc.epoch
         self.blocked[request.path] += 1
         try:
-            async with dc.changed:
-                while current() <= index and not dc.down and dc.epoch == epoch:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return
-                    try:
-                        await asyncio.wait_for(dc.changed.wait(), left)
-                    except TimeoutError:
-                        return
+            while current() <= index and not dc.down and dc.epoch == epoch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                event = dc.wakers.get(key)
+                if event is None:
+                    event = dc.wakers[key] = asyncio.Event()
+                try:
+                    await asyncio.wait_for(event.wait(), left)
+                except TimeoutError:
+                    return
         finally:
             self.blocked[request.path] -= 1
 
