@@ -7,7 +7,9 @@
   warning, weight 1 ↔ 2) through `PUT /v1/catalog/register` → time from
   sending the PUT until the index publishes the version holding the new
   weight (median, p99); the PUT's own round trip is reported alongside (the
-  fake's share);
+  fake's share), and per sample the difference ("ours": from the fake's
+  answer to the PUT until the new index version, which includes the fake
+  answering the blocking query);
 - load: requests the agent receives per minute while nothing changes
   (`--quiet` seconds, with `--wait` as the blocking queries' wait), and
   while `--churn` random checks flip per second (`--churn-seconds`).
@@ -51,6 +53,7 @@ async def main(port, services, instances):
             fake.register(
                 f"svc-{s}", f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}", 8080,
                 node=f"node-{n}", service_id=f"svc-{s}-{i}", tags=["v1"], meta={"protocol": "http"},
+                weights={"Passing": 1, "Warning": 2},
             )
     await fake.start()
     print("ready", flush=True)
@@ -174,10 +177,11 @@ async def _run(opts: dict[str, float]) -> dict[str, Any]:
             flips, deadline = 0, time.monotonic() + opts["churn-seconds"]
             while time.monotonic() < deadline:
                 tick = time.monotonic()
-                for _ in range(int(opts["churn"])):
-                    s, i = rng.randrange(services), rng.randrange(instances)
-                    await _register(session, url, s, i, instances, rng.choice(["passing", "warning"]))
-                    flips += 1
+                batch = [(rng.randrange(services), rng.randrange(instances)) for _ in range(int(opts["churn"]))]
+                await asyncio.gather(
+                    *(_register(session, url, s, i, instances, rng.choice(["passing", "warning"])) for s, i in batch)
+                )
+                flips += len(batch)
                 await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
             churn_requests = await _requests(session, url) - before
             churn_rpm = churn_requests * 60 / opts["churn-seconds"]
@@ -186,6 +190,7 @@ async def _run(opts: dict[str, float]) -> dict[str, Any]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ours = [total - put for total, put in zip(latencies, puts, strict=True)]
     return {
         "services": services,
         "instances_per_service": instances,
@@ -196,6 +201,8 @@ async def _run(opts: dict[str, float]) -> dict[str, Any]:
         "peak_rss_mb": round(peak / 2**20, 1),
         "latency_median_ms": round(median(latencies) * 1000, 2),
         "latency_p99_ms": round(percentile(latencies, 99) * 1000, 2),
+        "ours_median_ms": round(median(ours) * 1000, 2),
+        "ours_p99_ms": round(percentile(ours, 99) * 1000, 2),
         "put_median_ms": round(median(puts) * 1000, 2),
         "put_p99_ms": round(percentile(puts, 99) * 1000, 2),
         "samples": len(latencies),
