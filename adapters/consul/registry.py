@@ -138,17 +138,17 @@ class _Datacenter:
     # ---- sync state -------------------------------------------------------------------------
 
     def _fail(self, loop: str, error: BaseException) -> None:
+        """Report a failed read of `loop`; one warning when the datacenter starts failing, not one per watch."""
         reason = str(error) or type(error).__name__
-        first = loop not in self._failing
+        first = not self._failing
         self._failing[loop] = reason
         self._part.mark_failing(f"{self._dc}: {reason}")
-        level = logging.WARNING if first else logging.DEBUG
-        log.log(level, "consul %s %s: %s", self._part.source, self._dc, reason)
+        log.log(logging.WARNING if first else logging.DEBUG, "consul %s %s: %s", self._part.source, self._dc, reason)
 
     def _ok(self, loop: str) -> None:
-        if self._failing.pop(loop, None) is not None:
-            log.info("consul %s %s: %s recovered", self._part.source, self._dc, loop)
-            if not self._failing and self._synced:
+        if self._failing.pop(loop, None) is not None and not self._failing:
+            log.info("consul %s %s: every watch answers again", self._part.source, self._dc)
+            if self._synced:
                 self._part.mark_synced()
 
     # ---- the loops --------------------------------------------------------------------------
@@ -192,15 +192,12 @@ class _Datacenter:
             await self._catalog()
 
     async def _catalog(self) -> None:
-        client = self._registry.client
         index, last = 0, 0.0
         current: frozenset[str] | None = None
         while True:
             last = await _pace(last, self._config.min_interval)
             asked = index
-            reply = await self._retrying(
-                "catalog", functools.partial(client.services, self._dc, asked), gate_on_error=True
-            )
+            reply = await self._retrying("catalog", functools.partial(self._read_catalog, asked), gate_on_error=True)
             index = next_index(asked, reply.index)
             if index == 0:
                 log.info(
@@ -210,13 +207,17 @@ class _Datacenter:
                     reply.index,
                 )
             found = self._service_names(reply.data)
-            if found is None:
-                self._fail("catalog", ConsulUnavailable("/v1/catalog/services: not an object of tag lists"))
-                index = 0
-                continue
+            assert found is not None  # checked by _read_catalog
             if found != current:
                 current = found
                 await self._reconcile(found)
+
+    async def _read_catalog(self, index: int) -> Reply:
+        """One catalog read; an answer that is not Consul's {name: [tags]} fails (and is retried with backoff)."""
+        reply = await self._registry.client.services(self._dc, index)
+        if self._service_names(reply.data) is None:
+            raise ConsulUnavailable("/v1/catalog/services: the answer is not an object of tag lists")
+        return reply
 
     def _service_names(self, data: Any) -> frozenset[str] | None:
         if not isinstance(data, dict):
@@ -448,6 +449,7 @@ class ConsulRegistry:
                 tags=tuple(cfg.tags),
             )
             state.healthy()
+            self._watches = 0
             async with asyncio.TaskGroup() as tg:
                 for dc in dcs:
                     tg.create_task(_Datacenter(self, dc, shard.part(dc), naming).run(), name=f"consul:{dc}")

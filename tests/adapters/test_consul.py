@@ -574,3 +574,20 @@ async def test_https_with_client_certificate(tmp_path: Path) -> None:
             assert r.part("dc1").services == {}
     finally:
         await fake.stop()
+
+
+async def test_an_answer_that_is_not_consuls_is_retried_with_backoff(fake: FakeConsul) -> None:
+    fake.register("web", "10.0.0.1", 80)
+    async with running(fake, backoff_initial="200ms", backoff_max="200ms") as r:
+        await eventually(lambda: r.part().synced, what="synced")
+        fake.fail(200, count=10_000, path="/v1/catalog/services", body='["not", "an", "object"]')
+        fake.register("api", "10.0.0.2", 81)  # wakes the catalog watch into the bad answers
+        await eventually(lambda: any("not an object" in e for e in r.part().errors), what="reported")
+        before, started = fake.requests["/v1/catalog/services"], time.monotonic()
+        await asyncio.sleep(1.0)  # a window to count requests in
+        during, elapsed = fake.requests["/v1/catalog/services"] - before, time.monotonic() - started
+        # A backoff of 100-200 ms between tries; a loop paced only by min_interval (20 ms) would send 50.
+        assert during <= elapsed / 0.1 + 1, during
+        assert r.service("web") is not None and r.part().stale
+        fake.clear_faults()
+        await eventually(lambda: r.service("api"), timeout=10, what="followed again after the bad answers")

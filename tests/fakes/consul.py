@@ -399,6 +399,10 @@ class FakeConsul:
             self._notify(d)
             self._notify(fresh)
 
+    def clear_faults(self) -> None:
+        """Forget every fault not yet answered."""
+        self._faults.clear()
+
     def fail(self, status: int, count: int = 1, path: str = "/v1/", body: str | None = None) -> None:
         """Answer the next `count` requests whose path starts with `path` with `status`."""
         default = {403: "Permission denied", 429: "rate limit exceeded", 500: "No cluster leader"}
