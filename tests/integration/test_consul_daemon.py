@@ -114,9 +114,6 @@ def _ports(records: set[str]) -> list[str]:
     return sorted(r.split()[2] for r in records)
 
 
-@pytest.mark.xfail(
-    reason="Consul's DNS forms (aliases, tags, SRV) are answered once the DNS side of the contract lands"
-)
 async def test_consul_dns_names(fake: FakeConsul, tmp_path: Path) -> None:
     fake.register("web", "10.0.0.1", 8080, node="n1", tags=["v1"], meta={"protocol": "http"})
     fake.register("web", "10.0.0.2", 8081, node="n2", service_id="web-2", tags=["v2"])
