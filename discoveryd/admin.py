@@ -94,7 +94,7 @@ def registryz(snap: Snapshot) -> dict[str, Any]:
     out: dict[str, Any] = {"version": snap.version, "ready": snap.ready, "registries": {}}
     for source, st in snap.shards.items():
         entry = _status_json(st)
-        entry["parts"] = {name: _status_json(part) for name, part in st.parts.items()}
+        entry["parts"] = {name: _status_json(part) for name, part in (st.parts or {st.part: st}).items()}
         entry["restored"] = st.restored
         entry["timed_out"] = st.timed_out
         out["registries"][source] = entry
@@ -206,7 +206,7 @@ class _IndexCollector(Collector):
                 v = value(st, now)
                 if v is not None:
                     family.add_metric([source], v)
-                for part_name, part in st.parts.items():
+                for part_name, part in (st.parts or {st.part: st}).items():
                     pv = value(part, now)
                     if pv is not None:
                         per_part.add_metric([source, part_name], pv)

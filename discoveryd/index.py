@@ -102,7 +102,11 @@ class ShardStatus:
     errors_total: int = 0
     """Failures reported since start (sync errors plus input problems set)."""
     parts: Mapping[str, ShardStatus] = field(default_factory=dict)
-    """On a registry's status: its counted parts by name (`""` the root). Empty on a part's own status."""
+    """On a registry's status: its counted parts by name (`""` the root) when it uses named parts.
+
+    Empty on a part's own status, and on a registry whose only counted part is
+    its root (the registry's status is then the root's: one object per version).
+    """
     restored: bool = False
     """The content was loaded from the state directory and has not been replaced by a sync yet."""
     timed_out: bool = False
@@ -483,12 +487,13 @@ class Index:
         version = self._snapshot.version + 1
         frozen_changed = frozenset(changed)
         old = self._snapshot
-        self._snapshot = Snapshot(
-            version=version,
-            services=self._merged,
-            changed=frozen_changed,
-            shards=MappingProxyType(dict(self._statuses)) if statuses_changed else old.shards,
-            conflicts=self._conflicts,
+        self._snapshot = Snapshot(  # positional: this runs once per version
+            version,
+            self._merged,
+            frozen_changed,
+            MappingProxyType(dict(self._statuses)) if statuses_changed else old.shards,
+            self._conflicts,
+            time.monotonic(),
         )
         self._history.append((version, frozen_changed))
         event, self._event = self._event, asyncio.Event()
@@ -501,8 +506,7 @@ def _aggregate(source: SourceId, parts: Mapping[str, _PartState]) -> ShardStatus
     if not counted:
         counted = [parts[ROOT]] if ROOT in parts else []
     if len(counted) == 1 and counted[0].key.part == ROOT:
-        only = counted[0]
-        return only.status_with({ROOT: only.status()})
+        return counted[0].status()  # only the root counts: its status is the registry's (`parts` empty)
     statuses = [st.status() for st in counted]
     syncs = [s.last_sync for s in statuses]
     errors = [s for s in statuses if s.last_error_time is not None]
