@@ -13,7 +13,8 @@ Two more measurements of large files (issue 8 item 8):
   the middle is edited (atomic replace) `--writes` times; latency as above.
 - `--parse N` (default 20000, about 15 MB): a file of N ServiceEntries read,
   parsed, validated and translated once (`FileSet.refresh()` + `result()`)
-  in a child process; its wall time and peak RSS (the child's ru_maxrss).
+  in a child process; its wall time, CPU time (user + system: steadier than
+  wall time on a shared machine) and peak RSS (the child's ru_maxrss).
   `--parse 0` skips it.
 
     python -m bench files [--writes=100] [--others=0,500] [--big-file=1000] [--parse=20000]
@@ -184,12 +185,16 @@ async def _measure_big_file(directory: Path, entries: int, writes: int) -> list[
 _PARSE_CHILD = """
 import json, resource, sys, time
 from adapters.files.registry import FileSet
-start = time.perf_counter()
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+start, cpu_start = time.perf_counter(), cpu()
 files = FileSet((sys.argv[1],), "default")
 files.refresh()
 services, problems = files.result()
-elapsed = time.perf_counter() - start
-print(json.dumps({"seconds": elapsed, "services": len(services), "problems": sum(map(len, problems.values())),
+elapsed, cpu_used = time.perf_counter() - start, cpu() - cpu_start
+print(json.dumps({"seconds": elapsed, "cpu_seconds": cpu_used, "services": len(services),
+                  "problems": sum(map(len, problems.values())),
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -206,6 +211,7 @@ def _measure_parse(entries: int) -> dict[str, Any]:
         ).stdout
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     result["file_mb"] = round(size / 2**20, 1)
+    result["load_average"] = os.getloadavg()[0]
     return result
 
 
@@ -254,8 +260,16 @@ def main(argv: list[str]) -> None:
         print(f"\nread + parse + validate + translate one file of {args.parse} ServiceEntries:")
         print(
             table(
-                [[parsed["file_mb"], f"{parsed['seconds']:.2f}", f"{parsed['peak_rss_mb']:.0f}", parsed["services"]]],
-                ["file MB", "seconds", "peak RSS MB", "services"],
+                [
+                    [
+                        parsed["file_mb"],
+                        f"{parsed['seconds']:.2f}",
+                        f"{parsed['cpu_seconds']:.2f}",
+                        f"{parsed['peak_rss_mb']:.0f}",
+                        parsed["services"],
+                    ]
+                ],
+                ["file MB", "wall s", "CPU s", "peak RSS MB", "services"],
             )
         )
     command = "python -m bench files " + " ".join(argv)
