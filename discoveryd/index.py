@@ -29,6 +29,16 @@ name. A hostname reported by several shards gets:
 - every other attribute from the highest-ranked shard.
 Such a hostname is recorded as a `Conflict` in the snapshot.
 
+Traffic policy (`discoveryd.policy.HostPolicy`, a host's DestinationRule and
+VirtualService) is held per shard next to the services, keyed by the host it
+applies to, and merged per host by the same ranking: the highest-ranked
+shard's policy wins whole (no field merge). It applies to the host whatever
+shard provides the service (a DestinationRule from files shapes a Kubernetes
+service). `Snapshot.policies` has the winners; a host whose winning policy
+changed is in `Snapshot.changed` like a host whose service changed, so the
+servers rebuild it. Policies are not saved in the state directory: after a
+warm restart they return with their registry's first sync.
+
 A shard whose registry fails keeps its content and is marked stale; its data
 is removed only by its own adapter (the registry said so), by `close_part`
 (the adapter stopped watching that part) or by `drop()` (the registry was
@@ -58,6 +68,7 @@ from typing import NamedTuple, Protocol
 import immutables
 
 from discoveryd.model import Endpoint, Hostname, Problem, Service, SourceId
+from discoveryd.policy import HostPolicy
 
 _HISTORY = 4096
 """How many versions' changed-sets are kept for `changed_between`."""
@@ -159,6 +170,8 @@ class Snapshot:
     conflicts: Mapping[Hostname, Conflict] = field(default_factory=immutables.Map)
     created: float = field(default_factory=time.monotonic)
     """`time.monotonic()` when published; convergence is measured from it."""
+    policies: Mapping[Hostname, HostPolicy] = field(default_factory=immutables.Map)
+    """Each host's traffic policy (the highest-ranked shard's), whether or not a service has the host."""
 
     @property
     def ready(self) -> bool:
@@ -205,6 +218,8 @@ class Index:
         self._merged: immutables.Map[Hostname, Service] = immutables.Map()
         self._conflicts: immutables.Map[Hostname, Conflict] = immutables.Map()
         self._dirty: set[Hostname] = set()
+        self._policies: immutables.Map[Hostname, HostPolicy] = immutables.Map()
+        self._policy_dirty: set[Hostname] = set()
         self._status_dirty: set[SourceId] = set()
         self._shards_gone = False
         self._hold = 0
@@ -389,6 +404,7 @@ class Index:
         state.closed = True
         state.staged = None
         self._dirty.update(state.services)
+        self._policy_dirty.update(state.policies)
 
     def _rank(self, key: ShardKey) -> tuple[int, str, bool, str]:
         return (self._order.get(key.source, len(self._order)), key.source, key.part != ROOT, key.part)
@@ -469,6 +485,20 @@ class Index:
                 self._merged = merged_map.finish()
             if conflict_map is not None:
                 self._conflicts = conflict_map.finish()
+        if self._policy_dirty:
+            policies = self._policies.mutate()
+            for host in self._policy_dirty:
+                ranked = sorted((st.key for st in self._parts.values() if host in st.policies), key=self._rank)
+                policy = self._parts[ranked[0]].policies[host] if ranked else None
+                if policies.get(host) is policy:
+                    continue
+                if policy is None:
+                    del policies[host]
+                else:
+                    policies[host] = policy
+                changed.add(host)
+            self._policy_dirty.clear()
+            self._policies = policies.finish()
         statuses_changed = self._shards_gone or bool(self._status_dirty)
         for source in self._status_dirty:
             parts = self._registries.get(source)
@@ -494,6 +524,7 @@ class Index:
             MappingProxyType(dict(self._statuses)) if statuses_changed else old.shards,
             self._conflicts,
             time.monotonic(),
+            self._policies,
         )
         self._history.append((version, frozen_changed))
         event, self._event = self._event, asyncio.Event()
@@ -552,6 +583,7 @@ class _PartState:
 
     key: ShardKey
     services: dict[Hostname, Service] = field(default_factory=dict)
+    policies: dict[Hostname, HostPolicy] = field(default_factory=dict)
     endpoints: int = 0
     synced: bool = False
     failed: bool = False
@@ -657,6 +689,9 @@ class Shard:
 
     def delete(self, hostname: Hostname) -> None:
         self._write(lambda: self._delete(hostname))
+
+    def set_policy(self, host: Hostname, policy: HostPolicy | None) -> None:
+        self._write(lambda: self._set_policy(host, policy))
 
     def mark_synced(self) -> None:
         self._write(self._mark_synced)
@@ -783,6 +818,17 @@ class Shard:
             return
         st.endpoints -= len(previous.endpoints)
         self._index._dirty.add(hostname)
+        self._changed()
+
+    def _set_policy(self, host: Hostname, policy: HostPolicy | None) -> None:
+        policies = self._state.policies
+        if policies.get(host) == policy:
+            return
+        if policy is None:
+            del policies[host]
+        else:
+            policies[host] = policy
+        self._index._policy_dirty.add(host)
         self._changed()
 
     def _mark_synced(self) -> None:

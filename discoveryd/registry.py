@@ -28,6 +28,7 @@ from typing import Annotated, Any, Generic, Protocol, TypeVar, runtime_checkable
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from discoveryd.model import Hostname, Problem, Service, SourceId, Zone, ZoneFlavor, source_id
+from discoveryd.policy import HostPolicy
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -35,6 +36,7 @@ __all__ = [
     "AdapterSpec",
     "Duration",
     "OfflineChecker",
+    "PolicyWriter",
     "Registry",
     "RegistryConfig",
     "ShardWriter",
@@ -201,6 +203,20 @@ class Registry(Protocol):
         backoff (tenacity) on errors and calls `shard.mark_failing` while the
         registry is unreachable. Cancellation is the only normal way out.
         """
+
+
+@runtime_checkable
+class PolicyWriter(Protocol):
+    """A shard writer that also takes traffic policy (DestinationRule/VirtualService) per host.
+
+    The index's writers implement it; an adapter checks with isinstance and
+    writes through the same writer, inside the same `batch()` as its services.
+    A policy applies to its host whatever registry provides the service; when
+    several shards give one, the highest-ranked wins (the services' ranking).
+    """
+
+    def set_policy(self, host: Hostname, policy: HostPolicy | None) -> None:
+        """Make `host`'s policy in this shard `policy`; None removes it."""
 
 
 @runtime_checkable

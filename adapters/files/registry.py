@@ -4,6 +4,8 @@ Data flow:
   configured paths ─scan─> YAML files ─adapters.istio: parse/validate, per file─> objects
       ─adapters.istio.Translation, per changed namespace─> changed services, problems
       ─> shard.upsert/delete(changed services), shard.set_problems(file, problems)
+  DestinationRule / VirtualService objects of the same files ─adapters.istio.policy.PolicySet─>
+      HostPolicy per host ─> shard.set_policy(host, policy) (same batch as the services)
 
 `FileSet` owns what each file last said. `refresh()` lists the files under
 the configured paths (directories recursively, skipping hidden entries and
@@ -49,9 +51,11 @@ from pathlib import Path
 from watchfiles import awatch
 
 from adapters.files.config import FilesConfig
-from adapters.istio import ChunkCache, Object, Translation, read_yaml_objects
+from adapters.istio import ChunkCache, Object, ServiceEntry, Translation, WorkloadEntry
+from adapters.istio.policy import AnyObject, PolicySet, read_yaml_all
 from discoveryd.model import Hostname, Problem, Service, SourceId
-from discoveryd.registry import AdapterContext, RegistryConfig, ShardWriter
+from discoveryd.policy import HostPolicy
+from discoveryd.registry import AdapterContext, PolicyWriter, RegistryConfig, ShardWriter
 from discoveryd.session import Backoff, SessionState, run_sessions
 
 log = logging.getLogger("discoveryd.adapters.files")
@@ -86,7 +90,7 @@ Signature = tuple[int, int, int, int, int]
 @dataclass(slots=True)
 class _File:
     signature: Signature | None
-    objects: tuple[Object, ...] = ()
+    objects: tuple[AnyObject, ...] = ()
     """The last good content; kept while the file is broken."""
     problems: tuple[Problem, ...] = ()
     emptied_at: float | None = None
@@ -129,7 +133,9 @@ class FileSet:
         self._files: dict[str, _File] = {}
         self._root_problems: dict[str, tuple[Problem, ...]] = {}
         self._translation = Translation()
+        self._policy_set = PolicySet()
         self._changed: set[Hostname] = set()
+        self._policy_changed: set[Hostname] = set()
         self._unsafe: set[str] = set()
         """Paths already reported as writable by others (reported once each, again after a fix and relapse)."""
 
@@ -151,6 +157,7 @@ class FileSet:
                     continue
             del self._files[path]
             self._translation.remove(path)
+            self._policy_set.remove(path)
             changed = True
         for path, signature in listing.files.items():
             known = self._files.get(path)
@@ -183,7 +190,8 @@ class FileSet:
                 known.problems = tuple(problems)
             else:
                 known.objects, known.problems = tuple(objects), ()
-                self._translation.update(path, known.objects)
+                self._translation.update(path, _registry_objects(known.objects))
+                self._policy_set.update(path, known.objects)
             changed = changed or not _same(known.objects, before[0]) or known.problems != before[1]
         root_problems: dict[str, tuple[Problem, ...]] = {
             p: (Problem(p, "does not exist (yet); it is read when it appears"),) for p in listing.missing
@@ -193,6 +201,7 @@ class FileSet:
             self._root_problems = root_problems
             changed = True
         self._changed |= self._translation.build()
+        self._policy_changed |= self._policy_set.build()
         self._report_unsafe(listing.files)
         return Refreshed(changed, recheck)
 
@@ -218,6 +227,16 @@ class FileSet:
         """The services as of the last `refresh()` (a live view: read it before the next refresh)."""
         return self._translation.services
 
+    @property
+    def policies(self) -> Mapping[Hostname, HostPolicy]:
+        """The traffic policy per host as of the last `refresh()` (a live view, like `services`)."""
+        return self._policy_set.policies
+
+    def take_policy_changed(self) -> set[Hostname]:
+        """The hosts whose policy changed since the previous call (or since the start)."""
+        changed, self._policy_changed = self._policy_changed, set()
+        return changed
+
     def take_changed(self) -> set[Hostname]:
         """The hostnames whose service changed since the previous call (or since the start)."""
         changed, self._changed = self._changed, set()
@@ -230,6 +249,8 @@ class FileSet:
             if known.problems:
                 problems[path] = list(known.problems)
         for scope, found in self._translation.problems().items():
+            problems.setdefault(scope, []).extend(found)
+        for scope, found in self._policy_set.problems().items():
             problems.setdefault(scope, []).extend(found)
         out = {scope: tuple(sorted(dict.fromkeys(ps), key=_line)) for scope, ps in sorted(problems.items())}
         out.update(self._root_problems)
@@ -255,7 +276,11 @@ class FileSet:
         return WatchPlan(frozenset(recursive), frozenset(flat))
 
 
-def load_file(path: str, namespace: str, cache: ChunkCache | None = None) -> tuple[list[Object], list[Problem]]:
+def _registry_objects(objects: Iterable[AnyObject]) -> list[Object]:
+    return [o for o in objects if isinstance(o, ServiceEntry | WorkloadEntry)]
+
+
+def load_file(path: str, namespace: str, cache: ChunkCache | None = None) -> tuple[list[AnyObject], list[Problem]]:
     """Read, parse and validate one file. Never raises for bad input or I/O errors. Blocking.
 
     `cache` is the file's own: documents unchanged since its previous read come back as the same objects.
@@ -282,7 +307,7 @@ def load_file(path: str, namespace: str, cache: ChunkCache | None = None) -> tup
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         return [], [Problem(f"{path}:{line}", "not UTF-8 text")]
-    return read_yaml_objects(path, text, namespace, cache=cache)
+    return read_yaml_all(path, text, namespace, cache=cache)
 
 
 def _writable_by_others(path: str) -> str | None:
@@ -361,7 +386,7 @@ def _walk(root: str, listing: _Listing) -> None:
                     listing.files[path] = _signature(path)
 
 
-def _same(a: tuple[Object, ...], b: tuple[Object, ...]) -> bool:
+def _same(a: tuple[AnyObject, ...], b: tuple[AnyObject, ...]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
@@ -527,7 +552,11 @@ class _Publisher:
         changed = self.files.take_changed()
         services = self.files.services
         problems = self.files.problems()
+        policy_changed = self.files.take_policy_changed()
         with self.shard.batch():
+            if isinstance(self.shard, PolicyWriter):
+                for host in sorted(policy_changed):
+                    self.shard.set_policy(host, self.files.policies.get(host))
             if not self._published:
                 self.shard.replace(services.values())
                 self._published = True

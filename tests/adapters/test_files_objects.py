@@ -65,7 +65,7 @@ def test_demo_checks_clean_and_serves_the_shop() -> None:
 def test_multi_document_all_api_versions_and_other_kinds_ignored(tmp_path: Path) -> None:
     docs = [
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}, "spec": {"replicas": 2}},
-        {"apiVersion": "networking.istio.io/v1beta1", "kind": "VirtualService", "metadata": {"name": "vs"}},
+        {"apiVersion": "networking.istio.io/v1beta1", "kind": "Gateway", "metadata": {"name": "gw"}},
     ]
     for i, version in enumerate(("v1", "v1beta1", "v1alpha3")):
         docs.append(

@@ -1,0 +1,741 @@
+"""Istio DestinationRule / VirtualService objects → `discoveryd.policy` values, validated like Istio.
+
+Data flow:
+
+  YAML file text ──read_yaml_all──> ServiceEntry/WorkloadEntry objects (objects.read_object)
+                                  + DestinationRule/VirtualService (read_policy_object)
+  policy objects by scope (a file) ──PolicySet.update/remove; build()──> HostPolicy per host,
+      the hosts whose policy changed, problems by scope
+
+Host names: a name without a dot is a short name, resolved in the object's
+namespace as Istio does (`<name>.<namespace>.svc.<domain>`, domain
+`cluster.local` unless given); anything else is taken as written (lower
+case, no trailing dot).
+
+Rules (Istio's `ValidateDestinationRule` / `ValidateVirtualService`, plus
+unknown fields and wrong types as the API server would reject them):
+subset names are DNS labels, unique in their rule; a consistentHash names
+exactly one key; percentages are 0-100; durations are Istio's (`1s`,
+`100ms`, `1m`, `1h`) and positive; every HTTP route has a destination;
+with several destinations their weights sum to 100. A problem names its
+file:line and the dotted field path; an object with problems is not used.
+
+`PolicySet.build()` also reports, as warnings on the referring object's
+scope, what Istio's analyzer warns about: a route naming a subset that no
+DestinationRule of that host (in this set) defines, and a second
+DestinationRule or VirtualService for a host that another one (earlier in
+scope order) already holds — the first one wins, the later one is ignored.
+
+Pure and synchronous, like the rest of `adapters.istio`: one caller at a time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from adapters.istio.locate import FieldPath, Locator
+from adapters.istio.objects import API_VERSIONS, Object, _Checker, _describe, read_object
+from adapters.istio.yamlread import FAST_LOADER, ChunkCache, Document, LoaderClass, read_documents
+from adapters.toolkit.names import is_dns1123_label
+from discoveryd.model import Hostname, Problem, hostname
+from discoveryd.policy import (
+    ClientTls,
+    ConnectionPool,
+    ConsistentHash,
+    DestinationRule,
+    Fault,
+    HostPolicy,
+    HttpMatch,
+    HttpRoute,
+    LoadBalancer,
+    MatchKind,
+    OutlierDetection,
+    Retries,
+    RouteDestination,
+    SimpleLb,
+    StringMatch,
+    Subset,
+    TcpKeepalive,
+    TlsMode,
+    TrafficPolicy,
+    VirtualService,
+)
+
+DESTINATION_RULE = "DestinationRule"
+VIRTUAL_SERVICE = "VirtualService"
+DEFAULT_DOMAIN = "cluster.local"
+
+PolicyObject = DestinationRule | VirtualService
+AnyObject = Object | DestinationRule | VirtualService
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_MAX_INT32 = 2**31 - 1
+
+_DR_FIELDS = ("host", "trafficPolicy", "subsets", "exportTo", "workloadSelector")
+_TP_FIELDS = (
+    "loadBalancer",
+    "connectionPool",
+    "outlierDetection",
+    "tls",
+    "portLevelSettings",
+    "tunnel",
+    "proxyProtocol",
+)
+_LB_FIELDS = ("simple", "consistentHash", "localityLbSetting", "warmupDurationSecs", "warmup")
+_HASH_FIELDS = (
+    "httpHeaderName",
+    "httpCookie",
+    "useSourceIp",
+    "httpQueryParameterName",
+    "ringHash",
+    "maglev",
+    "minimumRingSize",
+)
+_OD_FIELDS = (
+    "consecutiveErrors",
+    "consecutive5xxErrors",
+    "consecutiveGatewayErrors",
+    "interval",
+    "baseEjectionTime",
+    "maxEjectionPercent",
+    "minHealthPercent",
+    "splitExternalLocalOriginErrors",
+    "consecutiveLocalOriginFailures",
+)
+_TLS_FIELDS = (
+    "mode",
+    "clientCertificate",
+    "privateKey",
+    "caCertificates",
+    "credentialName",
+    "subjectAltNames",
+    "sni",
+    "insecureSkipVerify",
+    "caCrl",
+)
+_VS_FIELDS = ("hosts", "gateways", "http", "tls", "tcp", "exportTo")
+_ROUTE_FIELDS = (
+    "name",
+    "match",
+    "route",
+    "redirect",
+    "directResponse",
+    "delegate",
+    "rewrite",
+    "timeout",
+    "retries",
+    "fault",
+    "mirror",
+    "mirrors",
+    "mirrorPercentage",
+    "corsPolicy",
+    "headers",
+)
+_MATCH_FIELDS = (
+    "name",
+    "uri",
+    "scheme",
+    "method",
+    "authority",
+    "headers",
+    "port",
+    "sourceLabels",
+    "gateways",
+    "queryParams",
+    "ignoreUriCase",
+    "withoutHeaders",
+    "sourceNamespace",
+    "statPrefix",
+)
+
+
+def resolve_host(name: str, namespace: str, domain: str = DEFAULT_DOMAIN) -> Hostname:
+    """Istio's resolution of a rule's host: a short name (no dot) is `<name>.<namespace>.svc.<domain>`."""
+    if "." not in name and name != "*":
+        return hostname(f"{name}.{namespace}.svc.{domain}")
+    return hostname(name)
+
+
+def read_policy_object(
+    data: Mapping[str, Any], locator: Locator, default_namespace: str
+) -> tuple[PolicyObject | None, list[Problem]]:
+    """One DestinationRule / VirtualService document → its value, or its problems; other kinds: (None, [])."""
+    kind = data.get("kind")
+    if kind not in (DESTINATION_RULE, VIRTUAL_SERVICE):
+        return None, []
+    check = _PolicyChecker(data, locator)
+    if data.get("apiVersion") not in API_VERSIONS:
+        check.fail(("apiVersion",), f"unsupported apiVersion {data.get('apiVersion')!r} for {kind}")
+        return None, check.problems
+    check.mapping(data, (), ("apiVersion", "kind", "metadata", "spec", "status"))
+    ref, _ = check.metadata(str(kind), default_namespace)
+    spec = check.mapping(data.get("spec"), ("spec",)) or {}
+    if ref is None:
+        return None, check.problems
+    where = ref.where
+    obj: PolicyObject | None
+    if kind == DESTINATION_RULE:
+        obj = check.destination_rule(ref.namespace, ref.name, spec, where)
+    else:
+        obj = check.virtual_service(ref.namespace, ref.name, spec, where)
+    if check.problems:
+        return None, check.problems
+    return obj, []
+
+
+def read_yaml_all(
+    file: str,
+    text: str,
+    default_namespace: str,
+    *,
+    cache: ChunkCache | None = None,
+    loader: LoaderClass = FAST_LOADER,
+) -> tuple[list[AnyObject], list[Problem]]:
+    """`objects.read_yaml_objects`, with DestinationRules and VirtualServices too. Blocking."""
+
+    def validate(documents: list[Document]) -> tuple[list[AnyObject], list[Problem]]:
+        out: list[AnyObject] = []
+        problems: list[Problem] = []
+        for doc in documents:
+            obj, found = read_object(doc.data, doc.locator, default_namespace)
+            if obj is None and not found:
+                policy, found = read_policy_object(doc.data, doc.locator, default_namespace)
+                if policy is not None:
+                    out.append(policy)
+            elif obj is not None:
+                out.append(obj)
+            problems.extend(found)
+        return out, problems
+
+    results, problems = read_documents(file, text, loader=loader, cache=cache, derive=validate)
+    if problems:
+        return [], problems
+    return [obj for _, objects in results for obj in objects], []
+
+
+class _PolicyChecker(_Checker):
+    def duration(self, value: Any, path: FieldPath) -> float | None:
+        if value is None:
+            return None
+        m = _DURATION.match(value) if isinstance(value, str) else None
+        if m is None:
+            self.fail(path, f"must be a duration such as 1s or 100ms, not {_describe(value)}")
+            return None
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+        if seconds < 0.001:
+            self.fail(path, "must be at least 1ms")
+            return None
+        return seconds
+
+    def percent(self, value: Any, path: FieldPath) -> float | None:
+        if isinstance(value, dict):  # Istio's Percent message: {value: 12.5}
+            self.mapping(value, path, ("value",))
+            value = value.get("value")
+            path = (*path, "value")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.fail(path, f"must be a number, not {_describe(value)}")
+            return None
+        if not 0 <= value <= 100:
+            self.fail(path, f"must be between 0 and 100, not {value}")
+            return None
+        return float(value)
+
+    def boolean(self, value: Any, path: FieldPath) -> bool:
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            self.fail(path, f"must be true or false, not {_describe(value)}")
+            return False
+        return value
+
+    def host(self, value: Any, path: FieldPath, namespace: str) -> Hostname | None:
+        name = self.string(value, path)
+        if not name:
+            if value is None:
+                self.fail(path, "a host is required")
+            return None
+        if name.startswith("*") and name != "*" and not name.startswith("*."):
+            self.fail(path, f"invalid host {name!r}: a wildcard must be the first label ('*.example.com')")
+            return None
+        return resolve_host(name, namespace)
+
+    # -- DestinationRule ---------------------------------------------------------------------
+
+    def destination_rule(self, namespace: str, name: str, spec: dict[str, Any], where: str) -> DestinationRule | None:
+        sp: FieldPath = ("spec",)
+        self.mapping(spec, sp, _DR_FIELDS)
+        host = self.host(spec.get("host"), (*sp, "host"), namespace)
+        policy = self.traffic_policy(spec.get("trafficPolicy"), (*sp, "trafficPolicy"), ports=True)
+        subsets: list[Subset] = []
+        seen: set[str] = set()
+        for i, raw in enumerate(self.items(spec.get("subsets"), (*sp, "subsets"), self.mapping)):
+            path: FieldPath = (*sp, "subsets", i)
+            self.mapping(raw, path, ("name", "labels", "trafficPolicy"))
+            sname = self.string(raw.get("name"), (*path, "name"))
+            if not sname:
+                self.fail((*path, "name"), "a subset needs a name")
+                continue
+            if not is_dns1123_label(sname):
+                self.fail((*path, "name"), f"invalid subset name {sname!r}: lower-case letters, digits and '-'")
+            if sname in seen:
+                self.fail((*path, "name"), f"duplicate subset {sname!r}")
+            seen.add(sname)
+            labels = self.labels(raw.get("labels"), (*path, "labels"))
+            sub_policy = self.traffic_policy(raw.get("trafficPolicy"), (*path, "trafficPolicy"), ports=True)
+            subsets.append(Subset(sname, labels, sub_policy))
+        if host is None or self.problems:
+            return None
+        return DestinationRule(host, namespace, name, policy, tuple(subsets), where)
+
+    def traffic_policy(self, value: Any, path: FieldPath, *, ports: bool) -> TrafficPolicy | None:
+        raw = self.mapping(
+            value, path, _TP_FIELDS if ports else tuple(f for f in _TP_FIELDS if f != "portLevelSettings")
+        )
+        if raw is None:
+            return None
+        port_level: list[tuple[int, TrafficPolicy]] = []
+        if ports:
+            numbers: set[int] = set()
+            for i, item in enumerate(
+                self.items(raw.get("portLevelSettings"), (*path, "portLevelSettings"), self.mapping)
+            ):
+                ipath: FieldPath = (*path, "portLevelSettings", i)
+                port = self.mapping(item.get("port"), (*ipath, "port"), ("number",))
+                number = self.port_number(port.get("number") if port else None, (*ipath, "port", "number"))
+                if number is None:
+                    if port is None or port.get("number") is None:
+                        self.fail((*ipath, "port"), "port.number is required")
+                    continue
+                if number in numbers:
+                    self.fail((*ipath, "port", "number"), f"duplicate port {number}")
+                numbers.add(number)
+                settings = {k: v for k, v in item.items() if k != "port"}
+                got = self.traffic_policy(settings, ipath, ports=False)
+                if got is not None:
+                    port_level.append((number, got))
+        return TrafficPolicy(
+            self.load_balancer(raw.get("loadBalancer"), (*path, "loadBalancer")),
+            self.connection_pool(raw.get("connectionPool"), (*path, "connectionPool")),
+            self.outlier_detection(raw.get("outlierDetection"), (*path, "outlierDetection")),
+            self.tls(raw.get("tls"), (*path, "tls")),
+            tuple(port_level),
+        )
+
+    def load_balancer(self, value: Any, path: FieldPath) -> LoadBalancer | None:
+        raw = self.mapping(value, path, _LB_FIELDS)
+        if raw is None:
+            return None
+        simple = (
+            self.enum(raw.get("simple"), (*path, "simple"), SimpleLb, SimpleLb.UNSPECIFIED) if "simple" in raw else None
+        )
+        hashed = self.consistent_hash(raw.get("consistentHash"), (*path, "consistentHash"))
+        if simple is not None and hashed is not None:
+            self.fail(path, "only one of simple or consistentHash can be set")
+        if raw.get("localityLbSetting") is not None:
+            self.fail((*path, "localityLbSetting"), "not supported yet")
+        warmup = self.duration(raw.get("warmupDurationSecs"), (*path, "warmupDurationSecs"))
+        return LoadBalancer(simple, hashed, warmup)
+
+    def consistent_hash(self, value: Any, path: FieldPath) -> ConsistentHash | None:
+        raw = self.mapping(value, path, _HASH_FIELDS)
+        if raw is None:
+            return None
+        keys = [k for k in ("httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName") if raw.get(k)]
+        if len(keys) != 1:
+            self.fail(
+                path, "exactly one of httpHeaderName, httpCookie, useSourceIp or httpQueryParameterName must be set"
+            )
+        cookie = self.mapping(raw.get("httpCookie"), (*path, "httpCookie"), ("name", "path", "ttl", "attributes")) or {}
+        cookie_name = self.string(cookie.get("name"), (*path, "httpCookie", "name")) or ""
+        if raw.get("httpCookie") is not None and not cookie_name:
+            self.fail((*path, "httpCookie", "name"), "a cookie name is required")
+        maglev = self.mapping(raw.get("maglev"), (*path, "maglev"), ("tableSize",))
+        ring = self.mapping(raw.get("ringHash"), (*path, "ringHash"), ("minimumRingSize",))
+        if maglev is not None and ring is not None:
+            self.fail(path, "only one of ringHash or maglev can be set")
+        size = None
+        if maglev is not None:
+            size = self.integer(maglev.get("tableSize"), (*path, "maglev", "tableSize"), 1, _MAX_INT32)
+        elif ring is not None:
+            size = self.integer(ring.get("minimumRingSize"), (*path, "ringHash", "minimumRingSize"), 1, 2**23)
+        else:
+            size = self.integer(raw.get("minimumRingSize"), (*path, "minimumRingSize"), 1, 2**23)
+        return ConsistentHash(
+            header=self.string(raw.get("httpHeaderName"), (*path, "httpHeaderName")) or "",
+            cookie=cookie_name,
+            cookie_path=self.string(cookie.get("path"), (*path, "httpCookie", "path")) or "",
+            cookie_ttl=self.duration(cookie.get("ttl"), (*path, "httpCookie", "ttl")),
+            source_ip=self.boolean(raw.get("useSourceIp"), (*path, "useSourceIp")),
+            query_parameter=self.string(raw.get("httpQueryParameterName"), (*path, "httpQueryParameterName")) or "",
+            maglev=maglev is not None,
+            table_size=size,
+        )
+
+    def outlier_detection(self, value: Any, path: FieldPath) -> OutlierDetection | None:
+        raw = self.mapping(value, path, _OD_FIELDS)
+        if raw is None:
+            return None
+        if raw.get("consecutiveErrors") is not None:
+            self.fail((*path, "consecutiveErrors"), "removed from Istio's API; use consecutive5xxErrors")
+
+        def count(key: str) -> int | None:
+            v = raw.get(key)
+            if isinstance(v, dict):  # UInt32Value written as {value: n}
+                v = v.get("value")
+            return self.integer(v, (*path, key), 0, _MAX_INT32)
+
+        def pct(key: str) -> int | None:
+            return self.integer(raw.get(key), (*path, key), 0, 100)
+
+        interval = self.duration(raw.get("interval"), (*path, "interval"))
+        base = self.duration(raw.get("baseEjectionTime"), (*path, "baseEjectionTime"))
+        return OutlierDetection(
+            count("consecutive5xxErrors"),
+            count("consecutiveGatewayErrors"),
+            interval,
+            base,
+            pct("maxEjectionPercent"),
+            pct("minHealthPercent"),
+        )
+
+    def connection_pool(self, value: Any, path: FieldPath) -> ConnectionPool | None:
+        raw = self.mapping(value, path, ("tcp", "http"))
+        if raw is None:
+            return None
+        tcp = (
+            self.mapping(
+                raw.get("tcp"),
+                (*path, "tcp"),
+                ("maxConnections", "connectTimeout", "tcpKeepalive", "maxConnectionDuration", "idleTimeout"),
+            )
+            or {}
+        )
+        http = (
+            self.mapping(
+                raw.get("http"),
+                (*path, "http"),
+                (
+                    "http1MaxPendingRequests",
+                    "http2MaxRequests",
+                    "maxRequestsPerConnection",
+                    "maxRetries",
+                    "idleTimeout",
+                    "h2UpgradePolicy",
+                    "useClientProtocol",
+                    "maxConcurrentStreams",
+                ),
+            )
+            or {}
+        )
+        tp: FieldPath = (*path, "tcp")
+        hp: FieldPath = (*path, "http")
+        keep = self.mapping(tcp.get("tcpKeepalive"), (*tp, "tcpKeepalive"), ("probes", "time", "interval"))
+        keepalive = None
+        if keep is not None:
+            keepalive = TcpKeepalive(
+                self.integer(keep.get("probes"), (*tp, "tcpKeepalive", "probes"), 0, _MAX_INT32),
+                self.duration(keep.get("time"), (*tp, "tcpKeepalive", "time")),
+                self.duration(keep.get("interval"), (*tp, "tcpKeepalive", "interval")),
+            )
+        return ConnectionPool(
+            max_connections=self.integer(tcp.get("maxConnections"), (*tp, "maxConnections"), 0, _MAX_INT32),
+            connect_timeout=self.duration(tcp.get("connectTimeout"), (*tp, "connectTimeout")),
+            tcp_keepalive=keepalive,
+            http1_max_pending_requests=self.integer(
+                http.get("http1MaxPendingRequests"), (*hp, "http1MaxPendingRequests"), 0, _MAX_INT32
+            ),
+            http2_max_requests=self.integer(http.get("http2MaxRequests"), (*hp, "http2MaxRequests"), 0, _MAX_INT32),
+            max_requests_per_connection=self.integer(
+                http.get("maxRequestsPerConnection"), (*hp, "maxRequestsPerConnection"), 0, _MAX_INT32
+            ),
+            max_retries=self.integer(http.get("maxRetries"), (*hp, "maxRetries"), 0, _MAX_INT32),
+            idle_timeout=self.duration(http.get("idleTimeout"), (*hp, "idleTimeout")),
+        )
+
+    def tls(self, value: Any, path: FieldPath) -> ClientTls | None:
+        raw = self.mapping(value, path, _TLS_FIELDS)
+        if raw is None:
+            return None
+        mode = self.enum(raw.get("mode"), (*path, "mode"), TlsMode, TlsMode.DISABLE)
+        cert = self.string(raw.get("clientCertificate"), (*path, "clientCertificate")) or ""
+        key = self.string(raw.get("privateKey"), (*path, "privateKey")) or ""
+        if mode is TlsMode.MUTUAL and raw.get("credentialName") is None and (not cert or not key):
+            self.fail(path, "MUTUAL needs clientCertificate and privateKey (or credentialName)")
+        if raw.get("credentialName") is not None:
+            self.fail(
+                (*path, "credentialName"), "credentialName (a Kubernetes Secret) is not supported; use file paths"
+            )
+        if mode is TlsMode.ISTIO_MUTUAL:
+            self.fail((*path, "mode"), "ISTIO_MUTUAL needs Istio's certificates; use SIMPLE or MUTUAL with file paths")
+        return ClientTls(
+            mode,
+            cert,
+            key,
+            self.string(raw.get("caCertificates"), (*path, "caCertificates")) or "",
+            self.string(raw.get("sni"), (*path, "sni")) or "",
+            tuple(self.items(raw.get("subjectAltNames"), (*path, "subjectAltNames"), self.string)),
+        )
+
+    # -- VirtualService ----------------------------------------------------------------------
+
+    def virtual_service(self, namespace: str, name: str, spec: dict[str, Any], where: str) -> VirtualService | None:
+        sp: FieldPath = ("spec",)
+        self.mapping(spec, sp, _VS_FIELDS)
+        raw_hosts = spec.get("hosts")
+        if not raw_hosts:
+            self.fail((*sp, "hosts"), "at least one host is required")
+        hosts: list[Hostname] = []
+        for i, h in enumerate(self.items(raw_hosts, (*sp, "hosts"), self.string)):
+            got = self.host(h, (*sp, "hosts", i), namespace)
+            if got is not None:
+                hosts.append(got)
+        for key in ("tls", "tcp"):
+            if spec.get(key):
+                self.fail((*sp, key), f"{key} routes are not served yet (only http)")
+        routes = [
+            r
+            for i, raw in enumerate(self.items(spec.get("http"), (*sp, "http"), self.mapping))
+            if (r := self.http_route(raw, (*sp, "http", i), namespace)) is not None
+        ]
+        if self.problems:
+            return None
+        return VirtualService(tuple(hosts), namespace, name, tuple(routes), where)
+
+    def http_route(self, raw: dict[str, Any], path: FieldPath, namespace: str) -> HttpRoute | None:
+        self.mapping(raw, path, _ROUTE_FIELDS)
+        for key in ("redirect", "directResponse", "delegate", "rewrite", "mirror", "mirrors", "corsPolicy", "headers"):
+            if raw.get(key) is not None:
+                self.fail((*path, key), "not supported yet")
+        matches = [
+            m
+            for i, item in enumerate(self.items(raw.get("match"), (*path, "match"), self.mapping))
+            if (m := self.http_match(item, (*path, "match", i))) is not None
+        ]
+        destinations: list[RouteDestination] = []
+        for i, item in enumerate(self.items(raw.get("route"), (*path, "route"), self.mapping)):
+            ipath: FieldPath = (*path, "route", i)
+            self.mapping(item, ipath, ("destination", "weight", "headers"))
+            dest = self.mapping(item.get("destination"), (*ipath, "destination"), ("host", "subset", "port")) or {}
+            dpath: FieldPath = (*ipath, "destination")
+            host = self.host(dest.get("host"), (*dpath, "host"), namespace)
+            subset = self.string(dest.get("subset"), (*dpath, "subset")) or ""
+            port = self.mapping(dest.get("port"), (*dpath, "port"), ("number",))
+            number = self.port_number(port.get("number"), (*dpath, "port", "number")) if port else None
+            weight = self.integer(item.get("weight"), (*ipath, "weight"), 0, _MAX_INT32)
+            if host is not None:
+                destinations.append(RouteDestination(host, subset, number, weight or 0))
+        if raw.get("route") is None:
+            self.fail(path, "an http route needs a route (redirect, directResponse and delegate are not supported)")
+        elif len(destinations) > 1 and sum(d.weight for d in destinations) != 100:
+            total = sum(d.weight for d in destinations)
+            self.fail((*path, "route"), f"the weights of the destinations must sum to 100, not {total}")
+        retries = None
+        rr = self.mapping(
+            raw.get("retries"),
+            (*path, "retries"),
+            ("attempts", "perTryTimeout", "retryOn", "retryRemoteLocalities", "retryIgnorePreviousHosts"),
+        )
+        if rr is not None:
+            attempts = self.integer(rr.get("attempts"), (*path, "retries", "attempts"), 0, _MAX_INT32)
+            retry_on = self.string(rr.get("retryOn"), (*path, "retries", "retryOn")) or ""
+            retries = Retries(
+                attempts or 0, self.duration(rr.get("perTryTimeout"), (*path, "retries", "perTryTimeout")), retry_on
+            )
+        return HttpRoute(
+            name=self.string(raw.get("name"), (*path, "name")) or "",
+            matches=tuple(matches),
+            destinations=tuple(destinations),
+            timeout=self.duration(raw.get("timeout"), (*path, "timeout")),
+            retries=retries,
+            fault=self.fault(raw.get("fault"), (*path, "fault")),
+        )
+
+    def string_match(self, value: Any, path: FieldPath) -> StringMatch | None:
+        raw = self.mapping(value, path, ("exact", "prefix", "regex"))
+        if raw is None:
+            return None
+        if len(raw) != 1:
+            self.fail(path, "exactly one of exact, prefix or regex must be set")
+            return None
+        kind, text = next(iter(raw.items()))
+        s = self.string(text, (*path, kind))
+        if s is None:
+            return None
+        if kind == "regex":
+            try:
+                re.compile(s)
+            except re.error as e:
+                self.fail((*path, kind), f"invalid regular expression: {e}")
+                return None
+        return StringMatch(MatchKind(kind), s)
+
+    def http_match(self, raw: dict[str, Any], path: FieldPath) -> HttpMatch | None:
+        self.mapping(raw, path, _MATCH_FIELDS)
+        for key in _MATCH_FIELDS:
+            if key not in ("name", "uri", "method", "headers") and raw.get(key) is not None:
+                self.fail((*path, key), "not supported yet")
+        headers: list[tuple[str, StringMatch]] = []
+        hraw = self.mapping(raw.get("headers"), (*path, "headers")) or {}
+        for name, value in hraw.items():
+            if not isinstance(name, str) or name != name.lower():
+                self.fail((*path, "headers", str(name)), "header names must be lower case")
+                continue
+            m = self.string_match(value, (*path, "headers", name))
+            if m is not None:
+                headers.append((name, m))
+        return HttpMatch(
+            self.string_match(raw.get("uri"), (*path, "uri")),
+            self.string_match(raw.get("method"), (*path, "method")),
+            tuple(headers),
+        )
+
+    def fault(self, value: Any, path: FieldPath) -> Fault | None:
+        raw = self.mapping(value, path, ("delay", "abort"))
+        if raw is None:
+            return None
+        delay = self.mapping(raw.get("delay"), (*path, "delay"), ("fixedDelay", "percentage", "percent"))
+        abort = self.mapping(raw.get("abort"), (*path, "abort"), ("httpStatus", "grpcStatus", "percentage"))
+        fixed = None
+        delay_pct = 100.0
+        if delay is not None:
+            fixed = self.duration(delay.get("fixedDelay"), (*path, "delay", "fixedDelay"))
+            if fixed is None:
+                self.fail((*path, "delay", "fixedDelay"), "a fixedDelay is required")
+            got = self.percent(delay.get("percentage"), (*path, "delay", "percentage"))
+            delay_pct = 100.0 if got is None else got
+        status = grpc_status = None
+        abort_pct = 100.0
+        if abort is not None:
+            status = self.integer(abort.get("httpStatus"), (*path, "abort", "httpStatus"), 200, 599)
+            grpc_status = _GRPC_CODES.get(str(abort.get("grpcStatus"))) if abort.get("grpcStatus") is not None else None
+            if abort.get("grpcStatus") is not None and grpc_status is None:
+                self.fail((*path, "abort", "grpcStatus"), f"unknown gRPC status {abort.get('grpcStatus')!r}")
+            if (status is None) == (grpc_status is None):
+                self.fail((*path, "abort"), "exactly one of httpStatus or grpcStatus must be set")
+            got = self.percent(abort.get("percentage"), (*path, "abort", "percentage"))
+            abort_pct = 100.0 if got is None else got
+        return Fault(fixed, delay_pct, status, grpc_status, abort_pct)
+
+
+_GRPC_CODES = {
+    name: code
+    for code, name in enumerate(
+        [
+            "OK",
+            "CANCELLED",
+            "UNKNOWN",
+            "INVALID_ARGUMENT",
+            "DEADLINE_EXCEEDED",
+            "NOT_FOUND",
+            "ALREADY_EXISTS",
+            "PERMISSION_DENIED",
+            "RESOURCE_EXHAUSTED",
+            "FAILED_PRECONDITION",
+            "ABORTED",
+            "OUT_OF_RANGE",
+            "UNIMPLEMENTED",
+            "INTERNAL",
+            "UNAVAILABLE",
+            "DATA_LOSS",
+            "UNAUTHENTICATED",
+        ]
+    )
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    scope: str
+    obj: PolicyObject
+
+
+class PolicySet:
+    """The DestinationRules and VirtualServices of several scopes (files), merged per host.
+
+    `build()` recomputes the per-host policies from every scope (policy objects
+    are few next to services; O(policy objects)) and returns the hosts whose
+    `HostPolicy` changed.
+    """
+
+    def __init__(self) -> None:
+        self._scopes: dict[str, tuple[PolicyObject, ...]] = {}
+        self._policies: dict[Hostname, HostPolicy] = {}
+        self._problems: dict[str, list[Problem]] = {}
+
+    @property
+    def policies(self) -> Mapping[Hostname, HostPolicy]:
+        return self._policies
+
+    def update(self, scope: str, objects: Sequence[object]) -> None:
+        """Make `scope` declare exactly the policy objects among `objects` (others are ignored)."""
+        found = tuple(o for o in objects if isinstance(o, DestinationRule | VirtualService))
+        if found:
+            self._scopes[scope] = found
+        else:
+            self._scopes.pop(scope, None)
+
+    def remove(self, scope: str) -> None:
+        self._scopes.pop(scope, None)
+
+    def problems(self) -> dict[str, list[Problem]]:
+        return self._problems
+
+    def build(self) -> set[Hostname]:
+        rules: dict[Hostname, _Claim] = {}
+        services: dict[Hostname, _Claim] = {}
+        problems: dict[str, list[Problem]] = {}
+        for scope in sorted(self._scopes):
+            for obj in self._scopes[scope]:
+                hosts = (obj.host,) if isinstance(obj, DestinationRule) else obj.hosts
+                table = rules if isinstance(obj, DestinationRule) else services
+                for host in hosts:
+                    first = table.get(host)
+                    if first is None:
+                        table[host] = _Claim(scope, obj)
+                        continue
+                    kind = DESTINATION_RULE if isinstance(obj, DestinationRule) else VIRTUAL_SERVICE
+                    problems.setdefault(scope, []).append(
+                        Problem(
+                            obj.where,
+                            f"{host}: another {kind} ({first.obj.namespace}/{first.obj.name} at "
+                            f"{first.obj.where}) already applies to this host; this one is ignored for it",
+                        )
+                    )
+        for claim in services.values():
+            vs = claim.obj
+            assert isinstance(vs, VirtualService)
+            for i, route in enumerate(vs.http):
+                for j, dest in enumerate(route.destinations):
+                    if not dest.subset:
+                        continue
+                    rule = rules.get(dest.host)
+                    dr = rule.obj if rule is not None else None
+                    if not isinstance(dr, DestinationRule) or dr.subset(dest.subset) is None:
+                        problems.setdefault(claim.scope, []).append(
+                            Problem(
+                                vs.where,
+                                f"warning: subset {dest.subset!r} of {dest.host} is not defined by "
+                                "any DestinationRule (requests routed to it fail)",
+                                f"spec.http[{i}].route[{j}].destination.subset",
+                            )
+                        )
+        new: dict[Hostname, HostPolicy] = {}
+        for host in rules.keys() | services.keys():
+            dr_claim, vs_claim = rules.get(host), services.get(host)
+            rule_obj = dr_claim.obj if dr_claim is not None else None
+            routes_obj = vs_claim.obj if vs_claim is not None else None
+            assert rule_obj is None or isinstance(rule_obj, DestinationRule)
+            assert routes_obj is None or isinstance(routes_obj, VirtualService)
+            policy = HostPolicy(rule_obj, routes_obj)
+            old = self._policies.get(host)
+            new[host] = old if old == policy else policy
+        changed = {h for h in new.keys() | self._policies.keys() if self._policies.get(h) is not new.get(h)}
+        self._policies = new
+        self._problems = problems
+        return changed

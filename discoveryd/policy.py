@@ -1,0 +1,238 @@
+"""Traffic policy values: Istio's DestinationRule and VirtualService, as the servers use them.
+
+Data flow: an adapter reads `networking.istio.io/v1` DestinationRule and
+VirtualService objects (`adapters.istio.policy` validates and translates
+them), groups them per destination host into one `HostPolicy` and hands it to
+its shard (`discoveryd.registry.PolicyWriter.set_policy`). The index keeps the
+policies of each shard next to its services and merges them per host by the
+same ranking as services (`discoveryd.index`): the policy of a host applies
+whatever registry provides its service. The xDS builder reads
+`Snapshot.policies[host]` together with `Snapshot.services[host]`.
+
+Everything here is immutable. Durations are seconds (float); None means
+"not set" (the client's default applies), which is not the same as 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from discoveryd.model import Hostname
+
+
+class SimpleLb(StrEnum):
+    UNSPECIFIED = "UNSPECIFIED"
+    ROUND_ROBIN = "ROUND_ROBIN"
+    LEAST_REQUEST = "LEAST_REQUEST"
+    RANDOM = "RANDOM"
+    PASSTHROUGH = "PASSTHROUGH"
+    LEAST_CONN = "LEAST_CONN"
+    """Istio's deprecated name of LEAST_REQUEST."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistentHash:
+    """Exactly one of the hash keys is set (validated by the reader)."""
+
+    header: str = ""
+    cookie: str = ""
+    cookie_path: str = ""
+    cookie_ttl: float | None = None
+    source_ip: bool = False
+    query_parameter: str = ""
+    maglev: bool = False
+    """MAGLEV instead of RING_HASH."""
+    table_size: int | None = None
+    """Maglev table size, or the ring hash's minimum ring size."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadBalancer:
+    simple: SimpleLb | None = None
+    consistent_hash: ConsistentHash | None = None
+    warmup: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    consecutive_5xx: int | None = None
+    consecutive_gateway_errors: int | None = None
+    interval: float | None = None
+    base_ejection_time: float | None = None
+    max_ejection_percent: int | None = None
+    min_health_percent: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TcpKeepalive:
+    probes: int | None = None
+    time: float | None = None
+    interval: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionPool:
+    max_connections: int | None = None
+    connect_timeout: float | None = None
+    tcp_keepalive: TcpKeepalive | None = None
+    http1_max_pending_requests: int | None = None
+    http2_max_requests: int | None = None
+    max_requests_per_connection: int | None = None
+    max_retries: int | None = None
+    idle_timeout: float | None = None
+
+
+class TlsMode(StrEnum):
+    DISABLE = "DISABLE"
+    SIMPLE = "SIMPLE"
+    MUTUAL = "MUTUAL"
+    ISTIO_MUTUAL = "ISTIO_MUTUAL"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    mode: TlsMode = TlsMode.DISABLE
+    client_certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    sni: str = ""
+    subject_alt_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficPolicy:
+    """One level of settings; a None field inherits from the level above (see `effective`)."""
+
+    load_balancer: LoadBalancer | None = None
+    connection_pool: ConnectionPool | None = None
+    outlier_detection: OutlierDetection | None = None
+    tls: ClientTls | None = None
+    port_level: tuple[tuple[int, TrafficPolicy], ...] = ()
+    """portLevelSettings: port number → its settings (without port_level of their own)."""
+
+    def for_port(self, port: int) -> TrafficPolicy:
+        """This level with its portLevelSettings for `port` laid over it."""
+        for number, settings in self.port_level:
+            if number == port:
+                return _overlay(self, settings)
+        return self
+
+
+def _overlay(base: TrafficPolicy, top: TrafficPolicy) -> TrafficPolicy:
+    return TrafficPolicy(
+        top.load_balancer if top.load_balancer is not None else base.load_balancer,
+        top.connection_pool if top.connection_pool is not None else base.connection_pool,
+        top.outlier_detection if top.outlier_detection is not None else base.outlier_detection,
+        top.tls if top.tls is not None else base.tls,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Subset:
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    traffic_policy: TrafficPolicy | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationRule:
+    host: Hostname
+    """Resolved: a short name is `<name>.<namespace>.svc.<domain>` as Istio resolves it."""
+    namespace: str
+    name: str
+    traffic_policy: TrafficPolicy | None = None
+    subsets: tuple[Subset, ...] = ()
+    where: str = field(default="", compare=False)
+    """Where the object is declared (file:line), for messages."""
+
+    def subset(self, name: str) -> Subset | None:
+        for s in self.subsets:
+            if s.name == name:
+                return s
+        return None
+
+    def effective(self, port: int, subset: Subset | None = None) -> TrafficPolicy:
+        """The settings of one cluster: top level, its port level, the subset's, the subset's port level."""
+        policy = (self.traffic_policy or TrafficPolicy()).for_port(port)
+        if subset is not None and subset.traffic_policy is not None:
+            policy = _overlay(policy, subset.traffic_policy.for_port(port))
+        return TrafficPolicy(policy.load_balancer, policy.connection_pool, policy.outlier_detection, policy.tls)
+
+
+class MatchKind(StrEnum):
+    EXACT = "exact"
+    PREFIX = "prefix"
+    REGEX = "regex"
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    kind: MatchKind
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class HttpMatch:
+    """All conditions must hold (one entry of an HTTP route's `match` list; the entries are ORed)."""
+
+    uri: StringMatch | None = None
+    method: StringMatch | None = None
+    headers: tuple[tuple[str, StringMatch], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDestination:
+    host: Hostname
+    subset: str = ""
+    port: int | None = None
+    """None: the port the client dialled (the route configuration's port)."""
+    weight: int = 0
+    """0 with a single destination: all traffic."""
+
+
+@dataclass(frozen=True, slots=True)
+class Retries:
+    attempts: int
+    per_try_timeout: float | None = None
+    retry_on: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    delay: float | None = None
+    delay_percent: float = 100.0
+    abort_status: int | None = None
+    """An HTTP status to answer with."""
+    abort_grpc_status: int | None = None
+    """A gRPC status code to answer with (proxyless gRPC honours both)."""
+    abort_percent: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRoute:
+    name: str = ""
+    matches: tuple[HttpMatch, ...] = ()
+    """Empty: matches every request."""
+    destinations: tuple[RouteDestination, ...] = ()
+    timeout: float | None = None
+    retries: Retries | None = None
+    fault: Fault | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualService:
+    hosts: tuple[Hostname, ...]
+    namespace: str
+    name: str
+    http: tuple[HttpRoute, ...] = ()
+    where: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class HostPolicy:
+    """What applies to traffic for one host: its DestinationRule and its VirtualService, either may be absent."""
+
+    destination_rule: DestinationRule | None = None
+    virtual_service: VirtualService | None = None
