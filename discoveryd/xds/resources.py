@@ -44,6 +44,18 @@ What one `Service` becomes, per port (UDP ports and numbers outside 1-65535 are 
   configuration over ADS (router filter last), routing everything to the
   cluster. Not built for NONE services and wildcard hosts, which a gRPC client
   cannot dial.
+
+Traffic policy (`Snapshot.policies[hostname]`, see `discoveryd.policy`) is
+built with the service, in `discoveryd.xds.policy`:
+- DestinationRule: each subset adds, per port, a cluster
+  `outbound|<port>|<subset>|<hostname>` (and for STATIC its assignment of
+  the same name) holding only the endpoints whose labels match the subset's;
+  the effective trafficPolicy of each cluster (top level, its port level, the
+  subset's, the subset's port level) sets its load balancer, outlier
+  detection, circuit breakers, protocol options and upstream TLS.
+- VirtualService: its http routes replace the catch-all route of
+  `<hostname>:<port>`, in order, each match an Envoy route; destinations
+  name `outbound|<port>|<subset>|<host>` clusters, weighted when several.
 """
 
 from __future__ import annotations
@@ -70,6 +82,8 @@ from google.protobuf.message import Message
 from discoveryd.config import LbPolicy
 from discoveryd.index import Snapshot
 from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, Resolution, Service
+from discoveryd.policy import DestinationRule, HostPolicy, Subset
+from discoveryd.xds import policy as traffic
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +121,7 @@ _HEALTH = {
 
 
 def cluster_name(host: str, port: int) -> str:
-    return f"outbound|{port}||{host}"
+    return traffic.cluster_name(host, port)
 
 
 def listener_name(host: str, port: int) -> str:
@@ -242,7 +256,7 @@ class Builder:
                     was[name] = allowed = audiences.pop(name, None)
                     _count(granted, allowed, -1)
             service = snapshot.services.get(host)
-            built = self._build_or_skip(service) if service is not None else []
+            built = self._build_or_skip(service, snapshot.policies.get(host)) if service is not None else []
             now = audience(service) if service is not None else None
             keys = []
             for type_url, name, message in built:
@@ -272,34 +286,56 @@ class Builder:
         )
         return view, {t: frozenset(names) for t, names in touched.items() if names}
 
-    def _build_or_skip(self, service: Service) -> list[tuple[str, str, Message]]:
+    def _build_or_skip(self, service: Service, policy: HostPolicy | None = None) -> list[tuple[str, str, Message]]:
         """`build`, or nothing when the service holds values no resource can carry (logged, not raised)."""
         try:
-            return self.build(service)
+            return self.build(service, policy)
         except (ValueError, TypeError) as e:
             log.error("xds: %s (from %s) cannot be served: %s", service.hostname, service.source, e)
             return []
 
-    def build(self, service: Service) -> list[tuple[str, str, Message]]:
-        """The (type URL, name, message) resources of one service."""
+    def build(self, service: Service, policy: HostPolicy | None = None) -> list[tuple[str, str, Message]]:
+        """The (type URL, name, message) resources of one service, shaped by its traffic policy if any."""
         out: list[tuple[str, str, Message]] = []
+        rule = policy.destination_rule if policy is not None else None
+        routes = policy.virtual_service if policy is not None else None
         for port in service.ports:
             if port.protocol.is_udp or not _valid_port(port.number):
                 continue
             cluster = self._cluster(service, port)
             if cluster is None:
                 continue
+            if rule is not None:
+                traffic.apply(cluster, rule.effective(port.number), port)
             out.append((CLUSTER, cluster.name, cluster))
             if cluster.type == cluster_pb2.Cluster.EDS:
                 out.append((ENDPOINT, cluster.name, _assignment(cluster.name, service, port)))
+            if rule is not None:
+                out += self._subsets(service, port, rule)
             if service.resolution is not Resolution.NONE and not service.is_wildcard:
                 name = listener_name(service.hostname, port.number)
-                out.append((LISTENER, name, _listener(name)))
-                out.append((ROUTE, name, _route(name, service.hostname, cluster.name)))
+                faults = routes is not None and any(r.fault is not None for r in routes.http)
+                out.append((LISTENER, name, _listener(name, faults)))
+                if routes is not None:
+                    out.append((ROUTE, name, traffic.route_configuration(name, service.hostname, port, routes, rule)))
+                else:
+                    out.append((ROUTE, name, _route(name, service.hostname, cluster.name, rule, port)))
         return out
 
-    def _cluster(self, service: Service, port: Port) -> cluster_pb2.Cluster | None:
-        name = cluster_name(service.hostname, port.number)
+    def _subsets(self, service: Service, port: Port, rule: DestinationRule) -> list[tuple[str, str, Message]]:
+        out: list[tuple[str, str, Message]] = []
+        for subset in rule.subsets:
+            sub = self._cluster(service, port, subset)
+            if sub is None:
+                continue
+            traffic.apply(sub, rule.effective(port.number, subset), port)
+            out.append((CLUSTER, sub.name, sub))
+            if sub.type == cluster_pb2.Cluster.EDS:
+                out.append((ENDPOINT, sub.name, _assignment(sub.name, service, port, subset)))
+        return out
+
+    def _cluster(self, service: Service, port: Port, subset: Subset | None = None) -> cluster_pb2.Cluster | None:
+        name = traffic.cluster_name(service.hostname, port.number, subset.name if subset else "")
         c = cluster_pb2.Cluster(name=name, lb_policy=_LB[self._options.lb_policy])
         c.connect_timeout.CopyFrom(self._timeout)
         c.metadata.filter_metadata[METADATA_KEY].CopyFrom(_struct({"source": service.source}))
@@ -315,13 +351,16 @@ class Builder:
             targets: list[tuple[str, int, Endpoint | None]] = [
                 (ep.address, ep.port_for(port), ep)
                 for ep in service.endpoints
-                if not ep.address.startswith("unix://") and _valid_port(ep.port_for(port))
+                if not ep.address.startswith("unix://")
+                and _valid_port(ep.port_for(port))
+                and (subset is None or traffic.selects(subset, ep))
             ]
-            if not targets:
+            if not targets and subset is None:
                 if service.is_wildcard:
                     log.debug("%s: DNS resolution of a wildcard host without endpoints: no cluster", name)
                     return None
                 targets = [(service.hostname, port.target_port or port.number, None)]
+            # A subset selecting no endpoint keeps a cluster without hosts, as Istio builds it.
             logical = resolution is Resolution.DNS_ROUND_ROBIN and len(targets) == 1
             c.type = cluster_pb2.Cluster.LOGICAL_DNS if logical else cluster_pb2.Cluster.STRICT_DNS
             c.dns_lookup_family = cluster_pb2.Cluster.V4_PREFERRED
@@ -340,10 +379,14 @@ class Builder:
         return c
 
 
-def _assignment(name: str, service: Service, port: Port) -> endpoint_pb2.ClusterLoadAssignment:
+def _assignment(
+    name: str, service: Service, port: Port, subset: Subset | None = None
+) -> endpoint_pb2.ClusterLoadAssignment:
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
     groups: dict[Locality, list[Endpoint]] = {}
     for ep in service.endpoints:
+        if subset is not None and not traffic.selects(subset, ep):
+            continue
         if ep.address.startswith("unix://") or (ep.is_ip and _valid_port(ep.port_for(port))):
             groups.setdefault(ep.locality, []).append(ep)
     for locality, endpoints in groups.items():
@@ -375,10 +418,12 @@ def _valid_port(number: int) -> bool:
     return 0 < number < 65536
 
 
-def _listener(name: str) -> listener_pb2.Listener:
+def _listener(name: str, faults: bool = False) -> listener_pb2.Listener:
     manager = hcm_pb2.HttpConnectionManager(stat_prefix=name)
     manager.rds.config_source.CopyFrom(_ADS)
     manager.rds.route_config_name = name
+    if faults:
+        traffic.add_fault_filter(manager)
     router = manager.http_filters.add(name="envoy.filters.http.router")
     router.typed_config.Pack(router_pb2.Router())
     listener = listener_pb2.Listener(name=name, api_listener=api_listener_pb2.ApiListener())
@@ -386,11 +431,15 @@ def _listener(name: str) -> listener_pb2.Listener:
     return listener
 
 
-def _route(name: str, host: str, cluster: str) -> route_pb2.RouteConfiguration:
+def _route(
+    name: str, host: str, cluster: str, rule: DestinationRule | None = None, port: Port | None = None
+) -> route_pb2.RouteConfiguration:
     route = route_components_pb2.Route(
         match=route_components_pb2.RouteMatch(prefix=""),
         route=route_components_pb2.RouteAction(cluster=cluster),
     )
+    if rule is not None and port is not None:
+        traffic.add_hash_policy(route.route, rule.effective(port.number))
     vhost = route_components_pb2.VirtualHost(name=name, domains=[name, host], routes=[route])
     return route_pb2.RouteConfiguration(name=name, virtual_hosts=[vhost])
 

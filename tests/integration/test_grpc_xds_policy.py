@@ -1,0 +1,151 @@
+"""grpcio's xDS client follows DestinationRule subsets and VirtualService routes served by discoveryd.
+
+The policies are read from YAML with the files registry's reader (`adapters.istio.policy`) and written to
+the index shard next to the service, so the whole path (validation → index → CDS/EDS/RDS → gRPC) runs.
+Clients run in subprocesses, as in test_grpc_xds_client.py.
+"""
+
+# ruff: noqa: F811 - pytest fixtures imported from xds_fixtures are parameters by design
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+
+from adapters.istio.policy import PolicySet, read_yaml_all
+from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
+from discoveryd.xds.metrics import daemon_metrics
+from tests.integration.test_grpc_xds_client import METHOD, bootstrap, grpc_backend
+from tests.integration.xds_fixtures import RunningXds, xds  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+HOST, PORT = "cart.shop.internal", 8080
+CALLS = 600
+
+# Makes `count` calls with the given metadata (a JSON object) and prints how many each backend answered,
+# and the status codes of failed calls.
+CLIENT = """
+import collections, json, sys
+import grpc
+
+target, method, count, metadata = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+seen = collections.Counter()
+with grpc.insecure_channel(f"xds:///{target}") as channel:
+    call = channel.unary_unary(method)
+    for _ in range(count):
+        try:
+            seen[call(b"", timeout=20, wait_for_ready=True, metadata=list(metadata.items())).decode()] += 1
+        except grpc.RpcError as e:
+            seen["status:" + e.code().name] += 1
+print(json.dumps(seen), flush=True)
+"""
+
+POLICY = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: cart, namespace: shop}
+spec:
+  host: cart.shop.internal
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: cart, namespace: shop}
+spec:
+  hosts: [cart.shop.internal]
+  http:
+  - name: canary-header
+    match: [{headers: {x-canary: {exact: "yes"}}}]
+    route: [{destination: {host: cart.shop.internal, subset: v2}}]
+  - name: broken
+    match: [{uri: {prefix: /test.Who/Broken}}]
+    fault: {abort: {grpcStatus: PERMISSION_DENIED, percentage: {value: 100}}}
+    route: [{destination: {host: cart.shop.internal, subset: v1}}]
+  - name: split
+    route:
+    - {destination: {host: cart.shop.internal, subset: v1}, weight: 80}
+    - {destination: {host: cart.shop.internal, subset: v2}, weight: 20}
+"""
+
+
+@contextlib.asynccontextmanager
+async def policy_setup(xds: RunningXds) -> AsyncIterator[None]:
+    objects, problems = read_yaml_all("policy.yaml", POLICY, "shop")
+    assert not problems, problems
+    policies = PolicySet()
+    policies.update("policy.yaml", objects)
+    assert policies.build() == {Hostname(HOST)}
+    assert not policies.problems()
+    async with grpc_backend("v1-a") as a, grpc_backend("v1-b") as b, grpc_backend("v2") as c:
+        with xds.shard.batch():
+            xds.shard.set_policy(Hostname(HOST), policies.policies[Hostname(HOST)])
+            xds.put(
+                Service(
+                    hostname=Hostname(HOST),
+                    namespace="shop",
+                    ports=(Port(PORT, "grpc", PortProtocol.GRPC),),
+                    endpoints=(
+                        Endpoint("127.0.0.1", ports={"grpc": a}, labels={"version": "v1"}),
+                        Endpoint("127.0.0.1", ports={"grpc": b}, labels={"version": "v1"}),
+                        Endpoint("127.0.0.1", ports={"grpc": c}, labels={"version": "v2"}),
+                    ),
+                )
+            )
+        yield
+
+
+async def run_client(xds: RunningXds, method: str, count: int, metadata: dict[str, str]) -> dict[str, int]:
+    env = {**os.environ, "GRPC_XDS_BOOTSTRAP_CONFIG": bootstrap(xds.port, "shop")}
+    env.pop("GRPC_XDS_BOOTSTRAP", None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CLIENT, f"{HOST}:{PORT}", method, str(count), json.dumps(metadata), env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(120):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    seen: dict[str, int] = json.loads(out)
+    return seen
+
+
+def nacks() -> float:
+    return sum(float(daemon_metrics().nacks.labels(t)._value.get()) for t in ("CDS", "EDS", "LDS", "RDS"))
+
+
+async def test_weighted_split_between_subsets_is_80_20(xds: RunningXds) -> None:
+    before = nacks()
+    async with policy_setup(xds):
+        seen = await run_client(xds, METHOD, CALLS, {})
+    assert set(seen) <= {"v1-a", "v1-b", "v2"}, seen
+    v1 = seen.get("v1-a", 0) + seen.get("v1-b", 0)
+    share = v1 / CALLS
+    # Binomial(600, 0.8): sd = 1.6 points; ±6 points is beyond 3.5 sd.
+    assert 0.74 <= share <= 0.86, seen
+    assert seen.get("v1-a", 0) > 0 and seen.get("v1-b", 0) > 0, f"the v1 subset holds both v1 backends: {seen}"
+    assert nacks() == before
+
+
+async def test_header_match_routes_to_a_subset_and_fault_abort_answers(xds: RunningXds) -> None:
+    before = nacks()
+    async with policy_setup(xds):
+        canary, broken = await asyncio.gather(
+            run_client(xds, METHOD, 50, {"x-canary": "yes"}),
+            run_client(xds, "/test.Who/Broken", 20, {}),
+        )
+    assert canary == {"v2": 50}, canary
+    assert broken == {"status:PERMISSION_DENIED": 20}, broken
+    assert nacks() == before
