@@ -12,7 +12,7 @@ import json
 import shutil
 import signal
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -144,16 +144,39 @@ class _Harness:
         await self._client.put(f"{self._dir(service)}broken".encode(), b"{not json")
 
 
+class _OutageHarness(_Harness):
+    """The adapter reaches etcd through a `TcpProxy`; an outage resets its connections and refuses new ones."""
+
+    def __init__(self, client: aetcd.Client, proxy: TcpProxy, prefix: str, tmp: Path, fmt: str) -> None:
+        super().__init__(client, proxy.url, prefix, tmp, fmt)
+        self._proxy = proxy
+
+    async def outage(self) -> None:
+        self._proxy.block()
+
+    async def restore(self) -> None:
+        self._proxy.unblock()
+
+
+@pytest.fixture
+def proxy(etcd: EtcdServer) -> Iterator[TcpProxy]:
+    through = TcpProxy(etcd.client_port)
+    try:
+        yield through
+    finally:
+        through.close()
+
+
 class TestEtcdNamingContract(AdapterContract):
     @pytest.fixture
-    def harness(self, client: aetcd.Client, etcd: EtcdServer, prefix: str, tmp_path: Path) -> _Harness:
-        return _Harness(client, etcd.url, prefix, tmp_path, "etcd-naming")
+    def harness(self, client: aetcd.Client, proxy: TcpProxy, prefix: str, tmp_path: Path) -> _Harness:
+        return _OutageHarness(client, proxy, prefix, tmp_path, "etcd-naming")
 
 
 class TestSkyDnsContract(AdapterContract):
     @pytest.fixture
-    def harness(self, client: aetcd.Client, etcd: EtcdServer, prefix: str, tmp_path: Path) -> _Harness:
-        return _Harness(client, etcd.url, prefix, tmp_path, "skydns")
+    def harness(self, client: aetcd.Client, proxy: TcpProxy, prefix: str, tmp_path: Path) -> _Harness:
+        return _OutageHarness(client, proxy, prefix, tmp_path, "skydns")
 
 
 # -- etcd naming ----------------------------------------------------------------------
