@@ -280,6 +280,7 @@ class Index:
             return
         self._order = new
         self._dirty.update(self._conflicts.keys())
+        self._policy_dirty.update(self._policies.keys())  # policies are few: re-rank them all
         self._publish()
 
     def set_timed_out(self, source: SourceId, timed_out: bool) -> None:

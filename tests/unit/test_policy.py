@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import textwrap
 from pathlib import Path
 
@@ -15,12 +17,15 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf.message import Message
 
+from adapters.files import FilesConfig, FilesRegistry
 from adapters.files.registry import FileSet
 from adapters.istio.policy import PolicySet, read_yaml_all, resolve_host
 from discoveryd.index import Index
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Problem, Service, SourceId
 from discoveryd.policy import DestinationRule, HostPolicy, Subset, TrafficPolicy
-from discoveryd.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Builder, BuildOptions
+from discoveryd.registry import AdapterContext
+from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ENDPOINT, LISTENER, ROUTE, Builder, BuildOptions
+from tests.helpers import eventually
 
 HOST = Hostname("cart.shop.internal")
 
@@ -234,7 +239,13 @@ def test_a_policy_applies_to_the_host_whatever_registry_serves_it_and_the_rankin
     assert index.snapshot.policies[HOST].destination_rule is ranked  # A ranks before B
     services.set_policy(HOST, None)
     assert index.snapshot.policies[HOST].destination_rule is rule
+    services.set_policy(HOST, HostPolicy(ranked))
+    index.set_order([B, A])  # a config reload ranks the files registry first now
+    assert index.snapshot.policies[HOST].destination_rule is rule
+    assert HOST in index.snapshot.changed
     index.drop(B)
+    assert index.snapshot.policies[HOST].destination_rule is ranked
+    services.set_policy(HOST, None)
     assert HOST not in index.snapshot.policies
     assert HOST in index.snapshot.changed
 
@@ -336,3 +347,35 @@ def test_virtual_service_routes_become_the_route_configuration() -> None:
     manager = hcm_pb2.HttpConnectionManager()
     listener.api_listener.api_listener.Unpack(manager)
     assert [f.name for f in manager.http_filters] == ["envoy.filters.http.fault", "envoy.filters.http.router"]
+
+
+# -- the files registry end to end -------------------------------------------------------------------
+
+
+async def test_files_registry_publishes_policies_for_a_host_served_elsewhere(tmp_path: Path) -> None:
+    """A DestinationRule file reaches the index and the xDS resources of a host another registry serves."""
+    (tmp_path / "rules").mkdir()
+    path = tmp_path / "rules" / "cart.yaml"
+    path.write_text(DR)
+    files = FilesRegistry(FilesConfig(kind="files", name="local", paths=["rules"]), AdapterContext(tmp_path))
+    index = Index([A, files.source])
+    index.writer(A).upsert(SERVICE)
+    task = asyncio.create_task(files.run(index.writer(files.source)))
+    try:
+        await eventually(lambda: HOST in index.snapshot.policies, timeout=5, what="the policy in the index")
+        view, _ = Builder(BuildOptions()).update(EMPTY_VIEW, index.snapshot, None)
+        assert f"outbound|8080|v2|{HOST}" in view.resources[CLUSTER]
+        path.write_text(DR.replace("name: v2", "name: v3"))
+        await eventually(
+            lambda: (r := index.snapshot.policies[HOST].destination_rule) is not None and r.subset("v3") is not None,
+            timeout=5,
+            what="the edited rule",
+        )
+        assert HOST in index.snapshot.changed
+        path.unlink()
+        await eventually(lambda: HOST not in index.snapshot.policies, timeout=5, what="the rule removed")
+        assert index.snapshot.services[HOST].source == A
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,0 +1,126 @@
+"""A real Envoy follows DestinationRule subsets and outlier detection served by discoveryd.
+
+Envoy's static listener routes to the subset cluster `outbound|8080|v2|web.test`; the policy is read from
+YAML with the files registry's reader and written to the index shard next to the service.
+"""
+
+# ruff: noqa: F811 - pytest fixtures imported from xds_fixtures are parameters by design
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from adapters.istio.policy import PolicySet, read_yaml_all
+from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
+from tests.helpers import eventually
+from tests.integration.test_envoy_xds import assert_no_rejections, nacks
+from tests.integration.xds_fixtures import RunningXds, http_backend, run_envoy, xds  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+WEB = Hostname("web.test")
+V2 = "outbound|8080|v2|web.test"
+
+POLICY = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: default}
+spec:
+  host: web.test
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 5m, maxEjectionPercent: 100}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"""
+
+
+@contextlib.asynccontextmanager
+async def failing_backend(name: str) -> AsyncIterator[int]:
+    """A loopback HTTP server answering every GET with 503 and `name`; yields its port."""
+
+    async def handle(_: web.Request) -> web.Response:
+        return web.Response(status=503, text=name)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
+        yield int(sockets[0].getsockname()[1])
+    finally:
+        await runner.cleanup()
+
+
+async def test_envoy_routes_to_the_subset_only_and_ejects_the_failing_backend(xds: RunningXds, tmp_path: Path) -> None:
+    before = nacks()
+    objects, problems = read_yaml_all("policy.yaml", POLICY, "default")
+    assert not problems, problems
+    policies = PolicySet()
+    policies.update("policy.yaml", objects)
+    policies.build()
+    async with http_backend("v1") as v1, http_backend("v2") as v2, failing_backend("bad") as bad:
+        with xds.shard.batch():
+            xds.shard.set_policy(WEB, policies.policies[WEB])
+            xds.put(
+                Service(
+                    hostname=WEB,
+                    ports=(Port(8080, "http", PortProtocol.HTTP),),
+                    endpoints=(
+                        Endpoint("127.0.0.1", ports={"http": v1}, labels={"version": "v1"}),
+                        Endpoint("127.0.0.1", ports={"http": v2}, labels={"version": "v2"}),
+                        Endpoint("127.0.0.1", ports={"http": bad}, labels={"version": "v2"}),
+                    ),
+                )
+            )
+        async with run_envoy(tmp_path, xds.port, "GRPC", route_to=V2) as envoy:
+
+            async def subset_endpoints() -> set[str]:
+                text = await envoy.get("/clusters")
+                return {line.split("::")[1] for line in text.splitlines() if line.startswith(V2 + "::127.0.0.1:")}
+
+            expected = {f"127.0.0.1:{v2}", f"127.0.0.1:{bad}"}
+            await eventually(lambda: _equals(subset_endpoints(), expected), timeout=20, what="v2 subset in envoy")
+
+            # Outlier detection as configured, in Envoy's own view of the cluster.
+            dump = await envoy.get_json("/config_dump?resource=dynamic_active_clusters")
+            (found,) = [c["cluster"] for c in dump["configs"] if c["cluster"]["name"] == V2]
+            assert found["outlier_detection"]["consecutive_5xx"] == 2
+            assert found["outlier_detection"]["base_ejection_time"] == "300s"
+
+            # Real traffic: only the subset's backends answer; the failing one is ejected after two 5xx.
+            seen: collections.Counter[str] = collections.Counter()
+            async with aiohttp.ClientSession() as session:
+
+                async def only_v2_answers() -> bool:
+                    for _ in range(10):
+                        async with session.get(envoy.listener + "/") as r:
+                            seen[f"{r.status} {await r.text()}"] += 1
+                    text = await envoy.get("/clusters")
+                    return f"{V2}::127.0.0.1:{bad}::health_flags::/failed_outlier_check" in text
+
+                await eventually(only_v2_answers, timeout=20, interval=0.1, what="the 503 backend ejected")
+                assert set(seen) <= {"200 v2", "503 bad"}, seen
+                assert seen["503 bad"] >= 2, seen
+                after: collections.Counter[str] = collections.Counter()
+                for _ in range(20):
+                    async with session.get(envoy.listener + "/") as r:
+                        after[f"{r.status} {await r.text()}"] += 1
+            assert after == {"200 v2": 20}, after
+            assert await envoy.stat(f"cluster.{V2}.outlier_detection.ejections_enforced_consecutive_5xx") >= 1
+            await assert_no_rejections(envoy, before)
+
+
+async def _equals(probe: object, expected: set[str]) -> bool:
+    got = await probe  # type: ignore[misc]
+    return bool(got == expected)
