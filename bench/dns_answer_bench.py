@@ -183,8 +183,7 @@ async def _change(n: int, seconds: float) -> dict[str, Any]:
     second = services(2)
     server = DnsServer(DnsConfig(listen=["127.0.0.1:0"]), index, [ZONE])
     task = asyncio.create_task(server.serve())
-    while not server.started.is_set():
-        await asyncio.sleep(0.01)
+    await server.started.wait()
     port = server.addresses[0][1]
     client = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _CLIENT, str(port), str(seconds), stdout=subprocess.PIPE
@@ -194,7 +193,9 @@ async def _change(n: int, seconds: float) -> dict[str, Any]:
     shard.replace(second)
     published = time.monotonic()
     publish = time.perf_counter() - started
-    while server.version != index.snapshot.version:
+    for _ in range(360_000):  # at most an hour
+        if server.version == index.snapshot.version:
+            break
         await asyncio.sleep(0.01)
     applied = time.perf_counter() - started
     done = time.monotonic()
