@@ -176,6 +176,8 @@ def resolve(table: RecordTable, qname: str, qtype: int, qlabels: Sequence[bytes]
             dangling = name
             break
     authority: list[RR] = []
+    if negative and zone is None:
+        zone = table.reverse_zone(name)
     if negative and zone is not None and zone.name in table.unready:
         # "No such name" under a zone whose registry has not synced yet is a guess clients would cache.
         return Resolved(SERVFAIL)

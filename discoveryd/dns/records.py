@@ -386,6 +386,17 @@ def _consul(svc: Service, zone: Zone, b: _Builder, canonical: str) -> None:
         answer(f"_{name}._{tag}.{suffix}", members, addresses=False)
 
 
+def _network(name: str) -> str | None:
+    """The reverse zone of the /24 (IPv4) or /64 (IPv6) network a reverse name lies in, or None."""
+    if name.endswith(".in-addr.arpa"):
+        parts = name.split(".")
+        return ".".join(parts[-5:]) if len(parts) >= 5 else None
+    if name.endswith(".ip6.arpa"):
+        parts = name.split(".")
+        return ".".join(parts[-18:]) if len(parts) >= 18 else None
+    return None
+
+
 def _count(shared: dict[int, dict[Rdata, int]], node: Node, step: int) -> None:
     """Add (step 1) or remove (step -1) one contributor's records to a shared name's counts."""
     for rtype, rdata in node.records():
@@ -466,6 +477,8 @@ class RecordTable:
         self.zones = tuple(sorted(zones, key=lambda z: -len(z.name)))
         self._serial = serial
         self._ns_addresses = tuple(ns_addresses)
+        self._networks: dict[str, int] = {}
+        """Reverse zone name of a network → how many reverse names we hold in it."""
         self.forwarded: set[Hostname] = set()
         """Hostnames of DNS-resolution services that contribute no records (a ServiceEntry
         resolving its own host, no endpoints): their names are forwarded, also inside a zone."""
@@ -598,9 +611,35 @@ class RecordTable:
         for name in touched:
             existed = name in contributors
             self._apply(name, host, old.get(name), records.get(name))
-            if existed != (name in contributors) and not below.get(name):
-                self._propagate(name, 1 if not existed else -1)
+            if existed != (name in contributors):
+                if not below.get(name):
+                    self._propagate(name, 1 if not existed else -1)
+                if name.endswith(".arpa"):
+                    self._count_network(name, 1 if not existed else -1)
         return touched
+
+    def _count_network(self, name: str, step: int) -> None:
+        """A reverse name appeared (1) or went (-1): count it for its network's reverse zone."""
+        network = _network(name)
+        if network is None:
+            return
+        left = self._networks.get(network, 0) + step
+        if left > 0:
+            self._networks[network] = left
+        else:
+            self._networks.pop(network, None)
+
+    def reverse_zone(self, name: str) -> Zone | None:
+        """The reverse zone (/24 for IPv4, /64 for IPv6) of a reverse name, when we hold a name in it.
+
+        Such zones are partial: names we hold get answers, and a NODATA among them carries the
+        network's SOA (RFC 2308); names we do not hold there are not ours (forwarded), since the
+        index is no authority for the other addresses of the network.
+        """
+        network = _network(name)
+        if network is None or network not in self._networks:
+            return None
+        return Zone(Hostname(network))
 
     def _propagate(self, name: str, step: int) -> None:
         """`name` turned present (step 1) or absent (-1); update the counts of its ancestors.

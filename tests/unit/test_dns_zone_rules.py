@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dns.message
 import dns.rcode
+import dns.rdatatype
 
 from discoveryd.config import DnsConfig
 from discoveryd.dns import DnsServer
@@ -80,3 +81,37 @@ async def test_soa_serial_moves_with_every_applied_change() -> None:
         serial = _serial(server)
         assert serial > first, "the serial did not move with the content"
         first = serial
+
+
+async def test_nodata_for_a_reverse_name_carries_its_network_soa() -> None:
+    index = Index()
+    shard = index.writer(_SOURCE)
+    shard.replace(
+        [
+            Service(Hostname("a.mesh.local"), addresses=("10.0.0.1",)),
+            Service(Hostname("b.mesh.local"), addresses=("fd00::1",)),
+        ]
+    )
+    server = DnsServer(DnsConfig(), index, [MESH])
+    await server.sync()
+    for name, zone in (
+        ("1.0.0.10.in-addr.arpa.", "0.0.10.in-addr.arpa."),
+        (
+            "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.",
+            "0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.",
+        ),
+    ):
+        out = _ask(server, name, "A")
+        assert isinstance(out, bytes)
+        reply = dns.message.from_wire(out)
+        assert reply.rcode() == dns.rcode.NOERROR and not reply.answer
+        assert [rrset.name.to_text() for rrset in reply.authority] == [zone]
+        assert reply.authority[0].rdtype == dns.rdatatype.SOA
+        ptr = _ask(server, name, "PTR")
+        assert isinstance(ptr, bytes) and dns.message.from_wire(ptr).answer
+    # Another address of the network is not ours to deny: forwarded (here REFUSED), never NXDOMAIN.
+    out = _ask(server, "9.0.0.10.in-addr.arpa.", "PTR")
+    assert isinstance(out, bytes) and dns.message.from_wire(out).rcode() == dns.rcode.REFUSED
+    shard.replace([Service(Hostname("b.mesh.local"), addresses=("fd00::1",))])
+    await server.sync()
+    assert server._authority.table.reverse_zone("1.0.0.10.in-addr.arpa") is None
