@@ -152,6 +152,9 @@ class DnsConfig(_Section):
     query_log_rate: float = Field(default=100.0, gt=0)
     """Query log lines per second at most; the rest are counted and summarised."""
     rrl: RrlConfig = Field(default_factory=RrlConfig)
+    nsid: str | None = None
+    """NSID (RFC 5001): the server identifier sent to clients whose query carries an empty NSID
+    option (`dig +nsid`), e.g. the host name of this replica; null (default): not sent."""
 
     @field_validator("zones")
     @classmethod

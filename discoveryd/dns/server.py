@@ -61,6 +61,7 @@ from discoveryd.dns.message import (
     CNAME,
     FORMERR,
     IXFR,
+    MAX_UDP,
     NOERROR,
     NOTIMP,
     OPT,
@@ -183,6 +184,7 @@ class DnsServer:
         """The snapshot the record table reflects (version -1: not built yet)."""
         self._authority = Authority(self._table(), self.metrics)
         self._sync_lock = asyncio.Lock()
+        self._nsid = config.nsid.encode("utf-8")[:512] if config.nsid else None
         self.sync_steps = SyncSteps()
         self._forwarder = Forwarder(
             [Upstream(*split_hostport(f, 53)) for f in config.forward],
@@ -417,17 +419,54 @@ class DnsServer:
             if not cache_tried:
                 out = self._authority.fast(data, tcp)
                 if out is not None:
-                    return out
-            return self._parse(data, client, tcp)
+                    return out if self._nsid is None else self._with_nsid(data, out, tcp)
+            parsed = self._parse(data, client, tcp)
+            if self._nsid is not None and isinstance(parsed, bytes):
+                return self._with_nsid(data, parsed, tcp)
+            return parsed
         except Exception:
             log.exception("dns: failed to answer a query from %s", client)
             self.metrics.dropped.labels("error").inc()
             return error_response(data, SERVFAIL)
 
     def fast_path(self) -> tuple[udp.Lookup, udp.Lookup]:
-        """UDP batches (`udp.Answerer`): the answer cache lookups (the sync task keeps them current)."""
+        """UDP batches (`udp.Answerer`): the answer cache lookups (the sync task keeps them current).
+
+        With `dns.nsid` set, both add the NSID option to answers of queries that ask for it.
+        """
         authority = self._authority
-        return authority.repeated, authority.fast
+        if self._nsid is None:
+            return authority.repeated, authority.fast
+
+        def repeated(after_id: bytes, tcp: bool) -> bytes | None:
+            out = authority.repeated(after_id, tcp)
+            return None if out is None else self._with_nsid(b"\0\0" + after_id, b"\0\0" + out, tcp)[2:]
+
+        def fast(data: bytes, tcp: bool) -> bytes | None:
+            out = authority.fast(data, tcp)
+            return None if out is None else self._with_nsid(data, out, tcp)
+
+        return repeated, fast
+
+    def _with_nsid(self, query: bytes, response: bytes, tcp: bool) -> bytes:
+        """`response` with our NSID option (RFC 5001) when `query` asked for it and it still fits.
+
+        Our OPT record is always the response's last record, with no options: its RDLENGTH is the
+        last two bytes, and the option is appended after them.
+        """
+        nsid = self._nsid
+        if nsid is None or len(response) < 23 or response[-11:-8] != b"\x00\x00\x29" or response[-2:] != b"\0\0":
+            return response
+        try:
+            parsed = wire.parse(query)
+        except wire.FormatError:
+            return response
+        if not parsed.nsid:
+            return response
+        option = b"\x00\x03" + len(nsid).to_bytes(2, "big") + nsid
+        out = response[:-2] + len(option).to_bytes(2, "big") + option
+        limit = 0xFFFF if tcp else max(512, min(parsed.udp_size, MAX_UDP))
+        return out if len(out) <= limit else response
 
     def answer(self, data: bytes, client: Any, send: Callable[[bytes], None]) -> bytes | None:
         """UDP miss path (`udp.Answerer`): the reply, or None when dropped or forwarded (then `send` gets it)."""

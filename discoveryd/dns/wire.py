@@ -74,6 +74,17 @@ def scan(data: bytes, tcp: bool) -> tuple[int, int] | None:
 
 COOKIE = 10
 """EDNS option code of DNS cookies (RFC 7873)."""
+NSID = 3
+"""EDNS option code of the name server identifier (RFC 5001)."""
+
+
+def option_codes(data: bytes, start: int, end: int) -> set[int]:
+    """The EDNS option codes present in data[start:end] (options as `options_ok` reads them)."""
+    codes, i = set(), start
+    while i + 4 <= end:
+        codes.add((data[i] << 8) | data[i + 1])
+        i += 4 + ((data[i + 2] << 8) | data[i + 3])
+    return codes
 
 
 def options_ok(data: bytes, start: int, end: int) -> bool:
@@ -118,6 +129,8 @@ class Query:
     nothing past the header was read (such a packet costs what garbage costs)."""
     cookie_ok: bool = True
     """Every COOKIE option (RFC 7873) has a legal length."""
+    nsid: bool = False
+    """The OPT record asks for the server's NSID (RFC 5001)."""
 
     @property
     def opcode(self) -> int:
@@ -147,7 +160,7 @@ def parse(data: bytes) -> Query:
         question = (labels, qtype, qclass)
     for _ in range(ancount + nscount):
         offset = _skip_record(data, offset)
-    opts, udp_size, version, do, cookie_ok = 0, 512, 0, False, True
+    opts, udp_size, version, do, cookie_ok, nsid = 0, 512, 0, False, True, False
     for _ in range(arcount):
         labels, offset = _name(data, offset)
         rtype, rclass, ttl, rdlength = _unpack("!HHIH", data, offset)
@@ -161,7 +174,8 @@ def parse(data: bytes) -> Query:
             if opts == 1:
                 udp_size, version, do = rclass, (ttl >> 16) & 0xFF, bool(ttl & 0x8000)
                 cookie_ok = options_ok(data, offset - rdlength, offset)
-    return Query(qid, flags, question, opts, udp_size, version, do, cookie_ok=cookie_ok)
+                nsid = NSID in option_codes(data, offset - rdlength, offset)
+    return Query(qid, flags, question, opts, udp_size, version, do, cookie_ok=cookie_ok, nsid=nsid)
 
 
 _OPT = 41
