@@ -258,7 +258,7 @@ def _route(
     if http.timeout is not None:
         action.timeout.CopyFrom(_duration(http.timeout))
         action.max_stream_duration.max_stream_duration.CopyFrom(_duration(http.timeout))
-    if http.retries is not None:
+    if http.retries is not None and http.retries.attempts > 0:  # 0 disables retries (gRPC rejects num_retries 0)
         rp = action.retry_policy
         rp.num_retries.value = http.retries.attempts
         rp.retry_on = (

@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest
 
 from adapters.istio.policy import PolicySet, read_yaml_all
@@ -70,6 +71,14 @@ spec:
     match: [{uri: {prefix: /test.Who/Broken}}]
     fault: {abort: {grpcStatus: PERMISSION_DENIED, percentage: {value: 100}}}
     route: [{destination: {host: cart.shop.internal, subset: v1}}]
+  - name: flaky
+    match: [{uri: {exact: /test.Flaky/Name}}]
+    retries: {attempts: 3, retryOn: unavailable}
+    route: [{destination: {host: cart.shop.internal, subset: v2}}]
+  - name: flaky-without-retries
+    match: [{uri: {exact: /test.Flaky/NoRetry}}]
+    retries: {attempts: 0, retryOn: unavailable}
+    route: [{destination: {host: cart.shop.internal, subset: v2}}]
   - name: split
     route:
     - {destination: {host: cart.shop.internal, subset: v1}, weight: 80}
@@ -85,7 +94,7 @@ async def policy_setup(xds: RunningXds) -> AsyncIterator[None]:
     policies.update("policy.yaml", objects)
     assert policies.build() == {Hostname(HOST)}
     assert not policies.problems()
-    async with grpc_backend("v1-a") as a, grpc_backend("v1-b") as b, grpc_backend("v2") as c:
+    async with grpc_backend("v1-a") as a, grpc_backend("v1-b") as b, flaky_backend("v2") as c:
         with xds.shard.batch():
             xds.shard.set_policy(Hostname(HOST), policies.policies[Hostname(HOST)])
             xds.put(
@@ -101,6 +110,40 @@ async def policy_setup(xds: RunningXds) -> AsyncIterator[None]:
                 )
             )
         yield
+
+
+@contextlib.asynccontextmanager
+async def flaky_backend(name: str) -> AsyncIterator[int]:
+    """`grpc_backend`'s Who/Name, plus Flaky/Name and Flaky/NoRetry failing every other call with UNAVAILABLE."""
+    calls = 0
+
+    async def who(_: bytes, __: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        return name.encode()
+
+    async def flaky(_: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls % 2:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "odd call")
+        return name.encode()
+
+    server = grpc.aio.server()
+    who_service, who_method = METHOD.strip("/").split("/")
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(who_service, {who_method: grpc.unary_unary_rpc_method_handler(who)}),
+            grpc.method_handlers_generic_handler(
+                "test.Flaky",
+                {m: grpc.unary_unary_rpc_method_handler(flaky) for m in ("Name", "NoRetry")},
+            ),
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield port
+    finally:
+        await server.stop(None)
 
 
 async def run_client(xds: RunningXds, method: str, count: int, metadata: dict[str, str]) -> dict[str, int]:
@@ -149,3 +192,14 @@ async def test_header_match_routes_to_a_subset_and_fault_abort_answers(xds: Runn
     assert canary == {"v2": 50}, canary
     assert broken == {"status:PERMISSION_DENIED": 20}, broken
     assert nacks() == before
+
+
+async def test_retries_hide_every_other_unavailable(xds: RunningXds) -> None:
+    async with policy_setup(xds):
+        retried, plain = await asyncio.gather(
+            run_client(xds, "/test.Flaky/Name", 20, {}),
+            run_client(xds, "/test.Flaky/NoRetry", 20, {}),
+        )
+    assert retried == {"v2": 20}, retried
+    # Without retries the alternation shows (the two clients share the backend's counter, so not exactly 10).
+    assert plain.get("status:UNAVAILABLE", 0) >= 3, plain

@@ -379,3 +379,11 @@ async def test_files_registry_publishes_policies_for_a_host_served_elsewhere(tmp
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def test_zero_retry_attempts_mean_no_retry_policy() -> None:
+    """gRPC rejects a whole RouteConfiguration whose retry_policy has num_retries 0; Istio's 0 means no retries."""
+    out = built(policy_of(DR + "---\n" + VS.replace("attempts: 4", "attempts: 0")))
+    rc = out[(ROUTE, f"{HOST}:8080")]
+    assert isinstance(rc, route_pb2.RouteConfiguration)
+    assert not any(r.route.HasField("retry_policy") for r in rc.virtual_hosts[0].routes)
