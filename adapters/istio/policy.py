@@ -361,7 +361,9 @@ class _PolicyChecker(_Checker):
             self.fail(path, "only one of ringHash or maglev can be set")
         size = None
         if maglev is not None:
-            size = self.integer(maglev.get("tableSize"), (*path, "maglev", "tableSize"), 1, _MAX_INT32)
+            size = self.integer(maglev.get("tableSize"), (*path, "maglev", "tableSize"), 1, 5000011)
+            if size is not None and not _is_prime(size):
+                self.fail((*path, "maglev", "tableSize"), f"must be a prime number (Envoy's rule), not {size}")
         elif ring is not None:
             size = self.integer(ring.get("minimumRingSize"), (*path, "ringHash", "minimumRingSize"), 1, 2**23)
         else:
@@ -573,6 +575,9 @@ class _PolicyChecker(_Checker):
             except re.error as e:
                 self.fail((*path, kind), f"invalid regular expression: {e}")
                 return None
+            if _NOT_RE2.search(s):
+                self.fail((*path, kind), "lookaround and backreferences are not RE2 (Envoy and gRPC reject them)")
+                return None
         return StringMatch(MatchKind(kind), s)
 
     def http_match(self, raw: dict[str, Any], path: FieldPath) -> HttpMatch | None:
@@ -621,6 +626,21 @@ class _PolicyChecker(_Checker):
             got = self.percent(abort.get("percentage"), (*path, "abort", "percentage"))
             abort_pct = 100.0 if got is None else got
         return Fault(fixed, delay_pct, status, grpc_status, abort_pct)
+
+
+_NOT_RE2 = re.compile(r"\(\?<?[=!]|\\[1-9]")
+"""Lookahead, lookbehind, backreferences: valid for Python's `re`, rejected by RE2."""
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    i = 2
+    while i * i <= n:
+        if n % i == 0:
+            return False
+        i += 1
+    return True
 
 
 _GRPC_CODES = {

@@ -150,6 +150,13 @@ def built(policy: HostPolicy | None) -> dict[tuple[str, str], Message]:
         ),
         ("  host: a.b\n  trafficPolicy: {loadBalancer: {simple: FASTEST}}\n", "p.yaml:6", "", "unknown value"),
         ("  subsets: []\n", "p.yaml:4", "spec.host", "a host is required"),
+        (
+            "  host: a.b\n  trafficPolicy:\n    loadBalancer:\n"
+            "      consistentHash: {httpHeaderName: x, maglev: {tableSize: 65536}}\n",
+            "p.yaml:8",
+            "spec.trafficPolicy.loadBalancer.consistentHash.maglev.tableSize",
+            "must be a prime number",
+        ),
     ],
 )
 def test_destination_rule_problems_are_located(spec: str, where: str, field: str, message: str) -> None:
@@ -387,3 +394,9 @@ def test_zero_retry_attempts_mean_no_retry_policy() -> None:
     rc = out[(ROUTE, f"{HOST}:8080")]
     assert isinstance(rc, route_pb2.RouteConfiguration)
     assert not any(r.route.HasField("retry_policy") for r in rc.virtual_hosts[0].routes)
+
+
+def test_regexes_rejected_by_re2_are_problems() -> None:
+    found = problems_of(VS.replace('regex: "y.*"', 'regex: "(?=y)y"'))
+    assert [p.field for p in found] == ['spec.http[0].match[1].headers["x-canary"].regex']
+    assert "RE2" in found[0].message
