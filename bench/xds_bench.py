@@ -3,6 +3,8 @@
 `python -m bench xds [--clients=1,100,1000] [--pushes=N] [--services=1000] [--endpoints=10]`
 `python -m bench xds --scoped [--namespaces=10] ...`: the same with exportTo and clients spread over namespaces
 (see `_measure_scoped`).
+`python -m bench xds --policy [--services=1000] [--endpoints=9]`: CDS/EDS/RDS bytes and build time without and
+with a DestinationRule of 3 subsets and a VirtualService 80/20 split per service (see `_measure_policy`).
 
 The daemon's `XdsServer` runs in this process on a loopback port with an index
 of `--services` services of `--endpoints` endpoints each. A client subprocess
@@ -42,9 +44,22 @@ from bench.common import median, percentile, rss_bytes, table, write_results
 from discoveryd.config import XdsConfig
 from discoveryd.index import Index, Shard
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service, SourceId
+from discoveryd.policy import (
+    DestinationRule,
+    HostPolicy,
+    HttpMatch,
+    HttpRoute,
+    MatchKind,
+    OutlierDetection,
+    RouteDestination,
+    StringMatch,
+    Subset,
+    TrafficPolicy,
+    VirtualService,
+)
 from discoveryd.xds import XdsServer
 from discoveryd.xds.connection import varint
-from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ENDPOINT, Builder, BuildOptions
+from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ENDPOINT, ROUTE, SHORT, Builder, BuildOptions
 
 ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 
@@ -524,6 +539,98 @@ def _main_rebuild(args: argparse.Namespace, argv: list[str]) -> None:
     write_results("xds_rebuild", figures, ("python -m bench xds " + " ".join(argv)).strip())
 
 
+# -- traffic policy: subsets and routes ---------------------------------------------------------------
+
+SUBSETS = ("v0", "v1", "v2")
+
+
+def _policy_service(i: int, endpoints: int) -> Service:
+    return Service(
+        hostname=Hostname(f"svc{i}.bench.local"),
+        ports=(Port(8080, "grpc", PortProtocol.GRPC),),
+        endpoints=tuple(
+            Endpoint(f"10.{i // 250 % 250}.{i % 250}.{e + 1}", labels={"version": SUBSETS[e % len(SUBSETS)]})
+            for e in range(endpoints)
+        ),
+    )
+
+
+def _host_policy(i: int, generation: int = 0) -> HostPolicy:
+    host = Hostname(f"svc{i}.bench.local")
+    rule = DestinationRule(
+        host,
+        "bench",
+        f"svc{i}",
+        TrafficPolicy(outlier_detection=OutlierDetection(consecutive_5xx=5 + generation, interval=10.0)),
+        tuple(Subset(name, {"version": name}) for name in SUBSETS),
+    )
+    split = HttpRoute(destinations=(RouteDestination(host, "v0", None, 80), RouteDestination(host, "v1", None, 20)))
+    canary = HttpRoute(
+        matches=(HttpMatch(headers=(("x-canary", StringMatch(MatchKind.EXACT, "yes")),)),),
+        destinations=(RouteDestination(host, "v2"),),
+    )
+    return HostPolicy(rule, VirtualService((host,), "bench", f"svc{i}", (canary, split)))
+
+
+def _measure_policy(services: int, endpoints: int, changes: int) -> dict[str, Any]:
+    """Full build and per-type bytes without/with policies, then one DestinationRule change (in-process)."""
+    out: dict[str, Any] = {"services": services, "endpoints_per_service": endpoints, "subsets": len(SUBSETS)}
+    for with_policy in (False, True):
+        index = Index()
+        shard: Shard = index.writer(SourceId("bench/b"))
+        with shard.batch():
+            shard.replace([_policy_service(i, endpoints) for i in range(services)])
+            if with_policy:
+                for i in range(services):
+                    shard.set_policy(Hostname(f"svc{i}.bench.local"), _host_policy(i))
+        shard.mark_synced()
+        builder = Builder(BuildOptions())
+        t0 = time.perf_counter()
+        view, _ = builder.update(EMPTY_VIEW, index.snapshot, None)
+        build_s = time.perf_counter() - t0
+        sizes = {
+            SHORT[t]: {
+                "resources": len(view.resources[t]),
+                "bytes": sum(len(r.body) for r in view.resources[t].values()),
+            }
+            for t in (CLUSTER, ENDPOINT, ROUTE)
+        }
+        key = "with_policy" if with_policy else "without_policy"
+        out[key] = {"build_s": build_s, "types": sizes}
+        if with_policy:
+            times = []
+            for p in range(1, changes + 1):
+                before = index.snapshot.version
+                shard.set_policy(Hostname(f"svc{p % services}.bench.local"), _host_policy(p % services, p))
+                changed = index.changed_between(before, index.snapshot.version)
+                t0 = time.perf_counter()
+                view, touched = builder.update(view, index.snapshot, changed)
+                times.append(time.perf_counter() - t0)
+            out["rule_change_median_s"] = median(times)
+            out["rule_change_p99_s"] = percentile(times, 99)
+            out["rule_change_resources"] = sum(len(n) for n in touched.values())
+    return out
+
+
+def _main_policy(args: argparse.Namespace, argv: list[str]) -> None:
+    f = _measure_policy(args.services, args.endpoints, args.pushes)
+    rows = []
+    for key in ("without_policy", "with_policy"):
+        run = f[key]
+        row: list[Any] = [key.replace("_", " "), f"{run['build_s']:.2f}"]
+        for t in ("CDS", "EDS", "RDS"):
+            row += [run["types"][t]["resources"], f"{run['types'][t]['bytes'] / 1024:.0f}"]
+        rows.append(row)
+    header = ["", "build s", "CDS n", "CDS KiB", "EDS n", "EDS KiB", "RDS n", "RDS KiB"]
+    print(f"{f['services']} services x {f['subsets']} subsets, {f['endpoints_per_service']} endpoints each")
+    print(table(rows, header))
+    print(
+        f"one DestinationRule change: Builder.update p50 {f['rule_change_median_s'] * 1e3:.2f} ms, "
+        f"p99 {f['rule_change_p99_s'] * 1e3:.2f} ms, {f['rule_change_resources']} resources touched"
+    )
+    write_results("xds_policy", f, ("python -m bench xds " + " ".join(argv)).strip())
+
+
 # -- entry points ------------------------------------------------------------------------------
 
 
@@ -558,11 +665,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--endpoints", type=int, default=10, help="per service")
     parser.add_argument("--scoped", action="store_true", help="exportTo: clients spread over --namespaces")
     parser.add_argument("--namespaces", type=int, default=10)
+    parser.add_argument("--policy", action="store_true", help="DestinationRule subsets and VirtualService routes")
     parser.add_argument("--rebuild", action="store_true", help="Builder.update cost by index size (--sizes)")
     parser.add_argument("--sizes", default="1000,10000,100000", type=lambda s: [int(x) for x in s.split(",")])
     args = parser.parse_args(argv)
     if args.rebuild:
         _main_rebuild(args, argv)
+        return
+    if args.policy:
+        _main_policy(args, argv)
         return
     if args.scoped:
         _main_scoped(args, argv)
