@@ -217,7 +217,44 @@ def read_yaml_all(
     return [obj for _, objects in results for obj in objects], []
 
 
+_NOT_SERVED = frozenset(
+    {
+        ("spec", "exportTo"),
+        ("spec", "workloadSelector"),
+        ("trafficPolicy", "tunnel"),
+        ("trafficPolicy", "proxyProtocol"),
+        ("portLevelSettings", "tunnel"),
+        ("portLevelSettings", "proxyProtocol"),
+        ("loadBalancer", "warmup"),
+        ("outlierDetection", "splitExternalLocalOriginErrors"),
+        ("outlierDetection", "consecutiveLocalOriginFailures"),
+        ("tcp", "maxConnectionDuration"),
+        ("tcp", "idleTimeout"),
+        ("http", "h2UpgradePolicy"),
+        ("http", "useClientProtocol"),
+        ("http", "maxConcurrentStreams"),
+        ("tls", "insecureSkipVerify"),
+        ("tls", "caCrl"),
+        ("httpCookie", "attributes"),
+        ("retries", "retryRemoteLocalities"),
+        ("retries", "retryIgnorePreviousHosts"),
+        ("route", "headers"),
+        ("delay", "percent"),
+    }
+)
+"""(parent field, field): valid in Istio's API but not served yet; reported, never silently dropped."""
+
+
 class _PolicyChecker(_Checker):
+    def mapping(self, value: Any, path: FieldPath, fields: Sequence[str] | None = None) -> dict[str, Any] | None:
+        found = super().mapping(value, path, fields)
+        if found is not None and fields is not None:
+            parent = next((p for p in reversed(path) if isinstance(p, str)), "")
+            for key in found:
+                if (parent, key) in _NOT_SERVED and found[key] is not None:
+                    self.fail((*path, key), "valid in Istio, not served by discoveryd yet")
+        return found
+
     def duration(self, value: Any, path: FieldPath) -> float | None:
         if value is None:
             return None
@@ -489,6 +526,8 @@ class _PolicyChecker(_Checker):
     def virtual_service(self, namespace: str, name: str, spec: dict[str, Any], where: str) -> VirtualService | None:
         sp: FieldPath = ("spec",)
         self.mapping(spec, sp, _VS_FIELDS)
+        if spec.get("gateways") not in (None, [], ["mesh"]):
+            self.fail((*sp, "gateways"), "only the mesh (no gateways) is served")
         raw_hosts = spec.get("hosts")
         if not raw_hosts:
             self.fail((*sp, "hosts"), "at least one host is required")

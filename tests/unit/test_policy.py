@@ -400,3 +400,21 @@ def test_regexes_rejected_by_re2_are_problems() -> None:
     found = problems_of(VS.replace('regex: "y.*"', 'regex: "(?=y)y"'))
     assert [p.field for p in found] == ['spec.http[0].match[1].headers["x-canary"].regex']
     assert "RE2" in found[0].message
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ("  exportTo: [.]\n", "spec.exportTo"),
+        ("  trafficPolicy: {outlierDetection: {splitExternalLocalOriginErrors: true}}\n",
+         "spec.trafficPolicy.outlierDetection.splitExternalLocalOriginErrors"),
+        ("  trafficPolicy: {connectionPool: {tcp: {idleTimeout: 1s}}}\n",
+         "spec.trafficPolicy.connectionPool.tcp.idleTimeout"),
+        ("  trafficPolicy: {loadBalancer: {localityLbSetting: {enabled: true}}}\n",
+         "spec.trafficPolicy.loadBalancer.localityLbSetting"),
+    ],
+)  # fmt: skip
+def test_fields_istio_has_but_not_served_are_reported_not_dropped(extra: str, field: str) -> None:
+    text = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: r}\nspec:\n  host: a.b\n"
+    (found,) = problems_of(text + extra)
+    assert found.field == field and found.where == "p.yaml:6"
