@@ -126,6 +126,17 @@ class RrlConfig(_Section):
     """Token buckets (prefixes that hash alike share one)."""
 
 
+def _cookie_secret(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            if len(bytes.fromhex(value)) == 16:
+                return value
+        except ValueError:
+            pass
+        raise ValueError("a cookie secret is 32 hex digits (16 bytes)")
+    return value
+
+
 class DnsConfig(_Section):
     listen: list[HostPort] = Field(default_factory=lambda: ["127.0.0.1:15053"])
     zones: list[str] = Field(default_factory=list)
@@ -155,6 +166,11 @@ class DnsConfig(_Section):
     nsid: str | None = None
     """NSID (RFC 5001): the server identifier sent to clients whose query carries an empty NSID
     option (`dig +nsid`), e.g. the host name of this replica; null (default): not sent."""
+    cookies: bool = False
+    """DNS server cookies (RFC 7873, RFC 9018 form): answers to queries with a client cookie carry
+    a server cookie. Cookies are not required (no BADCOOKIE). Off by default."""
+    cookie_secret: Annotated[str, BeforeValidator(_cookie_secret)] | None = None
+    """32 hex digits shared by replicas so that they accept each other's cookies; null: random per start."""
 
     @field_validator("zones")
     @classmethod

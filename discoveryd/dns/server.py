@@ -53,6 +53,7 @@ from typing import Any
 from discoveryd.config import DnsConfig, split_hostport
 from discoveryd.dns import tcp, udp, wire
 from discoveryd.dns.answer import Authority, Edns, Resolved, encode, error_response, response_limit
+from discoveryd.dns.cookies import Cookies
 from discoveryd.dns.forward import Forwarder, Upstream, for_client
 from discoveryd.dns.message import (
     AXFR,
@@ -185,6 +186,9 @@ class DnsServer:
         self._authority = Authority(self._table(), self.metrics)
         self._sync_lock = asyncio.Lock()
         self._nsid = config.nsid.encode("utf-8")[:512] if config.nsid else None
+        self._cookies = (
+            Cookies(bytes.fromhex(config.cookie_secret) if config.cookie_secret else None) if config.cookies else None
+        )
         self.sync_steps = SyncSteps()
         self._forwarder = Forwarder(
             [Upstream(*split_hostport(f, 53)) for f in config.forward],
@@ -413,16 +417,19 @@ class DnsServer:
     def handle(self, data: bytes, client: str, tcp: bool, *, cache_tried: bool = False) -> bytes | _Forward | None:
         """The response to one packet, a forwarding job, or None to drop it. Never raises.
 
-        `cache_tried`: the caller already synced and looked `data` up in the answer cache.
+        `cache_tried`: the caller already synced and looked `data` up in the answer cache (with
+        cookies on, the UDP lookups decline queries that carry one: they are looked up here, where
+        the client's address is known).
         """
         try:
-            if not cache_tried:
+            decorate = self._nsid is not None or self._cookies is not None
+            if not cache_tried or (self._cookies is not None and self._has_cookie(data)):
                 out = self._authority.fast(data, tcp)
                 if out is not None:
-                    return out if self._nsid is None else self._with_nsid(data, out, tcp)
+                    return self._decorate(data, out, tcp, client) if decorate else out
             parsed = self._parse(data, client, tcp)
-            if self._nsid is not None and isinstance(parsed, bytes):
-                return self._with_nsid(data, parsed, tcp)
+            if decorate and isinstance(parsed, bytes):
+                return self._decorate(data, parsed, tcp, client)
             return parsed
         except Exception:
             log.exception("dns: failed to answer a query from %s", client)
@@ -432,39 +439,59 @@ class DnsServer:
     def fast_path(self) -> tuple[udp.Lookup, udp.Lookup]:
         """UDP batches (`udp.Answerer`): the answer cache lookups (the sync task keeps them current).
 
-        With `dns.nsid` set, both add the NSID option to answers of queries that ask for it.
+        With `dns.nsid` set, both add the NSID option to answers of queries that ask for it. With
+        `dns.cookies` on, both decline queries carrying a cookie (`answer()` has the address).
         """
         authority = self._authority
-        if self._nsid is None:
+        if self._nsid is None and self._cookies is None:
             return authority.repeated, authority.fast
 
         def repeated(after_id: bytes, tcp: bool) -> bytes | None:
+            data = b"\0\0" + after_id
+            if self._cookies is not None and self._has_cookie(data):
+                return None
             out = authority.repeated(after_id, tcp)
-            return None if out is None else self._with_nsid(b"\0\0" + after_id, b"\0\0" + out, tcp)[2:]
+            return None if out is None else self._decorate(data, b"\0\0" + out, tcp, "")[2:]
 
         def fast(data: bytes, tcp: bool) -> bytes | None:
+            if self._cookies is not None and self._has_cookie(data):
+                return None
             out = authority.fast(data, tcp)
-            return None if out is None else self._with_nsid(data, out, tcp)
+            return None if out is None else self._decorate(data, out, tcp, "")
 
         return repeated, fast
 
-    def _with_nsid(self, query: bytes, response: bytes, tcp: bool) -> bytes:
-        """`response` with our NSID option (RFC 5001) when `query` asked for it and it still fits.
+    @staticmethod
+    def _has_cookie(data: bytes) -> bool:
+        try:
+            return wire.parse(data).cookie is not None
+        except wire.FormatError:
+            return False
+
+    def _decorate(self, query: bytes, response: bytes, tcp: bool, client: str) -> bytes:
+        """`response` with our NSID (RFC 5001) and server cookie (RFC 7873) options, where `query`
+        asked for them, the feature is on, and the result still fits the client's UDP size.
 
         Our OPT record is always the response's last record, with no options: its RDLENGTH is the
-        last two bytes, and the option is appended after them.
+        last two bytes, and the options are appended after them.
         """
-        nsid = self._nsid
-        if nsid is None or len(response) < 23 or response[-11:-8] != b"\x00\x00\x29" or response[-2:] != b"\0\0":
+        if len(response) < 23 or response[-11:-8] != b"\x00\x00\x29" or response[-2:] != b"\0\0":
             return response
         try:
             parsed = wire.parse(query)
         except wire.FormatError:
             return response
-        if not parsed.nsid:
+        options = b""
+        if self._nsid is not None and parsed.nsid:
+            options += b"\x00\x03" + len(self._nsid).to_bytes(2, "big") + self._nsid
+        cookie = parsed.cookie
+        if self._cookies is not None and cookie is not None and parsed.cookie_ok:
+            # A valid server cookie or not, the client gets a fresh one: cookies are not required here.
+            both = cookie[:8] + self._cookies.server_cookie(cookie[:8], client)
+            options += b"\x00\x0a" + len(both).to_bytes(2, "big") + both
+        if not options:
             return response
-        option = b"\x00\x03" + len(nsid).to_bytes(2, "big") + nsid
-        out = response[:-2] + len(option).to_bytes(2, "big") + option
+        out = response[:-2] + len(options).to_bytes(2, "big") + options
         limit = 0xFFFF if tcp else max(512, min(parsed.udp_size, MAX_UDP))
         return out if len(out) <= limit else response
 

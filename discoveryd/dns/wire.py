@@ -78,6 +78,17 @@ NSID = 3
 """EDNS option code of the name server identifier (RFC 5001)."""
 
 
+def option_value(data: bytes, start: int, end: int, code: int) -> bytes | None:
+    """The data of the first EDNS option `code` in data[start:end], or None."""
+    i = start
+    while i + 4 <= end:
+        length = (data[i + 2] << 8) | data[i + 3]
+        if (data[i] << 8) | data[i + 1] == code:
+            return data[i + 4 : i + 4 + length]
+        i += 4 + length
+    return None
+
+
 def option_codes(data: bytes, start: int, end: int) -> set[int]:
     """The EDNS option codes present in data[start:end] (options as `options_ok` reads them)."""
     codes, i = set(), start
@@ -131,6 +142,8 @@ class Query:
     """Every COOKIE option (RFC 7873) has a legal length."""
     nsid: bool = False
     """The OPT record asks for the server's NSID (RFC 5001)."""
+    cookie: bytes | None = None
+    """The COOKIE option's data (client cookie, then the server cookie if any), when present."""
 
     @property
     def opcode(self) -> int:
@@ -161,6 +174,7 @@ def parse(data: bytes) -> Query:
     for _ in range(ancount + nscount):
         offset = _skip_record(data, offset)
     opts, udp_size, version, do, cookie_ok, nsid = 0, 512, 0, False, True, False
+    cookie: bytes | None = None
     for _ in range(arcount):
         labels, offset = _name(data, offset)
         rtype, rclass, ttl, rdlength = _unpack("!HHIH", data, offset)
@@ -175,7 +189,8 @@ def parse(data: bytes) -> Query:
                 udp_size, version, do = rclass, (ttl >> 16) & 0xFF, bool(ttl & 0x8000)
                 cookie_ok = options_ok(data, offset - rdlength, offset)
                 nsid = NSID in option_codes(data, offset - rdlength, offset)
-    return Query(qid, flags, question, opts, udp_size, version, do, cookie_ok=cookie_ok, nsid=nsid)
+                cookie = option_value(data, offset - rdlength, offset, COOKIE)
+    return Query(qid, flags, question, opts, udp_size, version, do, cookie_ok=cookie_ok, nsid=nsid, cookie=cookie)
 
 
 _OPT = 41
