@@ -1,8 +1,9 @@
 """UDP serving: read every ready datagram per wake-up, answer from the read callback.
 
 Data flow: the event loop calls `readable()` when the socket has datagrams.
-Each batch starts with `Answerer.fast_path()` (the index cannot change within
-a batch); each datagram goes to those cache lookups (no parsing): first by
+Each batch starts with `Answerer.fast_path()` (the answers cannot change within
+a batch: index changes are applied by the server's sync task between batches);
+each datagram goes to those cache lookups (no parsing): first by
 its bytes after the ID (a repeated query), then by its question; on a miss
 the peer address is decoded and the packet goes to `Answerer.answer`, which
 may return a forwarding job's reply later through `send`. With a `Limit`
@@ -48,7 +49,7 @@ Lookup = Callable[[bytes, bool], bytes | None]
 
 class Answerer(Protocol):
     def fast_path(self) -> tuple[Lookup, Lookup]:
-        """Bring the answers up to date with the index; return the cache lookups for this batch.
+        """The cache lookups for this batch (the answers they read stay fixed during a batch).
 
         Both take (bytes, tcp), return the cached reply or None, and never raise: the first
         takes and returns the bytes after the ID of a repeated query, the second whole packets.
