@@ -90,6 +90,7 @@ def save_cost(services: int) -> dict[str, float]:
         )
         for i in range(services)
     )
+    shard.mark_synced()  # only synced parts are saved
     captures, encodes, writes = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
