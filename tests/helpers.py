@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, overload
+
+from discoveryd import testing
 
 T = TypeVar("T")
 
@@ -33,22 +33,9 @@ async def eventually(
     """Call `probe` until it returns a truthy value (returned) or `timeout` passes (AssertionError).
 
     `probe` may be sync or async; an exception counts as "not yet" and is shown if time runs out.
+    The typed face of `discoveryd.testing.eventually`, with a shorter default deadline.
     """
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while True:
-        try:
-            value = probe()
-            if inspect.isawaitable(value):
-                value = await value
-            if value:
-                return value
-            last = value
-        except Exception as e:
-            last = e
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s (last: {last!r})")
-        await asyncio.sleep(interval)
+    return await testing.eventually(probe, timeout, interval, what)
 
 
 def wait_sync(probe: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> T:

@@ -14,10 +14,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from adapters.toolkit.hostport import split_url
 from adapters.toolkit.names import is_dns_label, is_dns_name
+from adapters.toolkit.tls import ClientTls
 from discoveryd.registry import Duration, RegistryConfig
 
 _MAX_WAIT = 600.0
@@ -41,23 +42,8 @@ class Consistency(StrEnum):
     CONSISTENT = "consistent"
 
 
-class ConsulTls(BaseModel):
-    """HTTPS to the agent: the CA that signs its certificate, and our own certificate (mTLS)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    ca_file: Path | None = None
-    """PEM bundle of trusted CAs; omitted: the system roots."""
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    server_name: str | None = None
-    """The name to verify in the agent's certificate, when it differs from the address host."""
-
-    @model_validator(mode="after")
-    def _pair(self) -> ConsulTls:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together")
-        return self
+ConsulTls = ClientTls
+"""`tls:` of this registry (see `adapters.toolkit.tls`)."""
 
 
 class ConsulConfig(RegistryConfig):

@@ -11,10 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 
 from adapters.etcd.formats import FORMATS, valid_dns_name
 from adapters.toolkit.hostport import split_url
+from adapters.toolkit.tls import ClientTls
 from discoveryd.registry import Duration, RegistryConfig
 
 
@@ -33,23 +34,8 @@ def _endpoint(value: Any) -> str:
     return value.strip()
 
 
-class EtcdTls(BaseModel):
-    """Client TLS: the CA that signs the servers' certificates, and our own certificate (mTLS)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    ca_file: Path | None = None
-    """PEM bundle of trusted CAs; omitted: the system roots."""
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    server_name: str | None = None
-    """The name to verify in the server certificate, when it differs from the endpoint host."""
-
-    @model_validator(mode="after")
-    def _pair(self) -> EtcdTls:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together")
-        return self
+EtcdTls = ClientTls
+"""`tls:` of this registry (see `adapters.toolkit.tls`)."""
 
 
 class EtcdConfig(RegistryConfig):
