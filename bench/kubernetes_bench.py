@@ -211,7 +211,7 @@ async def _measure(opts: dict[str, int], figures: dict[str, Any]) -> None:
             DnsConfig(listen=[f"127.0.0.1:{dns_port}"]), index, [Zone(Hostname(ZONE), ZoneFlavor.KUBERNETES)]
         )
         serving = asyncio.create_task(server.serve())
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(server.started.wait(), 120)  # it listens once its first record build is done
         to_index: list[float] = []
         to_dns: list[float] = []
         try:
