@@ -232,8 +232,11 @@ class AdminServer:
         configz: Callable[[], Mapping[str, Any]],
         pages: Mapping[str, DebugPage] | None = None,
         shared_metrics: Sequence[CollectorRegistry] = (REGISTRY,),
+        serving: Callable[[], str | None] = lambda: None,
     ) -> None:
-        """`shared_metrics`: registries of other components scraped after this server's own."""
+        """`shared_metrics`: registries of other components scraped after this server's own.
+        `serving`: what a server still has to apply before the daemon is ready (None: nothing);
+        called on every /readyz once the index itself is ready."""
         self._config = config
         self._metrics_registry = CollectorRegistry(auto_describe=True)
         self._metrics_registry.register(_IndexCollector(index))
@@ -241,6 +244,7 @@ class AdminServer:
         self._index = index
         self._configz = configz
         self._pages = dict(pages or {})
+        self._serving = serving
         self.started = asyncio.Event()
         self._port = 0
 
@@ -270,6 +274,9 @@ class AdminServer:
         waiting = sorted(s for s, st in snap.shards.items() if not st.ready)
         if waiting:
             return web.Response(status=503, text="waiting for first sync: " + ", ".join(waiting) + "\n")
+        pending = self._serving()
+        if pending:
+            return web.Response(status=503, text=f"waiting for {pending}\n")
         late = sorted(s for s, st in snap.shards.items() if st.timed_out)
         if late:
             text = "ready; not synced within ready_timeout, serving without them: " + ", ".join(late) + "\n"

@@ -230,7 +230,15 @@ class Supervisor:
 
     def _make_admin(self, cfg: Config) -> tuple[object, Server]:
         pages = {"syncz": self._syncz}
-        return cfg.admin, AdminServer(cfg.admin, self.index, lambda: self.config.to_dict(), pages)
+        admin = AdminServer(cfg.admin, self.index, lambda: self.config.to_dict(), pages, serving=self._pending)
+        return cfg.admin, admin
+
+    def _pending(self) -> str | None:
+        """What keeps a ready index from being served yet: the DNS table still taking it in."""
+        dns = self._dns
+        if dns is not None and not dns.serving_ready.is_set():
+            return "the DNS server to apply the synced index"
+        return None
 
     def _make_xds(self, cfg: Config) -> tuple[object, Server]:
         self._xds = XdsServer(cfg.xds, self.index)
@@ -339,6 +347,14 @@ class Supervisor:
         snap = self.index.snapshot
         while not snap.ready:
             snap = await self.index.wait(snap.version)
+        while self._dns is not None and not self._dns.serving_ready.is_set():
+            dns = self._dns  # a reload may replace the server meanwhile: wait on the current one
+            waiter = asyncio.ensure_future(dns.serving_ready.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=1.0)
+            finally:
+                waiter.cancel()
+        snap = self.index.snapshot
         late = sorted(source for source, st in snap.shards.items() if st.timed_out)
         if late:
             log.warning(

@@ -183,6 +183,10 @@ class DnsServer:
         self._zones_changed = False
         self._snapshot = Snapshot(version=-1)
         """The snapshot the record table reflects (version -1: not built yet)."""
+        self.serving_ready = asyncio.Event()
+        """Set once the record table reflects a ready snapshot (every registry synced, restored or
+        timed out): before that a name the index holds may still be missing from the answers, so
+        readiness (/readyz, READY=1) waits for it. Never cleared."""
         self._authority = Authority(self._table(), self.metrics)
         self._sync_lock = asyncio.Lock()
         self._nsid = config.nsid.encode("utf-8")[:512] if config.nsid else None
@@ -288,6 +292,8 @@ class DnsServer:
         self._authority = Authority(table, self.metrics)
         self._snapshot = snapshot
         self.metrics.record_names.set(table.names())
+        if snapshot.ready:
+            self.serving_ready.set()
 
     async def _advance(self, new: Snapshot) -> None:
         """Apply the hostnames changed between the table's snapshot and `new`, chunk by chunk."""
@@ -314,6 +320,8 @@ class DnsServer:
             authority.table.unready = unready
             authority.clear()  # negative answers cached for a zone that turned unready (rare: a registry added)
         self._snapshot = new
+        if new.ready:
+            self.serving_ready.set()
 
     def _next_serial(self) -> int:
         """The SOA serial for a table that just took new index versions: the current Unix time, or

@@ -15,6 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import dns.message
+import dns.query
+import dns.rcode
 import pytest
 
 from tests.helpers import eventually, free_port, wait_sync
@@ -332,3 +335,18 @@ def test_a_log_file_beside_the_watched_files_does_not_feed_back(tmp_path: Path) 
         assert isinstance(after, dict)
         assert after["version"] == version["version"]
         assert "change detected" not in d.logs()
+
+
+def test_ready_only_once_dns_answers_the_whole_synced_index(tmp_path: Path) -> None:
+    # /readyz waits for the DNS table to take the synced index in: a replica put in service while
+    # its table still fills would answer REFUSED (or NXDOMAIN under a zone) for names that exist.
+    (tmp_path / "se").mkdir()
+    count = 8000
+    docs = [serviceentry(f"s{i}", f"s{i}.shop.example", f"10.2.{i // 250}.{i % 250 + 1}") for i in range(count)]
+    (tmp_path / "se" / "many.yaml").write_text("---\n".join(docs))
+    with running_daemon(tmp_path, "  - {kind: files, name: local, paths: [se/]}\n") as d:
+        for i in (count - 1, 0, count // 2):
+            query = dns.message.make_query(f"s{i}.shop.example", "A")
+            reply = dns.query.udp(query, "127.0.0.1", port=d.dns, timeout=5)
+            assert dns.rcode.to_text(reply.rcode()) == "NOERROR", f"s{i}: {reply}"
+            assert [rd.to_text() for rr in reply.answer for rd in rr] == [f"10.2.{i // 250}.{i % 250 + 1}"]
