@@ -15,15 +15,10 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from adapters.toolkit.names import is_dns1123_label, is_dns_name
 from discoveryd.registry import Duration, RegistryConfig
 
-_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _SELECTOR_WORD = re.compile(r"^[A-Za-z0-9_./!=(), -]*$")
-
-
-def valid_domain(name: str) -> bool:
-    labels = name.split(".")
-    return 0 < len(name) <= 253 and all(_LABEL.match(label) for label in labels)
 
 
 class KubernetesConfig(RegistryConfig):
@@ -71,7 +66,7 @@ class KubernetesConfig(RegistryConfig):
     @classmethod
     def _domain(cls, value: str) -> str:
         name = value.strip().rstrip(".").lower()
-        if not valid_domain(name):
+        if not is_dns_name(name):
             raise ValueError(f"{value!r} is not a DNS name")
         return name
 
@@ -79,7 +74,7 @@ class KubernetesConfig(RegistryConfig):
     @classmethod
     def _namespaces(cls, value: list[str]) -> list[str]:
         for ns in value:
-            if not _LABEL.match(ns):
+            if not is_dns1123_label(ns):
                 raise ValueError(f"{ns!r} is not a namespace name (a DNS label)")
         return sorted(set(value))
 
