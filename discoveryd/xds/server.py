@@ -95,9 +95,10 @@ class XdsServer:
         self._plain_port: int | None = None
         self._tls_port: int | None = None
         self._serving = False
-        self._healthz = health.aio.HealthServicer()
         """False until a ready snapshot has been built: streams are accepted and their requests
         recorded, but nothing is written (a partial state of the world deletes what it lacks)."""
+        self._healthz = health.aio.HealthServicer()
+        """Replaced by a fresh servicer on each `serve`."""
         self.started = asyncio.Event()
         """Set once every listener is bound and serving."""
 
