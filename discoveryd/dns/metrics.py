@@ -123,8 +123,11 @@ class DnsMetrics:
         found = self._by_code.get((qtype, rcode))
         if found is None:
             name = TYPE_NAMES.get(qtype, "other")
-            key = (name if name in _KNOWN_TYPES else "other", RCODE_NAMES.get(rcode, str(rcode)))
-            found = self._by_code[(qtype, rcode)] = self._queries.setdefault(key, Tally())
+            known = name in _KNOWN_TYPES
+            key = (name if known else "other", RCODE_NAMES.get(rcode, str(rcode)))
+            found = self._queries.setdefault(key, Tally())
+            if known:  # memoised for known types only: a client sending every qtype would fill it otherwise
+                self._by_code[(qtype, rcode)] = found
         return found
 
     def collect(self) -> Iterator[Metric]:
