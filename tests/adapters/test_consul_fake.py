@@ -17,6 +17,7 @@ import consul.exceptions
 import pytest
 
 from tests.fakes.consul import FakeConsul
+from tests.helpers import eventually
 
 
 @pytest.fixture
@@ -72,7 +73,7 @@ async def test_blocking_query_returns_on_change_with_a_higher_index(
     fake.register("web", "10.1.0.1", 80)
     index, _ = await client.health.service("web")
     blocked = asyncio.create_task(client.health.service("web", index=index, wait="30s"))
-    await asyncio.sleep(0.2)
+    await eventually(lambda: fake.blocked["/v1/health/service/web"] == 1, what="the query blocks")
     assert not blocked.done(), "a blocking query answered without a change"
     fake.register("web", "10.1.0.2", 80, service_id="web-2")
     new_index, rows = await asyncio.wait_for(blocked, 5)
@@ -98,7 +99,7 @@ async def test_unrelated_service_change_does_not_wake_a_service_watch(
     fake.register("web", "10.1.0.1", 80)
     index, _ = await client.health.service("web")
     blocked = asyncio.create_task(client.health.service("web", index=index, wait="1s"))
-    await asyncio.sleep(0.1)
+    await eventually(lambda: fake.blocked["/v1/health/service/web"] == 1, what="the query blocks")
     fake.set_service_check("db", "critical")  # no such instance: touches nothing
     fake.register("db", "10.1.0.9", 5432)
     await asyncio.sleep(0.2)
@@ -111,7 +112,7 @@ async def test_index_reset_and_index_zero_are_answered(fake: FakeConsul, client:
         fake.register("web", f"10.1.0.{i + 1}", 80, service_id=f"web-{i}")
     index, _ = await client.catalog.services()
     blocked = asyncio.create_task(client.catalog.services(index=index, wait="5s"))
-    await asyncio.sleep(0.1)
+    await eventually(lambda: fake.blocked["/v1/catalog/services"] == 1, what="the query blocks")
     fake.reset_index(to=2)
     fake.register("web", "10.1.0.99", 80, service_id="web-99")  # index 3 now: lower than before
     new_index, _ = await asyncio.wait_for(blocked, 2)

@@ -17,6 +17,7 @@ from kubernetes.aio import client, config, watch
 from kubernetes.aio.client.exceptions import ApiException
 
 from tests.fakes.kubernetes import FakeApiServer, endpoint, endpoint_slice, kubeconfig, service
+from tests.helpers import eventually
 
 
 @pytest.fixture
@@ -196,7 +197,7 @@ async def test_restart_ends_watches_and_old_versions_become_gone(
         return [e["type"] async for e in stream]
 
     task = asyncio.create_task(follow())
-    await asyncio.sleep(0.2)
+    await eventually(lambda: fake.watches == 1, what="the watch is open")
     fake.apply("services", service("b"))
     await fake.restart()
     # The open watch ends when the server goes away (with an error or a short read, as on a real restart).

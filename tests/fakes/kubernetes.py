@@ -217,6 +217,11 @@ class FakeApiServer:
     # -- lifecycle ---------------------------------------------------------------------
 
     @property
+    def watches(self) -> int:
+        """Watch streams open now (a test waits on this instead of sleeping)."""
+        return len(self._watchers)
+
+    @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
