@@ -183,6 +183,42 @@ class HttpMatch:
 
 
 @dataclass(frozen=True, slots=True)
+class HeaderOperations:
+    """Istio's `Headers.HeaderOperations` for one direction. Names keep the case written (HTTP/2 lowers them)."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    """Replace the header's values (added when absent)."""
+    add: tuple[tuple[str, str], ...] = ()
+    """Append a value (added when absent)."""
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Headers:
+    """Header manipulation of a route or a route destination.
+
+    The reader keeps pseudo-headers and `host` out of `request.set/add`: an
+    `:authority` or `host` value there is `authority` (a host rewrite, as
+    Istio translates it)."""
+
+    request: HeaderOperations = HeaderOperations()
+    response: HeaderOperations = HeaderOperations()
+    authority: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    """Istio's HTTPRewrite: at most one of `uri` and `uri_regex`; `authority` independently."""
+
+    uri: str = ""
+    """Replaces the matched prefix (a prefix match), or the whole path (an exact or regex match)."""
+    uri_regex: tuple[str, str] | None = None
+    """(RE2 pattern, substitution with \\1-style groups): Envoy's regex_rewrite."""
+    authority: str = ""
+    """The Host/:authority sent upstream."""
+
+
+@dataclass(frozen=True, slots=True)
 class RouteDestination:
     host: Hostname
     subset: str = ""
@@ -190,6 +226,7 @@ class RouteDestination:
     """None: the port the client dialled (the route configuration's port)."""
     weight: int = 0
     """0 with a single destination: all traffic."""
+    headers: Headers | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +256,8 @@ class HttpRoute:
     timeout: float | None = None
     retries: Retries | None = None
     fault: Fault | None = None
+    rewrite: Rewrite | None = None
+    headers: Headers | None = None
 
 
 @dataclass(frozen=True, slots=True)

