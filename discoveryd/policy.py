@@ -49,10 +49,46 @@ class ConsistentHash:
 
 
 @dataclass(frozen=True, slots=True)
+class LocalityDistribute:
+    """One `distribute` entry: clients in `origin` send `weights` percent to each destination locality.
+
+    Localities are `region/zone/subzone` prefixes, `*` standing for any value of the last part given.
+    """
+
+    origin: str
+    weights: tuple[tuple[str, int], ...]
+    """Destination locality → weight (percent; they sum to 100), in declared order."""
+
+
+@dataclass(frozen=True, slots=True)
+class LocalityLb:
+    """Istio's localityLbSetting: locality-aware load balancing of one cluster.
+
+    Per client: endpoints get EDS priorities relative to the client's locality
+    (failover) or labels (failoverPriority), or locality weights (distribute).
+    """
+
+    enabled: bool | None = None
+    """False turns locality load balancing off for the cluster; None and True leave it on."""
+    distribute: tuple[LocalityDistribute, ...] = ()
+    failover: tuple[tuple[str, str], ...] = ()
+    """(from region, to region) pairs, in declared order."""
+    failover_priority: tuple[str, ...] = ()
+    """Label keys, each optionally `key=value` (the value to match instead of the client's own)."""
+
+    def active(self, outlier_detection: bool) -> bool:
+        """Whether the setting changes anything: distribute always, failover only with outlier detection."""
+        if self.enabled is False:
+            return False
+        return bool(self.distribute) or outlier_detection
+
+
+@dataclass(frozen=True, slots=True)
 class LoadBalancer:
     simple: SimpleLb | None = None
     consistent_hash: ConsistentHash | None = None
     warmup: float | None = None
+    locality: LocalityLb | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,12 +22,16 @@ uriRegexRewrite (not both; the regex RE2, with its substitution) or
 authority; header operations name no pseudo-header (`:authority` and `host`
 only in request set/add, where they rewrite the authority, once per route)
 and no `host` elsewhere, names are HTTP tokens, values hold no control
-character and a `%` only as `%%` or around an Envoy command. A problem names
+character and a `%` only as `%%` or around an Envoy command; localityLbSetting
+as Istio's `ValidateLocalityLbSetting` (distribute and failover exclusive,
+weights 1-100 summing to 100 per source, well-formed non-overlapping
+localities, failover between two different regions). A problem names
 its file:line and the dotted field path; an object with problems is not used.
 
 `PolicySet.build()` also reports, as warnings on the referring object's
 scope, what Istio's analyzer warns about: a route naming a subset that no
-DestinationRule of that host (in this set) defines, and a second
+DestinationRule of that host (in this set) defines, locality failover at a
+level without outlierDetection (never applied), and a second
 DestinationRule or VirtualService for a host that another one (earlier in
 scope order) already holds — the first one wins, the later one is ignored.
 
@@ -58,6 +62,8 @@ from discoveryd.policy import (
     HttpMatch,
     HttpRoute,
     LoadBalancer,
+    LocalityDistribute,
+    LocalityLb,
     MatchKind,
     OutlierDetection,
     Retries,
@@ -94,6 +100,11 @@ _TP_FIELDS = (
     "proxyProtocol",
 )
 _LB_FIELDS = ("simple", "consistentHash", "localityLbSetting", "warmupDurationSecs", "warmup")
+_LOCALITY_FIELDS = ("enabled", "distribute", "failover", "failoverPriority")
+_TOPOLOGY_LOCALITY = frozenset(
+    {"topology.kubernetes.io/region", "topology.kubernetes.io/zone", "topology.istio.io/subzone"}
+)
+"""failoverPriority labels that name a locality level: not allowed next to `failover` (Istio's rule)."""
 _HASH_FIELDS = (
     "httpHeaderName",
     "httpCookie",
@@ -381,10 +392,104 @@ class _PolicyChecker(_Checker):
         hashed = self.consistent_hash(raw.get("consistentHash"), (*path, "consistentHash"))
         if simple is not None and hashed is not None:
             self.fail(path, "only one of simple or consistentHash can be set")
-        if raw.get("localityLbSetting") is not None:
-            self.fail((*path, "localityLbSetting"), "not supported yet")
+        locality = self.locality_lb(raw.get("localityLbSetting"), (*path, "localityLbSetting"))
         warmup = self.duration(raw.get("warmupDurationSecs"), (*path, "warmupDurationSecs"))
-        return LoadBalancer(simple, hashed, warmup)
+        return LoadBalancer(simple, hashed, warmup, locality)
+
+    def locality_lb(self, value: Any, path: FieldPath) -> LocalityLb | None:
+        """Istio's localityLbSetting, with the rules of its `ValidateLocalityLbSetting`."""
+        raw = self.mapping(value, path, _LOCALITY_FIELDS)
+        if raw is None:
+            return None
+        enabled = self.boolean(raw.get("enabled"), (*path, "enabled")) if raw.get("enabled") is not None else None
+        distribute: list[LocalityDistribute] = []
+        origins: list[tuple[str, FieldPath]] = []
+        for i, item in enumerate(self.items(raw.get("distribute"), (*path, "distribute"), self.mapping)):
+            ipath: FieldPath = (*path, "distribute", i)
+            self.mapping(item, ipath, ("from", "to"))
+            origin = self.string(item.get("from"), (*ipath, "from"))
+            if not origin:
+                self.fail((*ipath, "from"), "a source locality is required")
+                continue
+            origins.append((origin, (*ipath, "from")))
+            to = self.mapping(item.get("to"), (*ipath, "to")) or {}
+            weights: list[tuple[str, int]] = []
+            targets: list[tuple[str, FieldPath]] = []
+            for dest, weight in to.items():
+                wpath: FieldPath = (*ipath, "to", str(dest))
+                got = self.integer(weight, wpath, 1, 100)
+                if got is None:
+                    if weight is None:
+                        self.fail(wpath, "a locality weight must be between 1 and 100")
+                    continue
+                weights.append((str(dest), got))
+                targets.append((str(dest), wpath))
+            if not to:
+                self.fail((*ipath, "to"), "at least one destination locality is required")
+            elif len(weights) == len(to) and sum(w for _, w in weights) != 100:
+                self.fail((*ipath, "to"), f"the locality weights must sum to 100, not {sum(w for _, w in weights)}")
+            self.localities(targets)
+            distribute.append(LocalityDistribute(origin, tuple(weights)))
+        self.localities(origins)
+        failover: list[tuple[str, str]] = []
+        for i, item in enumerate(self.items(raw.get("failover"), (*path, "failover"), self.mapping)):
+            ipath = (*path, "failover", i)
+            self.mapping(item, ipath, ("from", "to"))
+            ends = [self.string(item.get(k), (*ipath, k)) or "" for k in ("from", "to")]
+            for k, region in zip(("from", "to"), ends, strict=True):
+                if not region:
+                    self.fail((*ipath, k), "a region is required")
+                elif "/" in region:
+                    self.fail((*ipath, k), f"failover names a region only, not {region!r}")
+                elif "*" in region:
+                    self.fail((*ipath, k), f"a failover region cannot contain the '*' wildcard: {region!r}")
+            if ends[0] and ends[0] == ends[1]:
+                self.fail(ipath, f"failover from and to must be different regions, both are {ends[0]!r}")
+            failover.append((ends[0], ends[1]))
+        priority = tuple(self.items(raw.get("failoverPriority"), (*path, "failoverPriority"), self.string))
+        for i, key in enumerate(priority):
+            if not key or key.startswith("="):
+                self.fail((*path, "failoverPriority", i), "a label key is required")
+        if distribute and failover:
+            self.fail(path, "distribute and failover cannot be set together")
+        if failover:
+            for i, key in enumerate(priority):
+                if key.partition("=")[0] in _TOPOLOGY_LOCALITY:
+                    self.fail(
+                        (*path, "failoverPriority", i),
+                        f"{key!r} cannot be used together with failover (failover already orders by locality)",
+                    )
+        return LocalityLb(enabled, tuple(distribute), tuple(failover), priority)
+
+    def localities(self, found: Sequence[tuple[str, FieldPath]]) -> None:
+        """Istio's rules for the localities of one list: `region[/zone[/subzone]]`, no empty part, at most
+        one `*` and only at the end, and none overlapping an earlier one (`us` covers `us/zone1`)."""
+        seen: dict[str, dict[str, set[str]]] = {}
+        for text, path in found:
+            if text.count("*") > 1 or ("*" in text and not text.endswith("*")):
+                self.fail(path, f"locality {text!r}: at most one '*' wildcard, and only at the end")
+                continue
+            parts = text.split("/", 2)
+            if any(not p for p in parts):
+                self.fail(path, f"locality {text!r} has an empty region, zone or subzone")
+                continue
+            region, zone, subzone = (*parts, "", "")[:3]
+            zones = seen.get(region)
+            overlap = "*" in seen
+            if len(parts) == 1:
+                overlap = overlap or zones is not None
+                seen[region] = {"*": {"*"}}
+            elif zones is None:
+                seen[region] = {zone: {"*" if len(parts) == 2 else subzone}}
+            elif len(parts) == 2:
+                overlap = overlap or "*" in zones or zone in zones
+                zones[zone] = {"*"}
+            else:
+                subzones = zones.get(zone)
+                overlap = overlap or "*" in zones or (subzones is not None and ("*" in subzones or subzone in subzones))
+                zones.setdefault(zone, set()).add(subzone)
+            if overlap:
+                self.fail(path, f"locality {text!r} overlaps one given before it")
 
     def consistent_hash(self, value: Any, path: FieldPath) -> ConsistentHash | None:
         raw = self.mapping(value, path, _HASH_FIELDS)
@@ -914,6 +1019,11 @@ class PolicySet:
                                 f"spec.http[{i}].route[{j}].destination.subset",
                             )
                         )
+        for claim in rules.values():
+            assert isinstance(claim.obj, DestinationRule)
+            found = _failover_without_outlier_detection(claim.obj)
+            if found:
+                problems.setdefault(claim.scope, []).extend(found)
         new: dict[Hostname, HostPolicy] = {}
         for host in rules.keys() | services.keys():
             dr_claim, vs_claim = rules.get(host), services.get(host)
@@ -928,3 +1038,33 @@ class PolicySet:
         self._policies = new
         self._problems = problems
         return changed
+
+
+def _failover_without_outlier_detection(rule: DestinationRule) -> list[Problem]:
+    """Istio's warning: locality failover at a level that sets no outlierDetection never fails over
+    (an endpoint is only left for a lower priority once it is ejected or unhealthy)."""
+    levels: list[tuple[str, TrafficPolicy | None]] = [("spec.trafficPolicy", rule.traffic_policy)]
+    for i, subset in enumerate(rule.subsets):
+        levels.append((f"spec.subsets[{i}].trafficPolicy", subset.traffic_policy))
+    out: list[Problem] = []
+    for path, policy in levels:
+        if policy is None:
+            continue
+        settings = [(path, policy)] + [
+            (f"{path}.portLevelSettings[{i}]", level) for i, (_, level) in enumerate(policy.port_level)
+        ]
+        for where, level in settings:
+            lb = level.load_balancer
+            locality = lb.locality if lb is not None else None
+            if locality is None or not (locality.failover or locality.failover_priority):
+                continue
+            if level.outlier_detection is None and locality.enabled is not False:
+                out.append(
+                    Problem(
+                        rule.where,
+                        "warning: locality failover is applied only to clusters with outlierDetection, "
+                        "and this level sets none",
+                        f"{where}.loadBalancer.localityLbSetting",
+                    )
+                )
+    return out

@@ -62,6 +62,7 @@ from typing import Any, Final
 from envoy.service.discovery.v3 import discovery_pb2
 
 from discoveryd.logs import escape
+from discoveryd.xds.locality import Client, client_of
 from discoveryd.xds.metrics import XdsMetrics
 from discoveryd.xds.resources import CLUSTER, ENDPOINT, FULL_STATE, SHORT, TYPES, Changes, Resource, View
 
@@ -210,6 +211,9 @@ class Connection:
         self.namespace: str | None = None
         """The client's namespace (node metadata NAMESPACE, else from an Istio node id); None: unknown.
         Decides which exportTo-restricted services it sees."""
+        self.client: Client | None = None
+        """The client's node locality and labels (None: it sent neither); decides its variant of
+        locality-aware assignments (`View.localize`)."""
         self.cluster = ""
         self.user_agent = ""
         self.connected_since = time.time()
@@ -245,6 +249,7 @@ class Connection:
             return
         self._node_seen = True
         self.namespace = node_namespace(node)
+        self.client = client_of(node)
         if node.id:
             self.node_id, self.cluster = clip(node.id, NODE_KEEP), clip(node.cluster, NODE_KEEP)
             agent = node.user_agent_name
@@ -501,6 +506,8 @@ class Connection:
             picked = [table[n] for n in sorted(names) if n in table and st.subscribed(n) and view.visible(n, ns)]
             if not picked:
                 return None
+            if st.type_url == ENDPOINT and view.localized and self.client is not None:
+                picked = [view.localize(r, self.client) for r in picked]
         version = str(self.view.version)
         nonce = self._sent(st, version)
         head = discovery_pb2.DiscoveryResponse(
@@ -520,10 +527,13 @@ class Connection:
         outdated: list[str] = []
         """Clusters the client held in another version: their assignments must follow."""
         view, ns = self.view, self.namespace
+        localize = st.type_url == ENDPOINT and bool(view.localized) and self.client is not None
         for name in sorted(names):
             r = table.get(name)
             if r is not None and not view.visible(name, ns):
                 r = None  # outside the client's scope: it does not exist for this client
+            elif r is not None and localize:
+                r = view.localize(r, self.client)
             if r is not None and st.subscribed(name):
                 had = st.known.get(name)
                 if had != r.version:

@@ -7,6 +7,10 @@ Cluster settings (`apply`), from one cluster's effective `TrafficPolicy`:
 - loadBalancer.simple → lb_policy; consistentHash → RING_HASH (minimum ring
   size) or MAGLEV (table size), the hash key going into the routes'
   `hash_policy` (`add_hash_policy`);
+- loadBalancer.localityLbSetting, when active (distribute; or failover with
+  outlier detection; not `enabled: false`) and the cluster is EDS →
+  `common_lb_config.locality_weighted_lb_config`; the per-client
+  priorities and weights are in the assignments (`discoveryd.xds.locality`);
 - outlierDetection → outlier_detection (a consecutive count enforces 100%
   when positive, as Istio does); minHealthPercent → the panic threshold;
 - connectionPool → circuit breaker thresholds (maxConnections,
@@ -113,6 +117,14 @@ def apply(c: cluster_pb2.Cluster, policy: TrafficPolicy, port: Port) -> None:
                 c.round_robin_lb_config.slow_start_config.slow_start_window.CopyFrom(_duration(lb.warmup))
             elif c.lb_policy == cluster_pb2.Cluster.LEAST_REQUEST:
                 c.least_request_lb_config.slow_start_config.slow_start_window.CopyFrom(_duration(lb.warmup))
+    locality = lb.locality if lb is not None else None
+    if (
+        locality is not None
+        and locality.active(policy.outlier_detection is not None)
+        and c.type == cluster_pb2.Cluster.EDS
+    ):
+        # Clients weigh localities by the assignment's weights (set per client by `distribute`).
+        c.common_lb_config.locality_weighted_lb_config.SetInParent()
     od = policy.outlier_detection
     if od is not None:
         o = outlier_detection_pb2.OutlierDetection()

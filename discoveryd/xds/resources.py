@@ -52,7 +52,11 @@ built with the service, in `discoveryd.xds.policy`:
   the same name) holding only the endpoints whose labels match the subset's;
   the effective trafficPolicy of each cluster (top level, its port level, the
   subset's, the subset's port level) sets its load balancer, outlier
-  detection, circuit breakers, protocol options and upstream TLS.
+  detection, circuit breakers, protocol options and upstream TLS. An active
+  localityLbSetting also records the assignment's locality plan in
+  `View.localized`; connections serve a located client its variant
+  (`View.localize`, built once per key in a bounded `VariantCache`, see
+  `discoveryd.xds.locality`).
 - VirtualService: its http routes replace the catch-all route of
   `<hostname>:<port>`, in order, each match an Envoy route; destinations
   name `outbound|<port>|<subset>|<host>` clusters, weighted when several.
@@ -62,6 +66,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -82,8 +87,9 @@ from google.protobuf.message import Message
 from discoveryd.config import LbPolicy
 from discoveryd.index import Snapshot
 from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, Resolution, Service
-from discoveryd.policy import DestinationRule, HostPolicy, Subset
+from discoveryd.policy import DestinationRule, HostPolicy, Subset, TrafficPolicy
 from discoveryd.xds import policy as traffic
+from discoveryd.xds.locality import Client, Key, Plan, plan_for
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +178,9 @@ class View:
     granted: immutables.Map[str, int] = field(default_factory=immutables.Map)
     """Namespace → how many names in `audiences` it may see; a client in a namespace not in here sees only
     unrestricted resources."""
+    localized: immutables.Map[str, Plan] = field(default_factory=immutables.Map)
+    """Assignment name → its locality plan, for the assignments whose cluster has an active localityLbSetting."""
+    variants: VariantCache | None = field(default=None, compare=False, repr=False)
     _bodies: dict[tuple[str, str | None], bytes] = field(default_factory=dict, compare=False, repr=False)
     _counts: dict[tuple[str, str | None], int] = field(default_factory=dict, compare=False, repr=False)
 
@@ -179,6 +188,16 @@ class View:
         """Whether a client in `namespace` (None: unknown) may see resource `name`."""
         allowed = self.audiences.get(name)
         return allowed is None or (namespace is not None and namespace in allowed)
+
+    def localize(self, r: Resource, client: Client | None) -> Resource:
+        """The assignment `r` as `client` is to see it: its locality variant, or `r` itself."""
+        plan = self.localized.get(r.name)
+        if plan is None or client is None or self.variants is None:
+            return r
+        key = plan.key(client)
+        if key is None:
+            return r
+        return self.variants.get(r, plan, key)
 
     def scope(self, namespace: str | None) -> str | None:
         """The cache key of what `namespace` sees: clients of namespaces no export names share one (None)."""
@@ -215,6 +234,35 @@ class View:
         return [scope for t, scope in self._bodies if t == type_url]
 
 
+class VariantCache:
+    """Client variants of locality-aware assignments (see `discoveryd.xds.locality`), least recently used
+    first out. Keyed by (name, plan digest, client key): a changed assignment or setting has a new digest,
+    and its old variants age out. Shared by the views of one builder; event loop thread only."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self.builds = 0
+        """Variants built so far (a metric for tests and the bench)."""
+        self._lru: OrderedDict[tuple[str, str, Key], Resource] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def get(self, base: Resource, plan: Plan, key: Key) -> Resource:
+        slot = (base.name, plan.digest, key)
+        found = self._lru.get(slot)
+        if found is not None:
+            self._lru.move_to_end(slot)
+            return found
+        body = _pack(ENDPOINT, plan.build(key))
+        self.builds += 1
+        found = base if body == base.body else Resource(base.name, _version(body), body)
+        self._lru[slot] = found
+        if len(self._lru) > self.capacity:
+            self._lru.popitem(last=False)
+        return found
+
+
 EMPTY_VIEW = View(0, MappingProxyType({t: immutables.Map() for t in TYPES}), immutables.Map())
 
 Changes = Mapping[str, frozenset[str]]
@@ -225,6 +273,8 @@ Changes = Mapping[str, frozenset[str]]
 class BuildOptions:
     connect_timeout: float = 10.0
     lb_policy: LbPolicy = LbPolicy.ROUND_ROBIN
+    locality_variants: int = 4096
+    """How many client variants of locality-aware assignments are kept (least recently used out)."""
 
 
 class Builder:
@@ -234,6 +284,9 @@ class Builder:
         self._options = options
         self._timeout = duration_pb2.Duration()
         self._timeout.FromTimedelta(timedelta(seconds=options.connect_timeout))
+        self.variants = VariantCache(options.locality_variants)
+        self._plans: dict[str, Plan] = {}
+        """Filled by `build`: the locality plans of the assignments it built."""
 
     def update(self, old: View, snapshot: Snapshot, changed: Iterable[Hostname] | None) -> tuple[View, Changes]:
         """The view of `snapshot`, rebuilding only `changed` hostnames (all of them when None).
@@ -246,6 +299,7 @@ class Builder:
         by_host = old.by_host.mutate()
         audiences = old.audiences.mutate()
         granted = old.granted.mutate()
+        localized = old.localized.mutate()
         touched: dict[str, set[str]] = {t: set() for t in TYPES}
         for host in hosts:
             keys_before: tuple[tuple[str, str], ...] = by_host.pop(host, ())
@@ -255,8 +309,16 @@ class Builder:
                 if name not in was:
                     was[name] = allowed = audiences.pop(name, None)
                     _count(granted, allowed, -1)
+            plans_before = {name: localized.pop(name) for t, name in keys_before if t == ENDPOINT and name in localized}
             service = snapshot.services.get(host)
+            self._plans.clear()
             built = self._build_or_skip(service, snapshot.policies.get(host)) if service is not None else []
+            for name, plan in self._plans.items():
+                localized[name] = plan
+            for name in plans_before.keys() | self._plans.keys():
+                before_plan, now_plan = plans_before.get(name), self._plans.get(name)
+                if (before_plan.digest if before_plan else None) != (now_plan.digest if now_plan else None):
+                    touched[ENDPOINT].add(name)  # same shared bytes, other variants for located clients
             now = audience(service) if service is not None else None
             keys = []
             for type_url, name, message in built:
@@ -267,7 +329,7 @@ class Builder:
                     if was.get(name) != now:  # same bytes, other audience: a change for the clients concerned
                         touched[type_url].add(name)
                 else:
-                    tables[type_url][name] = Resource(name, hashlib.blake2b(body, digest_size=8).hexdigest(), body)
+                    tables[type_url][name] = Resource(name, _version(body), body)
                     touched[type_url].add(name)
                 if now is not None and name not in audiences:
                     audiences[name] = now
@@ -283,6 +345,8 @@ class Builder:
             by_host.finish(),
             audiences.finish(),
             granted.finish(),
+            localized.finish(),
+            self.variants,
         )
         return view, {t: frozenset(names) for t, names in touched.items() if names}
 
@@ -291,6 +355,7 @@ class Builder:
         try:
             return self.build(service, policy)
         except (ValueError, TypeError) as e:
+            self._plans.clear()
             log.error("xds: %s (from %s) cannot be served: %s", service.hostname, service.source, e)
             return []
 
@@ -305,11 +370,12 @@ class Builder:
             cluster = self._cluster(service, port)
             if cluster is None:
                 continue
-            if rule is not None:
-                traffic.apply(cluster, rule.effective(port.number), port)
+            effective = rule.effective(port.number) if rule is not None else None
+            if effective is not None:
+                traffic.apply(cluster, effective, port)
             out.append((CLUSTER, cluster.name, cluster))
             if cluster.type == cluster_pb2.Cluster.EDS:
-                out.append((ENDPOINT, cluster.name, _assignment(cluster.name, service, port)))
+                out.append((ENDPOINT, cluster.name, self._assignment(cluster.name, service, port, None, effective)))
             if rule is not None:
                 out += self._subsets(service, port, rule)
             if service.resolution is not Resolution.NONE and not service.is_wildcard:
@@ -328,11 +394,27 @@ class Builder:
             sub = self._cluster(service, port, subset)
             if sub is None:
                 continue
-            traffic.apply(sub, rule.effective(port.number, subset), port)
+            effective = rule.effective(port.number, subset)
+            traffic.apply(sub, effective, port)
             out.append((CLUSTER, sub.name, sub))
             if sub.type == cluster_pb2.Cluster.EDS:
-                out.append((ENDPOINT, sub.name, _assignment(sub.name, service, port, subset)))
+                out.append((ENDPOINT, sub.name, self._assignment(sub.name, service, port, subset, effective)))
         return out
+
+    def _assignment(
+        self, name: str, service: Service, port: Port, subset: Subset | None, policy: TrafficPolicy | None
+    ) -> endpoint_pb2.ClusterLoadAssignment:
+        """The shared assignment; with an active localityLbSetting, its locality plan is kept in `_plans`."""
+        lb = policy.load_balancer if policy is not None else None
+        setting = lb.locality if lb is not None else None
+        if setting is None or policy is None:
+            return _assignment(name, service, port, subset)
+        members: list[list[Endpoint]] = []
+        cla = _assignment(name, service, port, subset, members)
+        plan = plan_for(cla, members, setting, policy.outlier_detection is not None)
+        if plan is not None:
+            self._plans[name] = plan
+        return cla
 
     def _cluster(self, service: Service, port: Port, subset: Subset | None = None) -> cluster_pb2.Cluster | None:
         name = traffic.cluster_name(service.hostname, port.number, subset.name if subset else "")
@@ -380,8 +462,13 @@ class Builder:
 
 
 def _assignment(
-    name: str, service: Service, port: Port, subset: Subset | None = None
+    name: str,
+    service: Service,
+    port: Port,
+    subset: Subset | None = None,
+    members: list[list[Endpoint]] | None = None,
 ) -> endpoint_pb2.ClusterLoadAssignment:
+    """`members`, when given, receives the endpoints of each locality group, in order."""
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
     groups: dict[Locality, list[Endpoint]] = {}
     for ep in service.endpoints:
@@ -395,6 +482,8 @@ def _assignment(
             base_pb2.Locality(region=locality.region, zone=locality.zone, sub_zone=locality.subzone)
         )
         group.load_balancing_weight.value = sum(max(1, ep.weight) for ep in endpoints)
+        if members is not None:
+            members.append(endpoints)
         for ep in endpoints:
             lb = group.lb_endpoints.add()
             if ep.is_ip:
@@ -448,6 +537,10 @@ def _struct(fields: Mapping[str, str]) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     s.update(fields)
     return s
+
+
+def _version(body: bytes) -> str:
+    return hashlib.blake2b(body, digest_size=8).hexdigest()
 
 
 def _pack(type_url: str, message: Message) -> bytes:

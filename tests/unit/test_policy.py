@@ -410,8 +410,6 @@ def test_regexes_rejected_by_re2_are_problems() -> None:
          "spec.trafficPolicy.outlierDetection.splitExternalLocalOriginErrors"),
         ("  trafficPolicy: {connectionPool: {tcp: {idleTimeout: 1s}}}\n",
          "spec.trafficPolicy.connectionPool.tcp.idleTimeout"),
-        ("  trafficPolicy: {loadBalancer: {localityLbSetting: {enabled: true}}}\n",
-         "spec.trafficPolicy.loadBalancer.localityLbSetting"),
     ],
 )  # fmt: skip
 def test_fields_istio_has_but_not_served_are_reported_not_dropped(extra: str, field: str) -> None:
