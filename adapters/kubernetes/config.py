@@ -39,7 +39,7 @@ class KubernetesConfig(RegistryConfig):
     """Read Nodes for each endpoint's region/subzone (`topology.kubernetes.io/region`,
     `topology.istio.io/subzone`); needs get/list/watch on nodes."""
     istio: bool = True
-    """Read Istio ServiceEntry and WorkloadEntry CRDs when they are installed."""
+    """Read Istio's ServiceEntry, WorkloadEntry, DestinationRule and VirtualService CRDs when they are installed."""
     pods: bool = False
     """Read Pods as workloads for ServiceEntries with a `workloadSelector` (needs get/list/watch on pods)."""
     istio_version: str = "v1"

@@ -1,13 +1,17 @@
-"""The `istio` part of a Kubernetes registry: ServiceEntry and WorkloadEntry CRDs (and Pods as workloads).
+"""The `istio` part of a Kubernetes registry: Istio's networking CRDs (and Pods as workloads).
 
-Data flow: reflectors (see `api.Reflector`) of serviceentries and
-workloadentries (`networking.istio.io/<istio_version>`), and of Pods when
-`pods` is on, feed `IstioView`. Each object is read with the shared Istio
-library (`adapters.istio.read_object`, the same validation as ServiceEntry
-files), located as `<Kind> <namespace>/<name>` plus the field path, and handed
-to one `Translation` under a scope of its own; the coalescer's flush runs
-`Translation.build()` (only namespaces whose objects changed are rebuilt) and
-writes the changed hostnames to the part in one staged batch.
+Data flow: reflectors (see `api.Reflector`) of serviceentries,
+workloadentries, destinationrules and virtualservices
+(`networking.istio.io/<istio_version>`), and of Pods when `pods` is on, feed
+`IstioView`. Each object is read with the shared Istio library
+(`adapters.istio.read_object` and `adapters.istio.policy.read_policy_object`,
+the same validation as files), located as `<Kind> <namespace>/<name>` plus
+the field path, and handed under a scope of its own to one `Translation`
+(ServiceEntries, WorkloadEntries, Pods) or one `PolicySet` (DestinationRules,
+VirtualServices). The coalescer's flush runs `Translation.build()` (only
+namespaces whose objects changed are rebuilt) and `PolicySet.build()`, and
+writes the changed hostnames and the changed hosts' traffic policies
+(`PolicyWriter.set_policy`) to the part in one staged batch.
 
 An object that does not validate is skipped and reported (`set_problems`
 under its scope); its last valid version, if any, keeps being served, and
@@ -23,26 +27,39 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from adapters.istio import ObjectLocator, Pod, Translation, pod_workload, read_object
+from adapters.istio import ObjectLocator, Pod, ServiceEntry, Translation, WorkloadEntry, pod_workload, read_object
 from adapters.istio.objects import Object
+from adapters.istio.policy import PolicyObject, PolicySet, read_policy_object
 from adapters.kubernetes.api import Obj
 from adapters.kubernetes.mapping import meta_key
 from discoveryd.model import Hostname, Problem
-from discoveryd.registry import ShardWriter
+from discoveryd.registry import PolicyWriter, ShardWriter
 
 log = logging.getLogger("discoveryd.adapters.kubernetes")
 
 ISTIO_PART = "istio"
-KINDS = {"serviceentries": "ServiceEntry", "workloadentries": "WorkloadEntry", "pods": "Pod"}
+KINDS = {
+    "serviceentries": "ServiceEntry",
+    "workloadentries": "WorkloadEntry",
+    "destinationrules": "DestinationRule",
+    "virtualservices": "VirtualService",
+    "pods": "Pod",
+}
+POLICY_PLURALS = ("destinationrules", "virtualservices")
+"""Kinds that feed the `PolicySet`, not the `Translation`."""
 
 
 class IstioView:
     """The Istio objects of one cluster and the part they are published to."""
 
-    def __init__(self, shard: ShardWriter) -> None:
+    def __init__(self, shard: ShardWriter, api_version: str = "networking.istio.io/v1") -> None:
         self._shard = shard
+        self._api_version = api_version
+        """What a list item without `apiVersion` is taken to be (the version the reflectors read)."""
         self._translation = Translation()
-        self._objects: dict[str, tuple[str, Object | None]] = {}
+        self._policies = PolicySet()
+        self._policy_dirty = False
+        self._objects: dict[str, tuple[str, Object | PolicyObject | None]] = {}
         """Scope (`<Kind> ns/name`) → (resourceVersion, the last valid object or None)."""
         self._invalid: set[str] = set()
         self._reported: dict[str, list[Problem]] = {}
@@ -68,13 +85,18 @@ class IstioView:
         if current is not None and rv and current[0] == rv:
             return
         ns, name = meta_key(obj)
-        found: Object | None
+        found: Object | PolicyObject | None
         problems: list[Problem]
+        locator = ObjectLocator(KINDS[plural], ns, name)
         if plural == "pods":
             pod = Pod.from_json(obj)
             found, problems = (pod_workload(pod) if pod is not None else None), []
+        elif plural in POLICY_PLURALS:
+            # List items of a CRD carry their kind; be lenient with a server that leaves it out.
+            typed = {"kind": KINDS[plural], "apiVersion": self._api_version} | obj
+            found, problems = read_policy_object(typed, locator, ns or "default")
         else:
-            found, problems = read_object(obj, ObjectLocator(KINDS[plural], ns, name), ns or "default")
+            found, problems = read_object(obj, locator, ns or "default")
         if problems:
             log.warning("%s skipped: %s", scope, "; ".join(str(p) for p in problems))
             self._invalid.add(scope)
@@ -86,16 +108,24 @@ class IstioView:
             self._invalid.discard(scope)
             self._shard.set_problems(scope, ())
         self._objects[scope] = (rv, found)
-        self._translation.update(scope, [found] if found is not None else [])
-        self._dirty = True
+        if plural in POLICY_PLURALS:
+            self._policies.update(scope, [found] if found is not None else [])
+            self._policy_dirty = True
+        else:
+            self._translation.update(scope, [found] if isinstance(found, ServiceEntry | WorkloadEntry) else [])
+            self._dirty = True
 
     def _drop(self, scope: str) -> None:
         if scope in self._invalid:
             self._invalid.discard(scope)
             self._shard.set_problems(scope, ())
         if self._objects.pop(scope, None) is not None:
-            self._translation.remove(scope)
-            self._dirty = True
+            if scope.startswith(("DestinationRule ", "VirtualService ")):
+                self._policies.remove(scope)
+                self._policy_dirty = True
+            else:
+                self._translation.remove(scope)
+                self._dirty = True
 
     def replace(self, plural: str, namespace: str | None, items: list[Obj]) -> None:
         seen = set()
@@ -119,7 +149,7 @@ class IstioView:
     # -- publication ------------------------------------------------------------------------------
 
     def _report(self) -> None:
-        now = self._translation.problems()
+        now = {**self._translation.problems(), **self._policies.problems()}
         for scope in self._reported.keys() - now.keys():
             if scope not in self._invalid:
                 self._shard.set_problems(scope, ())
@@ -138,14 +168,15 @@ class IstioView:
             self._translation.build()
             with shard.batch():
                 shard.replace(self._translation.services.values())
+                self._write_policies()
                 self._report()
                 shard.mark_synced()
             self.published, self.stale, self._dirty = True, False, False
             return
-        if not self._dirty and not back:
+        if not self._dirty and not self._policy_dirty and not back:
             return
+        changed: set[Hostname] = self._translation.build() if self._dirty else set()
         self._dirty = False
-        changed: set[Hostname] = self._translation.build()
         services = self._translation.services
         with shard.batch():
             for host in changed:
@@ -154,7 +185,21 @@ class IstioView:
                     shard.delete(host)
                 else:
                     shard.upsert(svc)
+            self._write_policies()
             self._report()
             if back:
                 shard.mark_synced()
                 self.stale = False
+
+    def _write_policies(self) -> None:
+        """The traffic policy of every host whose DestinationRules/VirtualServices changed (inside the batch)."""
+        if not self._policy_dirty:
+            return
+        self._policy_dirty = False
+        changed = self._policies.build()
+        shard = self._shard
+        if not isinstance(shard, PolicyWriter):
+            return
+        policies = self._policies.policies
+        for host in sorted(changed):
+            shard.set_policy(host, policies.get(host))

@@ -6,8 +6,9 @@ Data flow, all in the registry's task (`run`) and the tasks it owns:
    runs one `Reflector` per kind and namespace scope: Services (with the
    configured label selector), EndpointSlices, and Nodes when `watch_nodes`,
    into the `services` part; ServiceEntries, WorkloadEntries (and Pods with
-   `pods`) into the `istio` part (`crds.py`), where a CRD that is not
-   installed counts as empty and is looked for again every `crd_retry`;
+   `pods`), DestinationRules and VirtualServices into the `istio` part
+   (`crds.py`; the rules as the part's traffic policy), where a CRD that is
+   not installed counts as empty and is looked for again every `crd_retry`;
 2. each reflector keeps a `Store` of `_ServiceView` current: raw objects are
    mapped at once (`mapping.py`) into compact immutable values, and the
    Services they touch are marked dirty. A relist compares by
@@ -45,7 +46,7 @@ import orjson
 
 from adapters.kubernetes.api import Api, ApiError, Kind, Obj, Reflector, Store
 from adapters.kubernetes.config import KubernetesConfig
-from adapters.kubernetes.crds import ISTIO_PART, IstioView
+from adapters.kubernetes.crds import ISTIO_PART, POLICY_PLURALS, IstioView
 from adapters.kubernetes.mapping import (
     MappingError,
     ServiceInfo,
@@ -440,7 +441,7 @@ class KubernetesRegistry:
         if cfg.watch_nodes:
             add(Kind("", "v1", "nodes"), _ScopedStore(None, view.nodes_replace, view.nodes_apply))
         if istio is not None:
-            plurals = ["serviceentries", "workloadentries"]
+            plurals = ["serviceentries", "workloadentries", *POLICY_PLURALS]
             for ns in scopes:
                 for plural in plurals:
                     kind = Kind("networking.istio.io", cfg.istio_version, plural, ns)
@@ -455,7 +456,7 @@ class KubernetesRegistry:
         view = self.view = _ServiceView(self._config, parts[0])
         if self._config.istio:
             parts.append(shard.part(ISTIO_PART))
-            self.istio = IstioView(parts[1])
+            self.istio = IstioView(parts[1], f"networking.istio.io/{self._config.istio_version}")
         istio = self.istio
 
         def flush() -> None:

@@ -581,3 +581,98 @@ async def test_forbidden_crds_do_not_stop_the_services(fake: FakeApiServer, inde
         fake.forbidden.clear()
         fake.apply("serviceentries", _entry("e", "shop", {"hosts": ["e.example.com"], "resolution": "DNS"}))
         await eventually(lambda: Hostname("e.example.com") in index.snapshot.services, what="readable later")
+
+
+def _rule(name: str, namespace: str, host: str, **spec: Any) -> dict[str, Any]:
+    return _entry(name, namespace, {"host": host, **spec})
+
+
+def _policy(index: Index, host: str) -> Any:
+    return index.snapshot.policies.get(Hostname(host))
+
+
+async def test_destination_rules_and_virtual_services_from_crds(
+    fake: FakeApiServer, index: Index, tmp_path: Path
+) -> None:
+    """DestinationRule and VirtualService CRDs become the `istio` part's traffic policy: absent CRDs first
+    (nothing, ready), then installed; added, modified and deleted objects follow."""
+    _web(fake, 1)
+    web = "s0.shop.svc.cluster.local"
+    async with running(index, _config(tmp_path, fake, crd_retry="200ms"), tmp_path):
+        await eventually(lambda: index.snapshot.ready and _host(0) in index.snapshot.services, what="first sync")
+        assert not index.snapshot.policies
+        fake.install_crds()
+        subsets = [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]
+        fake.apply("destinationrules", _rule("s0", "shop", web, subsets=subsets))
+        rule = await eventually(
+            lambda: (p := _policy(index, web)) is not None and p.destination_rule, timeout=10, what="rule arrives"
+        )
+        assert (rule.namespace, rule.name) == ("shop", "s0")
+        assert [s.name for s in rule.subsets] == ["v1", "v2"]
+        split = [
+            {"destination": {"host": web, "subset": "v1"}, "weight": 80},
+            {"destination": {"host": web, "subset": "v2"}, "weight": 20},
+        ]
+        fake.apply("virtualservices", _entry("s0", "shop", {"hosts": [web], "http": [{"route": split}]}))
+        vs = await eventually(
+            lambda: (p := _policy(index, web)) is not None and p.virtual_service, what="virtual service arrives"
+        )
+        assert [(d.subset, d.weight) for d in vs.http[0].destinations] == [("v1", 80), ("v2", 20)]
+        # Modified: the rule's load balancer; the route stays.
+        fake.apply(
+            "destinationrules",
+            _rule("s0", "shop", web, subsets=subsets, trafficPolicy={"loadBalancer": {"simple": "LEAST_REQUEST"}}),
+        )
+        await eventually(
+            lambda: (
+                (p := _policy(index, web)) is not None
+                and p.destination_rule.traffic_policy is not None
+                and p.virtual_service is not None
+            ),
+            what="rule modified",
+        )
+        # Deleted: first the route, then the rule.
+        fake.delete("virtualservices", "shop", "s0")
+        await eventually(lambda: _policy(index, web).virtual_service is None, what="virtual service deleted")
+        fake.delete("destinationrules", "shop", "s0")
+        await eventually(lambda: _policy(index, web) is None, what="rule deleted")
+    listed = [p for p, q in fake.requests if p.endswith("/destinationrules") and q.get("watch") != "true"]
+    assert 2 <= len(listed) < 60  # absent at first: looked at again slowly, not polled
+
+
+async def test_invalid_destination_rule_is_reported_and_the_last_good_one_kept(
+    fake: FakeApiServer, index: Index, tmp_path: Path
+) -> None:
+    fake.install_crds()
+    host = "api.example.com"
+    fake.apply("destinationrules", _rule("api", "ns1", host, trafficPolicy={"loadBalancer": {"simple": "RANDOM"}}))
+    source = SourceId("kubernetes/c1")
+    async with running(index, _config(tmp_path, fake), tmp_path):
+        await eventually(lambda: _policy(index, host) is not None, what="first sync")
+        fake.apply("destinationrules", _rule("api", "ns1", host, trafficPolicy={"loadBalancer": {"simple": "FASTEST"}}))
+        route = {"route": [{"destination": {"host": host}}], "timeout": "soon"}
+        fake.apply("virtualservices", _entry("api", "ns1", {"hosts": [host], "http": [route]}))
+        problems = await eventually(
+            lambda: len(index.snapshot.shards[source].problems) == 2 and index.snapshot.shards[source].problems,
+            what="problems reported",
+        )
+        assert sorted((p.where, p.field) for p in problems) == [
+            ("DestinationRule ns1/api", "spec.trafficPolicy.loadBalancer.simple"),
+            ("VirtualService ns1/api", "spec.http[0].timeout"),
+        ]
+        assert _policy(index, host).virtual_service is None  # never valid: nothing served
+        # The last valid version is still served.
+        rule = _policy(index, host).destination_rule
+        assert rule.traffic_policy.load_balancer.simple == "RANDOM"
+        # Fixed: served, the report cleared; the watch went on meanwhile.
+        fake.apply(
+            "destinationrules", _rule("api", "ns1", host, trafficPolicy={"loadBalancer": {"simple": "LEAST_REQUEST"}})
+        )
+        fake.delete("virtualservices", "ns1", "api")
+        await eventually(
+            lambda: (
+                _policy(index, host).destination_rule.traffic_policy.load_balancer.simple == "LEAST_REQUEST"
+                and not index.snapshot.shards[source].problems
+            ),
+            what="fixed",
+        )

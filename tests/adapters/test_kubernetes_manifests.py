@@ -60,7 +60,12 @@ def test_the_cluster_role_grants_what_the_adapter_reads_and_no_more(tmp_path: Pa
         ("discovery.k8s.io", "endpointslices"),
         ("networking.istio.io", "serviceentries"),
         ("networking.istio.io", "workloadentries"),
+        ("networking.istio.io", "destinationrules"),
+        ("networking.istio.io", "virtualservices"),
     }
+    assert _requested(tmp_path) == default  # and all of it is needed
+    # Without `istio`, no Istio kind is read at all.
+    assert not {p for g, p in _requested(tmp_path, istio=False) if g == "networking.istio.io"}
     # Nodes only with watch_nodes, from the separate file.
     assert ("", "nodes") in _requested(tmp_path, watch_nodes=True)
     assert _rules("rbac-nodes.yaml") == {("", "nodes")}

@@ -1,8 +1,8 @@
 """A fake Kubernetes API server (aiohttp), written from the documented API semantics.
 
 What it serves, for the resources in `RESOURCES` (Services, Pods, Nodes,
-EndpointSlices, and Istio's ServiceEntry/WorkloadEntry as CRDs that can be
-absent and installed later), at the real paths (`/api/v1/...`,
+EndpointSlices, and Istio's ServiceEntry, WorkloadEntry, DestinationRule and
+VirtualService as CRDs that can be absent and installed later), at the real paths (`/api/v1/...`,
 `/apis/<group>/<version>/...`, cluster-wide and `namespaces/<ns>/...`):
 
 - **Lists** (`GET`): `metadata.resourceVersion` of the store at the list;
@@ -82,6 +82,8 @@ RESOURCES: dict[str, Resource] = {
         Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice"),
         Resource("networking.istio.io", "v1", "serviceentries", "ServiceEntry", crd=True),
         Resource("networking.istio.io", "v1", "workloadentries", "WorkloadEntry", crd=True),
+        Resource("networking.istio.io", "v1", "destinationrules", "DestinationRule", crd=True),
+        Resource("networking.istio.io", "v1", "virtualservices", "VirtualService", crd=True),
     )
 }
 
