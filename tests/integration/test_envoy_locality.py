@@ -1,0 +1,148 @@
+"""A real Envoy in zone A follows a DestinationRule's locality failover served by discoveryd.
+
+The service has one backend in zone A and one in zone B. Envoy's bootstrap node says it runs in
+region r1, zone A: its assignment puts zone A at priority 0 and zone B at 1, so real traffic goes
+to zone A; when zone A's endpoint goes unhealthy (in the registry, or ejected by outlier
+detection after a 503) traffic moves to zone B.
+"""
+
+# ruff: noqa: F811 - pytest fixtures imported from xds_fixtures are parameters by design
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from adapters.istio.policy import PolicySet, read_yaml_all
+from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, PortProtocol, Service
+from discoveryd.policy import HostPolicy
+from tests.helpers import eventually
+from tests.integration.test_envoy_policy import failing_backend
+from tests.integration.test_envoy_xds import assert_no_rejections, nacks
+from tests.integration.xds_fixtures import RunningXds, http_backend, run_envoy, xds  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+WEB = Hostname("web.test")
+CLUSTER = "outbound|8080||web.test"
+
+POLICY = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: default}
+spec:
+  host: web.test
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 5m, maxEjectionPercent: 100}
+    loadBalancer:
+      localityLbSetting:
+        enabled: true
+        failover: [{from: r1, to: r2}]
+"""
+
+NODE_IN_ZONE_A = {"id": "envoy-zone-a", "cluster": "integration", "locality": {"region": "r1", "zone": "a"}}
+
+
+def policy() -> HostPolicy:
+    objects, problems = read_yaml_all("policy.yaml", POLICY, "default")
+    assert not problems, problems
+    policies = PolicySet()
+    policies.update("policy.yaml", objects)
+    policies.build()
+    return policies.policies[WEB]
+
+
+def web(a: int, b: int, a_health: Health = Health.HEALTHY) -> Service:
+    return Service(
+        hostname=WEB,
+        ports=(Port(8080, "http", PortProtocol.HTTP),),
+        endpoints=(
+            Endpoint("127.0.0.1", ports={"http": a}, locality=Locality("r1", "a"), health=a_health),
+            Endpoint("127.0.0.1", ports={"http": b}, locality=Locality("r1", "b")),
+        ),
+    )
+
+
+async def priorities(envoy: object) -> dict[str, str]:
+    text = await envoy.get("/clusters")  # type: ignore[attr-defined]
+    out = {}
+    for line in text.splitlines():
+        parts = line.split("::")
+        if len(parts) == 4 and parts[0] == CLUSTER and parts[2] == "priority":
+            out[parts[1]] = parts[3]
+    return out
+
+
+async def answers(session: aiohttp.ClientSession, url: str, n: int) -> collections.Counter[str]:
+    seen: collections.Counter[str] = collections.Counter()
+    for _ in range(n):
+        async with session.get(url + "/") as r:
+            seen[f"{r.status} {await r.text()}"] += 1
+    return seen
+
+
+@pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC"])
+async def test_traffic_stays_in_the_clients_zone_and_fails_over_when_it_goes_unhealthy(
+    xds: RunningXds, tmp_path: Path, api_type: str
+) -> None:
+    before = nacks()
+    async with http_backend("zone-a") as a, http_backend("zone-b") as b:
+        with xds.shard.batch():
+            xds.shard.set_policy(WEB, policy())
+            xds.put(web(a, b))
+        async with run_envoy(tmp_path, xds.port, api_type, route_to=CLUSTER, node=NODE_IN_ZONE_A) as envoy:
+            expected = {f"127.0.0.1:{a}": "0", f"127.0.0.1:{b}": "1"}
+
+            async def zone_b_is_next() -> bool:
+                return await priorities(envoy) == expected
+
+            await eventually(zone_b_is_next, timeout=20, what="zone A at priority 0, zone B at 1 in envoy")
+            dump = await envoy.get_json("/config_dump?resource=dynamic_active_clusters")
+            (found,) = [c["cluster"] for c in dump["configs"] if c["cluster"]["name"] == CLUSTER]
+            assert "locality_weighted_lb_config" in found["common_lb_config"]
+
+            async with aiohttp.ClientSession() as session:
+                assert await answers(session, envoy.listener, 20) == {"200 zone-a": 20}
+
+                xds.put(web(a, b, a_health=Health.UNHEALTHY))  # the registry marks zone A's endpoint down
+
+                async def moved() -> bool:
+                    return await answers(session, envoy.listener, 5) == {"200 zone-b": 5}
+
+                await eventually(moved, timeout=20, interval=0.1, what="traffic moved to zone B")
+                assert await answers(session, envoy.listener, 20) == {"200 zone-b": 20}
+
+                xds.put(web(a, b))  # healthy again: back to zone A
+
+                async def back() -> bool:
+                    return await answers(session, envoy.listener, 5) == {"200 zone-a": 5}
+
+                await eventually(back, timeout=20, interval=0.1, what="traffic back in zone A")
+            await assert_no_rejections(envoy, before)
+
+
+async def test_outlier_ejection_in_the_clients_zone_moves_traffic_to_the_next_zone(
+    xds: RunningXds, tmp_path: Path
+) -> None:
+    before = nacks()
+    async with failing_backend("zone-a") as a, http_backend("zone-b") as b:
+        with xds.shard.batch():
+            xds.shard.set_policy(WEB, policy())
+            xds.put(web(a, b))
+        async with run_envoy(tmp_path, xds.port, "GRPC", route_to=CLUSTER, node=NODE_IN_ZONE_A) as envoy:
+            expected = {f"127.0.0.1:{a}": "0", f"127.0.0.1:{b}": "1"}
+
+            async def zone_b_is_next() -> bool:
+                return await priorities(envoy) == expected
+
+            await eventually(zone_b_is_next, timeout=20, what="zone A at priority 0, zone B at 1 in envoy")
+            async with aiohttp.ClientSession() as session:
+                first = await answers(session, envoy.listener, 1)
+                assert first == {"503 zone-a": 1}  # zone A first, while it is healthy
+                after = await answers(session, envoy.listener, 20)
+            assert after == {"200 zone-b": 20}, after
+            assert await envoy.stat(f"cluster.{CLUSTER}.outlier_detection.ejections_enforced_consecutive_5xx") == 1
+            await assert_no_rejections(envoy, before)
