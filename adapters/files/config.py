@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from adapters.toolkit.names import is_dns1123_label
+from adapters.toolkit.names import is_dns1123_label, is_dns_name
 from discoveryd.registry import RegistryConfig
 
 
@@ -26,6 +26,9 @@ class FilesConfig(RegistryConfig):
     """Files or directories (read recursively); relative to the config file; `~` is expanded."""
     namespace: str = "default"
     """The namespace of objects whose `metadata.namespace` is not set."""
+    domain: str = "cluster.local"
+    """The cluster domain a DestinationRule/VirtualService short host name resolves under
+    (`<name>.<namespace>.svc.<domain>`, as Istio resolves it)."""
 
     @field_validator("paths")
     @classmethod
@@ -41,6 +44,14 @@ class FilesConfig(RegistryConfig):
         if not is_dns1123_label(value):
             raise ValueError(f"{value!r} is not a namespace name (a DNS-1123 label)")
         return value
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        name = value.strip().rstrip(".").lower()
+        if not is_dns_name(name):
+            raise ValueError(f"{value!r} is not a DNS name")
+        return name
 
     def resolved_paths(self, base_dir: Path) -> tuple[Path, ...]:
         """`paths` as absolute paths: `~` expanded, relative ones joined to `base_dir`."""

@@ -52,7 +52,7 @@ from watchfiles import awatch
 
 from adapters.files.config import FilesConfig
 from adapters.istio import ChunkCache, Object, ServiceEntry, Translation, WorkloadEntry
-from adapters.istio.policy import AnyObject, PolicySet, read_yaml_all
+from adapters.istio.policy import DEFAULT_DOMAIN, AnyObject, PolicySet, read_yaml_all
 from discoveryd.model import Hostname, Problem, Service, SourceId
 from discoveryd.policy import HostPolicy
 from discoveryd.registry import AdapterContext, PolicyWriter, RegistryConfig, ShardWriter
@@ -126,9 +126,17 @@ class _Listing:
 class FileSet:
     """What the files under the configured paths say. Not thread-safe: one caller at a time."""
 
-    def __init__(self, roots: Sequence[Path], namespace: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        roots: Sequence[Path],
+        namespace: str,
+        clock: Callable[[], float] = time.monotonic,
+        domain: str = DEFAULT_DOMAIN,
+    ) -> None:
         self.roots = tuple(str(r) for r in roots)
         self.namespace = namespace
+        self.domain = domain
+        """Short DestinationRule/VirtualService hosts resolve under this cluster domain."""
         self._clock = clock
         self._files: dict[str, _File] = {}
         self._root_problems: dict[str, tuple[Problem, ...]] = {}
@@ -174,7 +182,7 @@ class FileSet:
                 continue
             if known is None:
                 known = self._files[path] = _File(signature)
-            objects, problems = load_file(path, self.namespace, known.cache)
+            objects, problems = load_file(path, self.namespace, known.cache, self.domain)
             known.signature = signature
             if known.objects and not objects and not problems and signature is not None and signature[2] == 0:
                 now = self._clock()
@@ -280,7 +288,9 @@ def _registry_objects(objects: Iterable[AnyObject]) -> list[Object]:
     return [o for o in objects if isinstance(o, ServiceEntry | WorkloadEntry)]
 
 
-def load_file(path: str, namespace: str, cache: ChunkCache | None = None) -> tuple[list[AnyObject], list[Problem]]:
+def load_file(
+    path: str, namespace: str, cache: ChunkCache | None = None, domain: str = DEFAULT_DOMAIN
+) -> tuple[list[AnyObject], list[Problem]]:
     """Read, parse and validate one file. Never raises for bad input or I/O errors. Blocking.
 
     `cache` is the file's own: documents unchanged since its previous read come back as the same objects.
@@ -307,7 +317,7 @@ def load_file(path: str, namespace: str, cache: ChunkCache | None = None) -> tup
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         return [], [Problem(f"{path}:{line}", "not UTF-8 text")]
-    return read_yaml_all(path, text, namespace, cache=cache)
+    return read_yaml_all(path, text, namespace, cache=cache, domain=domain)
 
 
 def _writable_by_others(path: str) -> str | None:
@@ -411,14 +421,14 @@ class FilesRegistry:
 
     def check(self) -> Sequence[Problem]:
         """Every problem in every file, as `discoveryd check` reports them. Blocking; touches no index."""
-        files = FileSet(self.roots, self.files_config.namespace)
+        files = FileSet(self.roots, self.files_config.namespace, domain=self.files_config.domain)
         files.refresh()
         _, problems = files.result()
         return [p for ps in problems.values() for p in ps]
 
     async def run(self, shard: ShardWriter) -> None:
         """Load everything, mark synced, then follow changes until cancelled."""
-        files = FileSet(self.roots, self.files_config.namespace)
+        files = FileSet(self.roots, self.files_config.namespace, domain=self.files_config.domain)
         publisher = _Publisher(shard, files)
         await publisher.refresh()
         shard.mark_synced()

@@ -8,9 +8,9 @@ Data flow:
       the hosts whose policy changed, problems by scope
 
 Host names: a name without a dot is a short name, resolved in the object's
-namespace as Istio does (`<name>.<namespace>.svc.<domain>`, domain
-`cluster.local` unless given); anything else is taken as written (lower
-case, no trailing dot).
+namespace as Istio does (`<name>.<namespace>.svc.<domain>`, the domain of
+the registry that read the object: its `domain` key, `cluster.local` by
+default); anything else is taken as written (lower case, no trailing dot).
 
 Rules (Istio's `ValidateDestinationRule` / `ValidateVirtualService`, plus
 unknown fields and wrong types as the API server would reject them):
@@ -180,13 +180,15 @@ def resolve_host(name: str, namespace: str, domain: str = DEFAULT_DOMAIN) -> Hos
 
 
 def read_policy_object(
-    data: Mapping[str, Any], locator: Locator, default_namespace: str
+    data: Mapping[str, Any], locator: Locator, default_namespace: str, domain: str = DEFAULT_DOMAIN
 ) -> tuple[PolicyObject | None, list[Problem]]:
-    """One DestinationRule / VirtualService document → its value, or its problems; other kinds: (None, [])."""
+    """One DestinationRule / VirtualService document → its value, or its problems; other kinds: (None, []).
+
+    Short host names resolve under `domain` (the registry's cluster domain)."""
     kind = data.get("kind")
     if kind not in (DESTINATION_RULE, VIRTUAL_SERVICE):
         return None, []
-    check = _PolicyChecker(data, locator)
+    check = _PolicyChecker(data, locator, domain)
     if data.get("apiVersion") not in API_VERSIONS:
         check.fail(("apiVersion",), f"unsupported apiVersion {data.get('apiVersion')!r} for {kind}")
         return None, check.problems
@@ -213,8 +215,10 @@ def read_yaml_all(
     *,
     cache: ChunkCache | None = None,
     loader: LoaderClass = FAST_LOADER,
+    domain: str = DEFAULT_DOMAIN,
 ) -> tuple[list[AnyObject], list[Problem]]:
-    """`objects.read_yaml_objects`, with DestinationRules and VirtualServices too. Blocking."""
+    """`objects.read_yaml_objects`, with DestinationRules and VirtualServices too (short hosts under
+    `domain`). Blocking."""
 
     def validate(documents: list[Document]) -> tuple[list[AnyObject], list[Problem]]:
         out: list[AnyObject] = []
@@ -222,7 +226,7 @@ def read_yaml_all(
         for doc in documents:
             obj, found = read_object(doc.data, doc.locator, default_namespace)
             if obj is None and not found:
-                policy, found = read_policy_object(doc.data, doc.locator, default_namespace)
+                policy, found = read_policy_object(doc.data, doc.locator, default_namespace, domain)
                 if policy is not None:
                     out.append(policy)
             elif obj is not None:
@@ -264,6 +268,10 @@ _NOT_SERVED = frozenset(
 
 
 class _PolicyChecker(_Checker):
+    def __init__(self, data: Mapping[str, Any], locator: Locator, domain: str = DEFAULT_DOMAIN) -> None:
+        super().__init__(data, locator)
+        self.domain = domain
+
     def mapping(self, value: Any, path: FieldPath, fields: Sequence[str] | None = None) -> dict[str, Any] | None:
         found = super().mapping(value, path, fields)
         if found is not None and fields is not None:
@@ -318,7 +326,7 @@ class _PolicyChecker(_Checker):
         if name.startswith("*") and name != "*" and not name.startswith("*."):
             self.fail(path, f"invalid host {name!r}: a wildcard must be the first label ('*.example.com')")
             return None
-        return resolve_host(name, namespace)
+        return resolve_host(name, namespace, self.domain)
 
     # -- DestinationRule ---------------------------------------------------------------------
 

@@ -52,9 +52,13 @@ POLICY_PLURALS = ("destinationrules", "virtualservices")
 class IstioView:
     """The Istio objects of one cluster and the part they are published to."""
 
-    def __init__(self, shard: ShardWriter, api_version: str = "networking.istio.io/v1") -> None:
+    def __init__(
+        self, shard: ShardWriter, api_version: str = "networking.istio.io/v1", domain: str = "cluster.local"
+    ) -> None:
         self._shard = shard
         self._api_version = api_version
+        self._domain = domain
+        """The cluster domain: a rule's short host `<name>` is `<name>.<namespace>.svc.<domain>`."""
         """What a list item without `apiVersion` is taken to be (the version the reflectors read)."""
         self._translation = Translation()
         self._policies = PolicySet()
@@ -94,7 +98,7 @@ class IstioView:
         elif plural in POLICY_PLURALS:
             # List items of a CRD carry their kind; be lenient with a server that leaves it out.
             typed = {"kind": KINDS[plural], "apiVersion": self._api_version} | obj
-            found, problems = read_policy_object(typed, locator, ns or "default")
+            found, problems = read_policy_object(typed, locator, ns or "default", self._domain)
         else:
             found, problems = read_object(obj, locator, ns or "default")
         if problems:

@@ -456,7 +456,7 @@ class KubernetesRegistry:
         view = self.view = _ServiceView(self._config, parts[0])
         if self._config.istio:
             parts.append(shard.part(ISTIO_PART))
-            self.istio = IstioView(parts[1], f"networking.istio.io/{self._config.istio_version}")
+            self.istio = IstioView(parts[1], f"networking.istio.io/{self._config.istio_version}", self._config.domain)
         istio = self.istio
 
         def flush() -> None:

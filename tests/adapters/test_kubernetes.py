@@ -676,3 +676,31 @@ async def test_invalid_destination_rule_is_reported_and_the_last_good_one_kept(
             ),
             what="fixed",
         )
+
+
+async def test_short_rule_hosts_resolve_under_the_cluster_domain(
+    fake: FakeApiServer, index: Index, tmp_path: Path
+) -> None:
+    """A DestinationRule `host: web` in namespace shop of a cluster with `domain: k8s.internal` names
+    web.shop.svc.k8s.internal, the Service's own hostname there."""
+    fake.install_crds()
+    fake.apply("services", service("web", "shop", cluster_ips=["10.96.0.10"]))
+    fake.apply("destinationrules", _rule("web", "shop", "web", trafficPolicy={"loadBalancer": {"simple": "RANDOM"}}))
+    fake.apply(
+        "virtualservices",
+        _entry("web", "shop", {"hosts": ["web"], "http": [{"route": [{"destination": {"host": "api"}}]}]}),
+    )
+    async with running(index, _config(tmp_path, fake, domain="k8s.internal"), tmp_path):
+        host = "web.shop.svc.k8s.internal"
+        await eventually(
+            lambda: (
+                Hostname(host) in index.snapshot.services
+                and (p := _policy(index, host)) is not None
+                and p.virtual_service is not None
+            ),
+            what="rule under the cluster domain",
+        )
+        policy = _policy(index, host)
+        assert policy.destination_rule.host == host
+        assert policy.virtual_service.http[0].destinations[0].host == "api.shop.svc.k8s.internal"
+        assert _policy(index, "web.shop.svc.cluster.local") is None

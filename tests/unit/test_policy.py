@@ -204,6 +204,39 @@ def test_short_hosts_resolve_in_the_object_namespace() -> None:
     assert isinstance(rule, DestinationRule) and rule.host == "reviews.shop.svc.cluster.local"
 
 
+def test_short_hosts_resolve_under_the_registrys_domain(tmp_path: Path) -> None:
+    """A files registry with `domain: corp.example` resolves a rule's and a route destination's short host
+    under it, in the object's namespace; a dotted host is taken as written."""
+    config = FilesConfig.model_validate({"kind": "files", "name": "t", "paths": ["."], "domain": "Corp.Example."})
+    assert config.domain == "corp.example"
+    with pytest.raises(ValueError, match="not a DNS name"):
+        FilesConfig.model_validate({"kind": "files", "name": "t", "paths": ["."], "domain": "bad_domain!"})
+    (tmp_path / "p.yaml").write_text(
+        DR.replace("host: cart.shop.internal", "host: reviews")
+        + textwrap.dedent(
+            """\
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: VirtualService
+            metadata: {name: reviews, namespace: shop}
+            spec:
+              hosts: [reviews]
+              http:
+              - route: [{destination: {host: ratings}}]
+            """
+        )
+    )
+    files = FileSet([tmp_path], "default", domain=config.domain)
+    files.refresh()
+    assert files.problems() == {}
+    reviews = Hostname("reviews.shop.svc.corp.example")
+    policy = files.policies[reviews]
+    assert policy.destination_rule is not None and policy.virtual_service is not None
+    assert policy.virtual_service.hosts == (reviews,)
+    assert policy.virtual_service.http[0].destinations[0].host == "ratings.shop.svc.corp.example"
+    assert resolve_host("reviews", "shop", "corp.example") == reviews
+
+
 def test_a_broken_file_keeps_its_last_good_policy(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
     path.write_text(DR)
