@@ -28,18 +28,24 @@ weights 1-100 summing to 100 per source, well-formed non-overlapping
 localities, failover between two different regions). A problem names
 its file:line and the dotted field path; an object with problems is not used.
 
-`PolicySet.build()` also reports, as warnings on the referring object's
-scope, what Istio's analyzer warns about: a route naming a subset that no
-DestinationRule of that host (in this set) defines, locality failover at a
-level without outlierDetection (never applied), and a second
-DestinationRule or VirtualService for a host that another one (earlier in
-scope order) already holds — the first one wins, the later one is ignored.
+`PolicySet.build()` merges the DestinationRules of one host declared in the
+same namespace, as Istio does (scope order, then order in the scope): the
+later ones' subsets are appended, a subset name already defined is ignored
+with a warning naming both rules; the first rule's trafficPolicy applies (a
+later one's only when the first has none; otherwise it is warned about).
+It also reports, as warnings on the referring object's scope, what Istio's
+analyzer warns about: a route naming a subset that no DestinationRule of
+that host (in this set) defines, locality failover at a level without
+outlierDetection (never applied), and a DestinationRule of another namespace
+or a second VirtualService for a host that another one (earlier in scope
+order) already holds — the first one wins, the later one is ignored.
 
 Pure and synchronous, like the rest of `adapters.istio`: one caller at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -951,6 +957,44 @@ _GRPC_CODES = {
 }
 
 
+def _merge_rules(
+    first: DestinationRule, later: DestinationRule, origins: dict[str, DestinationRule], problems: list[Problem]
+) -> DestinationRule:
+    """Istio's merge of two DestinationRules for one host in one namespace (neither with a workloadSelector).
+
+    The later rule's subsets are appended, but for a name already defined (ignored, warned naming both
+    rules); the first rule's trafficPolicy stays, the later one's applying only when the first has none.
+    `origins` (subset name → the rule declaring it) is updated."""
+    subsets = list(first.subsets)
+    for i, subset in enumerate(later.subsets):
+        earlier = origins.get(subset.name)
+        if earlier is not None:
+            problems.append(
+                Problem(
+                    later.where,
+                    f"warning: subset {subset.name!r} of {first.host} is already defined by DestinationRule "
+                    f"{earlier.namespace}/{earlier.name} at {earlier.where}; this one is ignored",
+                    f"spec.subsets[{i}].name",
+                )
+            )
+            continue
+        origins[subset.name] = later
+        subsets.append(subset)
+    policy = first.traffic_policy
+    if policy is None:
+        policy = later.traffic_policy
+    elif later.traffic_policy is not None:
+        problems.append(
+            Problem(
+                later.where,
+                f"warning: {first.host}: the trafficPolicy of DestinationRule {first.namespace}/{first.name} at "
+                f"{first.where} applies; this one's is ignored (its subsets are merged)",
+                "spec.trafficPolicy",
+            )
+        )
+    return dataclasses.replace(first, traffic_policy=policy, subsets=tuple(subsets))
+
+
 @dataclass(frozen=True, slots=True)
 class _Claim:
     scope: str
@@ -992,6 +1036,8 @@ class PolicySet:
         rules: dict[Hostname, _Claim] = {}
         services: dict[Hostname, _Claim] = {}
         problems: dict[str, list[Problem]] = {}
+        origins: dict[Hostname, dict[str, DestinationRule]] = {}
+        """host → subset name → the rule that declared it (for the duplicate warning)."""
         for scope in sorted(self._scopes):
             for obj in self._scopes[scope]:
                 hosts = (obj.host,) if isinstance(obj, DestinationRule) else obj.hosts
@@ -1000,6 +1046,13 @@ class PolicySet:
                     first = table.get(host)
                     if first is None:
                         table[host] = _Claim(scope, obj)
+                        if isinstance(obj, DestinationRule):
+                            origins[host] = {s.name: obj for s in obj.subsets}
+                        continue
+                    if isinstance(obj, DestinationRule) and first.obj.namespace == obj.namespace:
+                        assert isinstance(first.obj, DestinationRule)
+                        merged = _merge_rules(first.obj, obj, origins[host], problems.setdefault(scope, []))
+                        table[host] = _Claim(first.scope, merged)
                         continue
                     kind = DESTINATION_RULE if isinstance(obj, DestinationRule) else VIRTUAL_SERVICE
                     problems.setdefault(scope, []).append(
@@ -1032,6 +1085,9 @@ class PolicySet:
             found = _failover_without_outlier_detection(claim.obj)
             if found:
                 problems.setdefault(claim.scope, []).extend(found)
+        for scope, found in list(problems.items()):
+            if not found:
+                del problems[scope]
         new: dict[Hostname, HostPolicy] = {}
         for host in rules.keys() | services.keys():
             dr_claim, vs_claim = rules.get(host), services.get(host)

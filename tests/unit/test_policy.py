@@ -183,7 +183,10 @@ def test_unknown_subset_is_warned_at_the_route() -> None:
 
 
 def test_second_rule_for_a_host_is_reported_and_ignored() -> None:
-    other = DR.replace("name: cart,", "name: cart2,").replace("LEAST_REQUEST", "RANDOM")
+    """A rule of another namespace (the same namespace's rules are merged: test_policy_merge)."""
+    other = DR.replace("name: cart, namespace: shop", "name: cart2, namespace: other").replace(
+        "LEAST_REQUEST", "RANDOM"
+    )
     objects, problems = read_yaml_all("p.yaml", DR + "---\n" + other, "default")
     assert problems == []
     policies = PolicySet()
