@@ -5,6 +5,9 @@
 (see `_measure_scoped`).
 `python -m bench xds --policy [--services=1000] [--endpoints=9]`: CDS/EDS/RDS bytes and build time without and
 with a DestinationRule of 3 subsets and a VirtualService 80/20 split per service (see `_measure_policy`).
+`python -m bench xds --policy --locality [--services=1000] [--endpoints=9]`: locality failover per client:
+the shared build, the variants of 3 client localities over every service, 1000 clients served from the
+variant cache, and one changed assignment (see `_measure_locality`).
 
 The daemon's `XdsServer` runs in this process on a loopback port with an index
 of `--services` services of `--endpoints` endpoints each. A client subprocess
@@ -43,12 +46,14 @@ from envoy.service.discovery.v3 import discovery_pb2
 from bench.common import median, percentile, rss_bytes, table, write_results
 from discoveryd.config import XdsConfig
 from discoveryd.index import Index, Shard
-from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service, SourceId
+from discoveryd.model import Endpoint, Hostname, Locality, Port, PortProtocol, Service, SourceId
 from discoveryd.policy import (
     DestinationRule,
     HostPolicy,
     HttpMatch,
     HttpRoute,
+    LoadBalancer,
+    LocalityLb,
     MatchKind,
     OutlierDetection,
     RouteDestination,
@@ -59,6 +64,7 @@ from discoveryd.policy import (
 )
 from discoveryd.xds import XdsServer
 from discoveryd.xds.connection import varint
+from discoveryd.xds.locality import Client
 from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ENDPOINT, ROUTE, SHORT, Builder, BuildOptions
 
 ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
@@ -631,6 +637,143 @@ def _main_policy(args: argparse.Namespace, argv: list[str]) -> None:
     write_results("xds_policy", f, ("python -m bench xds " + " ".join(argv)).strip())
 
 
+# -- traffic policy: locality failover per client ------------------------------------------------
+
+ZONES = ("a", "b", "c")
+
+
+def _located_service(i: int, endpoints: int, generation: int = 0) -> Service:
+    return Service(
+        hostname=Hostname(f"svc{i}.bench.local"),
+        ports=(Port(8080, "grpc", PortProtocol.GRPC),),
+        endpoints=tuple(
+            Endpoint(
+                f"10.{i // 250 % 250}.{i % 250}.{e + 1}",
+                locality=Locality("r1", ZONES[e % len(ZONES)]),
+                weight=1 + generation % 2 if e == 0 else 1,
+            )
+            for e in range(endpoints)
+        ),
+    )
+
+
+def _located_policy(i: int) -> HostPolicy:
+    host = Hostname(f"svc{i}.bench.local")
+    policy = TrafficPolicy(
+        load_balancer=LoadBalancer(locality=LocalityLb(enabled=True)),
+        outlier_detection=OutlierDetection(consecutive_5xx=5, interval=10.0),
+    )
+    return HostPolicy(DestinationRule(host, "bench", f"svc{i}", policy))
+
+
+def _timed(run: Any) -> tuple[float, float]:
+    """(wall, CPU) seconds of `run()`."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    run()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def _measure_locality(services: int, endpoints: int, changes: int) -> dict[str, Any]:
+    """Shared build with and without the setting; variants of 3 client localities; 1000 clients; one change."""
+    out: dict[str, Any] = {"services": services, "endpoints_per_service": endpoints, "zones": len(ZONES)}
+    clients = [Client("r1", ZONES[c % len(ZONES)], f"node-{c}") for c in range(1000)]
+    for located in (False, True):
+        index = Index()
+        shard: Shard = index.writer(SourceId("bench/b"))
+        with shard.batch():
+            shard.replace([_located_service(i, endpoints) for i in range(services)])
+            if located:
+                for i in range(services):
+                    shard.set_policy(Hostname(f"svc{i}.bench.local"), _located_policy(i))
+        shard.mark_synced()
+        builder = Builder(BuildOptions(locality_variants=4 * services))
+        w0, c0 = time.perf_counter(), time.process_time()
+        view, _ = builder.update(EMPTY_VIEW, index.snapshot, None)
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        key = "located" if located else "plain"
+        out[key] = {"build_s": wall, "build_cpu_s": cpu}
+        if not located:
+            continue
+        table_ = view.resources[ENDPOINT]
+        names = sorted(table_)
+
+        def variants(view: Any = view, table_: Any = table_, names: list[str] = names) -> None:
+            for client in clients[: len(ZONES)]:
+                for n in names:
+                    view.localize(table_[n], client)
+
+        wall, cpu = _timed(variants)
+        out[key].update(
+            variants_s=wall,
+            variants_cpu_s=cpu,
+            variants_built=builder.variants.builds,
+            variant_bytes=builder.variants.held_bytes(),
+            shared_eds_bytes=sum(len(r.body) for r in table_.values()),
+        )
+        sample = names[: min(100, len(names))]
+
+        def served(view: Any = view, table_: Any = table_, sample: list[str] = sample) -> None:
+            for client in clients:
+                for n in sample:
+                    view.localize(table_[n], client)
+
+        builds = builder.variants.builds
+        wall, cpu = _timed(served)
+        out[key].update(
+            cached_lookup_us=wall / (len(clients) * len(sample)) * 1e6,
+            cached_lookup_cpu_us=cpu / (len(clients) * len(sample)) * 1e6,
+            builds_for_1000_clients=builder.variants.builds - builds,
+        )
+        times, cpus, built = [], [], []
+        for p in range(1, changes + 1):
+            i = p % services
+            before = index.snapshot.version
+            shard.upsert(_located_service(i, endpoints, p))
+            changed = index.changed_between(before, index.snapshot.version)
+            b0 = builder.variants.builds
+            w0, c0 = time.perf_counter(), time.process_time()
+            view, touched = builder.update(view, index.snapshot, changed)
+            for client in clients:  # every client asks for the changed assignment
+                for n in touched.get(ENDPOINT, ()):
+                    view.localize(view.resources[ENDPOINT][n], client)
+            times.append(time.perf_counter() - w0)
+            cpus.append(time.process_time() - c0)
+            built.append(builder.variants.builds - b0)
+        out[key].update(
+            change_median_s=median(times),
+            change_cpu_median_s=median(cpus),
+            change_builds=max(built),
+        )
+    out["loadavg"] = os.getloadavg()
+    return out
+
+
+def _main_locality(args: argparse.Namespace, argv: list[str]) -> None:
+    f = _measure_locality(args.services, args.endpoints, args.pushes)
+    p, loc = f["plain"], f["located"]
+    ms = 1000.0
+    print(f"{f['services']} services, {f['endpoints_per_service']} endpoints each over {f['zones']} zones")
+    print(
+        f"shared build: without the setting {p['build_s']:.2f} s wall / {p['build_cpu_s']:.2f} s CPU, "
+        f"with {loc['build_s']:.2f} / {loc['build_cpu_s']:.2f} s"
+    )
+    print(
+        f"variants of 3 client localities x {f['services']} assignments: {loc['variants_s'] * ms:.0f} ms wall / "
+        f"{loc['variants_cpu_s'] * ms:.0f} ms CPU, {loc['variants_built']} built, "
+        f"{loc['variant_bytes'] / 1024:.0f} KiB (shared EDS {loc['shared_eds_bytes'] / 1024:.0f} KiB)"
+    )
+    print(
+        f"1000 clients in 3 zones: {loc['cached_lookup_us']:.2f} us wall / {loc['cached_lookup_cpu_us']:.2f} us CPU "
+        f"per (client, assignment) from the cache, {loc['builds_for_1000_clients']} builds"
+    )
+    print(
+        f"one changed assignment, served to 1000 clients: p50 {loc['change_median_s'] * ms:.2f} ms wall / "
+        f"{loc['change_cpu_median_s'] * ms:.2f} ms CPU, {loc['change_builds']} variant builds"
+    )
+    print(f"load average {f['loadavg']}")
+    write_results("xds_locality", f, ("python -m bench xds " + " ".join(argv)).strip())
+
+
 # -- entry points ------------------------------------------------------------------------------
 
 
@@ -666,11 +809,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--scoped", action="store_true", help="exportTo: clients spread over --namespaces")
     parser.add_argument("--namespaces", type=int, default=10)
     parser.add_argument("--policy", action="store_true", help="DestinationRule subsets and VirtualService routes")
+    parser.add_argument("--locality", action="store_true", help="with --policy: locality failover per client")
     parser.add_argument("--rebuild", action="store_true", help="Builder.update cost by index size (--sizes)")
     parser.add_argument("--sizes", default="1000,10000,100000", type=lambda s: [int(x) for x in s.split(",")])
     args = parser.parse_args(argv)
     if args.rebuild:
         _main_rebuild(args, argv)
+        return
+    if args.policy and args.locality:
+        _main_locality(args, argv)
         return
     if args.policy:
         _main_policy(args, argv)

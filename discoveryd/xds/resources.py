@@ -248,6 +248,10 @@ class VariantCache:
     def __len__(self) -> int:
         return len(self._lru)
 
+    def held_bytes(self) -> int:
+        """The bytes of the variants held (those that are the shared resource itself count too)."""
+        return sum(len(r.body) for r in self._lru.values())
+
     def get(self, base: Resource, plan: Plan, key: Key) -> Resource:
         slot = (base.name, plan.digest, key)
         found = self._lru.get(slot)
