@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -213,7 +214,22 @@ class Service:
         return self.hostname.startswith("*.")
 
 
+_IPV4 = re.compile(
+    r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+)
+
+
 def is_ip(value: str) -> bool:
+    """An IPv4 or IPv6 literal (as `ipaddress.ip_address` reads it).
+
+    Dotted-quad IPv4, the common case, is checked by a pattern of the same rules
+    (no leading zeros, each octet at most 255): the xDS and DNS builds ask this of
+    every endpoint, and the parser took half of a 50k-endpoint xDS build.
+    """
+    if _IPV4.fullmatch(value) is not None:
+        return True
+    if ":" not in value:
+        return False
     try:
         ipaddress.ip_address(value)
     except ValueError:

@@ -64,6 +64,7 @@ built with the service, in `discoveryd.xds.policy`:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections import OrderedDict
@@ -424,7 +425,7 @@ class Builder:
         name = traffic.cluster_name(service.hostname, port.number, subset.name if subset else "")
         c = cluster_pb2.Cluster(name=name, lb_policy=_LB[self._options.lb_policy])
         c.connect_timeout.CopyFrom(self._timeout)
-        c.metadata.filter_metadata[METADATA_KEY].CopyFrom(_struct({"source": service.source}))
+        c.metadata.filter_metadata[METADATA_KEY].CopyFrom(_source_metadata(service.source))
         resolution = service.resolution
         if resolution is Resolution.STATIC:
             c.type = cluster_pb2.Cluster.EDS
@@ -504,7 +505,7 @@ def _fill_endpoint(lb: endpoint_components_pb2.LbEndpoint, ep: Endpoint) -> None
     lb.load_balancing_weight.CopyFrom(wrappers_pb2.UInt32Value(value=max(1, ep.weight)))
     if ep.hostname:
         lb.endpoint.hostname = ep.hostname
-    lb.metadata.filter_metadata[METADATA_KEY].CopyFrom(_struct({"source": ep.source}))
+    lb.metadata.filter_metadata[METADATA_KEY].CopyFrom(_source_metadata(ep.source))
 
 
 def _valid_port(number: int) -> bool:
@@ -535,6 +536,12 @@ def _route(
         traffic.add_hash_policy(route.route, rule.effective(port.number))
     vhost = route_components_pb2.VirtualHost(name=name, domains=[name, host], routes=[route])
     return route_pb2.RouteConfiguration(name=name, virtual_hosts=[vhost])
+
+
+@functools.lru_cache(maxsize=1024)
+def _source_metadata(source: str) -> struct_pb2.Struct:
+    """The `discoveryd` metadata of a cluster or endpoint, one per registry (callers copy it, never change it)."""
+    return _struct({"source": source})
 
 
 def _struct(fields: Mapping[str, str]) -> struct_pb2.Struct:
