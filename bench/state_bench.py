@@ -2,7 +2,7 @@
 
 1. Save/load cost in this process, for `--services` services with 10 endpoints
    each (default 10k services = 100k endpoints): `Index.capture()` (on the
-   event loop), encode (orjson + gzip, worker thread), the atomic write, the
+   event loop), encode (positional rows, orjson, worker thread), the atomic write, the
    file size; then load + restore into a fresh index.
 2. The real `discoveryd run` with a files registry (4 ServiceEntries) and an
    etcd registry (real etcd, `--keys` keys, 10 per service): it syncs, saves,

@@ -298,7 +298,14 @@ class Index:
         self._status_dirty.add(source)
         self._publish()
 
-    def restore(self, source: SourceId, part: str, services: Iterable[Service], resume_point: str | None) -> None:
+    def restore(
+        self,
+        source: SourceId,
+        part: str,
+        services: Iterable[Service],
+        resume_point: str | None,
+        policies: Iterable[tuple[Hostname, HostPolicy]] = (),
+    ) -> None:
         """Load one part's content from the state directory: served at once, stale and `restored`.
 
         Call before the registry's adapter starts (inside `batch()` to publish
@@ -312,6 +319,9 @@ class Index:
         state.used = True
         state.restored = True
         state.restored_hosts = set(state.services)
+        state.policies = dict(policies)
+        state.restored_policies = set(state.policies)
+        self._policy_dirty.update(state.policies)
         state.live = False
         state.stale = True
         state.resume_point = resume_point
@@ -329,7 +339,7 @@ class Index:
         """
         self._state_dirty = False
         return [
-            PartCapture(key.source, key.part, tuple(st.services.values()), st.resume_point)
+            PartCapture(key.source, key.part, tuple(st.services.values()), st.resume_point, tuple(st.policies.items()))
             for key, st in self._parts.items()
             if st.synced or st.restored  # never synced: no known world, restoring it would fake readiness
         ]
@@ -394,8 +404,10 @@ class Index:
                 self._close(source, name)
                 continue
             self._dirty.update(st.services)
-            st.services, st.endpoints = {}, 0
+            self._policy_dirty.update(st.policies)
+            st.services, st.endpoints, st.policies = {}, 0, {}
             st.restored, st.restored_hosts, st.used, st.stale = False, None, False, False
+            st.restored_policies = None
             st.live = True
             st.touch()
             self._status_dirty.add(source)
@@ -568,6 +580,7 @@ class PartCapture:
     part: str
     services: tuple[Service, ...]
     resume_point: str | None
+    policies: tuple[tuple[Hostname, HostPolicy], ...] = ()
 
 
 _Op = Callable[[], None]
@@ -600,6 +613,8 @@ class _PartState:
     """Content loaded from the state directory, not yet replaced by a sync of this run."""
     restored_hosts: set[Hostname] | None = None
     """While restored: the hostnames not written by the adapter since (dropped on its first sync)."""
+    restored_policies: set[Hostname] | None = None
+    """While restored: the hosts whose restored policy the adapter has not set since (dropped likewise)."""
     resumed: bool = False
     """The adapter read the restored resume point: its first sync keeps the restored content."""
     live: bool = True
@@ -822,6 +837,8 @@ class Shard:
         self._changed()
 
     def _set_policy(self, host: Hostname, policy: HostPolicy | None) -> None:
+        if self._state.restored_policies:
+            self._state.restored_policies.discard(host)
         policies = self._state.policies
         if policies.get(host) == policy:
             return
@@ -856,7 +873,10 @@ class Shard:
             if previous is not None:
                 st.endpoints -= len(previous.endpoints)
                 self._index._dirty.add(host)
-        st.restored, st.restored_hosts, st.resumed = False, None, False
+        for host in () if st.resumed else st.restored_policies or ():
+            if st.policies.pop(host, None) is not None:
+                self._index._policy_dirty.add(host)
+        st.restored, st.restored_hosts, st.restored_policies, st.resumed = False, None, None, False
 
     def _mark_failing(self, error: str) -> None:
         st = self._state

@@ -4,9 +4,9 @@ Data flow. While the daemon runs, `StateSaver.run` (a supervisor task) waits
 for new index versions (or a changed resume point), at most once per
 `interval` takes `Index.capture()` on the event loop (a tuple of immutable
 services per part: O(parts), no serialisation), and hands it to a worker
-thread, which encodes it (orjson), compresses it (gzip level 1) and writes it
-atomically: a temporary file in the same directory, fsync, rename over
-`index.json.gz`, fsync of the directory. On cancellation (daemon stop) it
+thread, which encodes it (positional rows and shared tables, orjson, a
+checksum) and writes it atomically: a temporary file in the same directory,
+fsync, rename over `index.state`, fsync of the directory. On cancellation (daemon stop) it
 writes once more, synchronously, if anything changed since the last write.
 
 At start, before any registry runs, `load()` reads the file and returns the
@@ -17,25 +17,27 @@ A missing file is a cold start. A file that cannot be read, decoded, or was
 written by another format version is logged (naming the file and the
 reason) and ignored: never a crash, and the next save replaces it.
 
-The file holds what the registries said (services, endpoints, each part's
-resume point), nothing derived; it is written with mode 0600 in a directory
+The file holds what the registries said (services, endpoints, traffic
+policies, each part's resume point), nothing derived; it is written with mode 0600 in a directory
 the daemon owns (systemd `StateDirectory=`, mode 0700).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import contextlib
 import dataclasses
+import functools
 import gc
-import gzip
 import hashlib
 import logging
 import os
 import tempfile
 import threading
 import time
-import zlib
+import types
+import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -57,13 +59,16 @@ from discoveryd.model import (
     Service,
     SourceId,
 )
+from discoveryd.policy import HostPolicy
 from discoveryd.registry import RegistryConfig
 
 log = logging.getLogger("discoveryd.state")
 
-FILE_NAME = "index.json.gz"
+FILE_NAME = "index.state"
+LEGACY_FILE_NAME = "index.json.gz"
+"""Where format version 1 was written; removed at start."""
 FORMAT = "discoveryd-index-state"
-VERSION = 1
+VERSION = 2
 """Bumped on any change a reader of the previous version would misread; older files are then ignored."""
 
 
@@ -79,6 +84,8 @@ class RestoredPart:
     resume_point: str | None
     config: str | None = None
     """The fingerprint of the registry's config when it was saved (`config_fingerprint`)."""
+    policies: tuple[tuple[Hostname, HostPolicy], ...] = ()
+    """The part's traffic policies (DestinationRule, VirtualService) per host."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +96,51 @@ class LoadResult:
 
 
 # -- encoding ---------------------------------------------------------------------------
+#
+# The file: one header line `discoveryd-index-state <version> <blake2b of the rest>`, then one
+# JSON document (orjson). Services and endpoints are positional rows in the order of the model's
+# fields, which the document lists under "fields" (a reader maps by name when they differ);
+# mappings (labels, ports), localities and registry names are stored once in tables and referred
+# to by position: 50k endpoints decode several times faster than as objects with named keys
+# (most of a warm start went to that), and equal values come back as one shared object.
+
+_ENDPOINT_FIELDS = (
+    "address",
+    "ports",
+    "labels",
+    "locality",
+    "weight",
+    "health",
+    "network",
+    "service_account",
+    "hostname",
+    "priority",
+    "source",
+    "tags",
+    "node_name",
+    "target_ref",
+)
+_SERVICE_FIELDS = (
+    "hostname",
+    "namespace",
+    "ports",
+    "addresses",
+    "resolution",
+    "location",
+    "labels",
+    "source",
+    "endpoints",
+    "name",
+    "export_to",
+    "subject_alt_names",
+    "aliases",
+)
+_PORT_FIELDS = ("number", "name", "protocol", "target_port")
+"""The field orders the fast encoder and decoder are written for (a test holds them to the model)."""
+
+
+def _fields(cls: type[Any]) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def _default(value: Any) -> Any:
@@ -98,24 +150,94 @@ def _default(value: Any) -> Any:
     raise TypeError(f"cannot save a {type(value).__name__} in the state file")
 
 
-_CHUNK = 500
-"""Services per orjson call: orjson holds the GIL while it runs, so the event loop gets it back between chunks."""
-
-
 def config_fingerprint(config: RegistryConfig) -> str:
     """Identifies a registry's config: content saved under another config is not restored (a new etcd prefix)."""
     return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:32]
 
 
-def encode(parts: Sequence[PartCapture], written: float, configs: Mapping[SourceId, str] | None = None) -> bytes:
-    """The state file's bytes (gzip of one JSON document). CPU-bound: call it from a worker thread.
+class _Tables:
+    """The shared values of one file: mappings, localities and registry names, each stored once."""
 
-    Built chunk by chunk (and compressed as it goes, zlib releasing the GIL) so
-    that no single call holds the GIL for long while the event loop runs.
+    def __init__(self) -> None:
+        self.maps: list[Mapping[str, Any]] = []
+        self._map_ids: dict[int, int] = {}
+        self._map_keys: dict[tuple[Any, ...], int] = {}
+        self.localities: dict[Locality, int] = {}
+        self.sources: dict[str, int] = {}
+
+    def map(self, value: Mapping[str, Any]) -> int:
+        # By identity first (the objects outlive the encoding: the capture holds them), then by content.
+        found = self._map_ids.get(id(value))
+        if found is None:
+            key = tuple(value.items())
+            found = self._map_keys.get(key)
+            if found is None:
+                found = self._map_keys[key] = len(self.maps)
+                self.maps.append(value)
+            self._map_ids[id(value)] = found
+        return found
+
+    def locality(self, value: Locality) -> int:
+        found = self.localities.get(value)
+        if found is None:
+            found = self.localities[value] = len(self.localities)
+        return found
+
+    def source(self, value: str) -> int:
+        found = self.sources.get(value)
+        if found is None:
+            found = self.sources[value] = len(self.sources)
+        return found
+
+    def endpoint(self, ep: Endpoint) -> list[Any]:
+        return [
+            ep.address,
+            self.map(ep.ports),
+            self.map(ep.labels),
+            self.locality(ep.locality),
+            ep.weight,
+            ep.health,
+            ep.network,
+            ep.service_account,
+            ep.hostname,
+            ep.priority,
+            self.source(ep.source),
+            ep.tags,
+            ep.node_name,
+            ep.target_ref,
+        ]
+
+    def service(self, s: Service) -> list[Any]:
+        return [
+            s.hostname,
+            s.namespace,
+            [[p.number, p.name, p.protocol, p.target_port] for p in s.ports],
+            s.addresses,
+            s.resolution,
+            s.location,
+            self.map(s.labels),
+            self.source(s.source),
+            [self.endpoint(ep) for ep in s.endpoints],
+            s.name,
+            s.export_to,
+            s.subject_alt_names,
+            s.aliases,
+        ]
+
+
+_CHUNK = 500
+"""Services per orjson call: orjson holds the GIL while it runs, so the event loop gets it back between chunks."""
+
+
+def encode(parts: Sequence[PartCapture], written: float, configs: Mapping[SourceId, str] | None = None) -> bytes:
+    """The state file's bytes. CPU-bound: call it from a worker thread.
+
+    Built chunk by chunk so that no single call holds the GIL for long while the event loop runs.
     """
-    comp = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: a gzip container
-    out = [comp.compress(orjson.dumps({"format": FORMAT, "version": VERSION, "written": written})[:-1])]
-    out.append(comp.compress(b',"parts":['))
+    if (_fields(Service), _fields(Endpoint), _fields(Port)) != (_SERVICE_FIELDS, _ENDPOINT_FIELDS, _PORT_FIELDS):
+        raise TypeError("the model's fields changed: update discoveryd.state's rows and bump VERSION")
+    tables = _Tables()
+    out: list[bytes] = []
     for i, part in enumerate(parts):
         head = orjson.dumps(
             {
@@ -123,133 +245,232 @@ def encode(parts: Sequence[PartCapture], written: float, configs: Mapping[Source
                 "part": part.part,
                 "resume_point": part.resume_point,
                 "config": (configs or {}).get(part.source),
-            }
+                "policies": [[host, policy] for host, policy in part.policies],
+            },
+            default=_default,
         )
-        out.append(comp.compress((b"," if i else b"") + head[:-1] + b',"services":['))
+        out.append((b"," if i else b"") + head[:-1] + b',"services":[')
         services = part.services
         for start in range(0, len(services), _CHUNK):
-            chunk = orjson.dumps(services[start : start + _CHUNK], default=_default)
-            out.append(comp.compress((b"," if start else b"") + chunk[1:-1]))
-        out.append(comp.compress(b"]}"))
-    out.append(comp.compress(b"]}"))
-    out.append(comp.flush())
-    return b"".join(out)
+            rows = [tables.service(s) for s in services[start : start + _CHUNK]]
+            chunk = orjson.dumps(rows, default=_default)
+            out.append((b"," if start else b"") + chunk[1:-1])
+        out.append(b"]}")
+    head = orjson.dumps(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "written": written,
+            "fields": {"Service": _SERVICE_FIELDS, "Endpoint": _ENDPOINT_FIELDS, "Port": _PORT_FIELDS},
+            "maps": tables.maps,
+            "localities": [[loc.region, loc.zone, loc.subzone] for loc in tables.localities],
+            "sources": list(tables.sources),
+        },
+        default=_default,
+    )
+    body = b"".join([head[:-1], b',"parts":[', *out, b"]}"])
+    digest = hashlib.blake2b(body, digest_size=16).hexdigest()
+    return f"{FORMAT} {VERSION} {digest}\n".encode() + body
 
 
 # -- decoding ---------------------------------------------------------------------------
 
-_Convert = Callable[[Any], Any]
-
-
-def _enum(cls: type[Enum]) -> _Convert:
-    return lambda v: cls(v)
-
-
-def _tuple_of(convert: _Convert) -> _Convert:
-    return lambda v: tuple(convert(x) for x in v)
-
-
-def _str_tuple(v: Any) -> tuple[str, ...]:
-    return tuple(str(x) for x in v)
-
-
-def _build(cls: type[Any], converters: Mapping[str, _Convert]) -> _Convert:
-    """A decoder for dataclass `cls` from its JSON object: known fields converted, unknown keys ignored."""
-    names = frozenset(f.name for f in dataclasses.fields(cls))
-
-    def decode(obj: Any) -> Any:
-        if not isinstance(obj, dict):
-            raise StateError(f"expected an object for {cls.__name__}, got {type(obj).__name__}")
-        kwargs = {}
-        for key, value in obj.items():
-            if key not in names:
-                continue
-            convert = converters.get(key)
-            kwargs[key] = convert(value) if convert is not None else value
-        return cls(**kwargs)
-
-    return decode
-
-
-_locality_slow = _build(Locality, {})
-_port = _build(Port, {"protocol": _enum(PortProtocol)})
-_endpoint_slow = _build(
-    Endpoint,
-    {
-        "locality": _locality_slow,
-        "health": _enum(Health),
-        "source": SourceId,
-        "tags": _str_tuple,
-    },
-)
-_service_slow = _build(
-    Service,
-    {
-        "hostname": Hostname,
-        "ports": _tuple_of(_port),
-        "addresses": _str_tuple,
-        "resolution": _enum(Resolution),
-        "location": _enum(Location),
-        "source": SourceId,
-        "endpoints": lambda v: tuple(e if isinstance(e, Endpoint) else _endpoint_slow(e) for e in v),
-        "export_to": _str_tuple,
-        "subject_alt_names": _str_tuple,
-        "aliases": _tuple_of(Hostname),
-    },
-)
 _HEALTH = {h.value: h for h in Health}
+_PROTOCOL = {p.value: p for p in PortProtocol}
+_RESOLUTION = {r.value: r for r in Resolution}
+_LOCATION = {loc.value: loc for loc in Location}
 
 
-class _Decoder:
-    """Rebuilds services from the file's objects; fast path per object, the by-name path as fallback.
+class _Rows:
+    """Rebuilds services from the file's rows and tables.
 
-    The fast path converts the few typed fields in place and calls the class
-    with the object as keywords; anything unexpected (a field this model does
-    not have, a wrong type) falls back to the slow path, which ignores unknown
-    keys and converts every field. Equal localities are shared.
+    With the field lists of this model (the usual case) each object is built
+    positionally in one call; a file written by a model with other fields is
+    read by name (unknown fields ignored, missing ones defaulted).
     """
 
-    def __init__(self) -> None:
-        self._localities: dict[tuple[Any, ...], Locality] = {}
+    def __init__(self, doc: Mapping[str, Any]) -> None:
+        self.maps: list[dict[str, Any]] = list(doc["maps"])
+        self.localities = [Locality(*(str(x) for x in loc)) for loc in doc["localities"]]
+        self.sources = [SourceId(str(x)) for x in doc["sources"]]
+        fields = doc["fields"]
+        self.service_fields = tuple(fields["Service"])
+        self.endpoint_fields = tuple(fields["Endpoint"])
+        self.port_fields = tuple(fields["Port"])
+        self.fast = (
+            (self.service_fields, self.endpoint_fields, self.port_fields)
+            == (
+                _fields(Service),
+                _fields(Endpoint),
+                _fields(Port),
+            )
+            == (_SERVICE_FIELDS, _ENDPOINT_FIELDS, _PORT_FIELDS)
+        )
 
-    def locality(self, obj: Any) -> Locality:
-        key = (obj.get("region", ""), obj.get("zone", ""), obj.get("subzone", ""))
-        found = self._localities.get(key)
-        if found is None:
-            found = self._localities[key] = _locality_slow(obj)
-        return found
+    def services(self, rows: list[Any]) -> tuple[Service, ...]:
+        if not self.fast:
+            return tuple(self._service_by_name(r) for r in rows)
+        maps, locs, srcs = self.maps, self.localities, self.sources
+        health, protocol, resolution, location = _HEALTH, _PROTOCOL, _RESOLUTION, _LOCATION
+        ep_cls, port_cls = Endpoint, Port
+        return tuple(
+            [
+                Service(
+                    r[0],
+                    r[1],
+                    tuple([port_cls(p[0], p[1], protocol[p[2]], p[3]) for p in r[2]]),
+                    tuple(r[3]),
+                    resolution[r[4]],
+                    location[r[5]],
+                    maps[r[6]],
+                    srcs[r[7]],
+                    tuple(
+                        [
+                            ep_cls(
+                                e[0],
+                                maps[e[1]],
+                                maps[e[2]],
+                                locs[e[3]],
+                                e[4],
+                                health[e[5]],
+                                e[6],
+                                e[7],
+                                e[8],
+                                e[9],
+                                srcs[e[10]],
+                                tuple(e[11]),
+                                e[12],
+                                e[13],
+                            )
+                            for e in r[8]
+                        ]
+                    ),
+                    r[9],
+                    tuple(r[10]),
+                    tuple(r[11]),
+                    tuple(r[12]),
+                )
+                for r in rows
+            ]
+        )
 
-    def endpoint(self, obj: Any) -> Endpoint:
-        try:
-            obj["locality"] = self.locality(obj["locality"])
-            obj["health"] = _HEALTH[obj["health"]]
-            obj["tags"] = tuple(obj["tags"])
-            return Endpoint(**obj)
-        except (KeyError, TypeError, AttributeError):
-            return _endpoint_slow(obj)  # type: ignore[no-any-return]
+    # By name: a file from a model with other fields.
 
-    def service(self, obj: Any) -> Service:
-        if not isinstance(obj, dict):
-            raise StateError(f"expected an object for Service, got {type(obj).__name__}")
-        endpoints = obj.get("endpoints")
-        if isinstance(endpoints, list):
-            obj["endpoints"] = tuple(self.endpoint(e) if isinstance(e, dict) else e for e in endpoints)
-        return _service_slow(obj)  # type: ignore[no-any-return]
+    def _named(self, cls: type[Any], names: tuple[str, ...], row: list[Any], convert: Mapping[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for name, value in zip(names, row, strict=True):
+            if name in known:
+                conv = convert.get(name)
+                kwargs[name] = conv(value) if conv is not None else value
+        return cls(**kwargs)
+
+    def _endpoint_by_name(self, row: list[Any]) -> Endpoint:
+        convert = {
+            "ports": self.maps.__getitem__,
+            "labels": self.maps.__getitem__,
+            "locality": self.localities.__getitem__,
+            "health": _HEALTH.__getitem__,
+            "source": self.sources.__getitem__,
+            "tags": tuple,
+        }
+        return self._named(Endpoint, self.endpoint_fields, row, convert)  # type: ignore[no-any-return]
+
+    def _port_by_name(self, row: list[Any]) -> Port:
+        return self._named(Port, self.port_fields, row, {"protocol": _PROTOCOL.__getitem__})  # type: ignore[no-any-return]
+
+    def _service_by_name(self, row: list[Any]) -> Service:
+        convert = {
+            "ports": lambda v: tuple(self._port_by_name(p) for p in v),
+            "addresses": tuple,
+            "resolution": _RESOLUTION.__getitem__,
+            "location": _LOCATION.__getitem__,
+            "labels": self.maps.__getitem__,
+            "source": self.sources.__getitem__,
+            "endpoints": lambda v: tuple(self._endpoint_by_name(e) for e in v),
+            "export_to": tuple,
+            "subject_alt_names": tuple,
+            "aliases": tuple,
+        }
+        return self._named(Service, self.service_fields, row, convert)  # type: ignore[no-any-return]
+
+
+def _from_json(tp: Any, value: Any, where: str) -> Any:
+    """`value` (as orjson read it) as type `tp` of the policy model: dataclasses by field name, recursively."""
+    if hasattr(tp, "__supertype__"):  # a NewType (Hostname)
+        tp = tp.__supertype__
+    origin = typing.get_origin(tp)
+    if origin is types.UnionType or origin is typing.Union:
+        if value is None:
+            return None
+        (inner,) = (a for a in typing.get_args(tp) if a is not type(None))
+        return _from_json(inner, value, where)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise StateError(f"{where}: expected an object for {tp.__name__}")
+        hints = _hints(tp)
+        return tp(**{k: _from_json(hints[k], v, f"{where}.{k}") for k, v in value.items() if k in hints})
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise StateError(f"{where}: expected a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_json(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(_from_json(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    if origin in (Mapping, dict, collections.abc.Mapping):
+        if not isinstance(value, dict):
+            raise StateError(f"{where}: expected an object")
+        return dict(value)
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return tp(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise StateError(f"{where}: expected {tp.__name__}, got {type(value).__name__}")
+    return value
+
+
+@functools.cache
+def _hints(cls: type[Any]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _policies(raw: Any, where: str) -> tuple[tuple[Hostname, HostPolicy], ...]:
+    if not isinstance(raw, list):
+        raise StateError(f"{where}: expected a list of policies")
+    out = []
+    for i, item in enumerate(raw):
+        host, policy = item
+        out.append((Hostname(str(host)), _from_json(HostPolicy, policy, f"{where}[{i}]")))
+    return tuple(out)
 
 
 def decode(data: bytes, where: str) -> LoadResult:
     """Parse a state file's bytes; StateError naming `where` and the reason when it cannot be used."""
+    header, newline, body = data.partition(b"\n")
+    fields = header.split(b" ")
+    if not newline or len(fields) != 3 or fields[0] != FORMAT.encode():
+        if data[:2] == b"\x1f\x8b":  # the gzip files of format version 1
+            raise StateError(f"{where}: state format version 1, this discoveryd reads {VERSION}")
+        raise StateError(f"{where}: not a readable state file (no discoveryd state header)")
+    if fields[1] != str(VERSION).encode():
+        raise StateError(
+            f"{where}: state format version {fields[1].decode(errors='replace')}, this discoveryd reads {VERSION}"
+        )
+    if hashlib.blake2b(body, digest_size=16).hexdigest().encode() != fields[2]:
+        raise StateError(f"{where}: not a readable state file (checksum mismatch: truncated or damaged)")
     try:
-        doc = orjson.loads(gzip.decompress(data))
-    except (OSError, EOFError, orjson.JSONDecodeError, ValueError) as e:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
         raise StateError(f"{where}: not a readable state file ({e})") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise StateError(f"{where}: not a discoveryd state file")
     if doc.get("version") != VERSION:
         raise StateError(f"{where}: state format version {doc.get('version')!r}, this discoveryd reads {VERSION}")
     parts = []
-    decoder = _Decoder()
     try:
+        rows = _Rows(doc)
         for i, p in enumerate(doc["parts"]):
             try:
                 resume, config = p.get("resume_point"), p.get("config")
@@ -257,15 +478,16 @@ def decode(data: bytes, where: str) -> LoadResult:
                     RestoredPart(
                         SourceId(str(p["source"])),
                         str(p["part"]),
-                        tuple(decoder.service(s) for s in p["services"]),
+                        rows.services(p["services"]),
                         None if resume is None else str(resume),
                         None if config is None else str(config),
+                        _policies(p.get("policies", []), "policies"),
                     )
                 )
-            except (KeyError, TypeError, ValueError, StateError) as e:
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError, StateError) as e:
                 raise StateError(f"{where}: parts[{i}]: {e!r}") from e
         written = float(doc["written"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise StateError(f"{where}: malformed state file ({e!r})") from e
     return LoadResult(tuple(parts), written)
 
@@ -274,7 +496,7 @@ def decode(data: bytes, where: str) -> LoadResult:
 
 
 def write_atomically(directory: Path, data: bytes) -> None:
-    """Replace `directory/index.json.gz` with `data`: temp file, fsync, rename, fsync the directory. Blocking."""
+    """Replace `directory/index.state` with `data`: temp file, fsync, rename, fsync the directory. Blocking."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(prefix=".index.", suffix=".tmp", dir=directory)
     try:
@@ -307,7 +529,11 @@ def _collector_paused() -> Iterator[None]:
 
 
 def _remove_leftovers(directory: Path) -> None:
-    """Temporary files of a write that never finished (the process was killed mid-write)."""
+    """Temporary files of a write that never finished (the process was killed mid-write), and the file
+    of format version 1 (it cannot be read any more; the next save writes the current format)."""
+    with contextlib.suppress(OSError):
+        (directory / LEGACY_FILE_NAME).unlink()
+        log.info("state: removed %s (format version 1, not read by this discoveryd)", directory / LEGACY_FILE_NAME)
     with contextlib.suppress(OSError):
         for entry in os.scandir(directory):
             if entry.name.startswith(".index.") and entry.name.endswith(".tmp"):
@@ -363,7 +589,7 @@ def restore(index: Index, result: LoadResult) -> int:
     count = 0
     with _collector_paused(), index.batch():
         for part in result.parts:
-            index.restore(part.source, part.part, part.services, part.resume_point)
+            index.restore(part.source, part.part, part.services, part.resume_point, part.policies)
             count += len(part.services)
     return count
 

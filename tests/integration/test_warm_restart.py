@@ -33,6 +33,7 @@ import dns.rdatatype
 import grpc
 import pytest
 
+from discoveryd import state
 from discoveryd.xds.resources import CLUSTER
 from tests.adapters.etcd_server import EtcdServer, TcpProxy, etcd
 from tests.helpers import eventually, free_port, wait_sync
@@ -207,7 +208,7 @@ async def test_kill_9_restart_serves_the_whole_world_at_once(etcd: EtcdServer, t
             await eventually(lambda: d.get("/readyz")[0] == 200, timeout=30, what="first run ready")
             full = await _cds_names(d.xds)
             assert len(full) >= count + 1
-            state_file = tmp_path / "state" / "index.json.gz"
+            state_file = tmp_path / "state" / state.FILE_NAME
             await eventually(
                 lambda: state_file.exists() and state_file.stat().st_size > 0, timeout=10, what="state saved"
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gzip
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -26,6 +27,7 @@ from discoveryd.model import (
     Service,
     SourceId,
 )
+from discoveryd.policy import DestinationRule, HostPolicy
 from discoveryd.state import StateSaver
 
 A = SourceId("etcd/main")
@@ -91,33 +93,54 @@ def test_round_trip_keeps_every_field_and_resume_points(tmp_path: Path) -> None:
     assert only_b is not None and only_b.parts == ()
 
 
+def _capture(service: Service) -> state.PartCapture:
+    return state.PartCapture(A, "", (service,), None)
+
+
+def _file(doc: object, version: int = state.VERSION) -> bytes:
+    """A state file holding `doc`, with a valid header and checksum."""
+    body = orjson.dumps(doc)
+    return f"{state.FORMAT} {version} {hashlib.blake2b(body, digest_size=16).hexdigest()}\n".encode() + body
+
+
+_TABLES = {
+    "fields": {"Service": state._SERVICE_FIELDS, "Endpoint": state._ENDPOINT_FIELDS, "Port": state._PORT_FIELDS},
+    "maps": [{}],
+    "localities": [["", "", ""]],
+    "sources": [A],
+}
+_HEAD = {"format": state.FORMAT, "version": state.VERSION, "written": 1, **_TABLES}
+
+
+def _damaged() -> bytes:
+    data = bytearray(state.encode([_capture(rich_service("a.example"))], 1.0))
+    data[len(data) // 2] ^= 0x01
+    return bytes(data)
+
+
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
-        (b"garbage", "not a readable state file"),
-        (gzip.compress(b"{not json"), "not a readable state file"),
-        (gzip.compress(orjson.dumps({"format": "other"})), "not a discoveryd state file"),
-        (gzip.compress(orjson.dumps({"format": state.FORMAT, "version": 999})), "state format version 999"),
-        (
-            gzip.compress(
-                orjson.dumps(
-                    {"format": state.FORMAT, "version": state.VERSION, "written": 1, "parts": [{"source": "x"}]}
-                )
-            ),
+        pytest.param(b"garbage", "not a readable state file", id="garbage"),
+        pytest.param(_file(None)[:-1] + b"{not json", "checksum mismatch", id="truncated"),
+        pytest.param(_damaged(), "checksum mismatch", id="damaged"),
+        pytest.param(_file(b"{not json".decode()), "not a discoveryd state file", id="not-an-object"),
+        pytest.param(_file({"format": "other"}), "not a discoveryd state file", id="other-format"),
+        pytest.param(_file({"format": state.FORMAT, "version": 999}, 999), "state format version 999", id="newer"),
+        pytest.param(gzip.compress(orjson.dumps({"format": state.FORMAT, "version": 1})), "version 1", id="v1"),
+        pytest.param(_file({**_HEAD, "parts": [{"source": "x"}]}), "parts[0]", id="no-part-name"),
+        pytest.param(
+            _file({**_HEAD, "parts": [{"source": A, "part": "", "services": [["x", "ns", [], [], "BOGUS"]]}]}),
             "parts[0]",
+            id="bad-row",
         ),
-        (
-            gzip.compress(
-                orjson.dumps(
-                    {
-                        "format": state.FORMAT,
-                        "version": state.VERSION,
-                        "written": 1,
-                        "parts": [{"source": A, "part": "", "services": [{"hostname": "x", "resolution": "BOGUS"}]}],
-                    }
-                )
-            ),
+        pytest.param(
+            _file({**_HEAD, "parts": [{"source": A, "part": "", "services": [], "policies": [["x", 1]]}]}),
             "parts[0]",
+            id="bad-policy",
+        ),
+        pytest.param(
+            _file({"format": state.FORMAT, "version": state.VERSION, "parts": []}), "malformed", id="no-tables"
         ),
     ],
 )
@@ -216,17 +239,41 @@ async def test_saver_writes_throttled_and_on_stop(tmp_path: Path) -> None:
 
 
 def test_restore_keeps_field_list_complete() -> None:
-    # A new model field must round-trip: the decoders convert by name and default the rest.
+    # A new model field must round-trip: the rows follow the model's field lists, which the file names.
     saved = rich_service("z.example")
     raw = state.encode([_capture(saved)], 0.0)
     out = state.decode(raw, "mem")
     assert out.parts[0].services[0] == saved
-    saved_keys = set(orjson.loads(gzip.decompress(raw))["parts"][0]["services"][0])
-    assert {f.name for f in dataclasses.fields(Service)} <= saved_keys
+    doc = orjson.loads(raw.partition(b"\n")[2])
+    assert doc["fields"]["Service"] == [f.name for f in dataclasses.fields(Service)]
+    assert doc["fields"]["Endpoint"] == [f.name for f in dataclasses.fields(Endpoint)]
+    assert doc["fields"]["Port"] == [f.name for f in dataclasses.fields(Port)]
 
 
-def _capture(service: Service) -> state.PartCapture:
-    return state.PartCapture(A, "", (service,), None)
+def test_a_file_with_other_model_fields_is_read_by_name() -> None:
+    saved = rich_service("z.example")
+    doc = orjson.loads(state.encode([_capture(saved)], 0.0).partition(b"\n")[2])
+    # As written by a model whose Endpoint had a field this one lacks, and lacked `target_ref`.
+    fields = doc["fields"]["Endpoint"]
+    at = fields.index("target_ref")
+    fields[at] = "from_the_future"
+    doc["parts"][0]["services"][0][8][0][at] = "ignored"
+    out = state.decode(_file(doc), "mem").parts[0].services[0]
+    assert out == dataclasses.replace(saved, endpoints=(dataclasses.replace(saved.endpoints[0], target_ref=""),))
+
+
+def test_equal_labels_and_localities_are_stored_once_and_shared() -> None:
+    services = [svc(f"s{i}.example", f"10.0.0.{i}") for i in range(3)]
+    services = [
+        s.with_endpoints((dataclasses.replace(s.endpoints[0], labels={"app": "x"}, locality=Locality("r", "z")),))
+        for s in services
+    ]
+    raw = state.encode([state.PartCapture(A, "", tuple(services), None)], 0.0)
+    doc = orjson.loads(raw.partition(b"\n")[2])
+    assert doc["maps"].count({"app": "x"}) == 1 and doc["localities"] == [["r", "z", ""]]
+    out = state.decode(raw, "mem").parts[0].services
+    assert list(out) == services
+    assert out[0].endpoints[0].labels is out[2].endpoints[0].labels
 
 
 def test_a_replace_identical_to_the_restored_content_keeps_it_after_sync(tmp_path: Path) -> None:
@@ -301,3 +348,32 @@ def test_a_part_that_never_synced_is_not_saved(tmp_path: Path) -> None:
     state.restore(again, loaded)
     again.writer(A)
     assert not again.snapshot.ready  # A must still sync (or time out): it was never restored
+
+
+def test_policies_are_saved_and_restored_with_their_part(tmp_path: Path) -> None:
+    from tests.unit.test_policy import DR, HOST, SERVICE, VS, built, policy_of
+
+    policy = policy_of(DR + "---\n" + VS)
+    other = Hostname("gone.shop.internal")
+    before = Index([A])
+    shard = before.writer(A)
+    shard.replace([dataclasses.replace(SERVICE, source=A)])
+    shard.set_policy(HOST, policy)
+    shard.set_policy(other, HostPolicy(DestinationRule(other, "shop", "gone")))
+    shard.mark_synced()
+    state.write_atomically(tmp_path, state.encode(before.capture(), 1.0))
+    loaded = state.load(tmp_path, [A])
+    assert loaded is not None
+    assert dict(loaded.parts[0].policies)[HOST] == policy  # every field, nested, back as it was
+    index = Index([A])
+    state.restore(index, loaded)
+    # Served with its policy from the first version: the same resources as before the restart.
+    assert index.snapshot.policies[HOST] == policy and other in index.snapshot.policies
+    assert built(index.snapshot.policies[HOST]) == built(before.snapshot.policies[HOST])
+    # The first sync keeps the policies the adapter sets again and drops the others.
+    again = index.writer(A)
+    again.replace([dataclasses.replace(SERVICE, source=A)])
+    again.set_policy(HOST, policy)
+    assert other in index.snapshot.policies  # restored, not yet synced
+    again.mark_synced()
+    assert index.snapshot.policies.get(HOST) == policy and other not in index.snapshot.policies
