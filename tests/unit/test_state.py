@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from discoveryd import state
-from discoveryd.index import Index
+from discoveryd.index import Index, PartCapture
 from discoveryd.model import (
     Endpoint,
     Health,
@@ -93,8 +93,8 @@ def test_round_trip_keeps_every_field_and_resume_points(tmp_path: Path) -> None:
     assert only_b is not None and only_b.parts == ()
 
 
-def _capture(service: Service) -> state.PartCapture:
-    return state.PartCapture(A, "", (service,), None)
+def _capture(service: Service) -> PartCapture:
+    return PartCapture(A, "", (service,), None)
 
 
 def _file(doc: object, version: int = state.VERSION) -> bytes:
@@ -268,7 +268,7 @@ def test_equal_labels_and_localities_are_stored_once_and_shared() -> None:
         s.with_endpoints((dataclasses.replace(s.endpoints[0], labels={"app": "x"}, locality=Locality("r", "z")),))
         for s in services
     ]
-    raw = state.encode([state.PartCapture(A, "", tuple(services), None)], 0.0)
+    raw = state.encode([PartCapture(A, "", tuple(services), None)], 0.0)
     doc = orjson.loads(raw.partition(b"\n")[2])
     assert doc["maps"].count({"app": "x"}) == 1 and doc["localities"] == [["r", "z", ""]]
     out = state.decode(raw, "mem").parts[0].services
