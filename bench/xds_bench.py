@@ -8,6 +8,8 @@ with a DestinationRule of 3 subsets and a VirtualService 80/20 split per service
 `python -m bench xds --policy --locality [--services=1000] [--endpoints=9]`: locality failover per client:
 the shared build, the variants of 3 client localities over every service, 1000 clients served from the
 variant cache, and one changed assignment (see `_measure_locality`).
+`python -m bench xds --rule-change [--clients=100,1000] [--services=100]`: convergence of SotW and delta
+clients after one DestinationRule change, against a floor writing the same responses (see `_measure_rule_change`).
 
 The daemon's `XdsServer` runs in this process on a loopback port with an index
 of `--services` services of `--endpoints` endpoints each. A client subprocess
@@ -774,6 +776,272 @@ def _main_locality(args: argparse.Namespace, argv: list[str]) -> None:
     write_results("xds_locality", f, ("python -m bench xds " + " ".join(argv)).strip())
 
 
+# -- convergence after a DestinationRule change ------------------------------------------------------
+
+DELTA_ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+
+
+def _policy_cluster_names(services: int) -> list[str]:
+    return [f"outbound|8080|{s}|svc{i}.bench.local" for i in range(services) for s in ("", *SUBSETS)]
+
+
+async def _delta_client_stream(target: str, i: int, names: list[str]) -> None:
+    """A delta ADS client: CDS wildcard, EDS by name, ACKing every response."""
+    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", -1)]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        call = channel.stream_stream(
+            DELTA_ADS,
+            request_serializer=discovery_pb2.DeltaDiscoveryRequest.SerializeToString,
+            response_deserializer=discovery_pb2.DeltaDiscoveryResponse.FromString,
+        )()
+        first = discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER)
+        first.node.id, first.node.cluster = f"bench-{os.getpid()}-{i}", "bench"
+        await call.write(first)
+        await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=ENDPOINT, resource_names_subscribe=names))
+        async for response in call:
+            await call.write(
+                discovery_pb2.DeltaDiscoveryRequest(type_url=response.type_url, response_nonce=response.nonce)
+            )
+
+
+async def _rule_client_main(target: str, streams: int, services: int, delta: bool) -> None:
+    names = _policy_cluster_names(services)
+    stream = _delta_client_stream if delta else _client_stream
+    tasks = []
+    for i in range(streams):
+        tasks.append(asyncio.create_task(stream(target, i, names)))
+        if i % 50 == 49:
+            await asyncio.sleep(0.05)  # do not open a thousand TCP connections in one burst
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _SequenceFloor(_Floor):
+    """The floor for a push of several responses per stream: each is written, and every one ACKed."""
+
+    def __init__(self, bodies: list[bytes]) -> None:
+        super().__init__(b"")
+        self.bodies = bodies
+        self.acked: dict[int, int] = {}
+
+    async def handle(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, bytes]) -> None:
+        key = id(context)
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.streams[key] = queue
+
+        async def read() -> None:
+            async for request in requests:
+                if request.response_nonce:
+                    self.acked[key] = self.acked.get(key, 0) + 1
+                    self.acks[key] = time.monotonic()
+
+        reader = asyncio.create_task(read())
+        try:
+            while (body := await queue.get()) is not None:
+                await context.write(body)
+        finally:
+            reader.cancel()
+            self.streams.pop(key, None)
+
+    def push(self) -> None:
+        self.acks.clear()
+        self.acked.clear()
+        for queue in self.streams.values():
+            for body in self.bodies:
+                queue.put_nowait(body)
+
+    def done(self, clients: int) -> bool:
+        n = len(self.bodies)
+        return len(self.acked) == clients and all(v >= n for v in self.acked.values())
+
+
+async def _measure_rule_floor(
+    clients: int, pushes: int, services: int, bodies: list[bytes], delta: bool
+) -> dict[str, Any]:
+    floor = _SequenceFloor(bodies)
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", -1)])
+    request = discovery_pb2.DeltaDiscoveryRequest if delta else discovery_pb2.DiscoveryRequest
+    handler = grpc.stream_stream_rpc_method_handler(
+        floor.handle, request_deserializer=request.FromString, response_serializer=bytes
+    )
+    service, method = (DELTA_ADS if delta else ADS).strip("/").split("/")
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {method: handler})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.xds_bench", "--rule-client", f"127.0.0.1:{port}", str(clients), str(services),
+        "1" if delta else "0",
+    )  # fmt: skip
+    results: list[float] = []
+    cpu: list[float] = []
+    try:
+        await _wait(lambda: len(floor.streams) == clients, 600, "floor clients connected")
+        await asyncio.sleep(0.5)  # their initial requests (unanswered here) have arrived
+        for _ in range(pushes):
+            cpu0 = _cpu()
+            t0 = time.monotonic()
+            floor.push()
+            await _wait(lambda: floor.done(clients), 300, "floor push")
+            results.append(max(floor.acks.values()) - t0)
+            cpu.append(_cpu() - cpu0)
+            await asyncio.sleep(0.02)
+    finally:
+        floor.close()
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+        await server.stop(1.0)
+    return {
+        "convergence_median_s": median(results),
+        "convergence_p99_s": percentile(results, 99),
+        "cpu_s_per_push": median(cpu),
+    }
+
+
+async def _measure_rule_change(clients: int, pushes: int, services: int, endpoints: int, delta: bool) -> dict[str, Any]:
+    """`clients` ADS clients subscribed to every cluster (subsets included) and its endpoints; a push
+    changes one host's DestinationRule (its outlier detection), so its 4 clusters change. Convergence runs
+    from the index write to the last client's ACK of the new clusters and of the assignments re-sent
+    after them."""
+    index = Index()
+    shard: Shard = index.writer(SourceId("bench/b"))
+    with shard.batch():
+        shard.replace([_policy_service(i, endpoints) for i in range(services)])
+        for i in range(services):
+            shard.set_policy(Hostname(f"svc{i}.bench.local"), _host_policy(i))
+    shard.mark_synced()
+    server = XdsServer(XdsConfig(listen="127.0.0.1:0", debounce_after=0.0, debounce_max=0.0), index)
+    serving = asyncio.create_task(server.serve())
+    await server.started.wait()
+    rss_before = rss_bytes()
+    target = f"127.0.0.1:{server.ports[0]}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.xds_bench", "--rule-client", target, str(clients), str(services),
+        "1" if delta else "0",
+    )  # fmt: skip
+    results: list[float] = []
+    cpu: list[float] = []
+    sent: list[float] = []
+    bodies: list[bytes] = []
+    try:
+
+        def synced() -> bool:
+            conns = server.connections
+            return len(conns) == clients and all(
+                c.types[t].acked_nonce and c.types[t].acked_nonce == c.types[t].nonce
+                for c in conns
+                for t in (CLUSTER, ENDPOINT)
+            )
+
+        t_connect = time.monotonic()
+        await _wait(synced, 600, "initial sync of every client")
+        initial_sync = time.monotonic() - t_connect
+        rss_after = rss_bytes()
+        for p in range(1, pushes + 1):
+            i = p % services
+            conns = server.connections
+            before = {c.id: (c.types[CLUSTER].nonce, c.types[ENDPOINT].nonce) for c in conns}
+            cpu0, bytes0 = _cpu(), _sent_bytes(server)
+            t0 = time.monotonic()
+            shard.set_policy(Hostname(f"svc{i}.bench.local"), _host_policy(i, p))
+
+            def converged(conns: list[Any] = conns, before: dict[int, tuple[str, str]] = before) -> bool:
+                return all(
+                    c.types[t].nonce != before[c.id][k] and c.types[t].acked_nonce == c.types[t].nonce
+                    for c in conns
+                    for k, t in enumerate((CLUSTER, ENDPOINT))
+                )
+
+            await _wait(converged, 300, f"push {p}")
+            results.append(max(max(c.types[t].acked_at or t0 for t in (CLUSTER, ENDPOINT)) for c in conns) - t0)
+            cpu.append(_cpu() - cpu0)
+            sent.append(_sent_bytes(server) - bytes0)
+            await asyncio.sleep(0.02)
+        bodies = _rule_push_bodies(server, pushes % services, delta)
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+    floor = await _measure_rule_floor(clients, pushes, services, bodies, delta)
+    return {
+        "clients": clients,
+        "delta": delta,
+        "pushes": pushes,
+        "initial_sync_s": initial_sync,
+        "convergence_median_s": median(results),
+        "convergence_p99_s": percentile(results, 99),
+        "cpu_s_per_push": median(cpu),
+        "bytes_per_push": median(sent),
+        "rss_per_client_bytes": (rss_after - rss_before) / clients,
+        "floor": floor,
+        "ratio_median": median(results) / floor["convergence_median_s"],
+    }
+
+
+def _rule_push_bodies(server: XdsServer, i: int, delta: bool) -> list[bytes]:
+    """The responses one DestinationRule change of host `i` sends a client: its clusters, then its assignments."""
+    view = server.view
+    host = f"svc{i}.bench.local"
+    changed = [f"outbound|8080|{s}|{host}" for s in ("", *SUBSETS)]
+    out = []
+    for type_url in (CLUSTER, ENDPOINT):
+        table = view.resources[type_url]
+        if delta:
+            response = discovery_pb2.DeltaDiscoveryResponse(type_url=type_url, nonce="1", system_version_info="1")
+            for name in changed:
+                r = table[name]
+                resource = response.resources.add(name=name, version=r.version)
+                resource.resource.type_url = type_url
+                resource.resource.value = r.body
+            out.append(response.SerializeToString())
+            continue
+        head = discovery_pb2.DiscoveryResponse(version_info="1", type_url=type_url, nonce="1").SerializeToString()
+        if type_url == CLUSTER:  # state of the world: every cluster
+            out.append(head + view.sotw_body(CLUSTER, None))
+        else:
+            out.append(head + b"".join(b"\x12" + varint(len(table[n].body)) + table[n].body for n in changed))
+    return out
+
+
+def _main_rule_change(args: argparse.Namespace, argv: list[str]) -> None:
+    runs = []
+    for delta in (False, True):
+        for clients in args.clients:
+            run = asyncio.run(_measure_rule_change(clients, args.pushes, args.services, args.endpoints, delta))
+            runs.append(run)
+            print(f"  {clients} {'delta' if delta else 'sotw'} clients done", flush=True)
+    ms = 1000.0
+    rows = [
+        [
+            "delta" if r["delta"] else "sotw",
+            r["clients"],
+            f"{r['convergence_median_s'] * ms:.1f}",
+            f"{r['convergence_p99_s'] * ms:.1f}",
+            f"{r['floor']['convergence_median_s'] * ms:.1f}",
+            f"{r['floor']['convergence_p99_s'] * ms:.1f}",
+            f"{r['ratio_median']:.2f}",
+            f"{r['cpu_s_per_push'] * ms:.1f}",
+            f"{r['floor']['cpu_s_per_push'] * ms:.1f}",
+            f"{r['bytes_per_push'] / 1024:.0f}",
+            f"{r['initial_sync_s']:.2f}",
+        ]
+        for r in runs
+    ]
+    header = [
+        "protocol", "clients", "conv p50 ms", "conv p99 ms", "floor p50 ms", "floor p99 ms", "ours/floor",
+        "cpu ms/push", "floor cpu ms", "KiB/push", "initial sync s",
+    ]  # fmt: skip
+    print(
+        f"one DestinationRule change; {args.services} services x {len(SUBSETS)} subsets, "
+        f"{args.endpoints} endpoints each; no debounce"
+    )
+    print(table(rows, header))
+    figures = {"services": args.services, "endpoints_per_service": args.endpoints, "runs": runs}
+    write_results("xds_rule_change", figures, ("python -m bench xds " + " ".join(argv)).strip())
+
+
 # -- entry points ------------------------------------------------------------------------------
 
 
@@ -797,6 +1065,10 @@ def main(argv: list[str]) -> None:
         target, streams, services = argv[1], int(argv[2]), int(argv[3])
         asyncio.run(_client_main(target, streams, services))
         return
+    if argv and argv[0] == "--rule-client":
+        target, streams, services, delta = argv[1], int(argv[2]), int(argv[3]), argv[4] == "1"
+        asyncio.run(_rule_client_main(target, streams, services, delta))
+        return
     if argv and argv[0] == "--scoped-client":
         target, streams, services, namespaces, restrict = argv[1], *map(int, argv[2:6])
         asyncio.run(_scoped_client_main(target, streams, services, namespaces, bool(restrict)))
@@ -810,6 +1082,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--namespaces", type=int, default=10)
     parser.add_argument("--policy", action="store_true", help="DestinationRule subsets and VirtualService routes")
     parser.add_argument("--locality", action="store_true", help="with --policy: locality failover per client")
+    parser.add_argument(
+        "--rule-change", action="store_true", help="convergence after a DestinationRule change, SotW and delta"
+    )
     parser.add_argument("--rebuild", action="store_true", help="Builder.update cost by index size (--sizes)")
     parser.add_argument("--sizes", default="1000,10000,100000", type=lambda s: [int(x) for x in s.split(",")])
     args = parser.parse_args(argv)
@@ -818,6 +1093,9 @@ def main(argv: list[str]) -> None:
         return
     if args.policy and args.locality:
         _main_locality(args, argv)
+        return
+    if args.rule_change:
+        _main_rule_change(args, argv)
         return
     if args.policy:
         _main_policy(args, argv)
