@@ -610,6 +610,7 @@ class Connection:
             "api": self.api,
             "delta": self.delta,
             "namespace": self.namespace,
+            "locality": "/".join((c.region, c.zone, c.subzone)) if (c := self.client) is not None else None,
             "connected_since": self.connected_since,
             "held": self.held,
             "types": types,

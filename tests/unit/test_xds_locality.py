@@ -378,6 +378,7 @@ def test_the_connection_serves_the_clients_variant() -> None:
     assert conn.client == Client(
         "us", "b", "", {"topology.kubernetes.io/region": "us", "topology.kubernetes.io/zone": "b"}
     )
+    assert conn.syncz()["locality"] == "us/b/"
     out = conn.next_response()
     assert out is not None
     resp = discovery_pb2.DiscoveryResponse.FromString(out[1])
@@ -399,3 +400,19 @@ def test_many_labels_are_cut(count: int) -> None:
     node.metadata.update({"LABELS": {f"k{i}": "v" for i in range(count)}})
     got = client_of(node)
     assert got is not None and got.labels is not None and len(got.labels) == min(count, 64)
+
+
+def test_a_subset_policy_localizes_the_subset_assignment_only() -> None:
+    text = (
+        HEAD
+        + OD
+        + "  subsets:\n  - name: v1\n    labels: {v: '1'}\n"
+        + "    trafficPolicy: {loadBalancer: {localityLbSetting: {enabled: true}}}\n"
+    )
+    endpoints = tuple(Endpoint(e.address, locality=e.locality, labels={"v": "1"}) for e in ENDPOINTS)
+    view = view_of(policy_of(text), service(*endpoints))
+    assert set(view.localized) == {"outbound|8080|v1|cart.shop.internal"}
+    r = view.resources[ENDPOINT]["outbound|8080|v1|cart.shop.internal"]
+    packed = any_pb2.Any.FromString(view.localize(r, Client("eu", "x")).body)
+    got = priorities(endpoint_pb2.ClusterLoadAssignment.FromString(packed.value))
+    assert got == {"10.0.0.1": 1, "10.0.0.2": 1, "10.0.0.3": 1, "10.0.0.4": 0, "10.0.0.5": 1}
