@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
@@ -13,8 +14,9 @@ from google.protobuf import any_pb2
 from prometheus_client import CollectorRegistry
 
 from adapters.istio.policy import PolicySet, read_yaml_all
-from discoveryd.index import Snapshot
-from discoveryd.model import Endpoint, Hostname, Locality, Port, PortProtocol, Problem, Service
+from discoveryd import state
+from discoveryd.index import Index, Snapshot
+from discoveryd.model import Endpoint, Hostname, Locality, Port, PortProtocol, Problem, Service, SourceId
 from discoveryd.policy import HostPolicy, LocalityDistribute, LocalityLb
 from discoveryd.xds.connection import Connection
 from discoveryd.xds.locality import Client, client_of
@@ -416,3 +418,18 @@ def test_a_subset_policy_localizes_the_subset_assignment_only() -> None:
     packed = any_pb2.Any.FromString(view.localize(r, Client("eu", "x")).body)
     got = priorities(endpoint_pb2.ClusterLoadAssignment.FromString(packed.value))
     assert got == {"10.0.0.1": 1, "10.0.0.2": 1, "10.0.0.3": 1, "10.0.0.4": 0, "10.0.0.5": 1}
+
+
+def test_a_locality_setting_survives_a_warm_restart(tmp_path: Path) -> None:
+    text = rule(
+        "distribute: [{from: us/a/*, to: {us/a: 70, us/b: 30}}]\nfailoverPriority: [topology.istio.io/network, k=v]\n"
+    )
+    policy = policy_of(text)
+    source = SourceId("files/local")
+    before = Index([source])
+    shard = before.writer(source)
+    shard.set_policy(HOST, policy)
+    shard.mark_synced()
+    state.write_atomically(tmp_path, state.encode(before.capture(), 1.0))
+    loaded = state.load(tmp_path, [source])
+    assert loaded is not None and dict(loaded.parts[0].policies)[HOST] == policy
