@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -143,11 +144,14 @@ def _publish(n: int, module_path: str | None) -> dict[str, float]:
     gc.collect()
     gc.freeze()  # the index is long-lived: keep the collector from rescanning it on every sample
     singles = []
+    cpu = 0.0
     for k in range(500):
         changed = service(k * 7919 % n, gen=k + 1)
+        c0 = time.process_time()
         t0 = time.perf_counter()
         shard.upsert(changed)
         singles.append(time.perf_counter() - t0)
+        cpu += time.process_time() - c0
     batches = []
     for k in range(20):
         changed_many = [service((k * 100 + j) * 7919 % n, gen=1000 + k) for j in range(100)]
@@ -160,6 +164,8 @@ def _publish(n: int, module_path: str | None) -> dict[str, float]:
         "services": n,
         "one_median_us": median(singles) * 1e6,
         "one_p99_us": percentile(singles, 99) * 1e6,
+        "one_cpu_mean_us": cpu / len(singles) * 1e6,
+        "loadavg_1m": os.getloadavg()[0],
         "batch100_per_service_us": median(batches) * 1e6,
     }
 
@@ -233,8 +239,10 @@ def main(argv: list[str]) -> None:
                     n,
                     cell(before, "one_median_us") + " / " + cell(before, "one_p99_us"),
                     cell(after, "one_median_us") + " / " + cell(after, "one_p99_us"),
+                    cell(before, "one_cpu_mean_us") + " / " + cell(after, "one_cpu_mean_us"),
                     cell(before, "batch100_per_service_us"),
                     cell(after, "batch100_per_service_us"),
+                    f"{after['loadavg_1m']:.1f}",
                 ]
             )
     print()
@@ -245,8 +253,10 @@ def main(argv: list[str]) -> None:
                 "services",
                 f"one change, before ({opts.before}) median / p99 µs",
                 "one change, after median / p99 µs",
+                "CPU per change, before / after µs",
                 "per service in a 100-batch, before µs",
                 "after µs",
+                "load (1 min)",
             ],
         )
     )

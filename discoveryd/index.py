@@ -228,6 +228,8 @@ class Index:
         """A resume point changed without a new version (the state saver reads and clears it)."""
         self._snapshot = Snapshot()
         self._event = asyncio.Event()
+        self._waiting = 0
+        """Tasks inside `wait()`: a version wakes them (a new event) only when there are any."""
         self._history: deque[tuple[int, frozenset[Hostname]]] = deque(maxlen=_HISTORY)
 
     # -- read side (SnapshotSource) -------------------------------------------------
@@ -238,7 +240,11 @@ class Index:
 
     async def wait(self, after_version: int) -> Snapshot:
         while self._snapshot.version <= after_version:
-            await self._event.wait()
+            self._waiting += 1
+            try:
+                await self._event.wait()
+            finally:
+                self._waiting -= 1
         return self._snapshot
 
     def changed_between(self, old_version: int, new_version: int) -> frozenset[Hostname] | None:
@@ -449,6 +455,17 @@ class Index:
     def _publish(self) -> None:
         if self._hold:
             return
+        dirty = self._dirty
+        if len(dirty) == 1 and not (self._status_dirty or self._policy_dirty or self._shards_gone):
+            # The hot path (one upsert that left its part's status as it was): one host, one shard.
+            host = next(iter(dirty))
+            merged, conflict = self._merge(host)
+            if merged is not None and conflict is None and host not in self._conflicts:
+                dirty.clear()
+                if self._merged.get(host) is not merged:
+                    self._merged = self._merged.set(host, merged)
+                    self._emit(frozenset((host,)), self._snapshot.shards)
+                return
         changed: set[Hostname] = set()
         conflicts_changed = False
         if len(self._dirty) == 1:
@@ -527,21 +544,26 @@ class Index:
         self._shards_gone = False
         if not changed and not statuses_changed and not conflicts_changed:
             return
+        self._emit(
+            frozenset(changed), MappingProxyType(dict(self._statuses)) if statuses_changed else self._snapshot.shards
+        )
+
+    def _emit(self, changed: frozenset[Hostname], shards: Mapping[SourceId, ShardStatus]) -> None:
+        """Publish the next version: the current maps, these changed hosts and statuses."""
         version = self._snapshot.version + 1
-        frozen_changed = frozenset(changed)
-        old = self._snapshot
         self._snapshot = Snapshot(  # positional: this runs once per version
             version,
             self._merged,
-            frozen_changed,
-            MappingProxyType(dict(self._statuses)) if statuses_changed else old.shards,
+            changed,
+            shards,
             self._conflicts,
             time.monotonic(),
             self._policies,
         )
-        self._history.append((version, frozen_changed))
-        event, self._event = self._event, asyncio.Event()
-        event.set()
+        self._history.append((version, changed))
+        if self._waiting:
+            event, self._event = self._event, asyncio.Event()
+            event.set()
 
 
 def _aggregate(source: SourceId, parts: Mapping[str, _PartState]) -> ShardStatus:
@@ -784,8 +806,9 @@ class Shard:
         src = self._state.key.source
         if service.source != src:
             service = dataclasses.replace(service, source=src)
-        if any(ep.source != src for ep in service.endpoints):
-            service = service.with_endpoints(tuple(stamp_endpoint(ep, src) for ep in service.endpoints))
+        for ep in service.endpoints:  # a plain loop: cheaper than any() over a generator on this hot path
+            if ep.source != src:
+                return service.with_endpoints(tuple(stamp_endpoint(ep, src) for ep in service.endpoints))
         return service
 
     def _changed(self) -> None:
@@ -821,8 +844,12 @@ class Shard:
         if previous == service:
             return
         st.services[service.hostname] = service
+        index = self._index
+        index._dirty.add(service.hostname)
+        if previous is not None and len(previous.endpoints) == len(service.endpoints) and st.used and st.live:
+            index._publish()  # the part's status (counts, flags) is unchanged: the snapshot keeps it
+            return
         st.endpoints += len(service.endpoints) - (len(previous.endpoints) if previous else 0)
-        self._index._dirty.add(service.hostname)
         self._changed()
 
     def _delete(self, hostname: Hostname) -> None:

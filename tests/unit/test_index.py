@@ -186,6 +186,42 @@ async def test_wait_returns_the_next_version() -> None:
     assert (await asyncio.wait_for(index.wait(version), 1)).version == snap.version
 
 
+async def test_waiters_wake_after_versions_published_while_nobody_waited() -> None:
+    index = Index([A])
+    shard = index.writer(A)
+    for i in range(3):  # versions with no waiter: nothing to wake
+        shard.upsert(svc("a.example", f"10.0.0.{i + 1}"))
+    version = index.snapshot.version
+    waiters = [asyncio.create_task(index.wait(version)) for _ in range(3)]
+    await asyncio.sleep(0)
+    waiters[0].cancel()  # one gives up: the others still wake
+    await asyncio.sleep(0)
+    shard.upsert(svc("a.example", "10.0.0.9"))
+    snaps = await asyncio.wait_for(asyncio.gather(*waiters[1:]), 1)
+    assert [s.version for s in snaps] == [version + 1, version + 1]
+    later = asyncio.create_task(index.wait(version + 1))
+    await asyncio.sleep(0)
+    shard.upsert(svc("a.example", "10.0.0.10"))
+    assert (await asyncio.wait_for(later, 1)).version == version + 2
+
+
+def test_status_counts_follow_every_upsert() -> None:
+    index = Index([A])
+    shard = index.writer(A)
+    shard.upsert(svc("a.example", "10.0.0.1"))
+    shard.mark_synced()
+    first = index.snapshot
+    shard.upsert(svc("a.example", "10.0.0.2"))  # same counts: the status object is kept
+    same = index.snapshot
+    assert same.version == first.version + 1 and same.shards[A] is first.shards[A]
+    shard.upsert(svc("a.example", "10.0.0.2", "10.0.0.3"))  # one endpoint more
+    assert index.snapshot.shards[A].endpoints == 2 and index.snapshot.shards[A].services == 1
+    shard.upsert(svc("b.example", "10.0.1.1"))
+    assert (index.snapshot.shards[A].services, index.snapshot.shards[A].endpoints) == (2, 3)
+    shard.delete(Hostname("a.example"))
+    assert (index.snapshot.shards[A].services, index.snapshot.shards[A].endpoints) == (1, 1)
+
+
 @pytest.mark.parametrize("count", [1, 3])
 def test_endpoint_sources_are_stamped(count: int) -> None:
     index = Index([A])
