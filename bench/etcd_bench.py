@@ -32,7 +32,7 @@ from adapters.etcd import ADAPTER
 from bench.common import median, percentile, rss_bytes, table, write_results
 from discoveryd.index import Index
 from discoveryd.model import Hostname
-from tests.adapters.etcd_server import EtcdServer
+from tests.fakes.etcd import EtcdServer
 
 ENDPOINTS_PER_SERVICE = 10
 TXN_OPS = 128

@@ -37,9 +37,9 @@ from discoveryd import state
 from discoveryd.index import Index
 from discoveryd.model import Endpoint, Hostname, Locality, Port, PortProtocol, Service, SourceId
 from discoveryd.xds.resources import CLUSTER
-from tests.adapters.etcd_server import EtcdServer
+from tests.fakes.etcd import EtcdServer
+from tests.fakes.xds import Stream, names
 from tests.helpers import free_port, wait_sync
-from tests.integration.xds_fixtures import Stream, names
 
 SE = """\
 apiVersion: networking.istio.io/v1

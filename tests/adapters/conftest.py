@@ -1,3 +1,3 @@
 """Adapter test fixtures shared across modules: one real etcd per test session."""
 
-from tests.adapters.etcd_server import etcd  # noqa: F401
+from tests.fakes.etcd import etcd  # noqa: F401

@@ -24,8 +24,8 @@ from adapters.consul import ConsulConfig, ConsulRegistry
 from adapters.consul.registry import next_index
 from discoveryd.model import Health, Hostname, PortProtocol, Problem, Service, SourceId
 from discoveryd.testing import AdapterContract
-from tests.adapters.etcd_server import make_certs
 from tests.fakes.consul import FakeConsul
+from tests.fakes.etcd import make_certs
 from tests.helpers import eventually
 
 SOURCE = SourceId("consul/test")

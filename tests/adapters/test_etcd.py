@@ -1,6 +1,6 @@
 """The etcd registry against a real etcd: the contract suite in both formats, and etcd's own behaviours.
 
-One etcd serves the session (`etcd_server.etcd`); every test works under a
+One etcd serves the session (`tests.fakes.etcd.etcd`); every test works under a
 prefix of its own. Tests that cut the adapter off go through a `TcpProxy`;
 the restart test runs an etcd of its own.
 """
@@ -29,7 +29,7 @@ from discoveryd.index import Index, ShardStatus
 from discoveryd.model import Health, Hostname, Resolution
 from discoveryd.registry import AdapterContext, Registry, ZoneProvider
 from discoveryd.testing import AdapterContract
-from tests.adapters.etcd_server import EtcdServer, TcpProxy, etcd, make_certs
+from tests.fakes.etcd import EtcdServer, TcpProxy, etcd, make_certs
 from tests.helpers import eventually
 
 __all__ = ["etcd"]  # the session fixture, imported to be found by pytest

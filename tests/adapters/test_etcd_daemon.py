@@ -20,7 +20,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.adapters.etcd_server import EtcdServer, etcd
+from tests.fakes.etcd import EtcdServer, etcd
 from tests.helpers import eventually, free_port, wait_sync
 
 __all__ = ["etcd"]  # the session fixture, imported to be found by pytest

@@ -24,8 +24,8 @@ import dns.rdatatype
 import pytest
 
 from tests.fakes.consul import FakeConsul
+from tests.fakes.xds import cluster, http_backend, run_envoy
 from tests.helpers import eventually, free_port
-from tests.integration.xds_fixtures import cluster, http_backend, run_envoy
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.fakes.daemon import running_daemon, serviceentry, stop
 from tests.helpers import free_port, wait_sync
-from tests.integration.test_daemon import running_daemon, serviceentry, stop
 
 RECORD_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: ")
 EVIL = "evil.yaml\n2026-11-30 04:00:00,000 CRITICAL discoveryd: forged by a file name"

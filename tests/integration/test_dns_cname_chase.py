@@ -23,7 +23,7 @@ from dnslib import CNAME, QTYPE, RR, A, DNSRecord
 
 from discoveryd.index import Index
 from discoveryd.model import Endpoint, Hostname, Resolution, Service, SourceId
-from tests.unit.test_dns_harness import ask, rrs, running, upstream_server
+from tests.fakes.dns import ask, rrs, running, upstream_server
 
 CHAIN = "legacy.mesh.local. 30 IN CNAME backend.example.com."
 

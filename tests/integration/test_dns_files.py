@@ -12,8 +12,8 @@ from adapters.files import FilesConfig, FilesRegistry
 from discoveryd.index import Index
 from discoveryd.model import SourceId
 from discoveryd.registry import AdapterContext
+from tests.fakes.dns import ask, rrs, running
 from tests.helpers import eventually
-from tests.unit.test_dns_harness import ask, rrs, running
 
 
 def service_entry(addresses: list[str]) -> str:

@@ -14,8 +14,8 @@ from discoveryd.config import DnsConfig
 from discoveryd.dns import DnsServer
 from discoveryd.index import Index
 from discoveryd.model import Endpoint, Hostname, Service, SourceId
+from tests.fakes.dns import ask, raw_udp, rrs, running, upstream_server
 from tests.helpers import eventually
-from tests.unit.test_dns_harness import ask, raw_udp, rrs, running, upstream_server
 
 
 async def test_forwarded_answer_has_ra_not_aa_and_is_cached(index: Index) -> None:

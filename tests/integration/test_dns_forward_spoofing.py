@@ -19,7 +19,7 @@ import dns.rcode
 from dnslib import AAAA, CNAME, QTYPE, RR, A, DNSLabel, DNSQuestion, DNSRecord
 
 from discoveryd.index import Index
-from tests.unit.test_dns_harness import ask, rrs, running
+from tests.fakes.dns import ask, rrs, running
 
 NAME = "spoof-target-with-many-letters.example.com"
 

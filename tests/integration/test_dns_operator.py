@@ -21,7 +21,7 @@ from discoveryd.dns import DnsServer, udp
 from discoveryd.dns.metrics import DnsMetrics
 from discoveryd.index import Index
 from discoveryd.model import Endpoint, Hostname, Service, SourceId
-from tests.unit.test_dns_harness import ask, raw_udp, rrs, running, upstream_server
+from tests.fakes.dns import ask, raw_udp, rrs, running, upstream_server
 
 NAME = "svc.mesh.local."
 

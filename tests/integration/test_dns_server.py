@@ -38,8 +38,8 @@ from discoveryd.model import (
     Zone,
     ZoneFlavor,
 )
+from tests.fakes.dns import CLUSTER, ask, raw_udp, rrs, running, upstream_server
 from tests.helpers import eventually
-from tests.unit.test_dns_harness import CLUSTER, ask, raw_udp, rrs, running, upstream_server
 
 SOA_CLUSTER = "cluster.local. 30 IN SOA ns.dns.cluster.local. hostmaster.cluster.local. {serial} 7200 1800 86400 30"
 SOA_CONSUL = "consul. 30 IN SOA ns.dns.consul. hostmaster.consul. {serial} 7200 1800 86400 30"

@@ -13,8 +13,8 @@ import pytest
 
 from discoveryd.index import Index
 from discoveryd.model import Endpoint, Hostname, Service, SourceId
+from tests.fakes.dns import ask, running, upstream_server
 from tests.helpers import eventually
-from tests.unit.test_dns_harness import ask, running, upstream_server
 
 NAME = "svc.mesh.local."
 

@@ -12,8 +12,8 @@ from adapters.files import FilesConfig, FilesRegistry
 from discoveryd.index import Index
 from discoveryd.model import SourceId
 from discoveryd.registry import AdapterContext
+from tests.fakes.xds import cluster, http_backend, run_envoy, start_xds, stop
 from tests.helpers import eventually
-from tests.integration.xds_fixtures import cluster, http_backend, run_envoy, start_xds, stop
 
 pytestmark = pytest.mark.integration
 

@@ -19,9 +19,8 @@ from aiohttp import web
 
 from adapters.istio.policy import PolicySet, read_yaml_all
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
+from tests.fakes.xds import RunningXds, assert_no_rejections, http_backend, nacks, run_envoy, xds  # noqa: F401
 from tests.helpers import eventually
-from tests.integration.test_envoy_xds import assert_no_rejections, nacks
-from tests.integration.xds_fixtures import RunningXds, http_backend, run_envoy, xds  # noqa: F401
 
 pytestmark = pytest.mark.integration
 

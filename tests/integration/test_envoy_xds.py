@@ -13,19 +13,20 @@ import pytest
 
 from discoveryd.index import Index
 from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, PortProtocol, Resolution, Service, SourceId
-from discoveryd.xds.metrics import daemon_metrics
-from tests.helpers import eventually
-from tests.integration.xds_fixtures import (  # noqa: F401
+from tests.fakes.xds import (  # noqa: F401
     Envoy,
     RunningXds,
+    assert_no_rejections,
     cluster,
     http_backend,
+    nacks,
     run_envoy,
     service,
     start_xds,
     stop,
     xds,
 )
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -39,17 +40,6 @@ def web(port: int, health: str = "HEALTHY") -> Service:
         ports=(Port(8080, "http", PortProtocol.HTTP),),
         endpoints=(Endpoint("127.0.0.1", ports={"http": port}),),
     )
-
-
-def nacks() -> float:
-    return sum(float(daemon_metrics().nacks.labels(t)._value.get()) for t in ("CDS", "EDS", "LDS", "RDS"))
-
-
-async def assert_no_rejections(envoy: Envoy, nacks_before: float) -> None:
-    assert nacks() == nacks_before, "discoveryd recorded a NACK"
-    assert await envoy.stat("cluster_manager.cds.update_rejected") == 0
-    dump = await envoy.get("/config_dump?include_eds")
-    assert "error_state" not in dump, "envoy reports a rejected resource"
 
 
 @pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC"])

@@ -9,23 +9,20 @@ created, and a process of its own keeps that global state out of the test proces
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
 
-import grpc
 import pytest
 
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
 from discoveryd.xds.metrics import daemon_metrics
-from tests.integration.xds_fixtures import RunningXds, xds  # noqa: F401
+from tests.fakes.grpc_backend import METHOD, bootstrap, grpc_backend
+from tests.fakes.xds import RunningXds, xds  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
 HOST, PORT = "api.test", 50051
-METHOD = "/test.Who/Name"
 
 # Prints the spread of `count` calls, then calls until `count` answers in a row come from the backend named in
 # its stdin (the test writes it after moving the endpoints), printing how many calls that took.
@@ -45,43 +42,6 @@ with grpc.insecure_channel(f"xds:///{target}") as channel:
         streak = streak + 1 if call() == only else 0
     print(json.dumps({"calls": calls, "streak": streak}), flush=True)
 """
-
-
-@contextlib.asynccontextmanager
-async def grpc_backend(name: str) -> AsyncIterator[int]:
-    """A loopback gRPC server whose one method answers with `name`; yields its port."""
-
-    async def handle(_: bytes, __: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-        return name.encode()
-
-    server = grpc.aio.server()
-    handler = grpc.unary_unary_rpc_method_handler(handle)
-    service, method = METHOD.strip("/").split("/")
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {method: handler})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield port
-    finally:
-        await server.stop(None)
-
-
-def bootstrap(xds_port: int, namespace: str | None = None) -> str:
-    node: dict[str, object] = {"id": "grpc-client", "cluster": "integration"}
-    if namespace is not None:
-        node["metadata"] = {"NAMESPACE": namespace}
-    return json.dumps(
-        {
-            "xds_servers": [
-                {
-                    "server_uri": f"127.0.0.1:{xds_port}",
-                    "channel_creds": [{"type": "insecure"}],
-                    "server_features": ["xds_v3"],
-                }
-            ],
-            "node": node,
-        }
-    )
 
 
 async def test_grpc_xds_client_spreads_over_both_backends_and_follows_updates(xds: RunningXds) -> None:

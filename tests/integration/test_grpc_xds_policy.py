@@ -22,8 +22,8 @@ import pytest
 from adapters.istio.policy import PolicySet, read_yaml_all
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
 from discoveryd.xds.metrics import daemon_metrics
-from tests.integration.test_grpc_xds_client import METHOD, bootstrap, grpc_backend
-from tests.integration.xds_fixtures import RunningXds, xds  # noqa: F401
+from tests.fakes.grpc_backend import METHOD, bootstrap, grpc_backend
+from tests.fakes.xds import RunningXds, xds  # noqa: F401
 
 pytestmark = pytest.mark.integration
 

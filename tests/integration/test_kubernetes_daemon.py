@@ -20,8 +20,8 @@ import dns.rdatatype
 import pytest
 
 from tests.fakes.kubernetes import FakeApiServer, endpoint, endpoint_slice, kubeconfig, service
+from tests.fakes.xds import cluster, http_backend, run_envoy
 from tests.helpers import eventually, free_port
-from tests.integration.xds_fixtures import cluster, http_backend, run_envoy
 
 pytestmark = pytest.mark.integration
 

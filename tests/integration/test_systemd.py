@@ -30,9 +30,9 @@ import dns.query
 import dns.rcode
 import pytest
 
-from tests.adapters.etcd_server import EtcdServer
+from tests.fakes.daemon import serviceentry, stop
+from tests.fakes.etcd import EtcdServer
 from tests.helpers import free_port, wait_sync
-from tests.integration.test_daemon import serviceentry, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "discoveryd.service"

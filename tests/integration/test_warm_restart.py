@@ -35,9 +35,9 @@ import pytest
 
 from discoveryd import state
 from discoveryd.xds.resources import CLUSTER
-from tests.adapters.etcd_server import EtcdServer, TcpProxy, etcd
+from tests.fakes.etcd import EtcdServer, TcpProxy, etcd
+from tests.fakes.xds import Stream, names
 from tests.helpers import eventually, free_port, wait_sync
-from tests.integration.xds_fixtures import Stream, names
 
 __all__ = ["etcd"]  # the session fixture, imported to be found by pytest
 

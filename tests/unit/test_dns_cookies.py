@@ -12,7 +12,7 @@ from discoveryd.config import DnsConfig
 from discoveryd.dns.cookies import Cookies, siphash24
 from discoveryd.index import Index
 from discoveryd.model import Endpoint, Hostname, Service, SourceId
-from tests.unit.test_dns_harness import MESH, running
+from tests.fakes.dns import MESH, running
 
 SECRET = "000102030405060708090a0b0c0d0e0f"
 CLIENT = bytes.fromhex("2464c4abcf10c957")

@@ -30,7 +30,7 @@ from discoveryd.config import DnsConfig
 from discoveryd.dns import DnsServer
 from discoveryd.index import Index
 from discoveryd.model import Endpoint, Hostname, Port, Service, SourceId
-from tests.unit.test_dns_harness import CLUSTER, CONSUL, MESH
+from tests.fakes.dns import CLUSTER, CONSUL, MESH
 
 NAMES = ["web.default.svc.cluster.local.", "users.mesh.local.", "nope.mesh.local.", "example.com.", "."]
 TYPES = ["A", "AAAA", "SRV", "PTR", "ANY", "HTTPS", "TXT", "SOA", "NS", "CNAME", "AXFR", "OPT"]

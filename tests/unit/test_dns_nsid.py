@@ -9,7 +9,7 @@ import pytest
 
 from discoveryd.index import Index
 from discoveryd.model import Endpoint, Hostname, Service, SourceId
-from tests.unit.test_dns_harness import MESH, running
+from tests.fakes.dns import MESH, running
 
 
 def _index() -> Index:

@@ -17,7 +17,7 @@ from discoveryd.config import DnsConfig
 from discoveryd.dns import DnsServer
 from discoveryd.index import _HISTORY, Index
 from discoveryd.model import Endpoint, Hostname, Port, Service, SourceId
-from tests.unit.test_dns_harness import MESH, ask, running
+from tests.fakes.dns import MESH, ask, running
 
 _SOURCE = SourceId("etcd/main")
 

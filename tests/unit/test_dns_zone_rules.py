@@ -11,7 +11,7 @@ from discoveryd.config import DnsConfig
 from discoveryd.dns import DnsServer
 from discoveryd.index import Index
 from discoveryd.model import Endpoint, Hostname, Resolution, Service, SourceId
-from tests.unit.test_dns_harness import MESH
+from tests.fakes.dns import MESH
 
 _SOURCE = SourceId("files/local")
 

@@ -16,8 +16,7 @@ from google.rpc import status_pb2
 from discoveryd.model import PortProtocol
 from discoveryd.xds.connection import Connection
 from discoveryd.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from tests.helpers import eventually
-from tests.integration.xds_fixtures import (  # noqa: F401 - fixtures
+from tests.fakes.xds import (  # noqa: F401 - fixtures
     RunningXds,
     Stream,
     channel,
@@ -27,6 +26,7 @@ from tests.integration.xds_fixtures import (  # noqa: F401 - fixtures
     service,
     xds,
 )
+from tests.helpers import eventually
 
 A, B, C = "a.test", "b.test", "c.test"
 

@@ -13,8 +13,7 @@ from envoy.config.core.v3 import base_pb2
 from discoveryd.model import Service
 from discoveryd.xds.connection import node_namespace
 from discoveryd.xds.resources import CLUSTER, ENDPOINT, LISTENER
-from tests.helpers import eventually
-from tests.integration.xds_fixtures import (  # noqa: F401 - fixtures
+from tests.fakes.xds import (  # noqa: F401 - fixtures
     RunningXds,
     Stream,
     channel,
@@ -23,6 +22,7 @@ from tests.integration.xds_fixtures import (  # noqa: F401 - fixtures
     service,
     xds,
 )
+from tests.helpers import eventually
 
 PUB, STAR, SHOP, NAMED, HIDDEN = "pub.test", "star.test", "shop-only.test", "to-web.test", "hidden.test"
 

@@ -22,8 +22,7 @@ from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service, So
 from discoveryd.xds.metrics import XdsMetrics
 from discoveryd.xds.resources import CLUSTER, ENDPOINT
 from discoveryd.xds.status import render
-from tests.helpers import eventually
-from tests.integration.xds_fixtures import (  # noqa: F401
+from tests.fakes.xds import (  # noqa: F401
     RunningXds,
     Stream,
     channel,
@@ -35,6 +34,7 @@ from tests.integration.xds_fixtures import (  # noqa: F401
     stop,
     xds,
 )
+from tests.helpers import eventually
 
 
 def big_service(i: int, endpoints: int = 40, generation: int = 0) -> Service:

@@ -1,6 +1,6 @@
 """Shared pieces of the xDS tests: a running `XdsServer` on a loopback port, hand-driven streams, services.
 
-Import the fixtures into a test module with `from tests.integration.xds_fixtures import xds, index_writer`.
+Import the fixtures into a test module with `from tests.fakes.xds import xds, index_writer`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from discoveryd.config import XdsConfig
 from discoveryd.index import Index, Shard
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Resolution, Service, SourceId
 from discoveryd.xds import XdsServer
+from discoveryd.xds.metrics import daemon_metrics
 from discoveryd.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.helpers import free_port
 
@@ -415,3 +416,14 @@ async def http_backend(name: str) -> AsyncIterator[int]:
         yield int(sockets[0].getsockname()[1])
     finally:
         await runner.cleanup()
+
+
+def nacks() -> float:
+    return sum(float(daemon_metrics().nacks.labels(t)._value.get()) for t in ("CDS", "EDS", "LDS", "RDS"))
+
+
+async def assert_no_rejections(envoy: Envoy, nacks_before: float) -> None:
+    assert nacks() == nacks_before, "discoveryd recorded a NACK"
+    assert await envoy.stat("cluster_manager.cds.update_rejected") == 0
+    dump = await envoy.get("/config_dump?include_eds")
+    assert "error_state" not in dump, "envoy reports a rejected resource"
