@@ -10,6 +10,24 @@ import grpc
 
 METHOD = "/test.Who/Name"
 
+# Makes `count` calls with the given metadata (a JSON object) and prints how many each backend answered,
+# and the status codes of failed calls.
+COUNTING_CLIENT = """
+import collections, json, sys
+import grpc
+
+target, method, count, metadata = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+seen = collections.Counter()
+with grpc.insecure_channel(f"xds:///{target}") as channel:
+    call = channel.unary_unary(method)
+    for _ in range(count):
+        try:
+            seen[call(b"", timeout=20, wait_for_ready=True, metadata=list(metadata.items())).decode()] += 1
+        except grpc.RpcError as e:
+            seen["status:" + e.code().name] += 1
+print(json.dumps(seen), flush=True)
+"""
+
 
 @contextlib.asynccontextmanager
 async def grpc_backend(name: str) -> AsyncIterator[int]:

@@ -418,6 +418,26 @@ async def http_backend(name: str) -> AsyncIterator[int]:
         await runner.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def failing_backend(name: str) -> AsyncIterator[int]:
+    """A loopback HTTP server answering every GET with 503 and `name`; yields its port."""
+
+    async def handle(_: web.Request) -> web.Response:
+        return web.Response(status=503, text=name)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
+        yield int(sockets[0].getsockname()[1])
+    finally:
+        await runner.cleanup()
+
+
 def nacks() -> float:
     return sum(float(daemon_metrics().nacks.labels(t)._value.get()) for t in ("CDS", "EDS", "LDS", "RDS"))
 

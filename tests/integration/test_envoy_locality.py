@@ -6,7 +6,7 @@ to zone A; when zone A's endpoint goes unhealthy (in the registry, or ejected by
 detection after a 503) traffic moves to zone B.
 """
 
-# ruff: noqa: F811 - pytest fixtures imported from xds_fixtures are parameters by design
+# ruff: noqa: F811 - pytest fixtures imported from tests.fakes.xds are parameters by design
 
 from __future__ import annotations
 
@@ -19,10 +19,16 @@ import pytest
 from adapters.istio.policy import PolicySet, read_yaml_all
 from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, PortProtocol, Service
 from discoveryd.policy import HostPolicy
+from tests.fakes.xds import (  # noqa: F401
+    RunningXds,
+    assert_no_rejections,
+    failing_backend,
+    http_backend,
+    nacks,
+    run_envoy,
+    xds,
+)
 from tests.helpers import eventually
-from tests.integration.test_envoy_policy import failing_backend
-from tests.integration.test_envoy_xds import assert_no_rejections, nacks
-from tests.integration.xds_fixtures import RunningXds, http_backend, run_envoy, xds  # noqa: F401
 
 pytestmark = pytest.mark.integration
 

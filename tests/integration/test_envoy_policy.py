@@ -4,22 +4,27 @@ Envoy's static listener routes to the subset cluster `outbound|8080|v2|web.test`
 YAML with the files registry's reader and written to the index shard next to the service.
 """
 
-# ruff: noqa: F811 - pytest fixtures imported from xds_fixtures are parameters by design
+# ruff: noqa: F811 - pytest fixtures imported from tests.fakes.xds are parameters by design
 
 from __future__ import annotations
 
 import collections
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from adapters.istio.policy import PolicySet, read_yaml_all
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
-from tests.fakes.xds import RunningXds, assert_no_rejections, http_backend, nacks, run_envoy, xds  # noqa: F401
+from tests.fakes.xds import (  # noqa: F401
+    RunningXds,
+    assert_no_rejections,
+    failing_backend,
+    http_backend,
+    nacks,
+    run_envoy,
+    xds,
+)
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -39,26 +44,6 @@ spec:
   - {name: v1, labels: {version: v1}}
   - {name: v2, labels: {version: v2}}
 """
-
-
-@contextlib.asynccontextmanager
-async def failing_backend(name: str) -> AsyncIterator[int]:
-    """A loopback HTTP server answering every GET with 503 and `name`; yields its port."""
-
-    async def handle(_: web.Request) -> web.Response:
-        return web.Response(status=503, text=name)
-
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
-        yield int(sockets[0].getsockname()[1])
-    finally:
-        await runner.cleanup()
 
 
 async def test_envoy_routes_to_the_subset_only_and_ejects_the_failing_backend(xds: RunningXds, tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ Envoy's static listener takes its routes from the RouteConfiguration `web.test:8
 backend records the path and headers of each request it receives.
 """
 
-# ruff: noqa: F811 - pytest fixtures imported from xds_fixtures are parameters by design
+# ruff: noqa: F811 - pytest fixtures imported from tests.fakes.xds are parameters by design
 
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ from aiohttp import web
 
 from adapters.istio.policy import PolicySet, read_yaml_all
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
+from tests.fakes.xds import RunningXds, assert_no_rejections, nacks, run_envoy, xds  # noqa: F401
 from tests.helpers import eventually
-from tests.integration.test_envoy_xds import assert_no_rejections, nacks
-from tests.integration.xds_fixtures import RunningXds, run_envoy, xds  # noqa: F401
 
 pytestmark = pytest.mark.integration
 

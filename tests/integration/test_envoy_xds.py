@@ -3,7 +3,7 @@
 The index is written directly (a test shard); the files-adapter variant lives in test_envoy_files.py.
 """
 
-# ruff: noqa: F811 - pytest fixtures imported from xds_fixtures are parameters by design
+# ruff: noqa: F811 - pytest fixtures imported from tests.fakes.xds are parameters by design
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ The client runs in a subprocess: it reads its bootstrap (GRPC_XDS_BOOTSTRAP_CONF
 created, and a process of its own keeps that global state out of the test process.
 """
 
-# ruff: noqa: F811 - pytest fixtures imported from xds_fixtures are parameters by design
+# ruff: noqa: F811 - pytest fixtures imported from tests.fakes.xds are parameters by design
 
 from __future__ import annotations
 

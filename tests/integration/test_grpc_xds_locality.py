@@ -6,7 +6,7 @@ says where it runs. A client in zone a gets only zone a's backend, one in zone b
 zone a is served by zone b.
 """
 
-# ruff: noqa: F811 - pytest fixtures imported from xds_fixtures are parameters by design
+# ruff: noqa: F811 - pytest fixtures imported from tests.fakes.xds are parameters by design
 
 from __future__ import annotations
 
@@ -19,9 +19,8 @@ import pytest
 
 from adapters.istio.policy import PolicySet, read_yaml_all
 from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, PortProtocol, Service
-from tests.integration.test_grpc_xds_client import METHOD, grpc_backend
-from tests.integration.test_grpc_xds_policy import CLIENT, nacks
-from tests.integration.xds_fixtures import RunningXds, xds  # noqa: F401
+from tests.fakes.grpc_backend import COUNTING_CLIENT, METHOD, grpc_backend
+from tests.fakes.xds import RunningXds, nacks, xds  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +53,7 @@ async def run_client(xds: RunningXds, zone: str) -> dict[str, int]:
     env = {**os.environ, "GRPC_XDS_BOOTSTRAP_CONFIG": bootstrap(xds.port, zone)}
     env.pop("GRPC_XDS_BOOTSTRAP", None)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CLIENT, f"{HOST}:{PORT}", METHOD, str(CALLS), "{}", env=env,
+        sys.executable, "-c", COUNTING_CLIENT, f"{HOST}:{PORT}", METHOD, str(CALLS), "{}", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:

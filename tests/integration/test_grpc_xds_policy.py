@@ -5,7 +5,7 @@ the index shard next to the service, so the whole path (validation → index →
 Clients run in subprocesses, as in test_grpc_xds_client.py.
 """
 
-# ruff: noqa: F811 - pytest fixtures imported from xds_fixtures are parameters by design
+# ruff: noqa: F811 - pytest fixtures imported from tests.fakes.xds are parameters by design
 
 from __future__ import annotations
 
@@ -21,32 +21,13 @@ import pytest
 
 from adapters.istio.policy import PolicySet, read_yaml_all
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
-from discoveryd.xds.metrics import daemon_metrics
-from tests.fakes.grpc_backend import METHOD, bootstrap, grpc_backend
-from tests.fakes.xds import RunningXds, xds  # noqa: F401
+from tests.fakes.grpc_backend import COUNTING_CLIENT, METHOD, bootstrap, grpc_backend
+from tests.fakes.xds import RunningXds, nacks, xds  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
 HOST, PORT = "cart.shop.internal", 8080
 CALLS = 600
-
-# Makes `count` calls with the given metadata (a JSON object) and prints how many each backend answered,
-# and the status codes of failed calls.
-CLIENT = """
-import collections, json, sys
-import grpc
-
-target, method, count, metadata = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
-seen = collections.Counter()
-with grpc.insecure_channel(f"xds:///{target}") as channel:
-    call = channel.unary_unary(method)
-    for _ in range(count):
-        try:
-            seen[call(b"", timeout=20, wait_for_ready=True, metadata=list(metadata.items())).decode()] += 1
-        except grpc.RpcError as e:
-            seen["status:" + e.code().name] += 1
-print(json.dumps(seen), flush=True)
-"""
 
 POLICY = """
 apiVersion: networking.istio.io/v1
@@ -150,7 +131,7 @@ async def run_client(xds: RunningXds, method: str, count: int, metadata: dict[st
     env = {**os.environ, "GRPC_XDS_BOOTSTRAP_CONFIG": bootstrap(xds.port, "shop")}
     env.pop("GRPC_XDS_BOOTSTRAP", None)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CLIENT, f"{HOST}:{PORT}", method, str(count), json.dumps(metadata), env=env,
+        sys.executable, "-c", COUNTING_CLIENT, f"{HOST}:{PORT}", method, str(count), json.dumps(metadata), env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -163,10 +144,6 @@ async def run_client(xds: RunningXds, method: str, count: int, metadata: dict[st
     assert proc.returncode == 0, err.decode()[-3000:]
     seen: dict[str, int] = json.loads(out)
     return seen
-
-
-def nacks() -> float:
-    return sum(float(daemon_metrics().nacks.labels(t)._value.get()) for t in ("CDS", "EDS", "LDS", "RDS"))
 
 
 async def test_weighted_split_between_subsets_is_80_20(xds: RunningXds) -> None:

@@ -5,7 +5,7 @@ can predict (an index change, a new subscription) and asserts that this is
 the very next one on the stream.
 """
 
-# ruff: noqa: F811 - pytest fixtures imported from xds_fixtures are parameters by design
+# ruff: noqa: F811 - pytest fixtures imported from tests.fakes.xds are parameters by design
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """exportTo: which clients see a service, by the namespace their node names (Istio's rules)."""
 
-# ruff: noqa: F811 - pytest fixtures imported from xds_fixtures are parameters by design
+# ruff: noqa: F811 - pytest fixtures imported from tests.fakes.xds are parameters by design
 
 from __future__ import annotations
 

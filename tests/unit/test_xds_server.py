@@ -1,6 +1,6 @@
 """The server around the protocol: debounce, slow clients, binding, health, shutdown, TLS, status."""
 
-# ruff: noqa: F811 - pytest fixtures imported from xds_fixtures are parameters by design
+# ruff: noqa: F811 - pytest fixtures imported from tests.fakes.xds are parameters by design
 
 from __future__ import annotations
 
