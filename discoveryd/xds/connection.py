@@ -64,7 +64,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 from discoveryd.logs import escape
 from discoveryd.xds.locality import Client, client_of
 from discoveryd.xds.metrics import XdsMetrics
-from discoveryd.xds.resources import CLUSTER, ENDPOINT, FULL_STATE, SHORT, TYPES, Changes, Resource, View
+from discoveryd.xds.resources import CLUSTER, ENDPOINT, FULL_STATE, ROUTE, SHORT, TYPES, Changes, Resource, View
+from discoveryd.xds.unsupported import GRPC, OTHER, UnsupportedFields, client_type
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ NACK_KEEP: Final = 1024
 """Characters of a NACK's `error_detail.message` kept (status, /debug/syncz, logs); the rest is cut."""
 NODE_KEEP: Final = 256
 """Characters kept of the client-chosen node id, cluster and user agent."""
+_REPORTED = frozenset({CLUSTER, ROUTE})
+"""The types whose resources may carry fields a client type does not honour (`discoveryd.xds.unsupported`)."""
 NACK_LOG_INTERVAL: Final = 30.0
 """Seconds between two NACK log lines of one stream; the NACKs in between are counted in the next."""
 
@@ -196,10 +199,13 @@ class Connection:
         view: View,
         metrics: XdsMetrics,
         only: str | None = None,
+        unsupported: UnsupportedFields | None = None,
     ) -> None:
         self.id = conn_id
         """Unique within the server that owns this connection."""
         self._metrics = metrics
+        self._unsupported = unsupported
+        """Where the Istio fields its client type does not honour are reported, as they are sent."""
         self._nonces = itertools.count(1)
         """Nonces are unique per stream (the protocol asks no more), so no counter is shared."""
         self.api = api
@@ -216,6 +222,8 @@ class Connection:
         locality-aware assignments (`View.localize`)."""
         self.cluster = ""
         self.user_agent = ""
+        self.client_type = OTHER
+        """`grpc`, `envoy` or `other` (`unsupported.client_type`), from the node."""
         self.connected_since = time.time()
         self.types: dict[str, TypeState] = {t: TypeState(t) for t in TYPES}
         self.wake = asyncio.Event()
@@ -250,6 +258,7 @@ class Connection:
         self._node_seen = True
         self.namespace = node_namespace(node)
         self.client = client_of(node)
+        self.client_type = client_type(node)
         if node.id:
             self.node_id, self.cluster = clip(node.id, NODE_KEEP), clip(node.cluster, NODE_KEEP)
             agent = node.user_agent_name
@@ -508,6 +517,11 @@ class Connection:
                 return None
             if st.type_url == ENDPOINT and view.localized and self.client is not None:
                 picked = [view.localize(r, self.client) for r in picked]
+        if self._unsupported is not None and self.client_type == GRPC and st.type_url in _REPORTED:
+            if shared:
+                self._unsupported.sent_all(self.client_type, self.node_id, view, st.type_url, ns)
+            else:
+                self._unsupported.sent(self.client_type, self.node_id, view, st.type_url, (r.name for r in picked))
         version = str(self.view.version)
         nonce = self._sent(st, version)
         head = discovery_pb2.DiscoveryResponse(
@@ -553,6 +567,8 @@ class Connection:
             return None
         if outdated and st.type_url == CLUSTER:
             self._resume_rewarm(outdated)
+        if self._unsupported is not None and self.client_type == GRPC and st.type_url in _REPORTED:
+            self._unsupported.sent(self.client_type, self.node_id, view, st.type_url, (r.name for r in picked))
         version = str(self.view.version)
         nonce = self._sent(st, version)
         head = discovery_pb2.DeltaDiscoveryResponse(
@@ -606,6 +622,7 @@ class Connection:
             "node": self.node_id,
             "cluster": self.cluster,
             "user_agent": self.user_agent,
+            "client_type": self.client_type,
             "peer": self.peer,
             "api": self.api,
             "delta": self.delta,

@@ -57,6 +57,12 @@ class XdsMetrics:
             buckets=_BUILD_BUCKETS,
             registry=registry,
         )
+        self.unsupported_fields = Gauge(
+            "discoveryd_xds_unsupported_fields",
+            "Hosts whose resources, sent to clients of this type, carry this Istio field they do not honour.",
+            ["client_type", "field"],
+            registry=registry,
+        )
         shorts = SHORT.values()
         self.pushes_by = {s: self.pushes.labels(s) for s in shorts}
         self.sent_bytes_by = {s: self.sent_bytes.labels(s) for s in shorts}

@@ -369,3 +369,95 @@ def _fault(fault: Fault) -> fault_pb2.HTTPFault:
 
 
 __all__ = ["add_fault_filter", "add_hash_policy", "apply", "cluster_name", "route_configuration", "selects"]
+
+
+# -- what proxyless gRPC does not honour ---------------------------------------------------------------
+
+Ignored = tuple[tuple[str, str], ...]
+"""(field, why) pairs: the Istio fields a resource carries that a client type does not honour."""
+
+GRPC_RETRY_ON = frozenset({"cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"})
+"""The retryOn conditions gRPC turns into retryable status codes (gRFC A44); it ignores the others."""
+
+_POOL_FIELDS = (
+    ("max_connections", "connectionPool.tcp.maxConnections"),
+    ("connect_timeout", "connectionPool.tcp.connectTimeout"),
+    ("tcp_keepalive", "connectionPool.tcp.tcpKeepalive"),
+    ("http1_max_pending_requests", "connectionPool.http.http1MaxPendingRequests"),
+    ("max_requests_per_connection", "connectionPool.http.maxRequestsPerConnection"),
+    ("max_retries", "connectionPool.http.maxRetries"),
+    ("idle_timeout", "connectionPool.http.idleTimeout"),
+)
+_HASH_KEYS = (
+    ("cookie", "loadBalancer.consistentHash.httpCookie"),
+    ("source_ip", "loadBalancer.consistentHash.useSourceIp"),
+    ("query_parameter", "loadBalancer.consistentHash.httpQueryParameterName"),
+)
+
+
+def grpc_ignored_by_cluster(policy: TrafficPolicy) -> Ignored:
+    """The fields of one cluster's effective DestinationRule settings that proxyless gRPC does not honour.
+
+    The table (and the gRFCs behind it) is in discoveryd/xds/README.md, "What proxyless gRPC honours"."""
+    out: list[tuple[str, str]] = []
+    lb = policy.load_balancer
+    if lb is not None:
+        if lb.simple is SimpleLb.RANDOM:
+            out.append(("loadBalancer.simple", "RANDOM: gRPC has no such policy and rejects the cluster"))
+        h = lb.consistent_hash
+        if h is not None:
+            if h.maglev:
+                out.append(("loadBalancer.consistentHash.maglev", "gRPC has ring hash only (A42): rejects MAGLEV"))
+            for attr, name in _HASH_KEYS:
+                if getattr(h, attr):
+                    out.append((name, "gRPC hashes on headers only (A42); other keys get a random hash"))
+        if lb.warmup is not None:
+            out.append(("loadBalancer.warmupDurationSecs", "no slow start in gRPC"))
+    pool = policy.connection_pool
+    if pool is not None:
+        for attr, name in _POOL_FIELDS:
+            if getattr(pool, attr) is not None:
+                out.append((name, "gRPC honours only http2MaxRequests of connectionPool (A32)"))
+    od = policy.outlier_detection
+    if od is not None:
+        if od.consecutive_5xx:
+            out.append(("outlierDetection.consecutive5xxErrors", "gRPC ejects by success rate or failure % only (A50)"))
+        if od.consecutive_gateway_errors:
+            out.append(
+                ("outlierDetection.consecutiveGatewayErrors", "gRPC ejects by success rate or failure % only (A50)")
+            )
+        if od.min_health_percent is not None:
+            out.append(("outlierDetection.minHealthPercent", "gRPC has no panic threshold"))
+    if policy.tls is not None and policy.tls.mode in (TlsMode.SIMPLE, TlsMode.MUTUAL):
+        out.append(("tls", "gRPC takes upstream TLS from xDS credentials' certificate providers only (A29)"))
+    return tuple(out)
+
+
+def grpc_ignored_by_routes(service: VirtualService) -> Ignored:
+    """The fields of a VirtualService's http routes that proxyless gRPC does not honour (A28, A31, A44)."""
+    found: dict[str, str] = {}
+    retry_on: set[str] = set()
+    for http in service.http:
+        rewrite = http.rewrite
+        if rewrite is not None:
+            if rewrite.uri:
+                found["http.rewrite.uri"] = "gRPC does not rewrite paths"
+            if rewrite.uri_regex is not None:
+                found["http.rewrite.uriRegexRewrite"] = "gRPC does not rewrite paths"
+            if rewrite.authority:
+                found["http.rewrite.authority"] = "gRPC does not rewrite the authority"
+        if http.headers is not None:
+            found["http.headers"] = "gRPC does not add or remove headers"
+        if any(d.headers is not None for d in http.destinations):
+            found["http.route.headers"] = "gRPC does not add or remove headers"
+        retries = http.retries
+        if retries is not None and retries.attempts > 0:
+            if retries.per_try_timeout is not None:
+                found["http.retries.perTryTimeout"] = "gRPC has no per-try timeout (A44)"
+            conditions = {c.strip() for c in retries.retry_on.split(",") if c.strip()}
+            retry_on |= conditions - GRPC_RETRY_ON
+    if retry_on:
+        found["http.retries.retryOn"] = (
+            f"gRPC retries on gRPC status names only (A44); ignored: {', '.join(sorted(retry_on))}"
+        )
+    return tuple(sorted(found.items()))

@@ -182,6 +182,12 @@ class View:
     localized: immutables.Map[str, Plan] = field(default_factory=immutables.Map)
     """Assignment name → its locality plan, for the assignments whose cluster has an active localityLbSetting."""
     variants: VariantCache | None = field(default=None, compare=False, repr=False)
+    grpc_ignored: immutables.Map[tuple[str, str], tuple[Hostname, traffic.Ignored]] = field(
+        default_factory=immutables.Map
+    )
+    """(type URL, name) → the host and the Istio fields the resource carries that proxyless gRPC does not
+    honour (clusters and route configurations shaped by a policy; `discoveryd.xds.unsupported` reports them
+    to the gRPC clients sent them)."""
     _bodies: dict[tuple[str, str | None], bytes] = field(default_factory=dict, compare=False, repr=False)
     _counts: dict[tuple[str, str | None], int] = field(default_factory=dict, compare=False, repr=False)
 
@@ -292,6 +298,8 @@ class Builder:
         self.variants = VariantCache(options.locality_variants)
         self._plans: dict[str, Plan] = {}
         """Filled by `build`: the locality plans of the assignments it built."""
+        self._ignored: dict[tuple[str, str], traffic.Ignored] = {}
+        """Filled by `build`: what proxyless gRPC does not honour in the resources it built."""
 
     def update(self, old: View, snapshot: Snapshot, changed: Iterable[Hostname] | None) -> tuple[View, Changes]:
         """The view of `snapshot`, rebuilding only `changed` hostnames (all of them when None).
@@ -305,6 +313,7 @@ class Builder:
         audiences = old.audiences.mutate()
         granted = old.granted.mutate()
         localized = old.localized.mutate()
+        ignored = old.grpc_ignored.mutate()
         touched: dict[str, set[str]] = {t: set() for t in TYPES}
         for host in hosts:
             keys_before: tuple[tuple[str, str], ...] = by_host.pop(host, ())
@@ -315,9 +324,15 @@ class Builder:
                     was[name] = allowed = audiences.pop(name, None)
                     _count(granted, allowed, -1)
             plans_before = {name: localized.pop(name) for t, name in keys_before if t == ENDPOINT and name in localized}
+            for key in keys_before:
+                if key in ignored:
+                    del ignored[key]
             service = snapshot.services.get(host)
             self._plans.clear()
+            self._ignored.clear()
             built = self._build_or_skip(service, snapshot.policies.get(host)) if service is not None else []
+            for key, fields in self._ignored.items():
+                ignored[key] = (host, fields)
             for name, plan in self._plans.items():
                 localized[name] = plan
             for name in plans_before.keys() | self._plans.keys():
@@ -352,6 +367,7 @@ class Builder:
             granted.finish(),
             localized.finish(),
             self.variants,
+            ignored.finish(),
         )
         return view, {t: frozenset(names) for t, names in touched.items() if names}
 
@@ -361,6 +377,7 @@ class Builder:
             return self.build(service, policy)
         except (ValueError, TypeError) as e:
             self._plans.clear()
+            self._ignored.clear()
             log.error("xds: %s (from %s) cannot be served: %s", service.hostname, service.source, e)
             return []
 
@@ -378,6 +395,7 @@ class Builder:
             effective = rule.effective(port.number) if rule is not None else None
             if effective is not None:
                 traffic.apply(cluster, effective, port)
+                self._note(CLUSTER, cluster.name, traffic.grpc_ignored_by_cluster(effective))
             out.append((CLUSTER, cluster.name, cluster))
             if cluster.type == cluster_pb2.Cluster.EDS:
                 out.append((ENDPOINT, cluster.name, self._assignment(cluster.name, service, port, None, effective)))
@@ -389,9 +407,14 @@ class Builder:
                 out.append((LISTENER, name, _listener(name, faults)))
                 if routes is not None:
                     out.append((ROUTE, name, traffic.route_configuration(name, service.hostname, port, routes, rule)))
+                    self._note(ROUTE, name, traffic.grpc_ignored_by_routes(routes))
                 else:
                     out.append((ROUTE, name, _route(name, service.hostname, cluster.name, rule, port)))
         return out
+
+    def _note(self, type_url: str, name: str, fields: traffic.Ignored) -> None:
+        if fields:
+            self._ignored[(type_url, name)] = fields
 
     def _subsets(self, service: Service, port: Port, rule: DestinationRule) -> list[tuple[str, str, Message]]:
         out: list[tuple[str, str, Message]] = []
@@ -401,6 +424,7 @@ class Builder:
                 continue
             effective = rule.effective(port.number, subset)
             traffic.apply(sub, effective, port)
+            self._note(CLUSTER, sub.name, traffic.grpc_ignored_by_cluster(effective))
             out.append((CLUSTER, sub.name, sub))
             if sub.type == cluster_pb2.Cluster.EDS:
                 out.append((ENDPOINT, sub.name, self._assignment(sub.name, service, port, subset, effective)))

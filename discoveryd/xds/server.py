@@ -52,6 +52,7 @@ from discoveryd.index import Snapshot, SnapshotSource, diff
 from discoveryd.xds.connection import Connection
 from discoveryd.xds.metrics import XdsMetrics, daemon_metrics
 from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ENDPOINT, LISTENER, ROUTE, Builder, BuildOptions, View
+from discoveryd.xds.unsupported import UnsupportedFields
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class XdsServer:
         self._config = config
         self._index = index
         self.metrics = metrics if metrics is not None else daemon_metrics()
+        self.unsupported = UnsupportedFields(self.metrics.unsupported_fields)
+        """What gRPC clients were sent that they do not honour (/debug/syncz "unsupported", log, metric)."""
         self._ids = itertools.count(1)
         """Connection ids, unique within this server."""
         self._builder = Builder(BuildOptions(config.connect_timeout, config.lb_policy))
@@ -153,6 +156,7 @@ class XdsServer:
             await self._push_loop()
         finally:
             self.started.clear()
+            self.unsupported.clear()  # the gauge may be shared with the next server (a reload)
             await healthz.enter_graceful_shutdown()
             for conn in self._connections.values():
                 conn.close()
@@ -166,6 +170,7 @@ class XdsServer:
             "snapshot_version": self._built_from.version,
             "resources": {k.rsplit(".", 1)[-1]: len(v) for k, v in self._view.resources.items()},
             "connections": [c.syncz() for c in self._connections.values()],
+            "unsupported": self.unsupported.syncz(),
         }
 
     # -- push loop --------------------------------------------------------------------------
@@ -228,6 +233,7 @@ class XdsServer:
         if not changes:
             return
         self._view = view
+        self.unsupported.refresh(view)
         stamp = origin if origin is not None else snap.created
         for conn in self._connections.values():
             conn.notify(view, changes, stamp)
@@ -269,7 +275,7 @@ class XdsServer:
         only: str | None,
     ) -> None:
         """Runs one stream: this task writes, a child task reads. Returns when either side ends."""
-        conn = Connection(next(self._ids), api, delta, context.peer(), self._view, self.metrics, only)
+        conn = Connection(next(self._ids), api, delta, context.peer(), self._view, self.metrics, only, self.unsupported)
         conn.held = not self._serving
         self._connections[conn.id] = conn
         self.metrics.connected.inc()

@@ -6,7 +6,9 @@ state, VERSION (the newest version sent on the stream), CONNECTED (how long
 ago the stream opened). A type cell is SYNCED (the last response was ACKed),
 STALE (sent but not ACKed yet, or a newer change not sent yet), NOT SENT
 (subscribed, nothing to send yet), ERROR (the last response was rejected;
-the reasons follow the table) or `-` (not subscribed).
+the reasons follow the table) or `-` (not subscribed). Then the Istio fields
+sent to clients whose type does not honour them (proxyless gRPC), one line
+per (client type, host, field).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def render(syncz: dict[str, Any], now: float | None = None) -> str:
     if syncz.get("serving") is False:
         footer += "; holding every response until all registries are ready"
     if not connections:
-        return f"no xDS clients connected ({footer})\n"
+        return "\n".join([f"no xDS clients connected ({footer})", *_unsupported(syncz.get("unsupported", []))]) + "\n"
     rows: list[list[str]] = []
     errors: list[str] = []
     for conn in connections:
@@ -49,7 +51,27 @@ def render(syncz: dict[str, Any], now: float | None = None) -> str:
     lines.append("")
     lines.append(footer)
     lines.extend(errors)
+    lines.extend(_unsupported(syncz.get("unsupported", [])))
     return "\n".join(lines) + "\n"
+
+
+UNSUPPORTED_SHOWN = 20
+"""Rows of the unsupported-field section shown; the rest are counted (all are in /debug/syncz)."""
+
+
+def _unsupported(reports: list[dict[str, Any]]) -> list[str]:
+    """One line per (client type, host, field) sent to clients that do not honour it."""
+    if not reports:
+        return []
+    out = ["", "Fields sent to clients that do not honour them (client type, host, field: why; first client):"]
+    for r in reports[:UNSUPPORTED_SHOWN]:
+        out.append(
+            f"  {r.get('client_type', '?')}  {r.get('host', '?')}  {r.get('field', '?')}: "
+            f"{r.get('detail', '')}; {r.get('node') or '?'}"
+        )
+    if len(reports) > UNSUPPORTED_SHOWN:
+        out.append(f"  ... {len(reports) - UNSUPPORTED_SHOWN} more in /debug/syncz")
+    return out
 
 
 def _version_key(version: str) -> tuple[int, str]:

@@ -1,0 +1,146 @@
+"""Which Istio fields proxyless gRPC does not honour, how a client's type is told, and the report's lifecycle."""
+
+from __future__ import annotations
+
+import pytest
+from envoy.config.core.v3 import base_pb2
+from prometheus_client import CollectorRegistry
+
+from adapters.istio.policy import PolicySet, read_yaml_all
+from discoveryd.index import Index
+from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service, SourceId
+from discoveryd.xds import status
+from discoveryd.xds.metrics import XdsMetrics
+from discoveryd.xds.policy import grpc_ignored_by_cluster, grpc_ignored_by_routes
+from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ROUTE, Builder, BuildOptions, View
+from discoveryd.xds.unsupported import UnsupportedFields, client_type
+
+HOST = Hostname("cart.shop.internal")
+HEAD = "apiVersion: networking.istio.io/v1\nmetadata: {name: cart, namespace: shop}\n"
+
+
+def policies(text: str) -> PolicySet:
+    objects, problems = read_yaml_all("p.yaml", text, "shop")
+    assert problems == []
+    out = PolicySet()
+    out.update("p.yaml", objects)
+    out.build()
+    return out
+
+
+def rule_fields(traffic_policy: str) -> set[str]:
+    text = HEAD + "kind: DestinationRule\nspec:\n  host: cart.shop.internal\n  trafficPolicy: " + traffic_policy
+    rule = policies(text).policies[HOST].destination_rule
+    assert rule is not None
+    return {f for f, _ in grpc_ignored_by_cluster(rule.effective(8080))}
+
+
+def route_fields(http: str) -> set[str]:
+    text = HEAD + "kind: VirtualService\nspec:\n  hosts: [cart.shop.internal]\n  http:\n  - " + http
+    vs = policies(text).policies[HOST].virtual_service
+    assert vs is not None
+    return {f for f, _ in grpc_ignored_by_routes(vs)}
+
+
+@pytest.mark.parametrize(
+    ("traffic_policy", "fields"),
+    [
+        ("{connectionPool: {http: {http2MaxRequests: 10}}}", set()),
+        ("{connectionPool: {tcp: {maxConnections: 1, connectTimeout: 1s},"
+         " http: {http2MaxRequests: 10, maxRetries: 2}}}",
+         {"connectionPool.tcp.maxConnections", "connectionPool.tcp.connectTimeout", "connectionPool.http.maxRetries"}),
+        ("{outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 30s}}",
+         {"outlierDetection.consecutive5xxErrors"}),
+        ("{loadBalancer: {consistentHash: {httpHeaderName: x-user}}}", set()),
+        ("{loadBalancer: {consistentHash: {httpCookie: {name: c, ttl: 1s}}}}",
+         {"loadBalancer.consistentHash.httpCookie"}),
+        ("{loadBalancer: {consistentHash: {useSourceIp: true, maglev: {tableSize: 65537}}}}",
+         {"loadBalancer.consistentHash.useSourceIp", "loadBalancer.consistentHash.maglev"}),
+        ("{loadBalancer: {simple: RANDOM}}", {"loadBalancer.simple"}),
+        ("{loadBalancer: {simple: ROUND_ROBIN}}", set()),
+        ("{tls: {mode: SIMPLE, caCertificates: /ca.pem}}", {"tls"}),
+    ],
+)  # fmt: skip
+def test_destination_rule_fields_grpc_ignores(traffic_policy: str, fields: set[str]) -> None:
+    assert rule_fields(traffic_policy + "\n") == fields
+
+
+@pytest.mark.parametrize(
+    ("http", "fields"),
+    [
+        ("route: [{destination: {host: cart.shop.internal}}]\n", set()),
+        ("retries: {attempts: 2, retryOn: 'unavailable,cancelled'}\n"
+         "    route: [{destination: {host: cart.shop.internal}}]\n",
+         set()),
+        ("retries: {attempts: 2, retryOn: 'gateway-error,unavailable', perTryTimeout: 1s}\n"
+         "    route: [{destination: {host: cart.shop.internal}}]\n",
+         {"http.retries.retryOn", "http.retries.perTryTimeout"}),
+        ("rewrite: {uri: /v2/, authority: a.example}\n    route: [{destination: {host: cart.shop.internal}}]\n",
+         {"http.rewrite.uri", "http.rewrite.authority"}),
+        ("headers: {response: {remove: [x-a]}}\n"
+         "    route: [{destination: {host: cart.shop.internal}, headers: {request: {add: {x-b: c}}}}]\n",
+         {"http.headers", "http.route.headers"}),
+        ("fault: {abort: {httpStatus: 503, percentage: {value: 10}}}\n"
+         "    route: [{destination: {host: cart.shop.internal}}]\n", set()),
+    ],
+)  # fmt: skip
+def test_virtual_service_fields_grpc_ignores(http: str, fields: set[str]) -> None:
+    assert route_fields(http) == fields
+
+
+def node(agent: str = "", generator: str = "") -> base_pb2.Node:
+    n = base_pb2.Node(id="n", user_agent_name=agent)
+    if generator:
+        n.metadata.update({"GENERATOR": generator})
+    return n
+
+
+def test_client_type_from_the_node() -> None:
+    assert client_type(node("gRPC C-core")) == "grpc"
+    assert client_type(node("grpc-go")) == "grpc"
+    assert client_type(node(generator="grpc")) == "grpc"
+    assert client_type(node("envoy")) == "envoy"
+    assert client_type(node()) == "other"
+
+
+def view_of(text: str) -> View:
+    index = Index()
+    shard = index.writer(SourceId("files/test"))
+    with shard.batch():
+        shard.set_policy(HOST, policies(text).policies[HOST])
+        shard.upsert(Service(HOST, namespace="shop", ports=(Port(8080, "grpc", PortProtocol.GRPC),),
+                             endpoints=(Endpoint("10.0.0.1"),)))  # fmt: skip
+    view, _ = Builder(BuildOptions()).update(EMPTY_VIEW, index.snapshot, None)
+    return view
+
+
+RULE = (
+    HEAD + "kind: DestinationRule\nspec:\n  host: cart.shop.internal\n"
+    "  trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}}\n"
+)
+
+
+def test_reports_are_once_per_client_type_host_and_field_and_go_with_the_field() -> None:
+    view = view_of(RULE)
+    cluster = f"outbound|8080||{HOST}"
+    assert view.grpc_ignored[(CLUSTER, cluster)][0] == HOST
+    assert (ROUTE, f"{HOST}:8080") not in view.grpc_ignored  # no VirtualService: the default route
+    metrics = XdsMetrics(CollectorRegistry())
+    reports = UnsupportedFields(metrics.unsupported_fields)
+    labels = {"client_type": "grpc", "field": "connectionPool.tcp.maxConnections"}
+
+    def gauge() -> float | None:
+        return metrics.registry.get_sample_value("discoveryd_xds_unsupported_fields", labels)
+
+    reports.sent("envoy", "e", view, CLUSTER, [cluster])
+    assert reports.syncz() == [] and gauge() is None
+    reports.sent("grpc", "g1", view, CLUSTER, [cluster])
+    reports.sent("grpc", "g2", view, CLUSTER, [cluster])
+    (report,) = reports.syncz()
+    assert report["node"] == "g1" and report["resources"] == [cluster] and gauge() == 1
+    assert "connectionPool.tcp.maxConnections" in status.render({"connections": [], "unsupported": reports.syncz()})
+    reports.refresh(view_of(RULE.replace("tcp: {maxConnections: 1}", "http: {http2MaxRequests: 1}")))
+    assert reports.syncz() == [] and gauge() == 0
+    reports.sent("grpc", "g1", view, CLUSTER, [cluster])
+    reports.clear()
+    assert reports.syncz() == [] and gauge() == 0
