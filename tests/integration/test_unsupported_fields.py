@@ -27,9 +27,9 @@ from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service, So
 from discoveryd.policy import HostPolicy
 from discoveryd.xds import status
 from discoveryd.xds.metrics import XdsMetrics
+from tests.fakes.grpc_backend import METHOD, bootstrap, grpc_backend
+from tests.fakes.xds import RunningXds, run_envoy, start_xds, stop
 from tests.helpers import eventually
-from tests.integration.test_grpc_xds_client import METHOD, bootstrap, grpc_backend
-from tests.integration.xds_fixtures import RunningXds, run_envoy, start_xds, stop
 
 pytestmark = pytest.mark.integration
 
