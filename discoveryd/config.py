@@ -32,6 +32,8 @@ from pydantic import (
     field_validator,
 )
 
+from discoveryd.hostport import split_hostport as _split_hostport
+from discoveryd.location import dotted, yaml_line
 from discoveryd.logs import LogFormat
 from discoveryd.registry import ENTRY_POINT_GROUP, AdapterSpec, Duration, RegistryConfig, parse_duration
 
@@ -41,24 +43,8 @@ DEFAULT_PATHS = (Path("config/discoveryd.yaml"), Path("/etc/discoveryd/discovery
 
 
 def split_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
-    """`127.0.0.1:15010`, `[::1]:53`, `::1` (with a default port) → (host, port)."""
-    value = value.strip()
-    if value.startswith("["):
-        host, sep, rest = value[1:].partition("]")
-        if not sep:
-            raise ValueError(f"{value!r}: missing ']'")
-        port_s = rest[1:] if rest.startswith(":") else ""
-    elif value.count(":") == 1:
-        host, _, port_s = value.partition(":")
-    else:
-        host, port_s = value, ""
-    if not port_s:
-        if default_port is None:
-            raise ValueError(f"{value!r} has no port (expected host:port)")
-        return host, default_port
-    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
-        raise ValueError(f"{value!r}: port must be a number 0-65535")
-    return host, int(port_s)
+    """A listen or upstream address of the config → (host, port); port 0 allowed (the system picks one)."""
+    return _split_hostport(value, default_port, any_port=True)
 
 
 def _hostport(value: Any) -> str:
@@ -351,38 +337,10 @@ def _format(e: ValidationError, path: Path, node: yaml.Node | None, prefix: tupl
             msg = "unknown key"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        out.append(f"{_where(path, node, loc)}: {dotted(loc)}: {msg}")
+        out.append(f"{_where(path, node, loc)}: {dotted(tuple(loc)) or '(top)'}: {msg}")
     return out
-
-
-def dotted(loc: Sequence[str | int]) -> str:
-    out = ""
-    for p in loc:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        else:
-            out += ("." if out else "") + p
-    return out or "(top)"
 
 
 def _where(path: Path, node: yaml.Node | None, loc: Sequence[str | int]) -> str:
     """`file:line` of the deepest YAML node along `loc` that exists."""
-    line = 1
-    current = node
-    for part in loc:
-        if current is None:
-            break
-        line = current.start_mark.line + 1
-        nxt: yaml.Node | None = None
-        if isinstance(current, yaml.MappingNode):
-            for k, v in current.value:
-                if isinstance(k, yaml.ScalarNode) and k.value == str(part):
-                    line = k.start_mark.line + 1
-                    nxt = v
-                    break
-        elif isinstance(current, yaml.SequenceNode) and isinstance(part, int) and part < len(current.value):
-            nxt = current.value[part]
-        current = nxt
-    if current is not None:
-        line = current.start_mark.line + 1
-    return f"{path}:{line}"
+    return f"{path}:{1 if node is None else yaml_line(node, tuple(loc))}"

@@ -61,6 +61,21 @@ def test_hostport(value: str, expected: tuple[str, int]) -> None:
     assert split_hostport(value) == expected
 
 
+def test_listen_addresses_may_take_port_zero_and_adapters_share_the_parser() -> None:
+    import adapters.toolkit.hostport
+    import adapters.toolkit.location
+    import discoveryd.hostport
+    import discoveryd.location
+
+    assert split_hostport("127.0.0.1:0") == ("127.0.0.1", 0)  # listen: the system picks the port
+    with pytest.raises(ValueError, match="1-65535"):
+        discoveryd.hostport.split_hostport("127.0.0.1:0")  # an address to connect to needs a real one
+    with pytest.raises(ValueError, match="only an IPv6 address"):
+        split_hostport("[name]:53")
+    assert adapters.toolkit.hostport.split_hostport is discoveryd.hostport.split_hostport
+    assert adapters.toolkit.location.yaml_line is discoveryd.location.yaml_line
+
+
 def test_unknown_key_names_the_key_and_line(tmp_path: Path) -> None:
     out = problems(tmp_path, "xds:\n  listen: 127.0.0.1:15010\n  debounce: 1s\n")
     assert out == [f"{tmp_path / 'discoveryd.yaml'}:3: xds.debounce: unknown key"]
