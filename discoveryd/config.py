@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -74,6 +75,9 @@ class TlsConfig(_Section):
     """When set, clients must present a certificate signed by this CA (mTLS)."""
 
 
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
 class XdsConfig(_Section):
     listen: HostPort | None = "127.0.0.1:15010"
     """The plaintext listener; null turns it off (then `tls` must be set: at least one listener)."""
@@ -89,6 +93,16 @@ class XdsConfig(_Section):
     clients spread over replicas after a rollout; null: never (Istio's default is 30m)."""
     max_connection_age_grace: Duration = 10.0
     """How long streams of such a connection may go on before it is closed."""
+    root_namespace: str = "istio-system"
+    """Istio's mesh root namespace (meshConfig.rootNamespace): its DestinationRules apply to every client
+    that finds none in its own namespace or the service's."""
+
+    @field_validator("root_namespace")
+    @classmethod
+    def _root_namespace(cls, value: str) -> str:
+        if not _NAMESPACE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a namespace name (a DNS-1123 label)")
+        return value
 
 
 def _forward_target(value: Any) -> str:

@@ -182,6 +182,8 @@ class DestinationRule:
     subsets: tuple[Subset, ...] = ()
     where: str = field(default="", compare=False)
     """Where the object is declared (file:line), for messages."""
+    export_to: tuple[str, ...] = ()
+    """Istio's exportTo: `.` (own namespace), `*` (all), `~` (none) or namespace names; empty: all."""
 
     def subset(self, name: str) -> Subset | None:
         for s in self.subsets:
@@ -303,11 +305,120 @@ class VirtualService:
     name: str
     http: tuple[HttpRoute, ...] = ()
     where: str = field(default="", compare=False)
+    export_to: tuple[str, ...] = ()
+    """Istio's exportTo, as for `DestinationRule.export_to`."""
+
+
+def _public(export_to: tuple[str, ...]) -> bool:
+    return not export_to or "*" in export_to
 
 
 @dataclass(frozen=True, slots=True)
 class HostPolicy:
-    """What applies to traffic for one host: its DestinationRule and its VirtualService, either may be absent."""
+    """What applies to traffic for one host: its DestinationRule and its VirtualService, either may be absent.
+
+    As the index carries it, a host's policy may hold several of each, from
+    different namespaces and with their own exportTo: `destination_rule` and
+    `virtual_service` are the first in precedence order (Istio's: creation,
+    then name; here the reader's scope order), `other_rules`/`other_routes`
+    the rest. What one client sees is `select(...)`: a plain policy of at
+    most one of each (a plain policy's own two, exported to everyone and in
+    the service's namespace, are seen by every client).
+    """
 
     destination_rule: DestinationRule | None = None
     virtual_service: VirtualService | None = None
+    other_rules: tuple[DestinationRule, ...] = ()
+    other_routes: tuple[VirtualService, ...] = ()
+
+    @property
+    def rules(self) -> tuple[DestinationRule, ...]:
+        """Every DestinationRule, in precedence order."""
+        first = (self.destination_rule,) if self.destination_rule is not None else ()
+        return first + self.other_rules
+
+    @property
+    def routes(self) -> tuple[VirtualService, ...]:
+        """Every VirtualService, in precedence order."""
+        first = (self.virtual_service,) if self.virtual_service is not None else ()
+        return first + self.other_routes
+
+    def namespaces(self) -> set[str]:
+        """The client namespaces whose selection may differ from a client without a namespace: the rules'
+        own namespaces and every namespace named in an exportTo. Any other namespace sees `select(None)`."""
+        out: set[str] = set()
+        objects: list[DestinationRule | VirtualService] = [*self.rules, *self.routes]
+        for obj in objects:
+            out.add(obj.namespace)
+            out.update(e for e in obj.export_to if e not in (".", "*", "~"))
+        return out
+
+    def select(self, namespace: str | None, service_namespace: str, root_namespace: str) -> HostPolicy:
+        """The DestinationRule and VirtualService a client in `namespace` (None: unknown) sees, as Istio picks
+        them for a service of `service_namespace`.
+
+        DestinationRule: first one of the client's own namespace that is visible there (exportTo empty,
+        `*`, `.` or naming it; in the root namespace only those private to it), else the first of the
+        service's namespace, then of `root_namespace`, that is exported to the client (exportTo empty,
+        `*`, or naming its namespace; one exported only to its own namespace does not count). A client
+        without a namespace sees only rules exported to everyone.
+
+        VirtualService: the first one private to the client's namespace (`.` or its own name), else the
+        first exported to it by name from another namespace, else the first public one (exportTo empty
+        or `*`); `~` hides it from everyone.
+        """
+        return HostPolicy(
+            _pick_rule(self.rules, namespace, service_namespace, root_namespace), _pick_route(self.routes, namespace)
+        )
+
+
+def _local(rule: DestinationRule) -> bool:
+    """Visible in its own namespace (Istio's namespace-local rules)."""
+    e = rule.export_to
+    return _public(e) or "." in e or rule.namespace in e
+
+
+def _private(rule: DestinationRule) -> bool:
+    """Exported only to its own namespace."""
+    e = rule.export_to
+    return len(e) == 1 and e[0] in (".", rule.namespace)
+
+
+def _pick_rule(
+    rules: tuple[DestinationRule, ...], namespace: str | None, service_namespace: str, root_namespace: str
+) -> DestinationRule | None:
+    if not rules:
+        return None
+    if namespace is not None:
+        own = _private if namespace == root_namespace else _local
+        for rule in rules:
+            if rule.namespace == namespace and own(rule):
+                return rule
+    for owner in (service_namespace, root_namespace):
+        for rule in rules:
+            if (
+                rule.namespace == owner
+                and not _private(rule)
+                and (_public(rule.export_to) or (namespace is not None and namespace in rule.export_to))
+            ):
+                return rule
+    return None
+
+
+def _pick_route(routes: tuple[VirtualService, ...], namespace: str | None) -> VirtualService | None:
+    best: tuple[int, int] | None = None
+    for i, route in enumerate(routes):
+        e = route.export_to
+        if _public(e):
+            tier = 2
+        elif "~" in e or namespace is None:
+            continue
+        elif route.namespace == namespace and ("." in e or namespace in e):
+            tier = 0
+        elif namespace in e:
+            tier = 1
+        else:
+            continue
+        if best is None or (tier, i) < best:
+            best = (tier, i)
+    return routes[best[1]] if best is not None else None

@@ -29,16 +29,20 @@ localities, failover between two different regions). A problem names
 its file:line and the dotted field path; an object with problems is not used.
 
 `PolicySet.build()` merges the DestinationRules of one host declared in the
-same namespace, as Istio does (scope order, then order in the scope): the
+same namespace with the same exportTo, as Istio does (scope order, then
+order in the scope): the
 later ones' subsets are appended, a subset name already defined is ignored
 with a warning naming both rules; the first rule's trafficPolicy applies (a
 later one's only when the first has none; otherwise it is warned about).
 It also reports, as warnings on the referring object's scope, what Istio's
 analyzer warns about: a route naming a subset that no DestinationRule of
 that host (in this set) defines, locality failover at a level without
-outlierDetection (never applied), and a DestinationRule of another namespace
-or a second VirtualService for a host that another one (earlier in scope
-order) already holds — the first one wins, the later one is ignored.
+outlierDetection (never applied), and a second VirtualService for a host
+in a namespace where another one (earlier in scope order) already holds it
+— the first one wins, the later one is ignored. Rules of different
+namespaces (or exportTo) are all kept, in scope order, in the host's
+`HostPolicy`; which one a client sees is chosen per client namespace when
+resources are built (`HostPolicy.select`, Istio's lookup and exportTo).
 
 Pure and synchronous, like the rest of `adapters.istio`: one caller at a time.
 """
@@ -248,7 +252,6 @@ def read_yaml_all(
 
 _NOT_SERVED = frozenset(
     {
-        ("spec", "exportTo"),
         ("spec", "workloadSelector"),
         ("trafficPolicy", "tunnel"),
         ("trafficPolicy", "proxyProtocol"),
@@ -323,6 +326,17 @@ class _PolicyChecker(_Checker):
             return False
         return value
 
+    def rule_export_to(self, value: Any, path: FieldPath, namespace: str) -> tuple[str, ...]:
+        """A DestinationRule's or VirtualService's exportTo, as Istio validates it: `.`, `*` or namespace
+        names, no duplicate (`.` is the own namespace), `*` alone; `~` is for ServiceEntries only."""
+        entries = self.export_to(value, path)
+        for i, entry in enumerate(entries):
+            if entry == "~":
+                self.fail((*path, i), "'~' (no namespace) is allowed for ServiceEntries only")
+        if "." in entries and namespace in entries:
+            self.fail(path, f"duplicate entries: '.' and the object's own namespace {namespace!r}")
+        return tuple(entries)
+
     def host(self, value: Any, path: FieldPath, namespace: str) -> Hostname | None:
         name = self.string(value, path)
         if not name:
@@ -340,6 +354,7 @@ class _PolicyChecker(_Checker):
         sp: FieldPath = ("spec",)
         self.mapping(spec, sp, _DR_FIELDS)
         host = self.host(spec.get("host"), (*sp, "host"), namespace)
+        export_to = self.rule_export_to(spec.get("exportTo"), (*sp, "exportTo"), namespace)
         policy = self.traffic_policy(spec.get("trafficPolicy"), (*sp, "trafficPolicy"), ports=True)
         subsets: list[Subset] = []
         seen: set[str] = set()
@@ -360,7 +375,7 @@ class _PolicyChecker(_Checker):
             subsets.append(Subset(sname, labels, sub_policy))
         if host is None or self.problems:
             return None
-        return DestinationRule(host, namespace, name, policy, tuple(subsets), where)
+        return DestinationRule(host, namespace, name, policy, tuple(subsets), where, export_to)
 
     def traffic_policy(self, value: Any, path: FieldPath, *, ports: bool) -> TrafficPolicy | None:
         raw = self.mapping(
@@ -652,6 +667,7 @@ class _PolicyChecker(_Checker):
     def virtual_service(self, namespace: str, name: str, spec: dict[str, Any], where: str) -> VirtualService | None:
         sp: FieldPath = ("spec",)
         self.mapping(spec, sp, _VS_FIELDS)
+        export_to = self.rule_export_to(spec.get("exportTo"), (*sp, "exportTo"), namespace)
         if spec.get("gateways") not in (None, [], ["mesh"]):
             self.fail((*sp, "gateways"), "only the mesh (no gateways) is served")
         raw_hosts = spec.get("hosts")
@@ -672,7 +688,7 @@ class _PolicyChecker(_Checker):
         ]
         if self.problems:
             return None
-        return VirtualService(tuple(hosts), namespace, name, tuple(routes), where)
+        return VirtualService(tuple(hosts), namespace, name, tuple(routes), where, export_to)
 
     def http_route(self, raw: dict[str, Any], path: FieldPath, namespace: str) -> HttpRoute | None:
         self.mapping(raw, path, _ROUTE_FIELDS)
@@ -1033,45 +1049,53 @@ class PolicySet:
         return self._problems
 
     def build(self) -> set[Hostname]:
-        rules: dict[Hostname, _Claim] = {}
-        services: dict[Hostname, _Claim] = {}
+        rules: dict[tuple[Hostname, str, tuple[str, ...]], _Claim] = {}
+        """(host, namespace, exportTo) → the rule: rules of one host and namespace merge when their exportTo
+        is the same (Istio's merge); others stay apart, each selected per client namespace."""
+        services: dict[tuple[Hostname, str], _Claim] = {}
         problems: dict[str, list[Problem]] = {}
-        origins: dict[Hostname, dict[str, DestinationRule]] = {}
-        """host → subset name → the rule that declared it (for the duplicate warning)."""
+        origins: dict[tuple[Hostname, str, tuple[str, ...]], dict[str, DestinationRule]] = {}
+        """rule key → subset name → the rule that declared it (for the duplicate warning)."""
         for scope in sorted(self._scopes):
             for obj in self._scopes[scope]:
-                hosts = (obj.host,) if isinstance(obj, DestinationRule) else obj.hosts
-                table = rules if isinstance(obj, DestinationRule) else services
-                for host in hosts:
-                    first = table.get(host)
+                if isinstance(obj, DestinationRule):
+                    key = (obj.host, obj.namespace, tuple(sorted(obj.export_to)))
+                    first = rules.get(key)
                     if first is None:
-                        table[host] = _Claim(scope, obj)
-                        if isinstance(obj, DestinationRule):
-                            origins[host] = {s.name: obj for s in obj.subsets}
-                        continue
-                    if isinstance(obj, DestinationRule) and first.obj.namespace == obj.namespace:
+                        rules[key] = _Claim(scope, obj)
+                        origins[key] = {s.name: obj for s in obj.subsets}
+                    else:
                         assert isinstance(first.obj, DestinationRule)
-                        merged = _merge_rules(first.obj, obj, origins[host], problems.setdefault(scope, []))
-                        table[host] = _Claim(first.scope, merged)
+                        merged = _merge_rules(first.obj, obj, origins[key], problems.setdefault(scope, []))
+                        rules[key] = _Claim(first.scope, merged)
+                    continue
+                for host in obj.hosts:
+                    claim = services.get((host, obj.namespace))
+                    if claim is None:
+                        services[(host, obj.namespace)] = _Claim(scope, obj)
                         continue
-                    kind = DESTINATION_RULE if isinstance(obj, DestinationRule) else VIRTUAL_SERVICE
                     problems.setdefault(scope, []).append(
                         Problem(
                             obj.where,
-                            f"{host}: another {kind} ({first.obj.namespace}/{first.obj.name} at "
-                            f"{first.obj.where}) already applies to this host; this one is ignored for it",
+                            f"{host}: another {VIRTUAL_SERVICE} of this namespace ({claim.obj.namespace}/"
+                            f"{claim.obj.name} at {claim.obj.where}) already applies to this host; this one is "
+                            "ignored for it",
                         )
                     )
-        for claim in services.values():
+        by_host: dict[Hostname, list[DestinationRule]] = {}
+        for (host, _, _), claim in rules.items():
+            assert isinstance(claim.obj, DestinationRule)
+            by_host.setdefault(host, []).append(claim.obj)
+        routes_by_host: dict[Hostname, list[VirtualService]] = {}
+        for (host, _), claim in services.items():
             vs = claim.obj
             assert isinstance(vs, VirtualService)
+            routes_by_host.setdefault(host, []).append(vs)
             for i, route in enumerate(vs.http):
                 for j, dest in enumerate(route.destinations):
                     if not dest.subset:
                         continue
-                    rule = rules.get(dest.host)
-                    dr = rule.obj if rule is not None else None
-                    if not isinstance(dr, DestinationRule) or dr.subset(dest.subset) is None:
+                    if not any(dr.subset(dest.subset) is not None for dr in by_host.get(dest.host, ())):
                         problems.setdefault(claim.scope, []).append(
                             Problem(
                                 vs.where,
@@ -1089,13 +1113,9 @@ class PolicySet:
             if not found:
                 del problems[scope]
         new: dict[Hostname, HostPolicy] = {}
-        for host in rules.keys() | services.keys():
-            dr_claim, vs_claim = rules.get(host), services.get(host)
-            rule_obj = dr_claim.obj if dr_claim is not None else None
-            routes_obj = vs_claim.obj if vs_claim is not None else None
-            assert rule_obj is None or isinstance(rule_obj, DestinationRule)
-            assert routes_obj is None or isinstance(routes_obj, VirtualService)
-            policy = HostPolicy(rule_obj, routes_obj)
+        for host in by_host.keys() | routes_by_host.keys():
+            drs, vss = by_host.get(host, []), routes_by_host.get(host, [])
+            policy = HostPolicy(drs[0] if drs else None, vss[0] if vss else None, tuple(drs[1:]), tuple(vss[1:]))
             old = self._policies.get(host)
             new[host] = old if old == policy else policy
         changed = {h for h in new.keys() | self._policies.keys() if self._policies.get(h) is not new.get(h)}

@@ -334,7 +334,7 @@ class Connection:
         self._node(req.node)
         subscribe = self._canonical(st.type_url, req.resource_names_subscribe)
         unsubscribe = set(req.resource_names_unsubscribe)
-        resources = self.view.resources[st.type_url]
+        resources = self.view.names(st.type_url, self.namespace)
         if not st.requested:
             st.requested = True
             st.known = dict(req.initial_resource_versions)
@@ -346,10 +346,10 @@ class Connection:
             if st.type_url in FULL_STATE and not subscribe:
                 st.wildcard = True
                 st.must_respond = True
-                st.pending.update(resources.keys())
+                st.pending.update(resources)
         if "*" in subscribe and not st.wildcard:
             st.wildcard = True
-            st.pending.update(resources.keys())
+            st.pending.update(resources)
         if "*" in unsubscribe:
             st.wildcard = False
         subscribe.discard("*")
@@ -398,10 +398,11 @@ class Connection:
         """A new view; `changes` are the names added, changed or removed since the previous one.
 
         Names the client may see neither in the old view nor in the new one are
-        no news to it (exportTo): they cost it no push.
+        no news to it (exportTo), nor are names it sees in the same version in
+        both (another namespace's variant changed): they cost it no push.
         """
         old, self.view = self.view, view
-        scoped = bool(view.audiences or old.audiences)
+        scoped = bool(view.audiences or old.audiences or view.overrides or old.overrides)
         ns = self.namespace
         clusters = changes.get(CLUSTER)
         if clusters:
@@ -412,7 +413,7 @@ class Connection:
                 continue
             relevant = names if st.wildcard else names & st.names
             if relevant and scoped:
-                relevant = frozenset(n for n in relevant if view.visible(n, ns) or old.visible(n, ns))
+                relevant = frozenset(n for n in relevant if _news(type_url, n, old, view, ns))
             if not relevant:
                 continue
             if st.type_url in FULL_STATE and not self.delta:
@@ -434,8 +435,8 @@ class Connection:
         st = self.types[ENDPOINT]
         if not st.requested:
             return
-        assignments = self.view.resources[ENDPOINT]
-        names = {n for n in clusters if n in assignments and st.subscribed(n)}
+        view, ns = self.view, self.namespace
+        names = {n for n in clusters if st.subscribed(n) and view.get(ENDPOINT, n, ns) is not None}
         if not names:
             return
         for name in names:
@@ -455,8 +456,8 @@ class Connection:
         """
         if self.only is not None:
             return
-        assignments = self.view.resources[ENDPOINT]
-        names = [n for n in clusters if n in assignments]
+        view, ns = self.view, self.namespace
+        names = [n for n in clusters if view.get(ENDPOINT, n, ns) is not None]
         if not names:
             return
         if self.types[ENDPOINT].requested:
@@ -499,7 +500,6 @@ class Connection:
 
     def _sotw_response(self, st: TypeState) -> bytes | None:
         view = self.view
-        table = view.resources[st.type_url]
         ns = self.namespace
         shared = b""
         picked: list[Resource] = []
@@ -508,11 +508,11 @@ class Connection:
             if st.wildcard:
                 shared = view.sotw_body(st.type_url, ns)
             else:
-                picked = [table[n] for n in sorted(st.names) if n in table and view.visible(n, ns)]
+                picked = [r for n in sorted(st.names) if (r := view.get(st.type_url, n, ns)) is not None]
         else:
             names, st.pending = st.pending, set()
             st.must_respond = False
-            picked = [table[n] for n in sorted(names) if n in table and st.subscribed(n) and view.visible(n, ns)]
+            picked = [r for n in sorted(names) if st.subscribed(n) and (r := view.get(st.type_url, n, ns)) is not None]
             if not picked:
                 return None
             if st.type_url == ENDPOINT and view.localized and self.client is not None:
@@ -533,7 +533,6 @@ class Connection:
         return b"".join(parts)
 
     def _delta_response(self, st: TypeState) -> bytes | None:
-        table = self.view.resources[st.type_url]
         names, st.pending = st.pending, set()
         must, st.must_respond = st.must_respond, False
         picked: list[Resource] = []
@@ -543,10 +542,8 @@ class Connection:
         view, ns = self.view, self.namespace
         localize = st.type_url == ENDPOINT and bool(view.localized) and self.client is not None
         for name in sorted(names):
-            r = table.get(name)
-            if r is not None and not view.visible(name, ns):
-                r = None  # outside the client's scope: it does not exist for this client
-            elif r is not None and localize:
+            r = view.get(st.type_url, name, ns)  # None outside the client's scope: it does not exist for it
+            if r is not None and localize:
                 r = view.localize(r, self.client)
             if r is not None and st.subscribed(name):
                 had = st.known.get(name)
@@ -593,10 +590,9 @@ class Connection:
         if self.delta:
             return sum(1 for v in st.known.values() if v not in (_ABSENT, _RESEND))
         view, ns = self.view, self.namespace
-        table = view.resources[st.type_url]
         if st.wildcard:
             return view.visible_count(st.type_url, ns)
-        return sum(1 for n in st.names if n in table and view.visible(n, ns))
+        return sum(1 for n in st.names if view.get(st.type_url, n, ns) is not None)
 
     def syncz(self) -> dict[str, Any]:
         types: dict[str, Any] = {}
@@ -632,6 +628,17 @@ class Connection:
             "held": self.held,
             "types": types,
         }
+
+
+def _news(type_url: str, name: str, old: View, new: View, namespace: str | None) -> bool:
+    """Whether a changed name is news to a client of `namespace`: it exists for the client in either view,
+    and not in the same version in both (unless its assignment has locality variants, which may differ)."""
+    before, after = old.get(type_url, name, namespace), new.get(type_url, name, namespace)
+    if before is None and after is None:
+        return False
+    if before is None or after is None or before.version != after.version:
+        return True
+    return name in new.localized or name in old.localized
 
 
 def _names_key(req: discovery_pb2.DiscoveryRequest) -> bytes:

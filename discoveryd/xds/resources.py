@@ -68,7 +68,7 @@ import functools
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import MappingProxyType
@@ -188,18 +188,72 @@ class View:
     """(type URL, name) → the host and the Istio fields the resource carries that proxyless gRPC does not
     honour (clusters and route configurations shaped by a policy; `discoveryd.xds.unsupported` reports them
     to the gRPC clients sent them)."""
+    overrides: immutables.Map[str, immutables.Map[tuple[str, str], Resource | None]] = field(
+        default_factory=immutables.Map
+    )
+    """Client namespace → (type URL, name) → what clients of that namespace see instead of the resource
+    in `resources` (None: nothing), for the hosts whose DestinationRule/VirtualService selection differs
+    there (the rules' exportTo, a rule in the client's namespace). Only resources that differ are kept."""
+    variant_keys: immutables.Map[Hostname, tuple[tuple[str, str, str], ...]] = field(default_factory=immutables.Map)
+    """hostname → the (namespace, type URL, name) entries of `overrides` built from it."""
     _bodies: dict[tuple[str, str | None], bytes] = field(default_factory=dict, compare=False, repr=False)
     _counts: dict[tuple[str, str | None], int] = field(default_factory=dict, compare=False, repr=False)
 
     def visible(self, name: str, namespace: str | None) -> bool:
-        """Whether a client in `namespace` (None: unknown) may see resource `name`."""
+        """Whether a client in `namespace` (None: unknown) may see resource `name` (of `resources`)."""
         allowed = self.audiences.get(name)
         return allowed is None or (namespace is not None and namespace in allowed)
 
+    def get(self, type_url: str, name: str, namespace: str | None) -> Resource | None:
+        """The resource `name` as a client in `namespace` sees it: its namespace's variant if there is one,
+        else the shared one if its service is exported there; None when it does not exist for that client."""
+        if namespace is not None and self.overrides:
+            over = self.overrides.get(namespace)
+            if over is not None:
+                key = (type_url, name)
+                if key in over:
+                    return over[key]
+        r = self.resources[type_url].get(name)
+        if r is None or not self.visible(name, namespace):
+            return None
+        return r
+
+    def names(self, type_url: str, namespace: str | None) -> set[str]:
+        """Every name of `type_url` that may exist for a client in `namespace` (a superset: check with `get`)."""
+        out = set(self.resources[type_url].keys())
+        over = self.overrides.get(namespace) if namespace is not None else None
+        if over is not None:
+            out.update(n for t, n in over if t == type_url)
+        return out
+
+    def _seen(self, type_url: str, scope: str | None) -> Iterator[Resource]:
+        """The resources of `type_url` a client of `scope` sees (see `scope`), in table order then variants."""
+        table = self.resources[type_url]
+        audiences = self.audiences
+        over = self.overrides.get(scope) if scope is not None else None
+        for r in table.values():
+            if over is not None and (type_url, r.name) in over:
+                mine = over[(type_url, r.name)]
+                if mine is not None:
+                    yield mine
+                continue
+            allowed = audiences.get(r.name)
+            if allowed is None or (scope is not None and scope in allowed):
+                yield r
+        if over is not None:
+            for (t, n), mine in over.items():
+                if t == type_url and mine is not None and n not in table:
+                    yield mine
+
     def localize(self, r: Resource, client: Client | None) -> Resource:
-        """The assignment `r` as `client` is to see it: its locality variant, or `r` itself."""
+        """The assignment `r` as `client` is to see it: its locality variant, or `r` itself.
+
+        Only the shared assignment has locality variants (its plan is the shared cluster's); a namespace's
+        own variant (`overrides`) is served as built."""
         plan = self.localized.get(r.name)
         if plan is None or client is None or self.variants is None:
+            return r
+        if self.resources[ENDPOINT].get(r.name) is not r:
             return r
         key = plan.key(client)
         if key is None:
@@ -207,8 +261,9 @@ class View:
         return self.variants.get(r, plan, key)
 
     def scope(self, namespace: str | None) -> str | None:
-        """The cache key of what `namespace` sees: clients of namespaces no export names share one (None)."""
-        return namespace if namespace in self.granted else None
+        """The cache key of what `namespace` sees: clients of namespaces that no exportTo names and that have
+        no variant of their own (`overrides`) share one (None)."""
+        return namespace if namespace in self.granted or namespace in self.overrides else None
 
     def sotw_body(self, type_url: str, namespace: str | None) -> bytes:
         """Every resource of `type_url` a client in `namespace` sees, as repeated `resources` fields of a
@@ -218,11 +273,8 @@ class View:
         body = self._bodies.get(key)
         if body is None:
             parts: list[bytes] = []
-            audiences = self.audiences
-            for r in self.resources[type_url].values():
-                allowed = audiences.get(r.name)
-                if allowed is None or (key[1] is not None and key[1] in allowed):
-                    parts += (b"\x12", _varint(len(r.body)), r.body)
+            for r in self._seen(type_url, key[1]):
+                parts += (b"\x12", _varint(len(r.body)), r.body)
             body = self._bodies[key] = b"".join(parts)
         return body
 
@@ -231,6 +283,9 @@ class View:
         key = (type_url, self.scope(namespace))
         count = self._counts.get(key)
         if count is None:
+            if key[1] in self.overrides:
+                count = self._counts[key] = sum(1 for _ in self._seen(type_url, key[1]))
+                return count
             table = self.resources[type_url]
             hidden = sum(1 for n in self.audiences if n in table and not self.visible(n, key[1]))
             count = self._counts[key] = len(table) - hidden
@@ -274,6 +329,8 @@ class VariantCache:
         return found
 
 
+_NO_OVERRIDES: immutables.Map[tuple[str, str], Resource | None] = immutables.Map()
+
 EMPTY_VIEW = View(0, MappingProxyType({t: immutables.Map() for t in TYPES}), immutables.Map())
 
 Changes = Mapping[str, frozenset[str]]
@@ -286,6 +343,8 @@ class BuildOptions:
     lb_policy: LbPolicy = LbPolicy.ROUND_ROBIN
     locality_variants: int = 4096
     """How many client variants of locality-aware assignments are kept (least recently used out)."""
+    root_namespace: str = "istio-system"
+    """Istio's mesh root namespace: its DestinationRules apply after the client's and the service's own."""
 
 
 class Builder:
@@ -306,6 +365,10 @@ class Builder:
 
         O(changed): the tables are persistent maps, so an update touches only
         the entries of the changed hostnames, whatever the size of the view.
+        A host whose DestinationRule/VirtualService selection differs between
+        client namespaces is built once per distinct selection: the selection
+        of a client without a namespace goes into the shared tables, each
+        other one into `View.overrides` of its namespaces, where it differs.
         """
         hosts = set(snapshot.services) | set(old.by_host) if changed is None else set(changed)
         tables = {t: old.resources[t].mutate() for t in TYPES}
@@ -314,6 +377,8 @@ class Builder:
         granted = old.granted.mutate()
         localized = old.localized.mutate()
         ignored = old.grpc_ignored.mutate()
+        overrides = old.overrides.mutate()
+        variant_keys = old.variant_keys.mutate()
         touched: dict[str, set[str]] = {t: set() for t in TYPES}
         for host in hosts:
             keys_before: tuple[tuple[str, str], ...] = by_host.pop(host, ())
@@ -330,19 +395,23 @@ class Builder:
             service = snapshot.services.get(host)
             self._plans.clear()
             self._ignored.clear()
-            built = self._build_or_skip(service, snapshot.policies.get(host)) if service is not None else []
+            shared, scoped = self._select(service, snapshot.policies.get(host))
+            built = self._build_or_skip(service, shared) if service is not None else []
             for key, fields in self._ignored.items():
                 ignored[key] = (host, fields)
-            for name, plan in self._plans.items():
+            plans = dict(self._plans)
+            for name, plan in plans.items():
                 localized[name] = plan
-            for name in plans_before.keys() | self._plans.keys():
-                before_plan, now_plan = plans_before.get(name), self._plans.get(name)
+            for name in plans_before.keys() | plans.keys():
+                before_plan, now_plan = plans_before.get(name), plans.get(name)
                 if (before_plan.digest if before_plan else None) != (now_plan.digest if now_plan else None):
                     touched[ENDPOINT].add(name)  # same shared bytes, other variants for located clients
             now = audience(service) if service is not None else None
             keys = []
+            bodies: dict[tuple[str, str], bytes] = {}
             for type_url, name, message in built:
                 body = _pack(type_url, message)
+                bodies[(type_url, name)] = body
                 before = previous.pop((type_url, name), None)
                 if before is not None and before.body == body:
                     tables[type_url][name] = before
@@ -359,6 +428,40 @@ class Builder:
                 touched[type_url].add(name)
             if keys:
                 by_host[host] = tuple(keys)
+            # Namespaces whose rules differ: their own variants of what differs from the shared build.
+            before_over: dict[tuple[str, str, str], Resource | None] = {}
+            for ns, type_url, name in variant_keys.pop(host, ()):
+                held = overrides.get(ns)
+                if held is not None and (type_url, name) in held:
+                    before_over[(ns, type_url, name)] = held[(type_url, name)]
+                    rest = held.delete((type_url, name))
+                    if len(rest):
+                        overrides[ns] = rest
+                    else:
+                        del overrides[ns]
+            now_over: dict[tuple[str, str, str], Resource | None] = {}
+            if service is not None:
+                for selection, namespaces in scoped:
+                    own = {(t, n): _pack(t, m) for t, n, m in self._build_or_skip(service, selection)}
+                    for key in bodies.keys() | own.keys():
+                        variant = own.get(key)
+                        if variant == bodies.get(key):
+                            continue
+                        type_url, name = key
+                        mine = None if variant is None else Resource(name, _version(variant), variant)
+                        for ns in namespaces:
+                            now_over[(ns, type_url, name)] = mine
+                self._plans = plans
+            for (ns, type_url, name), variant_r in now_over.items():
+                overrides[ns] = overrides.get(ns, _NO_OVERRIDES).set((type_url, name), variant_r)
+            if now_over:
+                variant_keys[host] = tuple(now_over)
+            for entry in before_over.keys() | now_over.keys():
+                was_r, now_r = before_over.get(entry), now_over.get(entry)
+                if (was_r.version if was_r else None) != (now_r.version if now_r else None) or (
+                    entry in before_over
+                ) != (entry in now_over):
+                    touched[entry[1]].add(entry[2])
         view = View(
             snapshot.version,
             MappingProxyType({t: tables[t].finish() for t in TYPES}),
@@ -368,8 +471,36 @@ class Builder:
             localized.finish(),
             self.variants,
             ignored.finish(),
+            overrides.finish(),
+            variant_keys.finish(),
         )
         return view, {t: frozenset(names) for t, names in touched.items() if names}
+
+    def _select(
+        self, service: Service | None, policy: HostPolicy | None
+    ) -> tuple[HostPolicy | None, list[tuple[HostPolicy, list[str]]]]:
+        """The policy a client without a namespace sees (the shared build), and each other selection with the
+        client namespaces that see it (`HostPolicy.select`); namespaces the service is not exported to are
+        left out (they see none of it)."""
+        if service is None or policy is None:
+            return policy, []
+        root = self._options.root_namespace
+        shared = policy.select(None, service.namespace, root)
+        allowed = audience(service)
+        scoped: list[tuple[HostPolicy, list[str]]] = []
+        for ns in sorted(policy.namespaces()):
+            if allowed is not None and ns not in allowed:
+                continue
+            mine = policy.select(ns, service.namespace, root)
+            if mine == shared:
+                continue
+            for selection, namespaces in scoped:
+                if selection == mine:
+                    namespaces.append(ns)
+                    break
+            else:
+                scoped.append((mine, [ns]))
+        return shared, scoped
 
     def _build_or_skip(self, service: Service, policy: HostPolicy | None = None) -> list[tuple[str, str, Message]]:
         """`build`, or nothing when the service holds values no resource can carry (logged, not raised)."""

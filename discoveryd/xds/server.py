@@ -91,7 +91,9 @@ class XdsServer:
         """What gRPC clients were sent that they do not honour (/debug/syncz "unsupported", log, metric)."""
         self._ids = itertools.count(1)
         """Connection ids, unique within this server."""
-        self._builder = Builder(BuildOptions(config.connect_timeout, config.lb_policy))
+        self._builder = Builder(
+            BuildOptions(config.connect_timeout, config.lb_policy, root_namespace=config.root_namespace)
+        )
         self._view: View = EMPTY_VIEW
         self._built_from = Snapshot()
         self._connections: dict[int, Connection] = {}

@@ -182,8 +182,9 @@ def test_unknown_subset_is_warned_at_the_route() -> None:
     assert "'v9'" in found[0].message and "warning" in found[0].message
 
 
-def test_second_rule_for_a_host_is_reported_and_ignored() -> None:
-    """A rule of another namespace (the same namespace's rules are merged: test_policy_merge)."""
+def test_rules_of_other_namespaces_are_kept_and_selected_per_client_namespace() -> None:
+    """A rule of another namespace is no conflict (the same namespace's rules are merged: test_policy_merge):
+    Istio looks in the client's namespace first, then the service's, then the root namespace."""
     other = DR.replace("name: cart, namespace: shop", "name: cart2, namespace: other").replace(
         "LEAST_REQUEST", "RANDOM"
     )
@@ -192,10 +193,16 @@ def test_second_rule_for_a_host_is_reported_and_ignored() -> None:
     policies = PolicySet()
     policies.update("p.yaml", objects)
     policies.build()
-    rule = policies.policies[HOST].destination_rule
-    assert rule is not None and rule.name == "cart"
-    (found,) = policies.problems()["p.yaml"]
-    assert "already applies" in found.message and found.where == "p.yaml:32"
+    assert policies.problems() == {}
+    policy = policies.policies[HOST]
+    assert [r.name for r in policy.rules] == ["cart", "cart2"]
+
+    def seen(namespace: str | None) -> str:
+        rule = policy.select(namespace, "shop", "istio-system").destination_rule
+        assert rule is not None
+        return rule.name
+
+    assert (seen(None), seen("shop"), seen("other"), seen("elsewhere")) == ("cart", "cart", "cart2", "cart")
 
 
 def test_short_hosts_resolve_in_the_object_namespace() -> None:
@@ -441,7 +448,7 @@ def test_regexes_rejected_by_re2_are_problems() -> None:
 @pytest.mark.parametrize(
     ("extra", "field"),
     [
-        ("  exportTo: [.]\n", "spec.exportTo"),
+        ("  workloadSelector: {matchLabels: {app: a}}\n", "spec.workloadSelector"),
         ("  trafficPolicy: {outlierDetection: {splitExternalLocalOriginErrors: true}}\n",
          "spec.trafficPolicy.outlierDetection.splitExternalLocalOriginErrors"),
         ("  trafficPolicy: {connectionPool: {tcp: {idleTimeout: 1s}}}\n",
@@ -452,3 +459,27 @@ def test_fields_istio_has_but_not_served_are_reported_not_dropped(extra: str, fi
     text = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: r}\nspec:\n  host: a.b\n"
     (found,) = problems_of(text + extra)
     assert found.field == field and found.where == "p.yaml:6"
+
+
+@pytest.mark.parametrize(
+    ("export_to", "field", "message"),
+    [
+        ("['~']", "spec.exportTo[0]", "ServiceEntries only"),
+        ("['*', a]", "spec.exportTo", "cannot be combined"),
+        ("[a, a]", "spec.exportTo[1]", "duplicate"),
+        ("[., shop]", "spec.exportTo", "own namespace"),
+        ("[Not_A_Namespace]", "spec.exportTo[0]", "namespace name"),
+    ],
+)
+def test_rule_export_to_is_validated_as_istio_does(export_to: str, field: str, message: str) -> None:
+    text = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r, namespace: shop}\n"
+    text += f"spec:\n  hosts: [a.b]\n  exportTo: {export_to}\n  http: [{{route: [{{destination: {{host: a.b}}}}]}}]\n"
+    (found,) = problems_of(text)
+    assert found.field == field and message in found.message
+
+
+def test_rule_export_to_is_read() -> None:
+    objects, problems = read_yaml_all("p.yaml", DR.replace("spec:\n", "spec:\n  exportTo: [., other]\n", 1), "default")
+    assert problems == []
+    (rule,) = objects
+    assert isinstance(rule, DestinationRule) and rule.export_to == (".", "other")

@@ -27,7 +27,7 @@ from discoveryd.model import (
     Service,
     SourceId,
 )
-from discoveryd.policy import DestinationRule, HostPolicy
+from discoveryd.policy import DestinationRule, HostPolicy, VirtualService
 from discoveryd.state import StateSaver
 
 A = SourceId("etcd/main")
@@ -359,12 +359,19 @@ def test_policies_are_saved_and_restored_with_their_part(tmp_path: Path) -> None
     shard = before.writer(A)
     shard.replace([dataclasses.replace(SERVICE, source=A)])
     shard.set_policy(HOST, policy)
-    shard.set_policy(other, HostPolicy(DestinationRule(other, "shop", "gone")))
+    scoped = HostPolicy(
+        DestinationRule(other, "shop", "gone"),
+        None,
+        (DestinationRule(other, "web", "web-own", export_to=(".",)),),
+        (VirtualService((other,), "web", "web-routes", export_to=("web", "mobile")),),
+    )
+    shard.set_policy(other, scoped)
     shard.mark_synced()
     state.write_atomically(tmp_path, state.encode(before.capture(), 1.0))
     loaded = state.load(tmp_path, [A])
     assert loaded is not None
     assert dict(loaded.parts[0].policies)[HOST] == policy  # every field, nested, back as it was
+    assert dict(loaded.parts[0].policies)[other] == scoped  # every rule of the host, with its exportTo
     index = Index([A])
     state.restore(index, loaded)
     # Served with its policy from the first version: the same resources as before the restart.

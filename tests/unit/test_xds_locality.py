@@ -207,7 +207,9 @@ ENDPOINTS = (
 
 
 def service(*endpoints: Endpoint) -> Service:
-    return Service(HOST, ports=(Port(8080, "http", PortProtocol.HTTP),), endpoints=endpoints or ENDPOINTS)
+    return Service(
+        HOST, namespace="shop", ports=(Port(8080, "http", PortProtocol.HTTP),), endpoints=endpoints or ENDPOINTS
+    )
 
 
 def view_of(policy: HostPolicy | None, svc: Service | None = None, builder: Builder | None = None) -> View:
