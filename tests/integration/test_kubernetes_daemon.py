@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
+from tests.fakes.grpc_backend import COUNTING_CLIENT, METHOD, bootstrap, grpc_backend
 from tests.fakes.kubernetes import FakeApiServer, endpoint, endpoint_slice, kubeconfig, service
 from tests.fakes.xds import cluster, http_backend, run_envoy
 from tests.helpers import eventually, free_port
@@ -170,3 +172,72 @@ async def test_kubernetes_names_are_answered_and_envoy_follows_the_slices(tmp_pa
                 return (await ask(d.dns, f"{WEB}.", dns.rdatatype.A))[0] == dns.rcode.NXDOMAIN
 
             await eventually(gone, timeout=10, what="deleted Service withdrawn from DNS")
+
+
+CART = "cart.shop.internal"
+
+
+async def _count_calls(xds_port: int, namespace: str, count: int = 20) -> dict[str, int]:
+    """`count` calls from grpcio's xDS client (a subprocess) in `namespace` to xds:///cart:8080; answers by backend."""
+    env = {**os.environ, "GRPC_XDS_BOOTSTRAP_CONFIG": bootstrap(xds_port, namespace)}
+    env.pop("GRPC_XDS_BOOTSTRAP", None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", COUNTING_CLIENT, f"{CART}:8080", METHOD, str(count), "{}", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    seen: dict[str, int] = json.loads(out)
+    return seen
+
+
+async def test_destination_rules_from_the_cluster_shape_grpc_clients_per_namespace(tmp_path: Path) -> None:
+    """DestinationRule and VirtualService CRDs reach real gRPC xDS clients: the public route pins subset
+    `pinned`, which the service's rule defines as v1 and a rule of namespace `web` (exported to `.`) as v2.
+    A client in web calls v2, one in shop v1; once web's rule is deleted, web's clients call v1 too."""
+    async with (
+        FakeApiServer(bookmark_interval=0.5, crds_installed=True) as fake,
+        grpc_backend("v1") as v1,
+        grpc_backend("v2") as v2,
+    ):
+        entry = {
+            "hosts": [CART],
+            "ports": [{"number": 8080, "name": "grpc", "protocol": "GRPC"}],
+            "resolution": "STATIC",
+            "location": "MESH_INTERNAL",
+            "endpoints": [
+                {"address": "127.0.0.1", "ports": {"grpc": v1}, "labels": {"version": "v1"}},
+                {"address": "127.0.0.1", "ports": {"grpc": v2}, "labels": {"version": "v2"}},
+            ],
+        }
+        fake.apply("serviceentries", {"metadata": {"name": "cart", "namespace": "shop"}, "spec": entry})
+
+        def rule(namespace: str, version: str, **spec: Any) -> dict[str, Any]:
+            subsets = [{"name": "pinned", "labels": {"version": version}}]
+            return {
+                "metadata": {"name": "cart", "namespace": namespace},
+                "spec": {"host": CART, "subsets": subsets, **spec},
+            }
+
+        fake.apply("destinationrules", rule("shop", "v1"))
+        fake.apply("destinationrules", rule("web", "v2", exportTo=["."]))
+        pinned = [{"destination": {"host": CART, "subset": "pinned"}}]
+        fake.apply(
+            "virtualservices",
+            {"metadata": {"name": "cart", "namespace": "shop"}, "spec": {"hosts": [CART], "http": [{"route": pinned}]}},
+        )
+        async with daemon(tmp_path, fake) as d:
+            assert await _count_calls(d.xds, "web") == {"v2": 20}
+            assert await _count_calls(d.xds, "shop") == {"v1": 20}
+            fake.delete("destinationrules", "web", "cart")
+
+            async def moved() -> bool:
+                return await _count_calls(d.xds, "web", 4) == {"v1": 4}
+
+            await eventually(moved, timeout=30, interval=0.2, what="web's clients follow the deletion")
