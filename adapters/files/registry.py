@@ -53,6 +53,7 @@ from watchfiles import awatch
 from adapters.files.config import FilesConfig
 from adapters.istio import ChunkCache, Object, ServiceEntry, Translation, WorkloadEntry
 from adapters.istio.policy import DEFAULT_DOMAIN, AnyObject, PolicySet, read_yaml_all
+from adapters.istio.yamlread import collector_paused
 from discoveryd.model import Hostname, Problem, Service, SourceId
 from discoveryd.policy import HostPolicy
 from discoveryd.registry import AdapterContext, PolicyWriter, RegistryConfig, ShardWriter
@@ -148,7 +149,14 @@ class FileSet:
         """Paths already reported as writable by others (reported once each, again after a fix and relapse)."""
 
     def refresh(self, named: Collection[str] = ()) -> Refreshed:
-        """Re-read files that are new, changed or `named` (by a watch event). Blocking."""
+        """Re-read files that are new, changed or `named` (by a watch event). Blocking.
+
+        The cyclic garbage collector is paused meanwhile (see `yamlread.collector_paused`).
+        """
+        with collector_paused():
+            return self._refresh(named)
+
+    def _refresh(self, named: Collection[str]) -> Refreshed:
         listing = _scan(self.roots)
         changed = False
         recheck: float | None = None

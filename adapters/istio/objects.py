@@ -228,13 +228,15 @@ class _Checker:
         return None
 
     def integer(self, value: Any, path: FieldPath, low: int, high: int) -> int | None:
-        found: int | None = self._typed(
-            value, path, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"
-        )
-        if found is not None and not low <= found <= high:
-            self.fail(path, f"must be between {low} and {high}, not {found}")
+        if value is None:
             return None
-        return found
+        if type(value) is not int and (not isinstance(value, int) or isinstance(value, bool)):
+            self.fail(path, f"must be an integer, not {_describe(value)}")
+            return None
+        if not low <= value <= high:
+            self.fail(path, f"must be between {low} and {high}, not {value}")
+            return None
+        return value
 
     def port_number(self, value: Any, path: FieldPath) -> int | None:
         return self.integer(value, path, 1, 65535)
@@ -268,11 +270,24 @@ class _Checker:
 
     def labels(self, value: Any, path: FieldPath) -> dict[str, str]:
         """Kubernetes labels: qualified-name keys, short values."""
+        key = _scalar_items(value)
+        if key is not None and key in _VALID_LABEL_MAPS:
+            return dict(value)
+        errors = len(self.problems)
+        found = self._labels(value, path)
+        if key is not None and len(self.problems) == errors and len(_VALID_LABEL_MAPS) < _MEMO_MAX:
+            _VALID_LABEL_MAPS.add(key)
+        return found
+
+    def _labels(self, value: Any, path: FieldPath) -> dict[str, str]:
         found = self.string_map(value, path)
         for k, v in found.items():
-            problem = _label_key_problem(k)
-            if problem:
-                self.fail((*path, k), problem)
+            if k not in _VALID_LABEL_KEYS:
+                problem = _label_key_problem(k)
+                if problem:
+                    self.fail((*path, k), problem)
+                elif len(_VALID_LABEL_KEYS) < _MEMO_MAX:
+                    _VALID_LABEL_KEYS.add(k)
             if len(v) > 63 or not _LABEL_VALUE.match(v):
                 self.fail((*path, k), f"invalid label value {v!r}: at most 63 letters, digits, '-', '_' or '.'")
         return found
@@ -388,10 +403,14 @@ class _Checker:
     def enum(self, value: Any, path: FieldPath, enum: type[E], default: E) -> E:
         if value is None:
             return default
-        names = [m.value for m in enum]
-        if isinstance(value, str) and value in names:
-            return enum(value)
-        self.fail(path, f"unknown value {value!r} (known: {', '.join(names)})")
+        members = _ENUM_MEMBERS.get(enum)
+        if members is None:
+            members = _ENUM_MEMBERS[enum] = {m.value: m for m in enum}
+        if isinstance(value, str):
+            found = members.get(value)
+            if found is not None:
+                return found  # type: ignore[return-value]
+        self.fail(path, f"unknown value {value!r} (known: {', '.join(members)})")
         return default
 
     def hosts(self, value: Any, path: FieldPath) -> list[Host]:
@@ -461,6 +480,18 @@ class _Checker:
         return read(found[key], (*path, key))
 
     def port(self, value: Any, path: FieldPath) -> _PortDecl | None:
+        key = _scalar_items(value)
+        if key is not None:
+            known = _VALID_PORTS.get(key)
+            if known is not None:  # the same declaration was valid before: it is again (paths aside)
+                return known
+        errors = len(self.problems)
+        decl = self._port(value, path)
+        if decl is not None and key is not None and len(self.problems) == errors and len(_VALID_PORTS) < _MEMO_MAX:
+            _VALID_PORTS[key] = decl
+        return decl
+
+    def _port(self, value: Any, path: FieldPath) -> _PortDecl | None:
         port = self.mapping(value, path, _PORT_FIELDS)
         if port is None:
             return None
@@ -605,13 +636,30 @@ class _Checker:
         found = self.string(value, path)
         if not found:
             return Locality()
+        known = _LOCALITIES.get(found)
+        if known is not None:
+            return known
         parts = found.split("/")
         if len(parts) > 3 or any(not p for p in parts):
             self.fail(path, f"locality {found!r} must be region[/zone[/subzone]] without empty parts")
             return Locality()
         parts += [""] * (3 - len(parts))
-        return Locality(region=parts[0], zone=parts[1], subzone=parts[2])
+        locality = Locality(region=parts[0], zone=parts[1], subzone=parts[2])
+        if len(_LOCALITIES) < _MEMO_MAX:
+            _LOCALITIES[found] = locality
+        return locality
 
+
+_MEMO_MAX = 4096
+"""Entries at most in each memo of validated values (shared by threads: a lost race computes a value twice)."""
+_ENUM_MEMBERS: dict[type[StrEnum], dict[str, StrEnum]] = {}
+_VALID_LABEL_KEYS: set[str] = set()
+_VALID_LABEL_MAPS: set[tuple[tuple[Any, type, Any], ...]] = set()
+_VALID_PORTS: dict[tuple[tuple[Any, type, Any], ...], _PortDecl] = {}
+_LOCALITIES: dict[str, Locality] = {}
+_SIMPLE_LABEL = r"[A-Za-z0-9](?:[-A-Za-z0-9]{0,61}[A-Za-z0-9])?"
+_SIMPLE_FQDN = re.compile(rf"(?:{_SIMPLE_LABEL}\.)*{_SIMPLE_LABEL}")
+"""Labels of 1-63 letters, digits and inner `-`, without a trailing dot: a subset of what `is_fqdn` accepts."""
 
 _IPV4 = re.compile(
     r"^(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$"
@@ -621,6 +669,21 @@ _IPV4 = re.compile(
 def _is_ip(address: str) -> bool:
     """`model.is_ip`, with dotted-quad IPv4 (the common case) checked by a pattern of the same rules."""
     return _IPV4.fullmatch(address) is not None or (":" in address and is_ip(address))
+
+
+def _scalar_items(value: Any) -> tuple[tuple[Any, type, Any], ...] | None:
+    """A mapping of strings and integers as a memo key (types kept: `True == 1`), or None for anything else.
+
+    Validation of such a mapping depends on its content alone (its path only
+    goes into messages), so a mapping found valid once is valid again.
+    """
+    if type(value) is not dict:
+        return None
+    key = tuple([(k, type(v), v) for k, v in value.items()])
+    for k, kind, _ in key:
+        if (kind is not str and kind is not int) or type(k) is not str:
+            return None
+    return key
 
 
 def _describe(value: Any) -> str:
@@ -642,6 +705,8 @@ def _host_problem(name: str) -> str | None:
     if name == "*":
         return "'*' alone is not allowed: a ServiceEntry cannot match every host"
     rest = name[2:] if name.startswith("*.") else name
+    if len(rest) <= 255 and _SIMPLE_FQDN.fullmatch(rest) is not None:
+        return None  # what is_fqdn accepts, in one match
     if "*" in rest:
         return f"invalid host {name!r}: a wildcard must be the whole first label, as in '*.example.com'"
     if not is_fqdn(rest):

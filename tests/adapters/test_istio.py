@@ -232,3 +232,94 @@ def test_duplicate_object_and_merged_host_problems_point_at_their_lines(loader: 
 @given(st.text(alphabet="0123456789.:abcdef%x \n", max_size=20) | st.ip_addresses().map(str))
 def test_the_fast_ip_check_agrees_with_the_model(text: str) -> None:
     assert objects._is_ip(text) == is_ip(text)
+
+
+def api_entry(port: dict[str, Any], labels: dict[str, Any], locality: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "ServiceEntry",
+        "metadata": {"name": "api", "namespace": "shop", "labels": labels},
+        "spec": {
+            "hosts": ["api.example.com"],
+            "resolution": "STATIC",
+            "ports": [port],
+            "endpoints": [{"address": "10.0.0.1", "labels": labels, "locality": locality}],
+        },
+    }
+
+
+def test_values_found_valid_before_do_not_hide_problems_of_lookalikes_or_repeats() -> None:
+    """Validation remembers valid ports, label maps and localities: a bad object read twice, or one that
+    differs from a valid one only in a value's type, still gets all its problems every time."""
+    locator = ObjectLocator("ServiceEntry", "shop", "api")
+    good = api_entry({"number": 1, "name": "http"}, {"app": "api"}, "r1/z1")
+    obj, problems = read_object(good, locator, "default")
+    assert obj is not None and not problems
+    cases = [
+        (api_entry({"number": True, "name": "http"}, {"app": "api"}, "r1/z1"), "spec.ports[0].number"),
+        (api_entry({"number": 1, "name": "http", "target_port": 8080}, {"app": "api"}, "r1/z1"), "spec.ports[0]"),
+        (api_entry({"number": 1, "name": "http"}, {"app": "a" * 64}, "r1/z1"), "metadata.labels.app"),
+        (api_entry({"number": 1, "name": "http"}, {"app": 1}, "r1/z1"), "metadata.labels.app"),
+        (api_entry({"number": 1, "name": "http"}, {"app": "api"}, "r1//z1"), "spec.endpoints[0].locality"),
+    ]
+    for data, field in cases:
+        for _ in range(2):
+            obj, problems = read_object(data, locator, "default")
+            assert obj is None
+            assert any(p.field.startswith(field) for p in problems), (field, problems)
+    obj, problems = read_object(good, locator, "default")
+    assert obj is not None and not problems
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet="0123456789abefnorstuxyENOTY.:+-_~=<!*&@ ", min_size=0, max_size=12))
+def test_plain_scalars_resolve_as_pyyaml_resolves_them(scalar: str) -> None:
+    import yaml
+
+    text = f"key: {scalar}\nlist: [{scalar}]\n"
+    for loader in (FAST_LOADER, PURE_LOADER):
+        try:
+            expected = yaml.load(text, Loader=loader)
+        except yaml.YAMLError:
+            continue
+        docs, problems = parse_documents(FILE, text, loader)
+        if problems:
+            continue
+        assert repr(docs[0].data) == repr(expected)
+
+
+def test_reading_pauses_the_collector_and_leaves_it_as_it_was() -> None:
+    import gc
+
+    from adapters.istio.yamlread import collector_paused, read_documents
+
+    seen: list[bool] = []
+
+    def derive(documents: list[Any]) -> tuple[None, list[Problem]]:
+        seen.append(gc.isenabled())
+        return None, []
+
+    was = gc.isenabled()
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            read_documents(FILE, "a: 1\n---\nb: 2\n", derive=derive)
+            assert gc.isenabled() is enabled
+            with collector_paused():
+                assert not gc.isenabled()
+            assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
+    assert seen == [False, False, False, False]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="abcXYZ019-.*_ \n", max_size=70))
+def test_the_one_pattern_host_check_agrees_with_is_fqdn(name: str) -> None:
+    from adapters.toolkit.names import is_fqdn
+
+    if objects._SIMPLE_FQDN.fullmatch(name) is not None and len(name) <= 255:
+        assert is_fqdn(name)
+    rest = name[2:] if name.startswith("*.") else name
+    valid = name != "*" and "*" not in rest and is_fqdn(rest)
+    assert (objects._host_problem(name) is None) is valid
