@@ -323,3 +323,19 @@ def test_the_one_pattern_host_check_agrees_with_is_fqdn(name: str) -> None:
     rest = name[2:] if name.startswith("*.") else name
     valid = name != "*" and "*" not in rest and is_fqdn(rest)
     assert (objects._host_problem(name) is None) is valid
+
+
+def test_derived_chunks_keep_no_raw_data_and_still_locate_their_lines() -> None:
+    from adapters.istio.yamlread import read_documents
+
+    docs = [service_entry(f"s{i}", f"s{i}.example.com", f"10.0.0.{i}") for i in range(3)]
+    text = "---\n".join(docs)
+    cache = ChunkCache()
+    results, problems = read_documents(FILE, text, cache=cache, derive=lambda d: objects.read_objects(d, "shop"))
+    assert not problems
+    assert [documents for documents, _ in results] == [[], [], []]
+    assert all(documents == [] for _, documents, _ in cache.chunks.values())
+    found = [obj for _, objs in results for obj in objs]
+    assert [o.ref.where for o in found] == [
+        f"{FILE}:{i + 1}" for i, line in enumerate(text.splitlines()) if line.startswith("  name: s")
+    ]
