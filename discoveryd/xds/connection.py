@@ -405,6 +405,8 @@ class Connection:
         scoped = bool(view.audiences or old.audiences or view.overrides or old.overrides)
         ns = self.namespace
         clusters = changes.get(CLUSTER)
+        if clusters and scoped:  # only clusters that changed for this client warm again
+            clusters = frozenset(n for n in clusters if _news(CLUSTER, n, old, view, ns))
         if clusters:
             self._rewarm(clusters, origin)
         for type_url, names in changes.items():

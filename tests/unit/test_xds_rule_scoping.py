@@ -21,7 +21,7 @@ from google.protobuf import any_pb2
 from adapters.istio.policy import PolicySet, read_yaml_all
 from discoveryd.model import Hostname
 from discoveryd.policy import DestinationRule, HostPolicy, VirtualService
-from discoveryd.xds.resources import CLUSTER, ROUTE
+from discoveryd.xds.resources import CLUSTER, ENDPOINT, ROUTE
 from tests.fakes.xds import (  # noqa: F401 - fixtures
     RunningXds,
     Stream,
@@ -115,6 +115,13 @@ async def test_clients_in_different_namespaces_get_different_cluster_settings(
         r = await s.recv()
         seen[ns] = clusters_of(r)
         await s.ack(r)
+        if delta:
+            await s.send(ENDPOINT, resource_names_subscribe=sorted(seen[ns]))
+        else:
+            await s.send(ENDPOINT, resource_names=sorted(seen[ns]))
+        r = await s.recv()
+        assert set(names(r)) == set(seen[ns]), "each client's subset assignment exists for it"
+        await s.ack(r, sorted(seen[ns]))
         streams[ns] = s
     main, v1, v2 = cluster(HOST), f"outbound|8080|v1|{HOST}", f"outbound|8080|v2|{HOST}"
     assert set(seen["web"]) == {main, v2}
@@ -124,11 +131,14 @@ async def test_clients_in_different_namespaces_get_different_cluster_settings(
         assert seen[ns][main].lb_policy == cluster_pb2.Cluster.LEAST_REQUEST, ns
     # Only web clients see web's rule change; the others are not pushed for it.
     conns = {c.namespace: c for c in xds.server.connections}
-    before = {ns: conns[ns].types[CLUSTER].responses for ns in ("shop", None)}
+    before = {ns: (conns[ns].types[CLUSTER].responses, conns[ns].types[ENDPOINT].responses) for ns in ("shop", None)}
     publish(xds, policy(SHARED, WEB_ONLY.replace("RANDOM", "ROUND_ROBIN")))
     r = await streams["web"].recv()
     assert clusters_of(r)[main].lb_policy == cluster_pb2.Cluster.ROUND_ROBIN
     await streams["web"].ack(r)
+    r = await streams["web"].recv()  # the changed EDS cluster's assignment follows, for warming
+    assert r.type_url == ENDPOINT and main in names(r)
+    await streams["web"].ack(r, [main, v2])
     # web's rule gone: web clients fall back to the service's rule (its subset cluster replaces theirs).
     publish(xds, policy(SHARED))
     r = await streams["web"].recv()
@@ -137,10 +147,12 @@ async def test_clients_in_different_namespaces_get_different_cluster_settings(
     else:
         assert set(names(r)) == {main, v1}
     assert clusters_of(r)[main].lb_policy == cluster_pb2.Cluster.LEAST_REQUEST
+    await streams["web"].ack(r)
     version = xds.index.snapshot.version
     await eventually(lambda: xds.server.view.version == version, what="built")
     await eventually(lambda: not any(c.types[CLUSTER].has_work() for c in conns.values()), what="all written")
-    assert {ns: conns[ns].types[CLUSTER].responses for ns in ("shop", None)} == before
+    after = {ns: (conns[ns].types[CLUSTER].responses, conns[ns].types[ENDPOINT].responses) for ns in ("shop", None)}
+    assert after == before, "web's changes cost the other clients no CDS or EDS push"
     for s in streams.values():
         await s.close()
 
