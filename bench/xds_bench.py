@@ -1,8 +1,8 @@
 """xDS push benchmark: convergence, CPU and bytes per push, memory per client, against a floor.
 
 `python -m bench xds [--clients=1,100,1000] [--pushes=N] [--services=1000] [--endpoints=10]`
-`python -m bench xds --scoped [--namespaces=10] ...`: the same with exportTo and clients spread over namespaces
-(see `_measure_scoped`).
+`python -m bench xds --scoped [--namespaces=10] [--rules] ...`: the same with exportTo and clients spread over
+namespaces (see `_measure_scoped`); `--rules` adds a DestinationRule exported to `.` in every namespace.
 `python -m bench xds --policy [--services=1000] [--endpoints=9]`: CDS/EDS/RDS bytes and build time without and
 with a DestinationRule of 3 subsets and a VirtualService 80/20 split per service (see `_measure_policy`).
 `python -m bench xds --policy --locality [--services=1000] [--endpoints=9]`: locality failover per client:
@@ -59,6 +59,7 @@ from discoveryd.policy import (
     MatchKind,
     OutlierDetection,
     RouteDestination,
+    SimpleLb,
     StringMatch,
     Subset,
     TrafficPolicy,
@@ -374,8 +375,25 @@ async def _scoped_client_main(target: str, streams: int, services: int, namespac
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _namespace_rules(services: int, namespaces: int) -> dict[Hostname, HostPolicy]:
+    """Per namespace ns<k>, a DestinationRule exported to `.` for the public service svc<2k>: every namespace
+    has a variant of one cluster of its own (`--rules`)."""
+    out: dict[Hostname, HostPolicy] = {}
+    for k in range(min(namespaces, (services + 1) // 2)):
+        host = Hostname(f"svc{2 * k}.bench.local")
+        policy = TrafficPolicy(load_balancer=LoadBalancer(simple=SimpleLb.LEAST_REQUEST))
+        out[host] = HostPolicy(DestinationRule(host, f"ns{k}", f"own-{k}", policy, export_to=(".",)))
+    return out
+
+
 async def _measure_scoped(
-    clients: int, pushes: int, services: int, endpoints: int, namespaces: int, restrict: bool
+    clients: int,
+    pushes: int,
+    services: int,
+    endpoints: int,
+    namespaces: int,
+    restrict: bool,
+    rules: bool = False,
 ) -> dict[str, Any]:
     """Cluster changes pushed to `clients` wildcard SotW CDS clients spread over `namespaces`.
 
@@ -387,6 +405,9 @@ async def _measure_scoped(
     index = Index()
     shard: Shard = index.writer(SourceId("bench/b"))
     shard.replace([_scoped_service(i, namespaces, endpoints, restrict=restrict) for i in range(services)])
+    if rules:
+        for host, host_policy in _namespace_rules(services, namespaces).items():
+            shard.set_policy(host, host_policy)
     shard.mark_synced()
     server = XdsServer(XdsConfig(listen="127.0.0.1:0", debounce_after=0.0, debounce_max=0.0), index)
     serving = asyncio.create_task(server.serve())
@@ -455,6 +476,7 @@ async def _measure_scoped(
         "clients": clients,
         "namespaces": namespaces,
         "restricted": restrict,
+        "rules": rules,
         "pushes": pushes,
         "convergence_median_s": median(results),
         "convergence_p99_s": percentile(results, 99),
@@ -478,9 +500,11 @@ async def _run_scoped(args: argparse.Namespace) -> dict[str, Any]:
     figures: dict[str, Any] = {"services": args.services, "endpoints": args.services * args.endpoints, "runs": []}
     for clients in args.clients:
         for restrict in (False, True):
-            run = await _measure_scoped(clients, args.pushes, args.services, args.endpoints, args.namespaces, restrict)
+            run = await _measure_scoped(
+                clients, args.pushes, args.services, args.endpoints, args.namespaces, restrict, args.rules
+            )
             figures["runs"].append(run)
-            print(f"  {clients} clients, restricted={restrict} done", flush=True)
+            print(f"  {clients} clients, restricted={restrict}, rules={args.rules} done", flush=True)
     return figures
 
 
@@ -491,7 +515,7 @@ def _main_scoped(args: argparse.Namespace, argv: list[str]) -> None:
         [
             run["clients"],
             run["namespaces"],
-            "half '.'" if run["restricted"] else "none",
+            ("half '.'" if run["restricted"] else "none") + (" + a rule per ns" if run.get("rules") else ""),
             f"{run['cds_bodies_built_per_push']:.0f}",
             f"{run['cds_body_s_per_scope'] * ms:.2f}",
             f"{run['rebuild_s_per_push'] * ms:.2f}",
@@ -508,7 +532,8 @@ def _main_scoped(args: argparse.Namespace, argv: list[str]) -> None:
     ]  # fmt: skip
     print(f"{figures['services']} services, {figures['endpoints']} endpoints; CDS wildcard SotW clients; no debounce")
     print(table(rows, header))
-    write_results("xds_scoped", figures, ("python -m bench xds " + " ".join(argv)).strip())
+    name = "xds_scoped_rules" if args.rules else "xds_scoped"
+    write_results(name, figures, ("python -m bench xds " + " ".join(argv)).strip())
 
 
 # -- rebuild cost by index size -----------------------------------------------------------------
@@ -1079,6 +1104,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--services", type=int, default=1000)
     parser.add_argument("--endpoints", type=int, default=10, help="per service")
     parser.add_argument("--scoped", action="store_true", help="exportTo: clients spread over --namespaces")
+    parser.add_argument(
+        "--rules", action="store_true", help="with --scoped: a DestinationRule exported to '.' in every namespace"
+    )
     parser.add_argument("--namespaces", type=int, default=10)
     parser.add_argument("--policy", action="store_true", help="DestinationRule subsets and VirtualService routes")
     parser.add_argument("--locality", action="store_true", help="with --policy: locality failover per client")
