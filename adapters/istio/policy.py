@@ -1022,11 +1022,14 @@ class PolicySet:
 
     `build()` recomputes the per-host policies from every scope (policy objects
     are few next to services; O(policy objects)) and returns the hosts whose
-    `HostPolicy` changed.
+    `HostPolicy` changed. Scopes are taken in order of their `order` key, then
+    name: files give none (path order); Kubernetes objects their
+    creationTimestamp, so that the oldest rule comes first, as in Istio.
     """
 
     def __init__(self) -> None:
         self._scopes: dict[str, tuple[PolicyObject, ...]] = {}
+        self._order: dict[str, str] = {}
         self._policies: dict[Hostname, HostPolicy] = {}
         self._problems: dict[str, list[Problem]] = {}
 
@@ -1034,16 +1037,19 @@ class PolicySet:
     def policies(self) -> Mapping[Hostname, HostPolicy]:
         return self._policies
 
-    def update(self, scope: str, objects: Sequence[object]) -> None:
-        """Make `scope` declare exactly the policy objects among `objects` (others are ignored)."""
+    def update(self, scope: str, objects: Sequence[object], order: str = "") -> None:
+        """Make `scope` declare exactly the policy objects among `objects` (others are ignored); `order`
+        ranks the scope before its name (an RFC 3339 creation time sorts as it should)."""
         found = tuple(o for o in objects if isinstance(o, DestinationRule | VirtualService))
         if found:
             self._scopes[scope] = found
+            self._order[scope] = order
         else:
-            self._scopes.pop(scope, None)
+            self.remove(scope)
 
     def remove(self, scope: str) -> None:
         self._scopes.pop(scope, None)
+        self._order.pop(scope, None)
 
     def problems(self) -> dict[str, list[Problem]]:
         return self._problems
@@ -1056,7 +1062,7 @@ class PolicySet:
         problems: dict[str, list[Problem]] = {}
         origins: dict[tuple[Hostname, str, tuple[str, ...]], dict[str, DestinationRule]] = {}
         """rule key → subset name → the rule that declared it (for the duplicate warning)."""
-        for scope in sorted(self._scopes):
+        for scope in sorted(self._scopes, key=lambda s: (self._order.get(s, ""), s)):
             for obj in self._scopes[scope]:
                 if isinstance(obj, DestinationRule):
                     key = (obj.host, obj.namespace, tuple(sorted(obj.export_to)))

@@ -113,7 +113,9 @@ class IstioView:
             self._shard.set_problems(scope, ())
         self._objects[scope] = (rv, found)
         if plural in POLICY_PLURALS:
-            self._policies.update(scope, [found] if found is not None else [])
+            # Istio's precedence among rules: the oldest first (creationTimestamp, RFC 3339, sorts as text).
+            created = str((obj.get("metadata") or {}).get("creationTimestamp") or "")
+            self._policies.update(scope, [found] if found is not None else [], created)
             self._policy_dirty = True
         else:
             self._translation.update(scope, [found] if isinstance(found, ServiceEntry | WorkloadEntry) else [])

@@ -704,3 +704,25 @@ async def test_short_rule_hosts_resolve_under_the_cluster_domain(
         assert policy.destination_rule.host == host
         assert policy.virtual_service.http[0].destinations[0].host == "api.shop.svc.k8s.internal"
         assert _policy(index, "web.shop.svc.cluster.local") is None
+
+
+async def test_the_oldest_rule_comes_first(fake: FakeApiServer, index: Index, tmp_path: Path) -> None:
+    """Two public VirtualServices for one host: the older one (creationTimestamp) is the one clients get,
+    whatever the namespaces' names, as in Istio."""
+    fake.install_crds()
+    host = "api.example.com"
+
+    def vs(namespace: str, created: str, timeout: str) -> dict[str, Any]:
+        route = {"route": [{"destination": {"host": host}}], "timeout": timeout}
+        doc = _entry("api", namespace, {"hosts": [host], "http": [route]})
+        doc["metadata"]["creationTimestamp"] = created
+        return doc
+
+    fake.apply("virtualservices", vs("a-newer", "2026-01-02T00:00:00Z", "1s"))
+    fake.apply("virtualservices", vs("b-older", "2025-06-01T00:00:00Z", "2s"))
+    async with running(index, _config(tmp_path, fake), tmp_path):
+        policy = await eventually(
+            lambda: (p := _policy(index, host)) is not None and len(p.routes) == 2 and p, what="both routes"
+        )
+        assert [r.namespace for r in policy.routes] == ["b-older", "a-newer"]
+        assert policy.select("elsewhere", "x", "istio-system").virtual_service.namespace == "b-older"
