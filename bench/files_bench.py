@@ -15,7 +15,7 @@ Two more measurements of large files (issue 8 item 8):
   parsed, validated and translated once (`FileSet.refresh()` + `result()`)
   in a child process; its wall time, CPU time (user + system: steadier than
   wall time on a shared machine) and peak RSS (the child's ru_maxrss).
-  `--parse 0` skips it.
+  `--parse 0` skips it; `--others= --big-file=0` runs it alone.
 
     python -m bench files [--writes=100] [--others=0,500] [--big-file=1000] [--parse=20000]
 """
