@@ -16,6 +16,11 @@ index alone):
     python -m bench index                      # both tables, before = c89d8de
     python -m bench index --before REV
     python -m bench index --sizes 1000,100000  # publish table sizes
+
+A third table: the longest the event loop waits (wall, and CPU time of the
+loop thread) while one shard's 10 services become 100k, then while the 100k
+are relisted with 1% changed, with `replace()` in one call and with
+`replace_in_steps()`.
 """
 
 from __future__ import annotations
@@ -170,6 +175,76 @@ def _publish(n: int, module_path: str | None) -> dict[str, float]:
     }
 
 
+def _stall(n: int, stepwise: bool) -> dict[str, float]:
+    """The longest the event loop waits while one shard's 10 services become `n` (all new), then while
+    `n` are relisted with 1% changed: `replace()` in one call, or `replace_in_steps()`."""
+    import asyncio
+
+    from discoveryd.index import Index
+    from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service, SourceId
+
+    source = SourceId("etcd/bench")
+    ports = (Port(80, "http", PortProtocol.HTTP),)
+
+    def world(count: int, gen: int, changed: int = 0) -> list[Service]:
+        return [
+            Service(
+                hostname=Hostname(f"svc-{i}.ns-{i % 50}.svc.cluster.local"),
+                ports=ports,
+                source=source,
+                endpoints=(Endpoint(_ip(i), ports={"http": 8080 + (gen if i < changed else 0)}, source=source),),
+            )
+            for i in range(count)
+        ]
+
+    async def measure(shard: object, services: list[Service]) -> dict[str, float]:
+        gaps_wall: list[float] = []
+        gaps_cpu: list[float] = []
+        done = False
+
+        async def ticker() -> None:
+            wall, cpu = time.perf_counter(), time.thread_time()
+            while not done:
+                await asyncio.sleep(0)
+                w, c = time.perf_counter(), time.thread_time()
+                gaps_wall.append(w - wall)
+                gaps_cpu.append(c - cpu)
+                wall, cpu = w, c
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        w0, c0 = time.perf_counter(), time.process_time()
+        if stepwise:
+            await shard.replace_in_steps(services)  # type: ignore[attr-defined]
+        else:
+            shard.replace(services)  # type: ignore[attr-defined]
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        await asyncio.sleep(0)
+        done = True
+        await task
+        return {
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "max_stall_wall_ms": max(gaps_wall) * 1e3,
+            "max_stall_cpu_ms": max(gaps_cpu) * 1e3,
+            "yields": float(len(gaps_wall)),
+        }
+
+    async def run() -> dict[str, float]:
+        index = Index([source])
+        shard = index.writer(source)
+        shard.replace(world(10, 0))
+        first = await measure(shard, world(n, 0))
+        relist = await measure(shard, world(n, 1, changed=n // 100))
+        assert len(index.snapshot.services) == n
+        out = {f"new_{k}": v for k, v in first.items()}
+        out.update({f"relist_{k}": v for k, v in relist.items()})
+        out["loadavg_1m"] = os.getloadavg()[0]
+        return out
+
+    return asyncio.run(run())
+
+
 def _child(args: list[str]) -> dict[str, object]:
     proc = subprocess.run([sys.executable, "-m", "bench.index_bench", *args], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -182,12 +257,16 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["--child"]:
         print(json.dumps(_measure(int(argv[1]))))
         return
+    if argv[:1] == ["--child-stall"]:
+        print(json.dumps(_stall(int(argv[1]), argv[2] == "steps")))
+        return
     if argv[:1] == ["--child-publish"]:
         print(json.dumps(_publish(int(argv[1]), argv[2] if len(argv) > 2 else None)))
         return
     parser = argparse.ArgumentParser(prog="python -m bench index")
     parser.add_argument("--before", default=BEFORE, help="git revision of the 'before' index (empty: skip)")
     parser.add_argument("--sizes", default=",".join(map(str, PUBLISH_SIZES)), help="publish table sizes")
+    parser.add_argument("--stall", type=int, default=100_000, help="services in the replace-stall table")
     opts = parser.parse_args(argv)
     sizes = [int(s) for s in opts.sizes.split(",") if s]
 
@@ -261,6 +340,31 @@ def main(argv: list[str]) -> None:
         )
     )
     figures["publish"] = publish  # type: ignore[assignment]
+
+    stall: dict[str, dict[str, object]] = {}
+    srow = []
+    for mode in ("one call", "steps"):
+        r = _child(["--child-stall", str(opts.stall), "steps" if mode == "steps" else "call"])
+        stall[mode] = r
+        for case, label in (("new", f"10 -> {opts.stall:,} services"), ("relist", f"{opts.stall:,}, 1% changed")):
+            srow.append(
+                [
+                    "replace()" if mode == "one call" else "replace_in_steps()",
+                    label,
+                    f"{r[case + '_max_stall_wall_ms']:.1f} / {r[case + '_max_stall_cpu_ms']:.1f}",
+                    f"{r[case + '_wall_s']:.2f} / {r[case + '_cpu_s']:.2f}",
+                    f"{r[case + '_yields']:.0f}",
+                    f"{r['loadavg_1m']:.1f}",
+                ]
+            )
+    print()
+    print(
+        table(
+            srow,
+            ["call", "change", "longest loop stall, wall / CPU ms", "whole replace, wall / CPU s", "yields", "load"],
+        )
+    )
+    figures["replace_stall"] = stall  # type: ignore[assignment]
     write_results("index", figures, "python -m bench index " + " ".join(argv))
 
 

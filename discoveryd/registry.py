@@ -40,6 +40,7 @@ __all__ = [
     "Registry",
     "RegistryConfig",
     "ShardWriter",
+    "SteppedWriter",
     "Zone",
     "ZoneFlavor",
     "ZoneProvider",
@@ -217,6 +218,24 @@ class PolicyWriter(Protocol):
 
     def set_policy(self, host: Hostname, policy: HostPolicy | None) -> None:
         """Make `host`'s policy in this shard `policy`; None removes it."""
+
+
+@runtime_checkable
+class SteppedWriter(Protocol):
+    """A shard writer that applies a large full sync without holding the event loop.
+
+    The index's writers implement it; an adapter checks with isinstance. `await
+    shard.replace_in_steps(services)` has the effect of `replace(services)`,
+    but diffs and merges in steps of about 2 ms, yielding to the loop in
+    between, so the servers keep answering while 100k services are compared.
+    The new content is still published as one version: readers see the old
+    world or the new one, never a part of each. Inside `batch()` the result is
+    applied on the batch's exit with the other writes; if the part or the index
+    moved on meanwhile, that exit applies the same content with `replace()`.
+    """
+
+    async def replace_in_steps(self, services: Iterable[Service]) -> None:
+        """Make the shard hold exactly these services, working in steps (see the class docstring)."""
 
 
 @runtime_checkable

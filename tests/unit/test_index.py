@@ -409,3 +409,101 @@ def test_vips_come_from_the_highest_ranked_shard_that_has_any() -> None:
     a.replace([dataclasses.replace(svc(host, "10.0.0.1"), addresses=("10.95.0.1",))])
     assert index.snapshot.services[host].addresses == ("10.95.0.1",)  # a lower rank never adds VIPs
     assert host in index.snapshot.changed
+
+
+def _world(n: int, gen: int, suffix: str = "mesh.local") -> list[Service]:
+    return [
+        Service(
+            hostname=Hostname(f"s{i}.{suffix}"),
+            ports=(Port(80, "http", PortProtocol.HTTP),),
+            endpoints=(Endpoint(f"10.{gen}.{i >> 8 & 255}.{i & 255}", ports={"http": 8000 + gen}, source=A),),
+            source=A,  # as adapters are told to: the shard then has nothing to stamp
+        )
+        for i in range(n)
+    ]
+
+
+async def test_a_stepwise_replace_of_100k_services_keeps_the_loop_serving_and_publishes_one_world() -> None:
+    import time
+
+    index = Index([A, B])
+    shard, other = index.writer(A), index.writer(B)
+    shard.replace(_world(10, 1))
+    start = index.snapshot.version
+    new = _world(100_000, 2)
+    seen: list[tuple[int, int, int]] = []  # per version seen: (version, services, port of s5)
+    gaps: list[float] = []
+    done = False
+
+    async def ticker() -> None:
+        last = time.thread_time()
+        ticks = 0
+        while not done:
+            await asyncio.sleep(0)
+            now = time.thread_time()  # CPU time of this thread: other processes' load does not count
+            gaps.append(now - last)
+            last = now
+            snap = index.snapshot
+            if not seen or seen[-1][0] != snap.version:
+                s5 = snap.services[Hostname("s5.mesh.local")]
+                seen.append((snap.version, len(snap.services), s5.endpoints[0].port_for(s5.ports[0])))
+            ticks += 1
+            if ticks == 5:  # another registry publishes meanwhile, also a hostname the replace brings
+                other.upsert(svc("b.example", "10.9.0.1"))
+                other.upsert(svc("s7.mesh.local", "10.9.0.7"))
+
+    task = asyncio.create_task(ticker())
+    await shard.replace_in_steps(new)
+    done = True
+    await task
+    assert len(gaps) > 20, "the replace never yielded to the loop"
+    # A replace in one call holds the loop for the whole diff (0.3-1 s of CPU at 100k); steps aim at 2 ms.
+    assert max(gaps) < 0.1, f"the loop was held for {max(gaps) * 1000:.0f} ms of CPU"
+    # Readers saw the old world (10 services, port 8001) or the new one (port 8002), nothing between.
+    for version, count, port in seen:
+        assert (count, port) in {(10, 8001), (11, 8001), (12, 8001), (100_001, 8002)}, (version, count, port)
+    snap = index.snapshot
+    assert len(snap.services) == 100_001 and snap.version > start
+    assert snap.services[Hostname("b.example")].endpoints[0].address == "10.9.0.1"
+    assert [ep.address for ep in snap.services[Hostname("s7.mesh.local")].endpoints] == ["10.2.0.7", "10.9.0.7"]
+    assert snap.conflicts[Hostname("s7.mesh.local")].sources == (A, B)
+    assert snap.shards[A].services == 100_000 and snap.shards[A].endpoints == 100_000
+    # The same content again changes nothing; a smaller one publishes only what changed.
+    version = snap.version
+    await shard.replace_in_steps(_world(100_000, 2))
+    assert index.snapshot.version == version
+    await shard.replace_in_steps(_world(99_999, 2))
+    assert index.snapshot.version == version + 1 and index.snapshot.changed == {"s99999.mesh.local"}
+
+
+async def test_a_stepwise_replace_inside_a_batch_applies_on_exit_or_not_at_all() -> None:
+    index = Index([A])
+    shard = index.writer(A)
+    shard.replace(_world(3, 1))
+    before = index.snapshot
+    with shard.batch():
+        await shard.replace_in_steps(_world(5, 2))
+        shard.mark_synced()
+        assert index.snapshot is before
+    after = index.snapshot
+    assert after.version == before.version + 1 and after.ready and len(after.services) == 5
+    with pytest.raises(RuntimeError), shard.batch():
+        await shard.replace_in_steps(_world(1, 3))
+        raise RuntimeError("relist failed")
+    assert index.snapshot is after
+
+
+async def test_a_write_to_the_part_during_a_stepwise_replace_is_replaced_like_any_earlier_write() -> None:
+    index = Index([A])
+    shard = index.writer(A)
+    shard.replace(_world(10, 1))
+
+    async def meddle() -> None:
+        await asyncio.sleep(0)
+        shard.upsert(svc("late.example", "10.8.0.1"))
+
+    task = asyncio.create_task(meddle())
+    await shard.replace_in_steps(_world(50_000, 2))
+    await task
+    assert Hostname("late.example") not in index.snapshot.services
+    assert len(index.snapshot.services) == 50_000 and index.snapshot.shards[A].services == 50_000
