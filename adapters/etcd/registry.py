@@ -53,7 +53,7 @@ from aetcd import rpc
 from adapters.etcd.config import EtcdConfig, split_endpoint
 from adapters.etcd.formats import FORMATS, Format, FormatError, Member, assemble
 from discoveryd.model import Hostname, Problem, SourceId, Zone, ZoneFlavor, hostname
-from discoveryd.registry import RegistryConfig, ShardWriter
+from discoveryd.registry import RegistryConfig, ShardWriter, SteppedWriter
 from discoveryd.session import Backoff, SessionState, run_sessions
 
 log = logging.getLogger("discoveryd.adapters.etcd")
@@ -181,8 +181,12 @@ class _View:
             elif parsed:
                 listing.keys[key] = parsed
 
-    def commit(self, listing: _Listing, revision: int) -> None:
-        """Replace everything with a full list read at `revision`. Call inside `shard.batch()`."""
+    async def commit(self, listing: _Listing, revision: int) -> None:
+        """Replace everything with a full list read at `revision`. Call inside `shard.batch()`.
+
+        With the index's writers the services are assembled, compared and merged in steps that yield
+        to the loop (`SteppedWriter`); the batch still applies them as one version on its exit.
+        """
         for key in self._problems - listing.problems.keys():
             self._shard.set_problems(key, ())
         self._problems = set()
@@ -193,7 +197,10 @@ class _View:
             for m in members:
                 self._hosts.setdefault(m.service, {})[key] = m
         services = (assemble(h, sorted(ms.items()), self._source) for h, ms in self._hosts.items())
-        self._shard.replace(s for s in services if s is not None)
+        if isinstance(self._shard, SteppedWriter):
+            await self._shard.replace_in_steps(s for s in services if s is not None)
+        else:
+            self._shard.replace(s for s in services if s is not None)
         self.revision = revision
         self.restored = None
         self.save_point()
@@ -278,7 +285,7 @@ class EtcdRegistry:
                     listing = _Listing()
                     revision = await self._list(conn, functools.partial(view.add, listing))
                     with shard.batch():
-                        view.commit(listing, revision)
+                        await view.commit(listing, revision)
                         shard.mark_synced()
                     log.info("etcd %s: listed %d keys at revision %d", self.config.source, listing.count, revision)
                 try:

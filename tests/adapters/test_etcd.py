@@ -12,7 +12,7 @@ import json
 import shutil
 import signal
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -93,12 +93,12 @@ def addresses(index: Index, host: str) -> set[tuple[str, int]] | None:
     return {(ep.address, ep.port_for(p)) for ep in svc.endpoints for p in svc.ports}
 
 
-def _counting(commit: Callable[..., None], calls: list[int]) -> Callable[..., None]:
+def _counting(commit: Callable[..., Awaitable[None]], calls: list[int]) -> Callable[..., Awaitable[None]]:
     """Wraps `_View.commit` (a full list replacing the shard) to record each one's revision."""
 
-    def wrapper(self: Any, listing: Any, revision: int) -> None:
+    async def wrapper(self: Any, listing: Any, revision: int) -> None:
         calls.append(revision)
-        commit(self, listing, revision)
+        await commit(self, listing, revision)
 
     return wrapper
 

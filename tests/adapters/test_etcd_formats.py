@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -240,7 +241,7 @@ def test_watch_events_end_where_a_full_list_does(fmt: str, ops: list[tuple[str, 
 
     watched, listed = Index(), Index()
     incremental = view(watched)
-    incremental.commit(_Listing(), 1)
+    asyncio.run(incremental.commit(_Listing(), 1))
     state: dict[str, bytes] = {}
     for revision, (key, value) in enumerate(ops, start=2):
         kv = rpc.KeyValue(key=(prefix + key).encode(), value=value or b"", mod_revision=revision)
@@ -255,7 +256,7 @@ def test_watch_events_end_where_a_full_list_does(fmt: str, ops: list[tuple[str, 
     full = view(listed)
     listing = _Listing()
     full.add(listing, [rpc.KeyValue(key=(prefix + k).encode(), value=v) for k, v in sorted(state.items())])
-    full.commit(listing, len(ops) + 1)
+    asyncio.run(full.commit(listing, len(ops) + 1))
 
     assert dict(watched.snapshot.services) == dict(listed.snapshot.services)
     assert set(watched.snapshot.shards[SRC].problems) == set(listed.snapshot.shards[SRC].problems)
