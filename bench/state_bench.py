@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import shutil
 import signal
@@ -171,6 +172,8 @@ def restart_time(server: EtcdServer, keys: int, rounds: int) -> dict[str, Any]:
         log = (base / "daemon.log").open("w")
 
         def start() -> tuple[subprocess.Popen[bytes], float]:
+            log.write(f"{datetime.datetime.now().isoformat(' ', 'milliseconds')} bench: starting the daemon\n")
+            log.flush()
             t = time.monotonic()
             return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL), t
 

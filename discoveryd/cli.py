@@ -14,8 +14,6 @@ import json
 import logging
 import os
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,7 +23,6 @@ from discoveryd.config import Config, ConfigError, split_hostport
 from discoveryd.logs import LogFormat
 from discoveryd.registry import OfflineChecker
 from discoveryd.supervisor import Supervisor, build_registry
-from discoveryd.xds import status as xds_status
 
 log = logging.getLogger("discoveryd")
 
@@ -109,6 +106,9 @@ def _admin_get(args: argparse.Namespace, path: str) -> Any:
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
+    import urllib.error
+    import urllib.request
+
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
     try:
         with urllib.request.urlopen(url, timeout=10) as resp:
@@ -125,6 +125,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from discoveryd.xds import status as xds_status
+
     print(xds_status.render(_admin_get(args, "/debug/syncz")))
     return 0
 

@@ -43,13 +43,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from discoveryd import config as config_mod
 from discoveryd import state
-from discoveryd.admin import AdminServer
 from discoveryd.config import Config, ConfigError
-from discoveryd.dns import DnsServer
 from discoveryd.index import Index
 from discoveryd.model import Hostname, SourceId, Zone, ZoneFlavor
 from discoveryd.registry import AdapterContext, Registry, RegistryConfig, ShardWriter, ZoneProvider
@@ -58,7 +56,13 @@ from discoveryd.session import Backoff, SessionEnded, SessionState, run_sessions
 from discoveryd.state import StateSaver
 from discoveryd.xds import XdsServer
 
+if TYPE_CHECKING:
+    from discoveryd.dns import DnsServer
+
 log = logging.getLogger("discoveryd.supervisor")
+
+_FIRST_ANSWER_GRACE = 0.25
+"""After a warm start, how long the rest of the daemon waits for xDS to answer a first client."""
 
 _RESTART_MIN = 1.0
 _RESTART_MAX = 30.0
@@ -146,11 +150,16 @@ class Supervisor:
                 self._tg = tg
                 if self.config.state_dir is not None:
                     self._restore_state(self.config.state_dir)
+                for reg_cfg in self.config.registries:
+                    self.index.writer(reg_cfg.source)  # each counted (not ready) before xDS serves
+                self._start_servers(self.config, ("xds",))
+                await self._xds_first()
+                if self.config.state_dir is not None:
                     saver = StateSaver(self.index, self.config.state_dir, configs=self._config_fingerprints)
                     tg.create_task(saver.run(), name="state-saver")
                 for reg_cfg in self.config.registries:
                     self._start_registry(reg_cfg)
-                self._start_servers(self.config)
+                self._start_servers(self.config, ("admin", "dns"))
                 tg.create_task(self._reload_loop(), name="reload")
                 tg.create_task(self._notify_ready(), name="sd-notify")
                 if self.notifier.enabled:
@@ -173,6 +182,24 @@ class Supervisor:
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def _xds_first(self) -> None:
+        """Wait until xDS listens and, when it serves a restored index, until it has answered a first
+        client (at most `_FIRST_ANSWER_GRACE`).
+
+        Clients reconnecting after a restart are already dialling: they get the complete restored
+        world before the registries, the DNS table build and the admin server (their imports
+        included) take the event loop. A server that cannot bind ends the TaskGroup, which cancels
+        this wait. On a cold start nothing can be answered yet: the rest starts as soon as xDS listens.
+        """
+        xds = self._xds
+        assert xds is not None
+        await xds.started.wait()
+        if not xds.serving:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_FIRST_ANSWER_GRACE):
+                await xds.answered.wait()
 
     # -- registries -----------------------------------------------------------------------
 
@@ -229,6 +256,8 @@ class Supervisor:
     # -- servers --------------------------------------------------------------------------
 
     def _make_admin(self, cfg: Config) -> tuple[object, Server]:
+        from discoveryd.admin import AdminServer  # aiohttp: imported once xDS serves (see `_xds_first`)
+
         pages = {"syncz": self._syncz}
         admin = AdminServer(cfg.admin, self.index, lambda: self.config.to_dict(), pages, serving=self._pending)
         return cfg.admin, admin
@@ -245,6 +274,8 @@ class Supervisor:
         return cfg.xds, self._xds
 
     def _make_dns(self, cfg: Config) -> tuple[object, Server]:
+        from discoveryd.dns import DnsServer  # imported once xDS serves (see `_xds_first`)
+
         self._dns = DnsServer(cfg.dns, self.index, zones_for(cfg, [r.registry for r in self._registries.values()]))
         return cfg.dns, self._dns
 

@@ -106,6 +106,8 @@ class XdsServer:
         """Replaced by a fresh servicer on each `serve`."""
         self.started = asyncio.Event()
         """Set once every listener is bound and serving."""
+        self.answered = asyncio.Event()
+        """Set once a response has been written to a client (the supervisor starts the rest after it)."""
 
     @property
     def ports(self) -> list[int]:
@@ -121,6 +123,11 @@ class XdsServer:
     def tls_port(self) -> int | None:
         """The bound TLS port; None without `xds.tls` (or before start)."""
         return self._tls_port
+
+    @property
+    def serving(self) -> bool:
+        """Whether responses are written (the index was ready), not held."""
+        return self._serving
 
     @property
     def view(self) -> View:
@@ -292,6 +299,7 @@ class XdsServer:
                     await context.write(body)
                     conn.written(type_url, len(body), queued_at)
                     del body
+                    self.answered.set()
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -223,7 +223,10 @@ async def test_kill_9_restart_serves_the_whole_world_at_once(etcd: EtcdServer, t
                 first = await eventually(lambda: _try_cds(d.xds), timeout=20, what="first CDS after restart")
                 elapsed = time.monotonic() - started
                 assert sorted(first) == sorted(full), "the first CDS response after restart is the whole world"
-                status = d.json("/debug/registryz")["registries"]["etcd/main"]
+                # The admin API starts once xDS has answered (or shortly after it listens).
+                status = await eventually(
+                    lambda: d.json("/debug/registryz")["registries"]["etcd/main"], timeout=10, what="admin API"
+                )
                 assert status["restored"] and status["stale"] and not status["synced"]
                 await asyncio.sleep(1.0)  # keep probing DNS while restored
                 proxy.unblock()
