@@ -355,6 +355,10 @@ class Index:
             if st.synced or st.restored  # never synced: no known world, restoring it would fake readiness
         ]
 
+    def capture_is_complete(self) -> bool:
+        """Whether `capture()` leaves out no part with content (none that has not synced yet)."""
+        return all(st.synced or st.restored or not (st.services or st.policies) for st in self._parts.values())
+
     @property
     def state_dirty(self) -> bool:
         """A resume point changed since the last `capture()` without a new version."""

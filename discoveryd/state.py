@@ -46,7 +46,9 @@ from typing import Any
 
 import orjson
 
-from discoveryd.index import Index, PartCapture
+from discoveryd import __version__
+from discoveryd.config import XdsConfig
+from discoveryd.index import Index, PartCapture, Snapshot
 from discoveryd.model import (
     Endpoint,
     Health,
@@ -61,6 +63,7 @@ from discoveryd.model import (
 )
 from discoveryd.policy import HostPolicy
 from discoveryd.registry import RegistryConfig
+from discoveryd.xds.resources import ENDPOINT, TYPES, Prebuilt, View
 
 log = logging.getLogger("discoveryd.state")
 
@@ -89,10 +92,86 @@ class RestoredPart:
 
 
 @dataclass(frozen=True, slots=True)
+class SavedXds:
+    """The xDS resources served when the index was saved, per hostname, for the next start's first build.
+
+    Valid only where the restored snapshot equals the saved one (every part restored, the registries
+    in the same order) and the resources would be built alike (`fingerprint`: the xDS config and
+    the code that builds them).
+    """
+
+    fingerprint: str
+    order: tuple[SourceId, ...]
+    """The registries, in precedence order, when saved."""
+    resources: Mapping[Hostname, Prebuilt]
+
+    def usable(self, fingerprint: str, order: Sequence[SourceId]) -> bool:
+        saved = set(self.order)
+        now = set(order)
+        return self.fingerprint == fingerprint and [s for s in order if s in saved] == [
+            s for s in self.order if s in now
+        ]
+
+
+XdsSource = Callable[[], "tuple[str, tuple[SourceId, ...], View, Snapshot] | None"]
+"""What the saver asks for the xDS resources: (fingerprint, registry order, view served, its snapshot)."""
+
+
+@dataclass(frozen=True, slots=True)
 class LoadResult:
     parts: tuple[RestoredPart, ...]
     written: float
     """Wall-clock time the file was written."""
+    xds: SavedXds | None = None
+    """The saved xDS resources, when the file has them and every part in it was restored."""
+
+
+_CODE = (
+    "xds/resources.py",
+    "xds/traffic.py",
+    "xds/locality.py",
+    "model.py",
+    "policy.py",
+    "index.py",
+)
+
+
+@functools.cache
+def _code_digest() -> bytes:
+    h = hashlib.blake2b(__version__.encode(), digest_size=16)
+    base = Path(__file__).parent
+    for name in sorted({*_CODE, *(f"xds/{p.name}" for p in (base / "xds").glob("*.py"))}):
+        with contextlib.suppress(OSError):
+            h.update(name.encode() + b"\0" + (base / name).read_bytes())
+    return h.digest()
+
+
+def xds_fingerprint(config: XdsConfig) -> str:
+    """Identifies how xDS resources are built: the `xds` config section and the code that builds them."""
+    h = hashlib.blake2b(_code_digest(), digest_size=16)
+    h.update(config.model_dump_json().encode())
+    return h.hexdigest()
+
+
+def served_resources(view: View, built_from: Snapshot, snapshot: Snapshot) -> dict[Hostname, Prebuilt]:
+    """The resources of `view` (built from `built_from`) that hold for `snapshot`: the hostnames whose
+    service is the very same object in both (the index keeps unchanged values) and that have no
+    traffic policy (the hosts with one, few, are built at start with their namespace variants,
+    locality plans and gRPC notes). Reads immutable values only: runs in a thread."""
+    out: dict[Hostname, Prebuilt] = {}
+    services, policies = snapshot.services, snapshot.policies
+    built_services, built_policies = built_from.services, built_from.policies
+    localized, tables, ignored = view.localized, view.resources, view.grpc_ignored
+    for host, keys in view.by_host.items():
+        service = services.get(host)
+        if service is None or built_services.get(host) is not service:
+            continue
+        if host in policies or host in built_policies or host in view.variant_keys:
+            continue
+        if any((type_url == ENDPOINT and name in localized) or (type_url, name) in ignored for type_url, name in keys):
+            continue
+        out[host] = tuple((type_url, name, tables[type_url][name].body) for type_url, name in keys)
+    return out
 
 
 # -- encoding ---------------------------------------------------------------------------
@@ -229,8 +308,16 @@ _CHUNK = 500
 """Services per orjson call: orjson holds the GIL while it runs, so the event loop gets it back between chunks."""
 
 
-def encode(parts: Sequence[PartCapture], written: float, configs: Mapping[SourceId, str] | None = None) -> bytes:
+def encode(
+    parts: Sequence[PartCapture],
+    written: float,
+    configs: Mapping[SourceId, str] | None = None,
+    xds: SavedXds | None = None,
+) -> bytes:
     """The state file's bytes. CPU-bound: call it from a worker thread.
+
+    The xDS resources, if any, follow the JSON document (after a newline, which orjson never
+    writes inside one) as raw bytes, their lengths in the document.
 
     Built chunk by chunk so that no single call holds the GIL for long while the event loop runs.
     """
@@ -256,11 +343,21 @@ def encode(parts: Sequence[PartCapture], written: float, configs: Mapping[Source
             chunk = orjson.dumps(rows, default=_default)
             out.append((b"," if start else b"") + chunk[1:-1])
         out.append(b"]}")
+    blob: list[bytes] = []
+    xds_doc: dict[str, Any] | None = None
+    if xds is not None:
+        type_ids = {t: i for i, t in enumerate(TYPES)}
+        hosts = []
+        for host, resources in xds.resources.items():
+            hosts.append([host, [[type_ids[t], name, len(body)] for t, name, body in resources]])
+            blob.extend(body for _, _, body in resources)
+        xds_doc = {"fingerprint": xds.fingerprint, "order": xds.order, "types": TYPES, "hosts": hosts}
     head = orjson.dumps(
         {
             "format": FORMAT,
             "version": VERSION,
             "written": written,
+            "xds": xds_doc,
             "fields": {"Service": _SERVICE_FIELDS, "Endpoint": _ENDPOINT_FIELDS, "Port": _PORT_FIELDS},
             "maps": tables.maps,
             "localities": [[loc.region, loc.zone, loc.subzone] for loc in tables.localities],
@@ -268,7 +365,7 @@ def encode(parts: Sequence[PartCapture], written: float, configs: Mapping[Source
         },
         default=_default,
     )
-    body = b"".join([head[:-1], b',"parts":[', *out, b"]}"])
+    body = b"".join([head[:-1], b',"parts":[', *out, b"]}\n", *blob])
     digest = hashlib.blake2b(body, digest_size=16).hexdigest()
     return f"{FORMAT} {VERSION} {digest}\n".encode() + body
 
@@ -460,8 +557,9 @@ def decode(data: bytes, where: str) -> LoadResult:
         )
     if hashlib.blake2b(body, digest_size=16).hexdigest().encode() != fields[2]:
         raise StateError(f"{where}: not a readable state file (checksum mismatch: truncated or damaged)")
+    document, _, blob = body.partition(b"\n")
     try:
-        doc = orjson.loads(body)
+        doc = orjson.loads(document)
     except orjson.JSONDecodeError as e:
         raise StateError(f"{where}: not a readable state file ({e})") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
@@ -487,9 +585,30 @@ def decode(data: bytes, where: str) -> LoadResult:
             except (KeyError, TypeError, ValueError, IndexError, AttributeError, StateError) as e:
                 raise StateError(f"{where}: parts[{i}]: {e!r}") from e
         written = float(doc["written"])
+        xds = _saved_xds(doc.get("xds"), blob)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise StateError(f"{where}: malformed state file ({e!r})") from e
-    return LoadResult(tuple(parts), written)
+    return LoadResult(tuple(parts), written, xds)
+
+
+def _saved_xds(raw: Any, blob: bytes) -> SavedXds | None:
+    if raw is None:
+        return None
+    types = [str(t) for t in raw["types"]]
+    data = memoryview(blob)
+    at = 0
+    resources: dict[Hostname, Prebuilt] = {}
+    for host, entries in raw["hosts"]:
+        items = []
+        for type_id, name, size in entries:
+            if not isinstance(size, int) or size < 0 or at + size > len(data):
+                raise ValueError(f"xds: resource {name!r} runs past the end of the file")
+            items.append((types[type_id], str(name), bytes(data[at : at + size])))
+            at += size
+        resources[Hostname(str(host))] = tuple(items)
+    if at != len(data):
+        raise ValueError(f"xds: {len(data) - at} bytes after the last resource")
+    return SavedXds(str(raw["fingerprint"]), tuple(SourceId(str(s)) for s in raw["order"]), resources)
 
 
 # -- files ------------------------------------------------------------------------------
@@ -581,7 +700,8 @@ def load(directory: Path, sources: Mapping[SourceId, str] | Sequence[SourceId]) 
     else:
         wanted = set(sources)
         kept = tuple(p for p in result.parts if p.source in wanted)
-    return LoadResult(kept, result.written)
+    # The saved resources were built from every saved part: with one left out they may differ.
+    return LoadResult(kept, result.written, result.xds if len(kept) == len(result.parts) else None)
 
 
 def restore(index: Index, result: LoadResult) -> int:
@@ -593,6 +713,8 @@ def restore(index: Index, result: LoadResult) -> int:
             count += len(part.services)
     return count
 
+
+_Capture = tuple[list[PartCapture], Snapshot, "tuple[str, tuple[SourceId, ...], View, Snapshot] | None"]
 
 _COST_FACTOR = 10
 """A write starts no sooner than this many times the previous write's duration after it ended:
@@ -615,10 +737,13 @@ class StateSaver:
         directory: Path,
         interval: float = 1.0,
         configs: Callable[[], Mapping[SourceId, str]] = dict,
+        xds: XdsSource | None = None,
     ) -> None:
-        """`configs`: the current registries' `config_fingerprint`s, saved with their parts."""
+        """`configs`: the current registries' `config_fingerprint`s, saved with their parts.
+        `xds`: the resources the xDS server serves, saved with the index they hold for."""
         self._index = index
         self._configs = configs
+        self._xds = xds
         self._directory = directory
         self._interval = interval
         self._saved_version = -1
@@ -630,13 +755,21 @@ class StateSaver:
     def _changed(self) -> bool:
         return self._index.snapshot.version != self._saved_version or self._index.state_dirty
 
-    def _capture(self) -> tuple[int, list[PartCapture]]:
-        return self._index.snapshot.version, self._index.capture()
+    def _capture(self) -> tuple[int, _Capture]:
+        snapshot = self._index.snapshot
+        parts = self._index.capture()
+        served = self._xds() if self._xds is not None and self._index.capture_is_complete() else None
+        return snapshot.version, (parts, snapshot, served)
 
-    def _write(self, parts: list[PartCapture]) -> None:
+    def _write(self, capture: _Capture) -> None:
+        parts, snapshot, served = capture
         with self._lock:
             started = time.perf_counter()
-            write_atomically(self._directory, encode(parts, time.time(), self._configs()))
+            xds = None
+            if served is not None:
+                fingerprint, order, view, built_from = served
+                xds = SavedXds(fingerprint, order, served_resources(view, built_from, snapshot))
+            write_atomically(self._directory, encode(parts, time.time(), self._configs(), xds))
             self.last_write_seconds = time.perf_counter() - started
             self.writes += 1
 
@@ -655,9 +788,9 @@ class StateSaver:
                 delay = last + max(self._interval, _COST_FACTOR * self.last_write_seconds) - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                version, parts = self._capture()
+                version, capture = self._capture()
                 try:
-                    await asyncio.to_thread(self._write, parts)
+                    await asyncio.to_thread(self._write, capture)
                 except OSError as e:
                     log.error("state: cannot write %s: %s", self._directory / FILE_NAME, e)
                 else:
@@ -669,9 +802,9 @@ class StateSaver:
 
     def save_now(self) -> None:
         """Capture and write at once, blocking the caller (at stop)."""
-        version, parts = self._capture()
+        version, capture = self._capture()
         try:
-            self._write(parts)
+            self._write(capture)
         except OSError as e:
             log.error("state: cannot write %s: %s", self._directory / FILE_NAME, e)
         else:

@@ -40,7 +40,7 @@ import dataclasses
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -48,13 +48,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 from discoveryd import config as config_mod
 from discoveryd import state
 from discoveryd.config import Config, ConfigError
-from discoveryd.index import Index
+from discoveryd.index import Index, Snapshot
 from discoveryd.model import Hostname, SourceId, Zone, ZoneFlavor
 from discoveryd.registry import AdapterContext, Registry, RegistryConfig, ShardWriter, ZoneProvider
 from discoveryd.sdnotify import Notifier
 from discoveryd.session import Backoff, SessionEnded, SessionState, run_sessions
 from discoveryd.state import StateSaver
 from discoveryd.xds import XdsServer
+from discoveryd.xds.resources import Prebuilt, View
 
 if TYPE_CHECKING:
     from discoveryd.dns import DnsServer
@@ -134,6 +135,8 @@ class Supervisor:
     started: asyncio.Event = field(default_factory=asyncio.Event)
     notifier: Notifier = field(default_factory=Notifier)
     _ready_sent: bool = False
+    _prebuilt: Mapping[Hostname, Prebuilt] | None = None
+    """A warm start's saved xDS resources, for the first xDS server's first build."""
 
     def __post_init__(self) -> None:
         self.index = Index([r.source for r in self.config.registries])
@@ -155,7 +158,9 @@ class Supervisor:
                 self._start_servers(self.config, ("xds",))
                 await self._xds_first()
                 if self.config.state_dir is not None:
-                    saver = StateSaver(self.index, self.config.state_dir, configs=self._config_fingerprints)
+                    saver = StateSaver(
+                        self.index, self.config.state_dir, configs=self._config_fingerprints, xds=self._xds_served
+                    )
                     tg.create_task(saver.run(), name="state-saver")
                 for reg_cfg in self.config.registries:
                     self._start_registry(reg_cfg)
@@ -203,6 +208,15 @@ class Supervisor:
 
     # -- registries -----------------------------------------------------------------------
 
+    def _xds_served(self) -> tuple[str, tuple[SourceId, ...], View, Snapshot] | None:
+        """For the state saver: what xDS serves, and how it was built."""
+        xds = self._xds
+        built = xds.built() if xds is not None and "xds" in self._servers else None
+        if built is None:
+            return None
+        order = tuple(r.source for r in self.config.registries)
+        return state.xds_fingerprint(self.config.xds), order, *built
+
     def _config_fingerprints(self) -> dict[SourceId, str]:
         return {r.source: state.config_fingerprint(r) for r in self.config.registries}
 
@@ -212,10 +226,18 @@ class Supervisor:
         if result is None:
             return
         count = state.restore(self.index, result)
+        order = [r.source for r in self.config.registries]
+        if result.xds is not None and result.xds.usable(state.xds_fingerprint(self.config.xds), order):
+            self._prebuilt = result.xds.resources
+        elif result.xds is not None:
+            log.info(
+                "state: the saved xDS resources were built otherwise (code, xds config or registry order); rebuilt"
+            )
         log.info(
-            "state: restored %d services in %d parts from %s (saved %.0fs ago) in %.0f ms; served stale until resynced",
+            "state: restored %d services in %d parts%s from %s (saved %.0fs ago) in %.0f ms; stale until resynced",
             count,
             len(result.parts),
+            f" and the xDS resources of {len(self._prebuilt)}" if self._prebuilt is not None else "",
             directory / state.FILE_NAME,
             max(0.0, time.time() - result.written),
             (time.monotonic() - started) * 1e3,
@@ -270,7 +292,8 @@ class Supervisor:
         return None
 
     def _make_xds(self, cfg: Config) -> tuple[object, Server]:
-        self._xds = XdsServer(cfg.xds, self.index)
+        self._xds = XdsServer(cfg.xds, self.index, prebuilt=self._prebuilt)
+        self._prebuilt = None  # valid for the restored snapshot only
         return cfg.xds, self._xds
 
     def _make_dns(self, cfg: Config) -> tuple[object, Server]:

@@ -68,7 +68,7 @@ import functools
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import MappingProxyType
@@ -333,6 +333,9 @@ _NO_OVERRIDES: immutables.Map[tuple[str, str], Resource | None] = immutables.Map
 
 EMPTY_VIEW = View(0, MappingProxyType({t: immutables.Map() for t in TYPES}), immutables.Map())
 
+Prebuilt = Sequence[tuple[str, str, bytes]]
+"""One hostname's resources as (type URL, name, serialized `Any`), in build order."""
+
 Changes = Mapping[str, frozenset[str]]
 """type URL → names added, changed or removed by an update."""
 
@@ -360,7 +363,13 @@ class Builder:
         self._ignored: dict[tuple[str, str], traffic.Ignored] = {}
         """Filled by `build`: what proxyless gRPC does not honour in the resources it built."""
 
-    def update(self, old: View, snapshot: Snapshot, changed: Iterable[Hostname] | None) -> tuple[View, Changes]:
+    def update(
+        self,
+        old: View,
+        snapshot: Snapshot,
+        changed: Iterable[Hostname] | None,
+        prebuilt: Mapping[Hostname, Prebuilt] | None = None,
+    ) -> tuple[View, Changes]:
         """The view of `snapshot`, rebuilding only `changed` hostnames (all of them when None).
 
         O(changed): the tables are persistent maps, so an update touches only
@@ -369,6 +378,8 @@ class Builder:
         client namespaces is built once per distinct selection: the selection
         of a client without a namespace goes into the shared tables, each
         other one into `View.overrides` of its namespaces, where it differs.
+        `prebuilt`: serialized resources of hostnames without a policy, known to be what `build`
+        makes of their service in `snapshot` (a warm start's saved resources): taken as they are.
         """
         hosts = set(snapshot.services) | set(old.by_host) if changed is None else set(changed)
         tables = {t: old.resources[t].mutate() for t in TYPES}
@@ -395,8 +406,13 @@ class Builder:
             service = snapshot.services.get(host)
             self._plans.clear()
             self._ignored.clear()
-            shared, scoped = self._select(service, snapshot.policies.get(host))
-            built = self._build_or_skip(service, shared) if service is not None else []
+            policy = snapshot.policies.get(host)
+            packed = prebuilt.get(host) if prebuilt is not None and service is not None and policy is None else None
+            scoped: list[tuple[HostPolicy, list[str]]] = []
+            if packed is None:
+                shared, scoped = self._select(service, policy)
+                built = self._build_or_skip(service, shared) if service is not None else []
+                packed = [(type_url, name, _pack(type_url, message)) for type_url, name, message in built]
             for key, fields in self._ignored.items():
                 ignored[key] = (host, fields)
             plans = dict(self._plans)
@@ -409,8 +425,7 @@ class Builder:
             now = audience(service) if service is not None else None
             keys = []
             bodies: dict[tuple[str, str], bytes] = {}
-            for type_url, name, message in built:
-                body = _pack(type_url, message)
+            for type_url, name, body in packed:
                 bodies[(type_url, name)] = body
                 before = previous.pop((type_url, name), None)
                 if before is not None and before.body == body:

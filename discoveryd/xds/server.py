@@ -39,7 +39,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +49,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from discoveryd.config import TlsConfig, XdsConfig, split_hostport
 from discoveryd.index import Snapshot, SnapshotSource, diff
+from discoveryd.model import Hostname
 from discoveryd.xds.connection import Connection
 from discoveryd.xds.metrics import XdsMetrics, daemon_metrics
-from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ENDPOINT, LISTENER, ROUTE, Builder, BuildOptions, View
+from discoveryd.xds.resources import (
+    CLUSTER,
+    EMPTY_VIEW,
+    ENDPOINT,
+    LISTENER,
+    ROUTE,
+    Builder,
+    BuildOptions,
+    Prebuilt,
+    View,
+)
 from discoveryd.xds.unsupported import UnsupportedFields
 
 log = logging.getLogger(__name__)
@@ -82,8 +93,18 @@ _OPTIONS = (
 class XdsServer:
     """Serves the index over xDS. Owned by the supervisor; see the module docstring."""
 
-    def __init__(self, config: XdsConfig, index: SnapshotSource, metrics: XdsMetrics | None = None) -> None:
-        """`metrics`: where to count; by default the daemon's (the default Prometheus registry)."""
+    def __init__(
+        self,
+        config: XdsConfig,
+        index: SnapshotSource,
+        metrics: XdsMetrics | None = None,
+        prebuilt: Mapping[Hostname, Prebuilt] | None = None,
+    ) -> None:
+        """`metrics`: where to count; by default the daemon's (the default Prometheus registry).
+
+        `prebuilt`: a warm start's saved resources per hostname, valid for the index's current
+        (restored) snapshot and this config: the first build takes them instead of building.
+        """
         self._config = config
         self._index = index
         self.metrics = metrics if metrics is not None else daemon_metrics()
@@ -94,6 +115,7 @@ class XdsServer:
         self._builder = Builder(
             BuildOptions(config.connect_timeout, config.lb_policy, root_namespace=config.root_namespace)
         )
+        self._prebuilt = prebuilt
         self._view: View = EMPTY_VIEW
         self._built_from = Snapshot()
         self._connections: dict[int, Connection] = {}
@@ -139,7 +161,8 @@ class XdsServer:
         return list(self._connections.values())
 
     async def serve(self) -> None:
-        self._rebuild(self._index.snapshot, None)
+        self._rebuild(self._index.snapshot, None, prebuilt=self._prebuilt)
+        self._prebuilt = None
         self._serving = self._built_from.ready
         if not self._serving:
             log.info("xds: holding responses until every registry has synced or been restored")
@@ -170,6 +193,10 @@ class XdsServer:
             for conn in self._connections.values():
                 conn.close()
             await server.stop(_GRACE)
+
+    def built(self) -> tuple[View, Snapshot] | None:
+        """The view served and the snapshot it was built from, once serving (for the state saver)."""
+        return (self._view, self._built_from) if self._serving else None
 
     def syncz(self) -> dict[str, Any]:
         """Per-connection sync state, for /debug/syncz and `discoveryd status`."""
@@ -232,11 +259,17 @@ class XdsServer:
         for service in ("", *(s[0] for s in _SERVICES)):
             await self._healthz.set(service, status)
 
-    def _rebuild(self, snap: Snapshot, changed: frozenset[Any] | None, origin: float | None = None) -> None:
+    def _rebuild(
+        self,
+        snap: Snapshot,
+        changed: frozenset[Any] | None,
+        origin: float | None = None,
+        prebuilt: Mapping[Hostname, Prebuilt] | None = None,
+    ) -> None:
         if changed is None:
             changed = diff(self._built_from, snap)
         started = time.monotonic()
-        view, changes = self._builder.update(self._view, snap, changed)
+        view, changes = self._builder.update(self._view, snap, changed, prebuilt)
         self.metrics.build_seconds.observe(time.monotonic() - started)
         self._built_from = snap
         if not changes:

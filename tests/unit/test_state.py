@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -29,6 +30,7 @@ from discoveryd.model import (
 )
 from discoveryd.policy import DestinationRule, HostPolicy, VirtualService
 from discoveryd.state import StateSaver
+from discoveryd.xds.resources import EMPTY_VIEW, Builder, BuildOptions
 
 A = SourceId("etcd/main")
 B = SourceId("files/local")
@@ -384,3 +386,83 @@ def test_policies_are_saved_and_restored_with_their_part(tmp_path: Path) -> None
     assert other in index.snapshot.policies  # restored, not yet synced
     again.mark_synced()
     assert index.snapshot.policies.get(HOST) == policy and other not in index.snapshot.policies
+
+
+def _saved_xds_round_trip(tmp_path: Path) -> tuple[Index, state.LoadResult, dict[str, Any]]:
+    from tests.unit.test_policy import DR, HOST, SERVICE, policy_of
+
+    index = Index([A, B])
+    shard = index.writer(A)
+    shard.replace([dataclasses.replace(SERVICE, source=A), *(svc(f"s{i}.example", f"10.0.0.{i}") for i in range(5))])
+    shard.set_policy(HOST, policy_of(DR))
+    shard.mark_synced()
+    index.writer(B).replace([svc("file.example", "10.0.2.1")])
+    index.writer(B).mark_synced()
+    snap = index.snapshot
+    view, _ = Builder(BuildOptions()).update(EMPTY_VIEW, snap, None)
+    served = state.served_resources(view, snap, snap)
+    saved = state.SavedXds("fp", (A, B), served)
+    state.write_atomically(tmp_path, state.encode(index.capture(), 1.0, None, saved))
+    loaded = state.load(tmp_path, [A, B])
+    assert loaded is not None
+    bodies = {name: r.body for table in view.resources.values() for name, r in table.items()}
+    return index, loaded, bodies
+
+
+def test_saved_xds_resources_make_the_first_build_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.unit.test_policy import HOST
+
+    before, loaded, bodies = _saved_xds_round_trip(tmp_path)
+    # Every host but the one with a policy (built at start, with its namespace variants).
+    assert loaded.xds is not None and set(loaded.xds.resources) == set(before.snapshot.services) - {HOST}
+    index = Index([A, B])
+    state.restore(index, loaded)
+    built: list[str] = []
+    original = Builder.build
+
+    def counting(self: Builder, service: Service, policy: Any = None) -> Any:
+        built.append(service.hostname)
+        return original(self, service, policy)
+
+    monkeypatch.setattr(Builder, "build", counting)
+    view, _ = Builder(BuildOptions()).update(EMPTY_VIEW, index.snapshot, None, loaded.xds.resources)
+    assert built == [HOST]  # nothing else built: every other resource taken as saved ...
+    assert {name: r.body for table in view.resources.values() for name, r in table.items()} == bodies
+    fresh, _ = Builder(BuildOptions()).update(EMPTY_VIEW, index.snapshot, None)
+    assert {n: r.version for t in fresh.resources.values() for n, r in t.items()} == {
+        n: r.version for t in view.resources.values() for n, r in t.items()
+    }  # ... and exactly what a build makes of the restored index (same versions: no push after start)
+
+
+def test_saved_xds_resources_are_dropped_when_the_restored_world_may_differ(tmp_path: Path) -> None:
+    _, loaded, _ = _saved_xds_round_trip(tmp_path)
+    assert loaded.xds is not None
+    assert loaded.xds.usable("fp", [A, B]) and loaded.xds.usable("fp", [A, SourceId("new/one"), B])
+    assert not loaded.xds.usable("other", [A, B])  # other code or xds config
+    assert not loaded.xds.usable("fp", [B, A])  # another precedence: other merged services
+    only_a = state.load(tmp_path, [A])  # a registry's part left out: merges may differ
+    assert only_a is not None and only_a.xds is None
+
+
+def test_only_resources_built_from_the_saved_services_are_saved() -> None:
+    index = Index([A])
+    shard = index.writer(A)
+    shard.replace([svc("kept.example", "10.0.0.1"), svc("moved.example", "10.0.0.2")])
+    shard.mark_synced()
+    built_from = index.snapshot
+    view, _ = Builder(BuildOptions()).update(EMPTY_VIEW, built_from, None)
+    shard.upsert(svc("moved.example", "10.0.0.3"))  # not built yet (xDS debounces)
+    served = state.served_resources(view, built_from, index.snapshot)
+    assert set(served) == {"kept.example"}
+
+
+def test_a_capture_missing_a_part_with_content_is_incomplete() -> None:
+    index = Index([A, B])
+    index.writer(A).replace([svc("a.example", "10.0.0.1")])
+    index.writer(A).mark_synced()
+    index.writer(B)  # opened, empty, not synced: leaving it out changes nothing
+    assert index.capture_is_complete()
+    index.writer(B).replace([svc("b.example", "10.0.0.2")])  # content that is not saved
+    assert not index.capture_is_complete()
