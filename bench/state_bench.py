@@ -2,8 +2,9 @@
 
 1. Save/load cost in this process, for `--services` services with 10 endpoints
    each (default 10k services = 100k endpoints): `Index.capture()` (on the
-   event loop), encode (positional rows, orjson, worker thread), the atomic write, the
-   file size; then load + restore into a fresh index.
+   event loop), encode (positional rows, orjson, and the xDS resources served,
+   as the daemon's worker thread does), the atomic write, the file size; then
+   load + restore into a fresh index.
 2. The real `discoveryd run` with a files registry (4 ServiceEntries) and an
    etcd registry (real etcd, `--keys` keys, 10 per service): it syncs, saves,
    and is killed with SIGKILL; it is started again and a CDS client connects
@@ -37,7 +38,7 @@ from bench.etcd_bench import ENDPOINTS_PER_SERVICE, _load
 from discoveryd import state
 from discoveryd.index import Index
 from discoveryd.model import Endpoint, Hostname, Locality, Port, PortProtocol, Service, SourceId
-from discoveryd.xds.resources import CLUSTER
+from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, Builder, BuildOptions
 from tests.fakes.etcd import EtcdServer
 from tests.fakes.xds import Stream, names
 from tests.helpers import free_port, wait_sync
@@ -92,14 +93,19 @@ def save_cost(services: int) -> dict[str, float]:
         for i in range(services)
     )
     shard.mark_synced()  # only synced parts are saved
-    captures, encodes, writes = [], [], []
+    snap = index.snapshot
+    view, _ = Builder(BuildOptions()).update(EMPTY_VIEW, snap, None)  # what xDS serves, saved with the index
+    captures, encodes, encode_cpu, writes = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         for _ in range(5):
             t0 = time.perf_counter()
             parts = index.capture()
             t1 = time.perf_counter()
-            data = state.encode(parts, time.time())
+            c1 = time.process_time()
+            xds = state.SavedXds("bench", (source,), state.served_resources(view, snap, index.snapshot))
+            data = state.encode(parts, time.time(), None, xds)
+            encode_cpu.append(time.process_time() - c1)
             t2 = time.perf_counter()
             state.write_atomically(directory, data)
             t3 = time.perf_counter()
@@ -118,14 +124,22 @@ def save_cost(services: int) -> dict[str, float]:
         "endpoints": services * 10,
         "capture_ms": median(captures) * 1e3,
         "encode_ms": median(encodes) * 1e3,
+        "encode_cpu_ms": median(encode_cpu) * 1e3,
         "write_ms": median(writes) * 1e3,
         "file_mb": len(data) / 2**20,
         "load_restore_ms": load_s * 1e3,
     }
 
 
-async def _first_cds(port: int, deadline: float) -> tuple[float, int]:
-    """Retry until a CDS response arrives: (monotonic time it arrived, clusters in it)."""
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _first_cds(port: int, deadline: float, pid: int | None = None) -> tuple[float, int, float]:
+    """Retry until a CDS response arrives: (monotonic time it arrived, clusters in it, the CPU time
+    process `pid` had used by then)."""
     while time.monotonic() < deadline:
         try:
             # Own subchannel pool: a shared one keeps the reconnect backoff of refused connections.
@@ -135,8 +149,9 @@ async def _first_cds(port: int, deadline: float) -> tuple[float, int]:
                 await stream.send(CLUSTER)
                 response = await stream.recv(timeout=max(0.1, deadline - time.monotonic()))
                 at = time.monotonic()
+                cpu = _cpu_seconds(pid) if pid is not None else 0.0
                 await stream.close()
-                return at, len(names(response))
+                return at, len(names(response)), cpu
         except (grpc.aio.AioRpcError, TimeoutError, AssertionError):
             await asyncio.sleep(0.02)
     raise TimeoutError("no CDS response")
@@ -199,11 +214,11 @@ def _rounds(
     start: Any, kill: Any, xds: int, expected: int, state_file: Path, base: Path, rounds: int, results: dict[str, Any]
 ) -> None:
     for mode in ("with state", "without state"):
-        samples: list[tuple[float, int]] = []
+        samples: list[tuple[float, int, float]] = []
         for _ in range(rounds):
             proc, _ = start()
             try:
-                at, count = asyncio.run(_first_cds(xds, time.monotonic() + 120))
+                at, count, _ = asyncio.run(_first_cds(xds, time.monotonic() + 120))
                 assert count == expected, f"warm-up run served {count} of {expected}"
                 wait_sync(lambda: state_file.exists(), timeout=30, what="state saved")
                 time.sleep(2.5)  # past the save throttle: the file holds the synced world
@@ -213,13 +228,15 @@ def _rounds(
                 shutil.rmtree(base / "state")
             proc, t_start = start()
             try:
-                at, count = asyncio.run(_first_cds(xds, time.monotonic() + 120))
-                samples.append((at - t_start, count))
+                at, count, cpu = asyncio.run(_first_cds(xds, time.monotonic() + 120, proc.pid))
+                samples.append((at - t_start, count, cpu))
             finally:
                 kill(proc)
         results[mode] = {
-            "first_cds_s": [round(s, 3) for s, _ in samples],
-            "clusters_in_first": [c for _, c in samples],
+            "first_cds_s": [round(s, 3) for s, _, _ in samples],
+            "clusters_in_first": [c for _, c, _ in samples],
+            "daemon_cpu_s": [round(c, 2) for _, _, c in samples],
+            "load_average": os.getloadavg()[0],
         }
 
 
@@ -233,7 +250,7 @@ def main(argv: list[str]) -> None:
                     cost["services"],
                     cost["endpoints"],
                     f"{cost['capture_ms']:.1f} ms",
-                    f"{cost['encode_ms']:.0f} ms",
+                    f"{cost['encode_ms']:.0f} ms ({cost['encode_cpu_ms']:.0f} ms CPU)",
                     f"{cost['write_ms']:.0f} ms",
                     f"{cost['file_mb']:.1f} MiB",
                     f"{cost['load_restore_ms']:.0f} ms",
@@ -257,11 +274,13 @@ def main(argv: list[str]) -> None:
                 mode,
                 ", ".join(f"{s:.2f} s" for s in r["first_cds_s"]),
                 ", ".join(f"{c}/{restart['clusters']}" for c in r["clusters_in_first"]),
+                ", ".join(f"{c:.2f} s" for c in r["daemon_cpu_s"]),
             ]
         )
     print()
     print(f"restart after kill -9, {restart['keys']} etcd keys + 4 ServiceEntries:")
-    print(table(rows, ["", "process start → first CDS response", "clusters in it"]))
+    print(table(rows, ["", "process start → first CDS response", "clusters in it", "daemon CPU by then"]))
+    print(f"load average {os.getloadavg()[0]:.2f} (1 min) at the end")
     write_results("state", {"save": cost, "restart": restart}, "python -m bench state " + " ".join(argv))
 
 
