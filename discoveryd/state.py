@@ -751,9 +751,20 @@ class StateSaver:
         """One write at a time: a stop-time write waits for one still running in the worker thread."""
         self.writes = 0
         self.last_write_seconds = 0.0
+        self._xds_behind = False
+        """The last write lacked xDS resources of the saved version (xDS had not built it yet)."""
 
     def _changed(self) -> bool:
-        return self._index.snapshot.version != self._saved_version or self._index.state_dirty
+        return (
+            self._index.snapshot.version != self._saved_version
+            or self._index.state_dirty
+            or (self._xds_behind and self._xds_caught_up())
+        )
+
+    def _xds_caught_up(self) -> bool:
+        """xDS now serves a build of the saved version or later (and all of it can be saved)."""
+        served = self._xds() if self._xds is not None else None
+        return served is not None and served[3].version >= self._saved_version and self._index.capture_is_complete()
 
     def _capture(self) -> tuple[int, _Capture]:
         snapshot = self._index.snapshot
@@ -763,6 +774,9 @@ class StateSaver:
 
     def _write(self, capture: _Capture) -> None:
         parts, snapshot, served = capture
+        # Written again once xDS has caught up: a start takes the resources of only the hostnames
+        # that were built from the saved services, and builds the others.
+        self._xds_behind = self._xds is not None and (served is None or served[3].version < snapshot.version)
         with self._lock:
             started = time.perf_counter()
             xds = None

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from discoveryd import state
-from discoveryd.index import Index, PartCapture
+from discoveryd.index import Index, PartCapture, Snapshot
 from discoveryd.model import (
     Endpoint,
     Health,
@@ -30,6 +30,7 @@ from discoveryd.model import (
 )
 from discoveryd.policy import DestinationRule, HostPolicy, VirtualService
 from discoveryd.state import StateSaver
+from discoveryd.testing import eventually
 from discoveryd.xds.resources import EMPTY_VIEW, Builder, BuildOptions
 
 A = SourceId("etcd/main")
@@ -466,3 +467,31 @@ def test_a_capture_missing_a_part_with_content_is_incomplete() -> None:
     assert index.capture_is_complete()
     index.writer(B).replace([svc("b.example", "10.0.0.2")])  # content that is not saved
     assert not index.capture_is_complete()
+
+
+async def test_saver_writes_again_once_xds_has_built_the_saved_version(tmp_path: Path) -> None:
+    index = Index([A])
+    shard = index.writer(A)
+    shard.replace([svc("a.example", "10.0.0.1"), svc("b.example", "10.0.0.2")])
+    shard.mark_synced()
+    old_snap = index.snapshot
+    old_view, _ = Builder(BuildOptions()).update(EMPTY_VIEW, old_snap, None)
+    built: list[tuple[Any, Snapshot]] = [(old_view, old_snap)]
+    saver = StateSaver(index, tmp_path, interval=0.05, xds=lambda: ("fp", (A,), *built[-1]))
+    task = asyncio.create_task(saver.run())
+    await asyncio.sleep(0)  # the saver runs: what the index holds now counts as saved
+    try:
+        shard.upsert(svc("b.example", "10.0.0.3"))  # xDS has not built this version yet
+        await eventually(lambda: saver.writes >= 1, timeout=10, what="first write")
+        first = state.load(tmp_path, [A])
+        assert first is not None and first.xds is not None and set(first.xds.resources) == {"a.example"}
+        await asyncio.sleep(0.2)
+        assert saver.writes == 1  # nothing new: no write
+        snap = index.snapshot
+        built.append((Builder(BuildOptions()).update(EMPTY_VIEW, snap, None)[0], snap))  # xDS catches up
+        await eventually(lambda: saver.writes >= 2, timeout=10, what="a write with the caught-up resources")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    again = state.load(tmp_path, [A])
+    assert again is not None and again.xds is not None and set(again.xds.resources) == {"a.example", "b.example"}
