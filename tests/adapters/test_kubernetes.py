@@ -726,3 +726,24 @@ async def test_the_oldest_rule_comes_first(fake: FakeApiServer, index: Index, tm
         )
         assert [r.namespace for r in policy.routes] == ["b-older", "a-newer"]
         assert policy.select("elsewhere", "x", "istio-system").virtual_service.namespace == "b-older"
+
+
+async def test_forbidden_rules_do_not_stop_the_service_entries(
+    fake: FakeApiServer, index: Index, tmp_path: Path
+) -> None:
+    """An RBAC without destinationrules (403): the other Istio kinds are read and followed, the registry is
+    ready; once readable, the rules arrive."""
+    fake.install_crds()
+    fake.forbidden.add("destinationrules")
+    fake.apply("serviceentries", _entry("e", "shop", {"hosts": ["e.example.com"], "resolution": "DNS"}))
+    fake.apply(
+        "destinationrules", _rule("e", "shop", "e.example.com", trafficPolicy={"loadBalancer": {"simple": "RANDOM"}})
+    )
+    source = SourceId("kubernetes/c1")
+    async with running(index, _config(tmp_path, fake, crd_retry="100ms"), tmp_path):
+        await eventually(
+            lambda: index.snapshot.ready and Hostname("e.example.com") in index.snapshot.services, what="first sync"
+        )
+        assert _policy(index, "e.example.com") is None and not index.snapshot.shards[source].stale
+        fake.forbidden.clear()
+        await eventually(lambda: _policy(index, "e.example.com") is not None, what="readable later")
