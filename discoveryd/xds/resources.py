@@ -382,6 +382,11 @@ class Builder:
         makes of their service in `snapshot` (a warm start's saved resources): taken as they are.
         """
         hosts = set(snapshot.services) | set(old.by_host) if changed is None else set(changed)
+        seeded: dict[str, set[str]] = {}
+        if prebuilt and not old.by_host:  # a warm start's first build: the saved resources in bulk
+            old, seeded = self._seed(snapshot, prebuilt, old.version)
+            hosts.difference_update(old.by_host)
+            prebuilt = None
         tables = {t: old.resources[t].mutate() for t in TYPES}
         by_host = old.by_host.mutate()
         audiences = old.audiences.mutate()
@@ -489,7 +494,42 @@ class Builder:
             overrides.finish(),
             variant_keys.finish(),
         )
+        for type_url, names in seeded.items():
+            touched[type_url] |= names
         return view, {t: frozenset(names) for t, names in touched.items() if names}
+
+    def _seed(
+        self, snapshot: Snapshot, prebuilt: Mapping[Hostname, Prebuilt], version: int
+    ) -> tuple[View, dict[str, set[str]]]:
+        """A view of the saved resources of the hostnames without a policy (what `update` would make
+        of them from an empty view, several times faster), and their names as changed."""
+        tables: dict[str, dict[str, Resource]] = {t: {} for t in TYPES}
+        by_host: dict[Hostname, tuple[tuple[str, str], ...]] = {}
+        audiences: dict[str, Audience] = {}
+        granted: dict[str, int] = {}
+        services, policies = snapshot.services, snapshot.policies
+        for host, items in prebuilt.items():
+            service = services.get(host)
+            if service is None or host in policies or not items:
+                continue
+            now = audience(service)
+            for type_url, name, body in items:
+                tables[type_url][name] = Resource(name, _version(body), body)
+                if now is not None and name not in audiences:
+                    audiences[name] = now
+                    for ns in now:
+                        granted[ns] = granted.get(ns, 0) + 1
+            by_host[host] = tuple((type_url, name) for type_url, name, _ in items)
+        view = View(
+            version,
+            MappingProxyType({t: immutables.Map(tables[t]) for t in TYPES}),
+            immutables.Map(by_host),
+            immutables.Map(audiences),
+            immutables.Map(granted),
+            immutables.Map(),
+            self.variants,
+        )
+        return view, {t: set(table) for t, table in tables.items()}
 
     def _select(
         self, service: Service | None, policy: HostPolicy | None

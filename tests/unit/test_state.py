@@ -31,7 +31,7 @@ from discoveryd.model import (
 from discoveryd.policy import DestinationRule, HostPolicy, VirtualService
 from discoveryd.state import StateSaver
 from discoveryd.testing import eventually
-from discoveryd.xds.resources import EMPTY_VIEW, Builder, BuildOptions
+from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, Builder, BuildOptions
 
 A = SourceId("etcd/main")
 B = SourceId("files/local")
@@ -394,7 +394,10 @@ def _saved_xds_round_trip(tmp_path: Path) -> tuple[Index, state.LoadResult, dict
 
     index = Index([A, B])
     shard = index.writer(A)
-    shard.replace([dataclasses.replace(SERVICE, source=A), *(svc(f"s{i}.example", f"10.0.0.{i}") for i in range(5))])
+    exported = dataclasses.replace(svc("only-ns-a.example", "10.0.0.9"), export_to=("ns-a",))
+    shard.replace(
+        [dataclasses.replace(SERVICE, source=A), exported, *(svc(f"s{i}.example", f"10.0.0.{i}") for i in range(5))]
+    )
     shard.set_policy(HOST, policy_of(DR))
     shard.mark_synced()
     index.writer(B).replace([svc("file.example", "10.0.2.1")])
@@ -435,6 +438,9 @@ def test_saved_xds_resources_make_the_first_build_after_a_restart(
     assert {n: r.version for t in fresh.resources.values() for n, r in t.items()} == {
         n: r.version for t in view.resources.values() for n, r in t.items()
     }  # ... and exactly what a build makes of the restored index (same versions: no push after start)
+    assert (view.by_host, view.audiences, view.granted) == (fresh.by_host, fresh.audiences, fresh.granted)
+    assert view.sotw_body(CLUSTER, "ns-a") == fresh.sotw_body(CLUSTER, "ns-a")
+    assert view.sotw_body(CLUSTER, None) == fresh.sotw_body(CLUSTER, None)
 
 
 def test_saved_xds_resources_are_dropped_when_the_restored_world_may_differ(tmp_path: Path) -> None:
