@@ -517,8 +517,8 @@ class Connection:
             picked = [r for n in sorted(names) if st.subscribed(n) and (r := view.get(st.type_url, n, ns)) is not None]
             if not picked:
                 return None
-            if st.type_url == ENDPOINT and view.localized and self.client is not None:
-                picked = [view.localize(r, self.client) for r in picked]
+            if st.type_url == ENDPOINT and view.located and self.client is not None:
+                picked = [view.localize(r, self.client, ns) for r in picked]
         if self._unsupported is not None and self.client_type == GRPC and st.type_url in _REPORTED:
             if shared:
                 self._unsupported.sent_all(self.client_type, self.node_id, view, st.type_url, ns)
@@ -542,11 +542,11 @@ class Connection:
         outdated: list[str] = []
         """Clusters the client held in another version: their assignments must follow."""
         view, ns = self.view, self.namespace
-        localize = st.type_url == ENDPOINT and bool(view.localized) and self.client is not None
+        localize = st.type_url == ENDPOINT and view.located and self.client is not None
         for name in sorted(names):
             r = view.get(st.type_url, name, ns)  # None outside the client's scope: it does not exist for it
             if r is not None and localize:
-                r = view.localize(r, self.client)
+                r = view.localize(r, self.client, ns)
             if r is not None and st.subscribed(name):
                 had = st.known.get(name)
                 if had != r.version:
@@ -640,7 +640,7 @@ def _news(type_url: str, name: str, old: View, new: View, namespace: str | None)
         return False
     if before is None or after is None or before.version != after.version:
         return True
-    return name in new.localized or name in old.localized
+    return new.has_variants(name, namespace) or old.has_variants(name, namespace)
 
 
 def _names_key(req: discovery_pb2.DiscoveryRequest) -> bytes:

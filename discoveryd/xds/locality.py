@@ -2,7 +2,8 @@
 
 Data flow: `resources.Builder` builds every assignment once, for everyone.
 When the cluster's effective DestinationRule policy has an active
-localityLbSetting it also keeps a `Plan` next to it (`View.localized`).
+localityLbSetting it also keeps a `Plan` next to it (`View.localized`; for a
+namespace's own assignment, `View.localized_over`).
 A connection that knows its client's locality or labels (`Client`, from the
 node of its first request) asks the view for the client's variant of such an
 assignment (`View.localize`): the plan reduces the client to the `key` that

@@ -54,7 +54,9 @@ built with the service, in `discoveryd.xds.policy`:
   subset's, the subset's port level) sets its load balancer, outlier
   detection, circuit breakers, protocol options and upstream TLS. An active
   localityLbSetting also records the assignment's locality plan in
-  `View.localized`; connections serve a located client its variant
+  `View.localized` (a namespace's own assignment, from a rule that only
+  that namespace sees, in `View.localized_over`); connections serve a
+  located client its variant
   (`View.localize`, built once per key in a bounded `VariantCache`, see
   `discoveryd.xds.locality`).
 - VirtualService: its http routes replace the catch-all route of
@@ -193,9 +195,13 @@ class View:
     )
     """Client namespace → (type URL, name) → what clients of that namespace see instead of the resource
     in `resources` (None: nothing), for the hosts whose DestinationRule/VirtualService selection differs
-    there (the rules' exportTo, a rule in the client's namespace). Only resources that differ are kept."""
+    there (the rules' exportTo, a rule in the client's namespace). Only resources that differ are kept (an
+    assignment also when only its locality plan differs: then the entry is the shared resource itself)."""
     variant_keys: immutables.Map[Hostname, tuple[tuple[str, str, str], ...]] = field(default_factory=immutables.Map)
     """hostname → the (namespace, type URL, name) entries of `overrides` built from it."""
+    localized_over: immutables.Map[str, immutables.Map[str, Plan]] = field(default_factory=immutables.Map)
+    """Client namespace → assignment name → the locality plan of that namespace's own assignment (an entry
+    of `overrides`), where its effective localityLbSetting is active. Built and bounded like `localized`."""
     _bodies: dict[tuple[str, str | None], bytes] = field(default_factory=dict, compare=False, repr=False)
     _counts: dict[tuple[str, str | None], int] = field(default_factory=dict, compare=False, repr=False)
 
@@ -245,15 +251,37 @@ class View:
                 if t == type_url and mine is not None and n not in table:
                     yield mine
 
-    def localize(self, r: Resource, client: Client | None) -> Resource:
-        """The assignment `r` as `client` is to see it: its locality variant, or `r` itself.
+    @property
+    def located(self) -> bool:
+        """Whether any assignment has locality variants (shared or of a namespace)."""
+        return bool(self.localized) or bool(self.localized_over)
 
-        Only the shared assignment has locality variants (its plan is the shared cluster's); a namespace's
-        own variant (`overrides`) is served as built."""
-        plan = self.localized.get(r.name)
-        if plan is None or client is None or self.variants is None:
+    def has_variants(self, name: str, namespace: str | None) -> bool:
+        """Whether assignment `name` may have locality variants for a client in `namespace`."""
+        if name in self.localized:
+            return True
+        plans = self.localized_over.get(namespace) if namespace is not None else None
+        return plans is not None and name in plans
+
+    def localize(self, r: Resource, client: Client | None, namespace: str | None = None) -> Resource:
+        """The assignment `r` (as `get` gave it to a client in `namespace`) as `client` is to see it: its
+        locality variant, or `r` itself.
+
+        A namespace's own assignment (`overrides`) follows that namespace's plan (`localized_over`), the
+        shared one the shared plan (`localized`); variants of both are built once per (plan, client key)
+        in the same bounded cache."""
+        if client is None or self.variants is None:
             return r
-        if self.resources[ENDPOINT].get(r.name) is not r:
+        plan: Plan | None = None
+        over = self.overrides.get(namespace) if namespace is not None and self.overrides else None
+        if namespace is not None and over is not None and (ENDPOINT, r.name) in over:
+            if over[(ENDPOINT, r.name)] is not r:
+                return r
+            plans = self.localized_over.get(namespace)
+            plan = plans.get(r.name) if plans is not None else None
+        elif self.resources[ENDPOINT].get(r.name) is r:
+            plan = self.localized.get(r.name)
+        if plan is None:
             return r
         key = plan.key(client)
         if key is None:
@@ -330,6 +358,12 @@ class VariantCache:
 
 
 _NO_OVERRIDES: immutables.Map[tuple[str, str], Resource | None] = immutables.Map()
+_NO_PLANS: immutables.Map[str, Plan] = immutables.Map()
+
+
+def _digest(plan: Plan | None) -> str | None:
+    return plan.digest if plan is not None else None
+
 
 EMPTY_VIEW = View(0, MappingProxyType({t: immutables.Map() for t in TYPES}), immutables.Map())
 
@@ -395,6 +429,7 @@ class Builder:
         ignored = old.grpc_ignored.mutate()
         overrides = old.overrides.mutate()
         variant_keys = old.variant_keys.mutate()
+        localized_over = old.localized_over.mutate()
         touched: dict[str, set[str]] = {t: set() for t in TYPES}
         for host in hosts:
             keys_before: tuple[tuple[str, str], ...] = by_host.pop(host, ())
@@ -424,8 +459,7 @@ class Builder:
             for name, plan in plans.items():
                 localized[name] = plan
             for name in plans_before.keys() | plans.keys():
-                before_plan, now_plan = plans_before.get(name), plans.get(name)
-                if (before_plan.digest if before_plan else None) != (now_plan.digest if now_plan else None):
+                if _digest(plans_before.get(name)) != _digest(plans.get(name)):
                     touched[ENDPOINT].add(name)  # same shared bytes, other variants for located clients
             now = audience(service) if service is not None else None
             keys = []
@@ -450,6 +484,7 @@ class Builder:
                 by_host[host] = tuple(keys)
             # Namespaces whose rules differ: their own variants of what differs from the shared build.
             before_over: dict[tuple[str, str, str], Resource | None] = {}
+            before_plans: dict[tuple[str, str], Plan] = {}
             for ns, type_url, name in variant_keys.pop(host, ()):
                 held = overrides.get(ns)
                 if held is not None and (type_url, name) in held:
@@ -459,28 +494,53 @@ class Builder:
                         overrides[ns] = rest
                     else:
                         del overrides[ns]
+                held_plans = localized_over.get(ns) if type_url == ENDPOINT else None
+                if held_plans is not None and name in held_plans:
+                    before_plans[(ns, name)] = held_plans[name]
+                    rest_plans = held_plans.delete(name)
+                    if len(rest_plans):
+                        localized_over[ns] = rest_plans
+                    else:
+                        del localized_over[ns]
             now_over: dict[tuple[str, str, str], Resource | None] = {}
+            now_plans: dict[tuple[str, str], Plan] = {}
             if service is not None:
                 for selection, namespaces in scoped:
+                    self._plans.clear()
                     own = {(t, n): _pack(t, m) for t, n, m in self._build_or_skip(service, selection)}
+                    own_plans = dict(self._plans)
                     for key in bodies.keys() | own.keys():
                         variant = own.get(key)
-                        if variant == bodies.get(key):
-                            continue
                         type_url, name = key
-                        mine = None if variant is None else Resource(name, _version(variant), variant)
+                        own_plan = own_plans.get(name) if type_url == ENDPOINT else None
+                        same_plan = type_url != ENDPOINT or _digest(own_plan) == _digest(plans.get(name))
+                        if variant == bodies.get(key) and same_plan:
+                            continue
+                        if variant is None:
+                            mine = None
+                        elif variant == bodies.get(key):  # same bytes, another locality plan
+                            mine = tables[type_url][name]
+                        else:
+                            mine = Resource(name, _version(variant), variant)
                         for ns in namespaces:
                             now_over[(ns, type_url, name)] = mine
-                self._plans = plans
+                            if own_plan is not None and mine is not None:
+                                now_plans[(ns, name)] = own_plan
+                self._plans.clear()
             for (ns, type_url, name), variant_r in now_over.items():
                 overrides[ns] = overrides.get(ns, _NO_OVERRIDES).set((type_url, name), variant_r)
+            for (ns, name), plan in now_plans.items():
+                localized_over[ns] = localized_over.get(ns, _NO_PLANS).set(name, plan)
             if now_over:
                 variant_keys[host] = tuple(now_over)
             for entry in before_over.keys() | now_over.keys():
                 was_r, now_r = before_over.get(entry), now_over.get(entry)
-                if (was_r.version if was_r else None) != (now_r.version if now_r else None) or (
-                    entry in before_over
-                ) != (entry in now_over):
+                plan_key = (entry[0], entry[2])
+                if (
+                    (was_r.version if was_r else None) != (now_r.version if now_r else None)
+                    or (entry in before_over) != (entry in now_over)
+                    or _digest(before_plans.get(plan_key)) != _digest(now_plans.get(plan_key))
+                ):
                     touched[entry[1]].add(entry[2])
         view = View(
             snapshot.version,
@@ -493,6 +553,7 @@ class Builder:
             ignored.finish(),
             overrides.finish(),
             variant_keys.finish(),
+            localized_over.finish(),
         )
         for type_url, names in seeded.items():
             touched[type_url] |= names

@@ -435,3 +435,83 @@ def test_a_locality_setting_survives_a_warm_restart(tmp_path: Path) -> None:
     state.write_atomically(tmp_path, state.encode(before.capture(), 1.0))
     loaded = state.load(tmp_path, [source])
     assert loaded is not None and dict(loaded.parts[0].policies)[HOST] == policy
+
+
+# -- a namespace's own rule ------------------------------------------------------------------------
+
+WEB_RULE = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: cart-for-web, namespace: web}
+spec:
+  host: cart.shop.internal
+  exportTo: [.]
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 1}
+    loadBalancer:
+      localityLbSetting: {failover: [{from: us, to: ap}]}
+  subsets:
+  - name: v1
+    labels: {v: '1'}
+"""
+V1 = "outbound|8080|v1|cart.shop.internal"
+
+
+def located(view: View, name: str, namespace: str | None, client: Client) -> dict[str, int]:
+    r = view.get(ENDPOINT, name, namespace)
+    assert r is not None
+    packed = any_pb2.Any.FromString(view.localize(r, client, namespace).body)
+    return priorities(endpoint_pb2.ClusterLoadAssignment.FromString(packed.value))
+
+
+def test_a_namespace_s_own_rule_localizes_its_assignments() -> None:
+    """A rule private to namespace web with a locality setting: web's located clients get priorities for the
+    cluster's assignment and the rule's subset assignment; clients elsewhere get the shared assignment."""
+    endpoints = tuple(Endpoint(e.address, locality=e.locality, labels={"v": "1"}) for e in ENDPOINTS)
+    builder = Builder(BuildOptions())
+    view = view_of(policy_of(WEB_RULE), service(*endpoints), builder)
+    us = Client("us", "a", "1")
+    want = {"10.0.0.1": 0, "10.0.0.2": 1, "10.0.0.3": 2, "10.0.0.4": 4, "10.0.0.5": 3}
+    assert located(view, NAME, "web", us) == want
+    assert located(view, V1, "web", us) == want
+    assert set(located(view, NAME, "other", us).values()) == {0}  # the shared assignment, as built
+    assert view.localize(view.resources[ENDPOINT][NAME], us, "other") is view.resources[ENDPOINT][NAME]
+    assert view.get(ENDPOINT, V1, "other") is None  # the subset is web's only
+    # web's clients share the variants: one build per key, not per client
+    for i in range(100):
+        located(view, NAME, "web", Client("us", "a", f"pod-{i}"))
+    assert builder.variants.builds == 3  # NAME for us/a/1 and us/a/<other>, V1 for us/a/1
+
+
+def test_a_namespace_s_locality_plan_change_is_news_to_its_located_clients() -> None:
+    """The same endpoints under another failover rule of web: same bytes, another plan; web's clients are told."""
+    builder = Builder(BuildOptions())
+    one = Snapshot(version=1, services={HOST: service()}, policies={HOST: policy_of(WEB_RULE)})
+    changed = WEB_RULE.replace("to: ap", "to: eu")
+    two = Snapshot(version=2, services={HOST: service()}, policies={HOST: policy_of(changed)})
+    v1, _ = builder.update(EMPTY_VIEW, one, None)
+    v2, changes = builder.update(v1, two, {HOST})
+    assert NAME in changes[ENDPOINT]
+    us = Client("us", "a", "1")
+    assert located(v1, NAME, "web", us)["10.0.0.5"] == 3 and located(v2, NAME, "web", us)["10.0.0.5"] == 4
+    assert v2.has_variants(NAME, "web") and not v2.has_variants(NAME, "other")
+
+
+def test_the_connection_serves_its_namespace_s_variant() -> None:
+    view = view_of(policy_of(WEB_RULE))
+    for namespace, want in (("web", 0), ("other", 0)):
+        conn = Connection(1, "ADS", False, "peer", view, XdsMetrics(CollectorRegistry()))
+        req = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=[NAME])
+        req.node.id = "envoy"
+        req.node.metadata.update({"NAMESPACE": namespace})
+        req.node.locality.CopyFrom(base_pb2.Locality(region="eu", zone="x"))
+        conn.on_request(req)
+        out = conn.next_response()
+        assert out is not None
+        resp = discovery_pb2.DiscoveryResponse.FromString(out[1])
+        got = priorities(endpoint_pb2.ClusterLoadAssignment.FromString(resp.resources[0].value))
+        assert got["10.0.0.4"] == want
+        if namespace == "web":
+            assert got["10.0.0.1"] == 1  # eu first, then the rest
+        else:
+            assert set(got.values()) == {0}
