@@ -49,6 +49,7 @@ from discoveryd.model import (
     is_ip,
     parse_protocol,
 )
+from discoveryd.naming import consul as consul_names
 
 _MAX_WEIGHT = 65535
 
@@ -73,8 +74,8 @@ def names(service: str, dc: str, naming: Naming) -> tuple[Hostname, tuple[Hostna
     label = service.lower()
     if not is_dns_label(label):
         return None
-    canonical = hostname(f"{label}.service.{dc}.{naming.domain}")
-    aliases = (hostname(f"{label}.service.{naming.domain}"),) if dc == naming.local_dc else ()
+    canonical = hostname(consul_names.canonical_name(label, dc, naming.domain))
+    aliases = (hostname(consul_names.local_name(label, naming.domain)),) if dc == naming.local_dc else ()
     return canonical, aliases
 
 

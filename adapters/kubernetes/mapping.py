@@ -51,6 +51,7 @@ from discoveryd.model import (
     parse_protocol,
     protocol_from_port_name,
 )
+from discoveryd.naming import kubernetes as kubernetes_names
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 REGION_LABEL = "topology.kubernetes.io/region"
@@ -85,7 +86,7 @@ def meta_key(obj: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def service_hostname(name: str, namespace: str, domain: str) -> Hostname:
-    return Hostname(f"{name}.{namespace}.svc.{domain}".lower())
+    return Hostname(kubernetes_names.service_name(name, namespace, domain).lower())
 
 
 @dataclass(frozen=True, slots=True)

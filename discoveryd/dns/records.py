@@ -7,23 +7,14 @@ keyed by owner name, and merges them into one map `owner name → type →
 rdata`. `update()` returns the owner names whose content or existence changed,
 which is exactly what the answer cache must forget.
 
-Naming rules depend on the zone a hostname falls in:
-
-- KUBERNETES zone `<domain>`, hostname `<svc>.<ns>.svc.<domain>` (Kubernetes DNS
-  specification 1.1.0): a ClusterIP service answers its VIPs and SRV records
-  pointing at the service name; a headless service answers its ready
-  endpoints, one name per endpoint (`<hostname or a-b-c-d>.<svc>...`) and SRV
-  records pointing at those; ExternalName is a CNAME; `dns-version.<domain>`
-  is a TXT record.
-- CONSUL zone `<domain>`, hostname `<svc>.service.<dc>.<domain>` (canonical) with
-  the alias `<svc>.service.<domain>` (the local datacenter), as the Consul adapter
-  writes them: `[tag.]<name>` answer passing instances (tags from
-  `Endpoint.tags`), `_<svc>._<tag|tcp>.service[.<dc>].<domain>` is the RFC 2782
-  SRV form, and SRV targets are `<hex ip>.addr.<dc>.<domain>`.
-- Everything else (ServiceEntry hosts, etcd names, hosts outside every zone):
-  VIPs if the service has any, else a CNAME for DNS resolution with hostname
-  endpoints, else the serving endpoints' addresses, with per-endpoint names
-  for SRV targets. `*.example.com` hosts own the wildcard name itself.
+Naming rules: a registry's own (Kubernetes service names, Consul's
+interface) live in `discoveryd.naming`, chosen by the flavor of the zone a
+name falls in; they write through the generic assembly here (`_Builder`, a
+`RecordSink`). Every name they do not cover (ServiceEntry hosts, etcd names,
+hosts outside every zone) gets the generic rules: VIPs if the service has any,
+else a CNAME for DNS resolution with hostname endpoints, else the serving
+endpoints' addresses, with per-endpoint names (`<hostname or a-b-c-d>.<host>`)
+for SRV targets. `*.example.com` hosts own the wildcard name itself.
 
 `Service.aliases` are answered exactly like the hostname, each under its own
 zone's rules. Every IP we answer for also gets a PTR record at its reverse
@@ -55,14 +46,12 @@ from discoveryd.model import (
     Resolution,
     Service,
     Zone,
-    ZoneFlavor,
 )
+from discoveryd.naming import naming_of
+from discoveryd.naming.consul import hex_address as consul_hex  # noqa: F401 - the name callers and tests know
 
 K = TypeVar("K")
 V = TypeVar("V")
-
-KUBERNETES_DNS_VERSION = "1.1.0"
-"""The schema version answered at `dns-version.<cluster domain>`."""
 
 _STATIC = Hostname("")
 """Contributor key of the zone apex records (no service has an empty hostname)."""
@@ -147,11 +136,6 @@ def dashed(ip: str | IP) -> str:
     return "-".join(digits[i : i + 4] for i in range(0, 32, 4))
 
 
-def consul_hex(ip: str | IP) -> str:
-    """Consul's `addr` label: the address as hex, `c000022a` for 192.0.2.42."""
-    return _parsed(ip).packed.hex()
-
-
 def _u16(value: int) -> int:
     return min(max(value, 0), 0xFFFF)
 
@@ -232,6 +216,15 @@ class _Builder:
     def cname(self, owner: str, target: str) -> None:
         self.add(owner, CNAME, Named(b"", target), target)
 
+    def txt(self, owner: str, text: bytes) -> None:
+        self.add(owner, TXT, txt(text))
+
+    def parse_ip(self, value: str) -> IP | None:
+        return parse_ip(value)
+
+    def plain(self, svc: Service, *, vip_srv_weight: int = 1, healthy_only: bool = False) -> None:
+        _plain(svc, self, vip_srv_weight=vip_srv_weight, healthy_only=healthy_only)
+
     def nodes(self) -> dict[str, Node]:
         """The records by owner name, each RRset without duplicates (an IP listed twice is one record)."""
         return {
@@ -247,7 +240,8 @@ def service_records(
 
     Each of `svc.aliases` is answered exactly like the hostname, under the rules of its own zone
     (`zone_of`; without it, `zone` when the alias is under it); PTR records name the hostname only.
-    A Consul alias (`<svc>.service.<domain>`) keeps the canonical name's datacenter for its SRV targets.
+    A registry's naming rules get the canonical hostname with each alias (Consul's local alias keeps
+    the canonical name's datacenter for its SRV targets).
     """
     b = _Builder()
     _one(svc, zone, b, svc.hostname)
@@ -266,26 +260,12 @@ def service_records(
     return b.nodes()
 
 
-def _one(svc: Service, zone: Zone | None, b: _Builder, canonical: str) -> None:
-    if zone is not None and zone.flavor is ZoneFlavor.KUBERNETES and _is_kubernetes_name(svc.hostname, zone):
-        _plain(svc, b, kubernetes=True)
-    elif zone is not None and zone.flavor is ZoneFlavor.CONSUL and _consul_parts(svc.hostname, zone) is not None:
-        _consul(svc, zone, b, canonical)
-    else:
-        _plain(svc, b)
-
-
-def _is_kubernetes_name(host: str, zone: Zone) -> bool:
-    rest = host[: -len(zone.name) - 1].split(".") if host.endswith("." + zone.name) else []
-    return len(rest) == 3 and rest[2] == "svc"
-
-
-def _consul_parts(host: str, zone: Zone) -> tuple[str, str] | None:
-    """(service, datacenter or "") of a Consul name `<svc>.service[.<dc>].<domain>`, else None."""
-    rest = host[: -len(zone.name) - 1].split(".") if host.endswith("." + zone.name) else []
-    if len(rest) in (2, 3) and rest[1] == "service":
-        return rest[0], rest[2] if len(rest) == 3 else ""
-    return None
+def _one(svc: Service, zone: Zone | None, b: _Builder, canonical: Hostname) -> None:
+    if zone is not None:
+        naming = naming_of(zone.flavor)
+        if naming is not None and naming.service(svc, zone, b, canonical):
+            return
+    _plain(svc, b)
 
 
 def _vips(svc: Service) -> list[IP]:
@@ -325,65 +305,24 @@ def _with_endpoints(svc: Service, endpoints: Iterable[Endpoint], b: _Builder) ->
                 b.srv(owner, ep.priority, ep.weight, ep.port_for(port), name)
 
 
-def _plain(svc: Service, b: _Builder, *, kubernetes: bool = False) -> None:
-    """VIPs, else a CNAME, else the endpoints' addresses.
+def _plain(svc: Service, b: _Builder, *, vip_srv_weight: int = 1, healthy_only: bool = False) -> None:
+    """VIPs, else a CNAME, else the endpoints' addresses (see `RecordSink.plain`).
 
-    Kubernetes names (spec 1.1.0) differ in two points: SRV weight 100 for a
-    ClusterIP, and a headless service answers only ready endpoints (none ready
-    leaves the name without records: NXDOMAIN).
+    A registry's rules may set the SRV weight of a VIP service (Kubernetes: 100) and answer only
+    HEALTHY endpoints (Kubernetes headless services: none ready leaves the name without records).
     """
     vips = _vips(svc)
     if vips:
-        _with_vips(svc, vips, b, srv_weight=100 if kubernetes else 1)
+        _with_vips(svc, vips, b, srv_weight=vip_srv_weight)
         return
     target = _cname_target(svc)
     if target is not None:
         b.cname(svc.hostname, target)
         return
-    if kubernetes:
+    if healthy_only:
         _with_endpoints(svc, (ep for ep in svc.endpoints if ep.health is Health.HEALTHY), b)
     else:
         _with_endpoints(svc, (ep for ep in svc.endpoints if ep.health.serving), b)
-
-
-def _consul(svc: Service, zone: Zone, b: _Builder, canonical: str) -> None:
-    """Consul's DNS interface for `svc.hostname` = `<svc>.service[.<dc>].<domain>`: passing instances
-    at `[tag.]<svc>.<suffix>` (A/AAAA and SRV) and the RFC 2782 forms `_<svc>._<tag|tcp>.<suffix>`
-    (SRV), tags from `Endpoint.tags`; SRV targets `<hex ip>.addr.<dc>.<domain>`, `<dc>` taken from
-    the `canonical` hostname (an alias without a datacenter points at the same targets)."""
-    parts = _consul_parts(svc.hostname, zone)
-    assert parts is not None
-    name = parts[0]
-    suffix = svc.hostname[len(name) + 1 :]
-    home = _consul_parts(canonical, zone)
-    dc = (home[1] if home is not None else "") or parts[1]
-    addr_suffix = f"addr.{dc}.{zone.name}" if dc else f"addr.{zone.name}"
-    port = svc.ports[0] if svc.ports else None
-    passing: list[tuple[Endpoint, IP, str]] = []
-    for ep in svc.endpoints:
-        ip = parse_ip(ep.address)
-        if ep.health is Health.HEALTHY and ip is not None:
-            target = f"{consul_hex(ip)}.{addr_suffix}"
-            passing.append((ep, ip, target))
-            b.address(target, ip)
-            b.ptr(ip, target)
-
-    def answer(owner: str, members: list[tuple[Endpoint, IP, str]], *, addresses: bool) -> None:
-        for ep, ip, target in members:
-            if addresses:
-                b.address(owner, ip)
-            if port is not None:
-                b.srv(owner, ep.priority, ep.weight, ep.port_for(port), target)
-
-    tags: dict[str, list[tuple[Endpoint, IP, str]]] = defaultdict(list)
-    for member in passing:
-        for tag in dict.fromkeys(t.lower() for t in member[0].tags if t):
-            tags[tag].append(member)
-    answer(f"{name}.{suffix}", passing, addresses=True)
-    answer(f"_{name}._tcp.{suffix}", passing, addresses=False)
-    for tag, members in tags.items():
-        answer(f"{tag}.{name}.{suffix}", members, addresses=True)
-        answer(f"_{name}._{tag}.{suffix}", members, addresses=False)
 
 
 def _network(name: str) -> str | None:
@@ -714,6 +653,7 @@ class RecordTable:
             b.add(zone.name, NS, Named(b"", ns))
             for ip in self._ns_addresses:
                 b.address(ns, ipaddress.ip_address(ip))
-            if zone.flavor is ZoneFlavor.KUBERNETES:
-                b.add(f"dns-version.{zone.name}", TXT, txt(KUBERNETES_DNS_VERSION.encode()))
+            naming = naming_of(zone.flavor)
+            if naming is not None:
+                naming.zone(zone, b)
         return b.nodes()
