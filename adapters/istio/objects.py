@@ -270,7 +270,7 @@ class _Checker:
 
     def labels(self, value: Any, path: FieldPath) -> dict[str, str]:
         """Kubernetes labels: qualified-name keys, short values."""
-        key = _scalar_items(value)
+        key = _scalar_items(value) if type(self) is _Checker else None  # a subclass may check more
         if key is not None and key in _VALID_LABEL_MAPS:
             return dict(value)
         errors = len(self.problems)
@@ -480,7 +480,7 @@ class _Checker:
         return read(found[key], (*path, key))
 
     def port(self, value: Any, path: FieldPath) -> _PortDecl | None:
-        key = _scalar_items(value)
+        key = _scalar_items(value) if type(self) is _Checker else None  # a subclass may check more
         if key is not None:
             known = _VALID_PORTS.get(key)
             if known is not None:  # the same declaration was valid before: it is again (paths aside)
@@ -675,7 +675,8 @@ def _scalar_items(value: Any) -> tuple[tuple[Any, type, Any], ...] | None:
     """A mapping of strings and integers as a memo key (types kept: `True == 1`), or None for anything else.
 
     Validation of such a mapping depends on its content alone (its path only
-    goes into messages), so a mapping found valid once is valid again.
+    goes into messages), so a mapping found valid once is valid again. Only
+    `_Checker` itself uses the memos: a subclass (policy's) may check more.
     """
     if type(value) is not dict:
         return None

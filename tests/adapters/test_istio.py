@@ -339,3 +339,20 @@ def test_derived_chunks_keep_no_raw_data_and_still_locate_their_lines() -> None:
     assert [o.ref.where for o in found] == [
         f"{FILE}:{i + 1}" for i, line in enumerate(text.splitlines()) if line.startswith("  name: s")
     ]
+
+
+def test_a_checker_subclass_that_checks_more_is_not_answered_from_the_memos() -> None:
+    class Strict(objects._Checker):
+        def mapping(self, value: Any, path: Any, fields: Any = None) -> dict[str, Any] | None:
+            found = super().mapping(value, path, fields)
+            if found is not None and ("app" in found or "number" in found):
+                self.fail(path, "checked more")
+            return found
+
+    locator = ObjectLocator("ServiceEntry", "shop", "api")
+    good = api_entry({"number": 1, "name": "http"}, {"app": "api"}, "r1/z1")
+    assert read_object(good, locator, "default")[0] is not None  # the memos now know this port and labels
+    strict = Strict(good, locator)
+    assert strict.object("default") is None
+    fields = {p.field for p in strict.problems if p.message == "checked more"}
+    assert {"metadata.labels", "spec.ports[0]", "spec.endpoints[0].labels"} <= fields
