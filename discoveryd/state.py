@@ -17,8 +17,15 @@ A missing file is a cold start. A file that cannot be read, decoded, or was
 written by another format version is logged (naming the file and the
 reason) and ignored: never a crash, and the next save replaces it.
 
+With it go the xDS resources served (`SavedXds`: the serialized resources of
+every hostname without a traffic policy whose service is the very object the
+served view was built from), which the first xDS build after a start takes as
+they are when they are known to match: every saved part restored, registry
+precedence unchanged, same `xds_fingerprint` (the xDS config and the code that
+builds resources). They are the only derived content in the file.
+
 The file holds what the registries said (services, endpoints, traffic
-policies, each part's resume point), nothing derived; it is written with mode 0600 in a directory
+policies, each part's resume point); it is written with mode 0600 in a directory
 the daemon owns (systemd `StateDirectory=`, mode 0700).
 """
 

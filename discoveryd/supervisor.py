@@ -23,7 +23,14 @@ shown in /readyz, /debug/registryz and metrics, and stops blocking readiness
 
 Warm restarts (`state_dir`, discoveryd/state.py): before any registry starts
 the saved index is loaded and restored (stale, counted as ready); a
-`StateSaver` task writes it back at most once a second and at stop.
+`StateSaver` task writes it back, with the xDS resources served, at most once
+a second and at stop.
+
+Start order: the index (restored, and a shard opened for every configured
+registry so that readiness counts it), then the xDS server (its first build
+takes the saved resources), then — once xDS has answered a first client, at
+most `_FIRST_ANSWER_GRACE` after it listens, or at once when it holds
+responses (cold start) — the state saver, the registries, DNS and admin.
 
 systemd (discoveryd/sdnotify.py, only under a `$NOTIFY_SOCKET`): `READY=1`
 once the index is ready (the rule above); around each reload after that,
