@@ -39,10 +39,15 @@ def _leftovers() -> list[asyncio.Task[object]]:
 async def no_leaked_tasks() -> AsyncIterator[None]:
     """Fail a test that leaves asyncio tasks running after its fixtures are torn down."""
     yield
-    for _ in range(20):  # let cancelled tasks run their cleanup
-        if not _leftovers():
-            return
+    # Let cancelled tasks run their cleanup: a closed server's connection handlers (aiohttp's,
+    # for one) finish a few loop turns later, which on a loaded machine can take a while.
+    deadline = asyncio.get_running_loop().time() + 5.0
+    while _leftovers():
+        if asyncio.get_running_loop().time() > deadline:
+            break
         await asyncio.sleep(0.01)
+    else:
+        return
     leaked = _leftovers()
     for task in leaked:
         task.cancel()
