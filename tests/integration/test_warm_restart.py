@@ -32,6 +32,7 @@ import dns.rcode
 import dns.rdatatype
 import grpc
 import pytest
+from envoy.config.cluster.v3 import cluster_pb2
 
 from discoveryd import state
 from discoveryd.xds.resources import CLUSTER
@@ -252,3 +253,57 @@ async def _try_cds(port: int) -> list[str] | None:
         return await asyncio.wait_for(_cds_names(port), timeout=5)
     except (grpc.aio.AioRpcError, TimeoutError, AssertionError):
         return None
+
+
+DR = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: shop}
+spec:
+  host: web.shop.example
+  trafficPolicy:
+    loadBalancer: {simple: LEAST_REQUEST}
+    connectionPool: {tcp: {maxConnections: 7}}
+"""
+
+
+async def _clusters(port: int) -> dict[str, cluster_pb2.Cluster] | None:
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+            stream = Stream(channel)
+            await stream.send(CLUSTER)
+            response = await stream.recv(timeout=5)
+            await stream.close()
+    except (grpc.aio.AioRpcError, TimeoutError, AssertionError):
+        return None
+    out = {}
+    for packed in response.resources:
+        cluster = cluster_pb2.Cluster()
+        packed.Unpack(cluster)
+        out[cluster.name] = cluster
+    return out
+
+
+async def test_kill_9_restart_serves_each_cluster_with_its_policy_from_the_first_response(tmp_path: Path) -> None:
+    """The first CDS response after a restart comes before the files registry has read its files:
+    the restored DestinationRule must be in it (not the cluster without its policy, changed later)."""
+    (tmp_path / "se").mkdir()
+    (tmp_path / "se" / "web.yaml").write_text(SE)
+    (tmp_path / "se" / "web-rule.yaml").write_text(DR)
+    registries = "  - kind: files\n    name: local\n    paths: [se/]\n"
+    with daemon(tmp_path, registries, "state_dir: state\n") as d:
+        d.start()
+        await eventually(lambda: d.get("/readyz")[0] == 200, timeout=30, what="first run ready")
+        before = await eventually(lambda: _clusters(d.xds), timeout=20, what="CDS before the kill")
+        (web,) = [name for name in before if "web.shop.example" in name]
+        assert before[web].lb_policy == cluster_pb2.Cluster.LEAST_REQUEST
+        state_file = tmp_path / "state" / state.FILE_NAME
+        await eventually(lambda: state_file.exists(), timeout=10, what="state saved")
+        await asyncio.sleep(1.5)  # past the save throttle
+        d.kill()
+        d.start()
+        first = await eventually(lambda: _clusters(d.xds), timeout=20, what="first CDS after restart")
+        assert first[web].lb_policy == cluster_pb2.Cluster.LEAST_REQUEST
+        assert first == before  # the very world served before the kill, policies included
+        assert "and the xDS resources of" in d.logs()  # the first build took the saved resources
