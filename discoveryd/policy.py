@@ -15,7 +15,7 @@ Everything here is immutable. Durations are seconds (float); None means
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -330,6 +330,9 @@ class HostPolicy:
     virtual_service: VirtualService | None = None
     other_rules: tuple[DestinationRule, ...] = ()
     other_routes: tuple[VirtualService, ...] = ()
+    route_ranks: tuple[int, ...] = ()
+    """How specific the host each of `routes` applies by is (0: the host itself, 1: the most specific
+    wildcard that matches it, ...; see `combine`); empty: all 0."""
 
     @property
     def rules(self) -> tuple[DestinationRule, ...]:
@@ -368,8 +371,142 @@ class HostPolicy:
         or `*`); `~` hides it from everyone.
         """
         return HostPolicy(
-            _pick_rule(self.rules, namespace, service_namespace, root_namespace), _pick_route(self.routes, namespace)
+            _pick_rule(self.rules, namespace, service_namespace, root_namespace),
+            _pick_route(self.routes, self.route_ranks, namespace),
         )
+
+
+def combine(parts: Sequence[HostPolicy], by_specificity: bool = False) -> HostPolicy | None:
+    """One policy holding the rules and routes of `parts`, in their order (`select` picks the first that
+    applies, so an earlier part wins a tie).
+
+    `by_specificity`: the parts are a host's own policy and those of the wildcards that match it, most
+    specific first (`wildcard_keys`); a DestinationRule is then picked per namespace as before, the most
+    specific first within each namespace (Istio: the client's namespace, then the service's, then the root
+    namespace, each by most specific host), and a VirtualService by most specific host first, then as
+    before (Envoy matches the most specific domain of the route configuration). Otherwise the parts are
+    of one host (several sources) and keep their routes' ranks."""
+    if not by_specificity and len(parts) == 1:
+        return parts[0]
+    rules: list[DestinationRule] = []
+    routes: list[VirtualService] = []
+    ranks: list[int] = []
+    for i, part in enumerate(parts):
+        rules += part.rules
+        mine = part.routes
+        routes += mine
+        if by_specificity:
+            ranks += [i] * len(mine)
+        else:
+            ranks += part.route_ranks or [0] * len(mine)
+    if not rules and not routes:
+        return None
+    return HostPolicy(
+        rules[0] if rules else None,
+        routes[0] if routes else None,
+        tuple(rules[1:]),
+        tuple(routes[1:]),
+        tuple(ranks) if any(ranks) else (),
+    )
+
+
+def wildcard_keys(host: Hostname) -> list[Hostname]:
+    """The wildcard rule hosts that match `host`, most specific first: `a.b.c` → `*.b.c`, `*.c`, `*` (a
+    wildcard host `*.b.c` → `*.c`, `*`: the wildcards it is a subset of). O(labels of the name)."""
+    out: list[Hostname] = []
+    rest: str = host
+    while True:
+        _, dot, rest = rest.partition(".")
+        if not dot:
+            break
+        out.append(Hostname("*." + rest))
+    if out and is_wildcard(host):
+        del out[0]  # `*.b.c` itself
+    if host != "*":
+        out.append(Hostname("*"))
+    return out
+
+
+def is_wildcard(host: str) -> bool:
+    """A rule host that stands for several names (`*` or `*.<domain>`)."""
+    return host.startswith("*")
+
+
+class HostTree:
+    """Service hostnames by their parent domains, to find the names a wildcard rule host matches in
+    O(matches) (plus the domains on the way), not O(names).
+
+    `_hosts`: domain → the names right under it (`a.b.c` under `b.c`; a one-label name under "");
+    `_subdomains`: domain → its child domains that hold names, down any depth ("" is the root).
+    One set entry per name, and one per domain that holds names."""
+
+    __slots__ = ("_hosts", "_subdomains")
+
+    def __init__(self, names: Iterable[Hostname] = ()) -> None:
+        self._hosts: dict[str, set[Hostname]] = {}
+        self._subdomains: dict[str, set[str]] = {}
+        for name in names:
+            self.add(name)
+
+    def __len__(self) -> int:
+        return sum(len(names) for names in self._hosts.values())
+
+    def add(self, name: Hostname) -> None:
+        parent = name.partition(".")[2]
+        names = self._hosts.get(parent)
+        if names is None:
+            names = self._hosts[parent] = set()
+            self._link(parent)
+        names.add(name)
+
+    def discard(self, name: Hostname) -> None:
+        parent = name.partition(".")[2]
+        names = self._hosts.get(parent)
+        if names is None or name not in names:
+            return
+        names.discard(name)
+        if not names:
+            del self._hosts[parent]
+            self._unlink(parent)
+
+    def matching(self, rule_host: Hostname) -> list[Hostname]:
+        """The names a wildcard `rule_host` (`*.<domain>` or `*`) matches: every name under the domain, at
+        any depth (wildcard names under it too, which are subsets of it)."""
+        domain = "" if rule_host == "*" else rule_host.removeprefix("*.")
+        out: list[Hostname] = []
+        todo = [domain]
+        while todo:
+            d = todo.pop()
+            out += self._hosts.get(d, ())
+            todo += self._subdomains.get(d, ())
+        return out
+
+    def _link(self, domain: str) -> None:
+        """Record `domain` under its parents, up to the first already known."""
+        while domain:
+            parent = domain.partition(".")[2]
+            children = self._subdomains.get(parent)
+            if children is None:
+                self._subdomains[parent] = {domain}
+            elif domain in children:
+                return
+            else:
+                children.add(domain)
+                return
+            domain = parent
+
+    def _unlink(self, domain: str) -> None:
+        """Forget `domain` and the parents it leaves empty (no names, no child domains)."""
+        while domain and domain not in self._hosts and domain not in self._subdomains:
+            parent = domain.partition(".")[2]
+            children = self._subdomains.get(parent)
+            if children is None:
+                return
+            children.discard(domain)
+            if children:
+                return
+            del self._subdomains[parent]
+            domain = parent
 
 
 def _local(rule: DestinationRule) -> bool:
@@ -405,8 +542,10 @@ def _pick_rule(
     return None
 
 
-def _pick_route(routes: tuple[VirtualService, ...], namespace: str | None) -> VirtualService | None:
-    best: tuple[int, int] | None = None
+def _pick_route(
+    routes: tuple[VirtualService, ...], ranks: tuple[int, ...], namespace: str | None
+) -> VirtualService | None:
+    best: tuple[int, int, int] | None = None
     for i, route in enumerate(routes):
         e = route.export_to
         if _public(e):
@@ -419,6 +558,7 @@ def _pick_route(routes: tuple[VirtualService, ...], namespace: str | None) -> Vi
             tier = 1
         else:
             continue
-        if best is None or (tier, i) < best:
-            best = (tier, i)
-    return routes[best[1]] if best is not None else None
+        here = (ranks[i] if ranks else 0, tier, i)
+        if best is None or here < best:
+            best = here
+    return routes[best[2]] if best is not None else None

@@ -86,6 +86,7 @@ from discoveryd.policy import (
     TlsMode,
     TrafficPolicy,
     VirtualService,
+    wildcard_keys,
 )
 
 DESTINATION_RULE = "DestinationRule"
@@ -343,8 +344,8 @@ class _PolicyChecker(_Checker):
             if value is None:
                 self.fail(path, "a host is required")
             return None
-        if name.startswith("*") and name != "*" and not name.startswith("*."):
-            self.fail(path, f"invalid host {name!r}: a wildcard must be the first label ('*.example.com')")
+        if "*" in name and name != "*" and not (name.startswith("*.") and len(name) > 2 and "*" not in name[2:]):
+            self.fail(path, f"invalid host {name!r}: a wildcard must be the whole first label ('*.example.com' or '*')")
             return None
         return resolve_host(name, namespace, self.domain)
 
@@ -1101,7 +1102,8 @@ class PolicySet:
                 for j, dest in enumerate(route.destinations):
                     if not dest.subset:
                         continue
-                    if not any(dr.subset(dest.subset) is not None for dr in by_host.get(dest.host, ())):
+                    candidates = [dr for k in (dest.host, *wildcard_keys(dest.host)) for dr in by_host.get(k, ())]
+                    if not any(dr.subset(dest.subset) is not None for dr in candidates):
                         problems.setdefault(claim.scope, []).append(
                             Problem(
                                 vs.where,

@@ -90,7 +90,16 @@ from google.protobuf.message import Message
 from discoveryd.config import LbPolicy
 from discoveryd.index import Snapshot
 from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, Resolution, Service
-from discoveryd.policy import DestinationRule, HostPolicy, Subset, TrafficPolicy
+from discoveryd.policy import (
+    DestinationRule,
+    HostPolicy,
+    HostTree,
+    Subset,
+    TrafficPolicy,
+    combine,
+    is_wildcard,
+    wildcard_keys,
+)
 from discoveryd.xds import policy as traffic
 from discoveryd.xds.locality import Client, Key, Plan, plan_for
 
@@ -396,6 +405,10 @@ class Builder:
         """Filled by `build`: the locality plans of the assignments it built."""
         self._ignored: dict[tuple[str, str], traffic.Ignored] = {}
         """Filled by `build`: what proxyless gRPC does not honour in the resources it built."""
+        self._wild: dict[Hostname, HostPolicy] = {}
+        """The policies of wildcard hosts (`*.example.com`, `*`) in the snapshot last built."""
+        self._tree: HostTree | None = None
+        """The service hostnames of that snapshot by domain, kept only while there are wildcard policies."""
 
     def update(
         self,
@@ -416,6 +429,7 @@ class Builder:
         makes of their service in `snapshot` (a warm start's saved resources): taken as they are.
         """
         hosts = set(snapshot.services) | set(old.by_host) if changed is None else set(changed)
+        hosts |= self._track_wildcards(snapshot, None if changed is None else hosts)
         seeded: dict[str, set[str]] = {}
         if prebuilt and not old.by_host:  # a warm start's first build: the saved resources in bulk
             old, seeded = self._seed(snapshot, prebuilt, old.version)
@@ -446,7 +460,7 @@ class Builder:
             service = snapshot.services.get(host)
             self._plans.clear()
             self._ignored.clear()
-            policy = snapshot.policies.get(host)
+            policy = self._policy_for(snapshot, host)
             packed = prebuilt.get(host) if prebuilt is not None and service is not None and policy is None else None
             scoped: list[tuple[HostPolicy, list[str]]] = []
             if packed is None:
@@ -573,6 +587,8 @@ class Builder:
             service = services.get(host)
             if service is None or host in policies or not items:
                 continue
+            if self._wild and any(k in self._wild for k in wildcard_keys(host)):
+                continue
             now = audience(service)
             for type_url, name, body in items:
                 tables[type_url][name] = Resource(name, _version(body), body)
@@ -591,6 +607,54 @@ class Builder:
             self.variants,
         )
         return view, {t: set(table) for t, table in tables.items()}
+
+    def _track_wildcards(self, snapshot: Snapshot, changed: set[Hostname] | None) -> set[Hostname]:
+        """Bring the wildcard policies and the hostname tree up to `snapshot` (`changed`: the hostnames that
+        changed since the last one, None: any); the hosts a changed wildcard policy applies to, to rebuild.
+
+        O(changed) but for a wildcard policy's change, which costs the hosts it matches (found through the
+        tree, not by scanning every name); the tree is built when the first wildcard policy appears."""
+        if changed is None:
+            self._wild = {h: p for h, p in snapshot.policies.items() if is_wildcard(h)}
+            self._tree = HostTree(snapshot.services) if self._wild else None
+            return set()
+        moved: list[Hostname] = []
+        for host in changed:
+            if is_wildcard(host):
+                now = snapshot.policies.get(host)
+                if now is not self._wild.get(host):
+                    moved.append(host)
+                    if now is None:
+                        del self._wild[host]
+                    else:
+                        self._wild[host] = now
+        if self._tree is not None:
+            services = snapshot.services
+            for host in changed:
+                if host in services:
+                    self._tree.add(host)
+                else:
+                    self._tree.discard(host)
+        elif self._wild:
+            self._tree = HostTree(snapshot.services)
+        extra: set[Hostname] = set()
+        if self._tree is not None:
+            for host in moved:
+                extra.update(self._tree.matching(host))
+        if not self._wild:
+            self._tree = None
+        return extra
+
+    def _policy_for(self, snapshot: Snapshot, host: Hostname) -> HostPolicy | None:
+        """The policy of `host`: its own, with those of the wildcard hosts that match it (most specific
+        first, `policy.combine`). O(labels of the name)."""
+        policy = snapshot.policies.get(host)
+        if not self._wild:
+            return policy
+        found = [p for k in wildcard_keys(host) if (p := self._wild.get(k)) is not None]
+        if not found:
+            return policy
+        return combine([policy, *found] if policy is not None else found, by_specificity=True)
 
     def _select(
         self, service: Service | None, policy: HostPolicy | None
