@@ -501,3 +501,11 @@ async def test_saver_writes_again_once_xds_has_built_the_saved_version(tmp_path:
         await asyncio.gather(task, return_exceptions=True)
     again = state.load(tmp_path, [A])
     assert again is not None and again.xds is not None and set(again.xds.resources) == {"a.example", "b.example"}
+
+
+def test_a_format_1_file_is_removed_at_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / state.LEGACY_FILE_NAME).write_bytes(gzip.compress(b'{"format": "discoveryd-index-state"}'))
+    with caplog.at_level(logging.INFO, logger="discoveryd.state"):
+        assert state.load(tmp_path, [A]) is None  # no current file: a cold start
+    assert not (tmp_path / state.LEGACY_FILE_NAME).exists()
+    assert "format version 1" in caplog.text
