@@ -31,10 +31,13 @@ Such a hostname is recorded as a `Conflict` in the snapshot.
 
 Traffic policy (`discoveryd.policy.HostPolicy`, a host's DestinationRule and
 VirtualService) is held per shard next to the services, keyed by the host it
-applies to, and merged per host by the same ranking: the highest-ranked
-shard's policy wins whole (no field merge). It applies to the host whatever
+applies to, and combined per host by the same ranking: the rules and routes
+of every shard are kept (`policy.combine`), the highest-ranked shard's first,
+and each client namespace picks among them (`HostPolicy.select`), as Istio
+picks among the rules of all its config sources; between rules that tie, the
+higher-ranked shard's wins. It applies to the host whatever
 shard provides the service (a DestinationRule from files shapes a Kubernetes
-service). `Snapshot.policies` has the winners; a host whose winning policy
+service). `Snapshot.policies` has the combinations; a host whose policy
 changed is in `Snapshot.changed` like a host whose service changed, so the
 servers rebuild it. Policies are not saved in the state directory: after a
 warm restart they return with their registry's first sync.
@@ -69,7 +72,7 @@ from typing import NamedTuple, Protocol
 import immutables
 
 from discoveryd.model import Endpoint, Hostname, Problem, Service, SourceId
-from discoveryd.policy import HostPolicy
+from discoveryd.policy import HostPolicy, combine
 
 _HISTORY = 4096
 """How many versions' changed-sets are kept for `changed_between`."""
@@ -172,7 +175,8 @@ class Snapshot:
     created: float = field(default_factory=time.monotonic)
     """`time.monotonic()` when published; convergence is measured from it."""
     policies: Mapping[Hostname, HostPolicy] = field(default_factory=immutables.Map)
-    """Each host's traffic policy (the highest-ranked shard's), whether or not a service has the host."""
+    """Each host's traffic policy (every shard's rules, the highest-ranked first), whether or not a service
+    has the host."""
 
     @property
     def ready(self) -> bool:
@@ -552,9 +556,10 @@ class Index:
             policies = self._policies.mutate()
             for host in self._policy_dirty:
                 ranked = sorted((st.key for st in self._parts.values() if host in st.policies), key=self._rank)
-                policy = self._parts[ranked[0]].policies[host] if ranked else None
-                if policies.get(host) is policy:
-                    continue
+                policy = combine([self._parts[key].policies[host] for key in ranked]) if ranked else None
+                before = policies.get(host)
+                if before is policy or (before is not None and before == policy):
+                    continue  # an equal combination keeps its object: the servers see no change
                 if policy is None:
                     del policies[host]
                 else:

@@ -4,8 +4,9 @@ Data flow: an adapter reads `networking.istio.io/v1` DestinationRule and
 VirtualService objects (`adapters.istio.policy` validates and translates
 them), groups them per destination host into one `HostPolicy` and hands it to
 its shard (`discoveryd.registry.PolicyWriter.set_policy`). The index keeps the
-policies of each shard next to its services and merges them per host by the
-same ranking as services (`discoveryd.index`): the policy of a host applies
+policies of each shard next to its services and combines them per host by the
+same ranking as services (`discoveryd.index`, `combine`): every shard's rules
+are kept, the highest-ranked shard's first; the policy of a host applies
 whatever registry provides its service. The xDS builder reads
 `Snapshot.policies[host]` together with `Snapshot.services[host]`.
 
@@ -319,8 +320,10 @@ class HostPolicy:
 
     As the index carries it, a host's policy may hold several of each, from
     different namespaces and with their own exportTo: `destination_rule` and
-    `virtual_service` are the first in precedence order (Istio's: creation,
-    then name; here the reader's scope order), `other_rules`/`other_routes`
+    `virtual_service` are the first in precedence order (the most specific
+    host they were written for, then the source's rank, see `combine`; then
+    Istio's creation, then name order: here the reader's scope order),
+    `other_rules`/`other_routes`
     the rest. What one client sees is `select(...)`: a plain policy of at
     most one of each (a plain policy's own two, exported to everyone and in
     the service's namespace, are seen by every client).
