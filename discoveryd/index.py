@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -71,6 +70,7 @@ from typing import NamedTuple, Protocol
 
 import immutables
 
+from discoveryd import gcpause
 from discoveryd.model import Endpoint, Hostname, Problem, Service, SourceId
 from discoveryd.policy import HostPolicy, combine
 
@@ -817,13 +817,8 @@ class Shard:
         The cyclic garbage collector is paused meanwhile, as in the DNS server's sync: the work makes no
         reference cycles, and a full collection among 100k new services is one step of 0.1-0.2 s.
         """
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with gcpause.paused():
             await self._replace_in_steps(services)
-        finally:
-            if enabled:
-                gc.enable()
 
     async def _replace_in_steps(self, services: Iterable[Service]) -> None:
         self._check_open()

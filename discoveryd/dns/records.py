@@ -30,13 +30,13 @@ are escaped by the caller and never match.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import ipaddress
 import socket
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Generic, TypeVar, cast
 
+from discoveryd import gcpause
 from discoveryd.dns.message import AAAA, CNAME, NS, PTR, SOA, SRV, TXT, A, Named, Rdata, Soa, srv, txt
 from discoveryd.model import (
     Endpoint,
@@ -485,9 +485,7 @@ class RecordTable:
         The cyclic garbage collector is paused meanwhile: the build makes no reference cycles, and
         collections triggered by its allocations would rescan the growing table (40% of the time).
         """
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with gcpause.paused():
             for host in [h for h in self._contributions if h != _STATIC]:
                 self._set(host, {})
             self.forwarded.clear()
@@ -495,9 +493,6 @@ class RecordTable:
                 records = service_records(svc, self.zone_of(svc.hostname), self.zone_of)
                 self._set(svc.hostname, records)
                 self._note_forwarded(svc.hostname, svc, records)
-        finally:
-            if enabled:
-                gc.enable()
 
     def update(self, services: Mapping[Hostname, Service], changed: Iterable[Hostname]) -> set[str]:
         """Apply the changed hostnames; return the owner names whose records or existence changed."""

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import gc
 import ipaddress
 import logging
 import socket
@@ -50,6 +49,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
+from discoveryd import gcpause
 from discoveryd.config import DnsConfig, split_hostport
 from discoveryd.dns import tcp, udp, wire
 from discoveryd.dns.answer import Authority, Edns, Resolved, encode, error_response, response_limit
@@ -258,13 +258,8 @@ class DnsServer:
             # The build makes no reference cycles; a collection in the middle of it would rescan the
             # growing table in one step (0.4 s at 100k services). Paused for the whole sync, other
             # tasks' cyclic garbage included, and restored even when cancelled.
-            enabled = gc.isenabled()
-            gc.disable()
-            try:
+            with gcpause.paused():
                 await self._catch_up()
-            finally:
-                if enabled:
-                    gc.enable()
 
     async def _catch_up(self) -> None:
         while True:
