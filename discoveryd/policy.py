@@ -389,7 +389,7 @@ def combine(parts: Sequence[HostPolicy], by_specificity: bool = False) -> HostPo
     namespace, each by most specific host), and a VirtualService by most specific host first, then as
     before (Envoy matches the most specific domain of the route configuration). Otherwise the parts are
     of one host (several sources) and keep their routes' ranks."""
-    if not by_specificity and len(parts) == 1:
+    if len(parts) == 1:
         return parts[0]
     rules: list[DestinationRule] = []
     routes: list[VirtualService] = []

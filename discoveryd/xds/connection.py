@@ -640,7 +640,7 @@ def _news(type_url: str, name: str, old: View, new: View, namespace: str | None)
         return False
     if before is None or after is None or before.version != after.version:
         return True
-    return new.has_variants(name, namespace) or old.has_variants(name, namespace)
+    return type_url == ENDPOINT and (new.has_variants(name, namespace) or old.has_variants(name, namespace))
 
 
 def _names_key(req: discovery_pb2.DiscoveryRequest) -> bytes:

@@ -515,3 +515,33 @@ def test_the_connection_serves_its_namespace_s_variant() -> None:
             assert got["10.0.0.1"] == 1  # eu first, then the rest
         else:
             assert set(got.values()) == {0}
+
+
+def test_a_located_client_of_the_namespace_is_pushed_its_new_variant() -> None:
+    """web's plan changes, the assignment's bytes do not: web's located client is sent its new priorities."""
+    builder = Builder(BuildOptions())
+    one = Snapshot(version=1, services={HOST: service()}, policies={HOST: policy_of(WEB_RULE)})
+    changed = WEB_RULE.replace("to: ap", "to: eu")
+    two = Snapshot(version=2, services={HOST: service()}, policies={HOST: policy_of(changed)})
+    v1, _ = builder.update(EMPTY_VIEW, one, None)
+    v2, changes = builder.update(v1, two, {HOST})
+    conn = Connection(1, "ADS", False, "peer", v1, XdsMetrics(CollectorRegistry()))
+    req = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=[NAME])
+    req.node.id = "envoy"
+    req.node.metadata.update({"NAMESPACE": "web"})
+    req.node.locality.CopyFrom(base_pb2.Locality(region="us", zone="a", sub_zone="1"))
+    conn.on_request(req)
+    out = conn.next_response()
+    assert out is not None
+    first = discovery_pb2.DiscoveryResponse.FromString(out[1])
+    assert priorities(endpoint_pb2.ClusterLoadAssignment.FromString(first.resources[0].value))["10.0.0.5"] == 3
+    ack = discovery_pb2.DiscoveryRequest(
+        type_url=ENDPOINT, resource_names=[NAME], version_info=first.version_info, response_nonce=first.nonce
+    )
+    conn.on_request(ack)
+    assert conn.next_response() is None
+    conn.notify(v2, changes, 0.0)
+    out = conn.next_response()
+    assert out is not None
+    second = discovery_pb2.DiscoveryResponse.FromString(out[1])
+    assert priorities(endpoint_pb2.ClusterLoadAssignment.FromString(second.resources[0].value))["10.0.0.5"] == 4
