@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 from adapters.files import FilesConfig, FilesRegistry
 from adapters.files.registry import FileSet
 from adapters.istio.policy import PolicySet, read_yaml_all, resolve_host
-from discoveryd.index import Index
+from discoveryd.index import Index, diff
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Problem, Service, SourceId
 from discoveryd.policy import DestinationRule, HostPolicy, Subset, TrafficPolicy
 from discoveryd.registry import AdapterContext
@@ -483,3 +483,18 @@ def test_rule_export_to_is_read() -> None:
     assert problems == []
     (rule,) = objects
     assert isinstance(rule, DestinationRule) and rule.export_to == (".", "other")
+
+
+def test_diff_without_history_names_hosts_whose_policy_changed() -> None:
+    """The servers fall back to `diff` when the index history no longer reaches their last version:
+    a policy change in that window must be in it, or its clusters are never rebuilt."""
+    index = Index([A, B])
+    services, policies = index.writer(A), index.writer(B)
+    services.upsert(SERVICE)
+    before = index.snapshot
+    policies.set_policy(HOST, HostPolicy(DestinationRule(HOST, "shop", "r", subsets=(Subset("v1", {"v": "1"}),))))
+    after_set = index.snapshot
+    assert diff(before, after_set) == {HOST} == index.changed_between(before.version, after_set.version)
+    policies.set_policy(HOST, None)
+    assert diff(after_set, index.snapshot) == {HOST}
+    assert diff(before, index.snapshot) == frozenset()  # back to the same world: nothing to rebuild
