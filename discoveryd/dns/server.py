@@ -247,6 +247,12 @@ class DnsServer:
     def _table(self) -> RecordTable:
         return RecordTable(self._zones, self._ttl, self._ns_addresses, self._serial)
 
+    def _unbuilt_table(self) -> RecordTable:
+        """The table served before the first build: empty, every zone not ready."""
+        table = self._table()
+        table.unready = frozenset(zone.name for zone in self._zones)
+        return table
+
     async def sync(self) -> None:
         """Bring the record table up to the index's current snapshot and zones.
 
@@ -360,14 +366,18 @@ class DnsServer:
     # -- lifecycle --------------------------------------------------------------------
 
     async def serve(self) -> None:
-        """Listen on every `dns.listen` address (UDP and TCP) until cancelled."""
+        """Listen on every `dns.listen` address (UDP and TCP) until cancelled. `started` is set once the
+        first record table is built; until then the listeners answer as `_unbuilt_table` says."""
         loop = asyncio.get_running_loop()
         servers: list[asyncio.Server] = []
         sockets: list[socket.socket] = []
         follow: asyncio.Task[None] | None = None
         try:
-            await self.sync()
-            follow = asyncio.create_task(self._follow(), name="dns:index-sync")
+            if self._snapshot.version < 0:
+                # Listen before the first build (seconds at 100k names, as after a warm restart): meanwhile
+                # every name under our zones is SERVFAIL, which a client retries (never NXDOMAIN, which
+                # it would cache), and other names are forwarded as usual.
+                self._authority = Authority(self._unbuilt_table(), self.metrics)
             for spec in self._config.listen:
                 host, port = split_hostport(spec)
                 server, sock, bound = await self._bind(host, port)
@@ -375,6 +385,8 @@ class DnsServer:
                 sockets.append(sock)
                 self._addresses.append((host, bound))
                 log.info("dns: listening on %s:%d (udp, tcp)", host, bound)
+            await self.sync()
+            follow = asyncio.create_task(self._follow(), name="dns:index-sync")
             self.started.set()
             await asyncio.Event().wait()
         finally:
@@ -561,6 +573,11 @@ class DnsServer:
         answer = self._authority.answer(qname, qtype, qclass, edns, tcp, qid, query.flags, resolved)
         if answer is not None:
             return answer
+        if self._snapshot.version < 0 and self._maybe_ours(qname):
+            # Before the first build (`_unbuilt_table`) a mesh host outside every zone, or a reverse
+            # name, is not in the table yet: upstream would answer "no such name" for it.
+            self.metrics.query_counter(qtype, SERVFAIL).inc()
+            return encode(qname, qtype, qclass, SERVFAIL, aa=False, rd=rd, qid=qid, edns=edns)
         if not self._forwarder.upstreams or not self._may_forward(client):
             self.metrics.forwarded.labels("refused").inc()
             self.metrics.query_counter(qtype, REFUSED).inc()
@@ -570,6 +587,22 @@ class DnsServer:
             self.metrics.query_counter(qtype, SERVFAIL).inc()
             return encode(qname, qtype, qclass, SERVFAIL, aa=False, ra=True, rd=rd, qid=qid, edns=edns)
         return _Forward(qname, qtype, qclass, edns, qid, rd)
+
+    def _maybe_ours(self, qname: Sequence[bytes]) -> bool:
+        """Before the first build: could the table hold `qname` once built? A reverse name, or a host
+        of the index (exactly or under a wildcard host). O(labels)."""
+        name = b".".join(qname).decode("ascii", "replace").lower().rstrip(".")
+        if name.endswith((".in-addr.arpa", ".ip6.arpa")):
+            return True
+        services = self._index.snapshot.services
+        if name in services:
+            return True
+        rest = name
+        while rest:
+            _, _, rest = rest.partition(".")
+            if f"*.{rest}" in services:
+                return True
+        return False
 
     def _may_forward(self, client: str) -> bool:
         allowed = self._allowed.get(client)

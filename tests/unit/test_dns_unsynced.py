@@ -6,6 +6,10 @@ timed out), "no such name" is a guess. Positive answers from what is known are s
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
+import dns.asyncquery
 import dns.message
 import dns.rcode
 
@@ -14,6 +18,7 @@ from discoveryd.dns import DnsServer
 from discoveryd.index import Index
 from discoveryd.model import Endpoint, Hostname, Service, SourceId, Zone, ZoneFlavor
 from discoveryd.supervisor import zones_for
+from tests.helpers import eventually
 
 CONSUL_SOURCE = SourceId("consul/dc1")
 CONSUL = Zone(Hostname("consul"), ZoneFlavor.CONSUL, sources=(CONSUL_SOURCE,))
@@ -76,3 +81,47 @@ def test_zones_name_the_registries_that_fill_them() -> None:
 
     zones = zones_for(Cfg(), [Offers("consul/a", "consul"), Offers("consul/b", "consul")])  # type: ignore[arg-type, list-item]
     assert zones == [Zone(Hostname("consul"), ZoneFlavor.CONSUL, sources=(SourceId("consul/a"), SourceId("consul/b")))]
+
+
+async def test_the_server_listens_and_answers_servfail_while_its_first_table_is_built() -> None:
+    """After a restart the first build takes seconds at 100k names: a resolver that does not listen
+    meanwhile fails every lookup, forwarded names included. Listening comes first; names under our
+    zones are SERVFAIL (retried, never cached as absent) until the table holds the index."""
+    index = Index([SourceId("files/local")])
+    files = index.writer(SourceId("files/local"))
+    files.upsert(Service(Hostname("web.mesh.local"), endpoints=(Endpoint("10.0.0.1"),)))
+    files.upsert(Service(Hostname("api.example.com"), endpoints=(Endpoint("10.0.0.2"),)))  # in no zone
+    files.mark_synced()
+    server = DnsServer(DnsConfig(listen=["127.0.0.1:0"]), index, [MESH])
+    gate = asyncio.Event()
+    build = server.sync
+
+    async def held_build() -> None:
+        await gate.wait()
+        await build()
+
+    server.sync = held_build  # type: ignore[method-assign]
+    serving = asyncio.create_task(server.serve())
+    try:
+        await eventually(lambda: bool(server.addresses), timeout=10, what="listening before the first build")
+        host, port = server.addresses[0]
+        for name in ("web.mesh.local.", "nope.mesh.local.", "API.example.com.", "1.0.0.10.in-addr.arpa."):
+            rdtype = "PTR" if name.endswith("arpa.") else "A"
+            reply = await dns.asyncquery.udp(dns.message.make_query(name, rdtype), host, port=port, timeout=5)
+            assert reply.rcode() == dns.rcode.SERVFAIL, name
+        # A name that cannot be ours is handled as always (no upstream here: refused).
+        reply = await dns.asyncquery.udp(dns.message.make_query("example.org.", "A"), host, port=port, timeout=5)
+        assert reply.rcode() == dns.rcode.REFUSED
+        assert not server.started.is_set()
+        gate.set()
+        await asyncio.wait_for(server.started.wait(), 30)
+        reply = await dns.asyncquery.udp(dns.message.make_query("web.mesh.local.", "A"), host, port=port, timeout=5)
+        assert reply.rcode() == dns.rcode.NOERROR and reply.answer
+        reply = await dns.asyncquery.udp(dns.message.make_query("nope.mesh.local.", "A"), host, port=port, timeout=5)
+        assert reply.rcode() == dns.rcode.NXDOMAIN
+        reply = await dns.asyncquery.udp(dns.message.make_query("api.example.com.", "A"), host, port=port, timeout=5)
+        assert reply.rcode() == dns.rcode.NOERROR and reply.answer
+    finally:
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
