@@ -334,7 +334,6 @@ class Connection:
         self._node(req.node)
         subscribe = self._canonical(st.type_url, req.resource_names_subscribe)
         unsubscribe = set(req.resource_names_unsubscribe)
-        resources = self.view.names(st.type_url, self.namespace)
         if not st.requested:
             st.requested = True
             st.known = dict(req.initial_resource_versions)
@@ -346,10 +345,10 @@ class Connection:
             if st.type_url in FULL_STATE and not subscribe:
                 st.wildcard = True
                 st.must_respond = True
-                st.pending.update(resources)
+                st.pending.update(self.view.names(st.type_url, self.namespace))
         if "*" in subscribe and not st.wildcard:
             st.wildcard = True
-            st.pending.update(resources)
+            st.pending.update(self.view.names(st.type_url, self.namespace))
         if "*" in unsubscribe:
             st.wildcard = False
         subscribe.discard("*")
