@@ -89,6 +89,12 @@ _REPORTED = frozenset({CLUSTER, ROUTE})
 """The types whose resources may carry fields a client type does not honour (`discoveryd.xds.unsupported`)."""
 NACK_LOG_INTERVAL: Final = 30.0
 """Seconds between two NACK log lines of one stream; the NACKs in between are counted in the next."""
+SUBSCRIPTION_FLOOR: Final = 10_000
+SUBSCRIPTION_FACTOR: Final = 4
+"""A stream may name at most max(`SUBSCRIPTION_FACTOR` x the resources of a type, `SUBSCRIPTION_FLOOR`)
+resources of that type at once (subscribed names, existing or not; a delta client's initial versions).
+Past that the stream ends with RESOURCE_EXHAUSTED: each name costs memory for the life of the stream
+and work on every request, and no real client names more than exist."""
 
 
 def clip(text: str, limit: int) -> str:
@@ -236,6 +242,8 @@ class Connection:
         """Set when the stream is ending; the writer returns."""
         self.held = False
         """Set by the server while the index is not ready: requests are applied, nothing is written."""
+        self.exhausted: str | None = None
+        """Why the stream is ended with RESOURCE_EXHAUSTED (it named too many resources); None: it is not."""
 
     # -- requests -----------------------------------------------------------------------
 
@@ -305,6 +313,8 @@ class Connection:
         key = _names_key(req)
         if not fresh and key == st.names_key:
             return  # an ACK or NACK that keeps the subscription: the common case, kept cheap
+        if self._over_limit(st, len(req.resource_names), "resource_names"):
+            return
         st.names_key = key
         names = self._canonical(st.type_url, req.resource_names)
         st.named = st.named or bool(names)
@@ -332,8 +342,12 @@ class Connection:
         if st is None:
             return
         self._node(req.node)
+        if not st.requested and self._over_limit(st, len(req.initial_resource_versions), "initial_resource_versions"):
+            return
         subscribe = self._canonical(st.type_url, req.resource_names_subscribe)
         unsubscribe = set(req.resource_names_unsubscribe)
+        if self._over_limit(st, _subscribed_after(st.names, subscribe, unsubscribe), "subscribed names"):
+            return
         if not st.requested:
             st.requested = True
             st.known = dict(req.initial_resource_versions)
@@ -373,6 +387,22 @@ class Connection:
             else:
                 self._metrics.stale_nonces_by[SHORT[st.type_url]].inc()
         self._wake_if(st)
+
+    def subscription_limit(self, type_url: str) -> int:
+        """The most resources of `type_url` this stream may name at once (`SUBSCRIPTION_FLOOR`)."""
+        return max(SUBSCRIPTION_FLOOR, SUBSCRIPTION_FACTOR * len(self.view.resources[type_url]))
+
+    def _over_limit(self, st: TypeState, count: int, what: str) -> bool:
+        """Ends the stream (RESOURCE_EXHAUSTED, logged, counted) when a request names more than the limit."""
+        limit = self.subscription_limit(st.type_url)
+        if count <= limit or self.exhausted is not None:
+            return self.exhausted is not None
+        short = SHORT[st.type_url]
+        self.exhausted = f"{short}: {count} {what}, more than the {limit} a stream may name; stream ended"
+        self._metrics.subscription_limit_by[short].inc()
+        log.warning("xds %s named too many resources: %s", self.describe(), self.exhausted)
+        self.close()
+        return True
 
     def _canonical(self, type_url: str, names: Iterable[str]) -> set[str]:
         """`names` as a set, sharing the view's string objects where the resource exists.
@@ -640,6 +670,13 @@ def _news(type_url: str, name: str, old: View, new: View, namespace: str | None)
     if before is None or after is None or before.version != after.version:
         return True
     return type_url == ENDPOINT and (new.has_variants(name, namespace) or old.has_variants(name, namespace))
+
+
+def _subscribed_after(names: set[str], subscribe: set[str], unsubscribe: set[str]) -> int:
+    """How many names a delta subscription holds after a request, in O(request), not O(subscription)."""
+    removed = sum(1 for n in unsubscribe if n in names and n != "*")
+    added = sum(1 for n in subscribe if n != "*" and (n not in names or n in unsubscribe))
+    return len(names) - removed + added
 
 
 def _names_key(req: discovery_pb2.DiscoveryRequest) -> bytes:

@@ -63,6 +63,12 @@ class XdsMetrics:
             ["client_type", "field"],
             registry=registry,
         )
+        self.subscription_limit = Counter(
+            "discoveryd_xds_subscription_limit_total",
+            "Streams ended with RESOURCE_EXHAUSTED for naming more resources of this type than allowed.",
+            ["type"],
+            registry=registry,
+        )
         shorts = SHORT.values()
         self.pushes_by = {s: self.pushes.labels(s) for s in shorts}
         self.sent_bytes_by = {s: self.sent_bytes.labels(s) for s in shorts}
@@ -70,6 +76,7 @@ class XdsMetrics:
         self.stale_nonces_by = {s: self.stale_nonces.labels(s) for s in shorts}
         self.push_seconds_by = {s: self.push_seconds.labels(s) for s in shorts}
         self.convergence_by = {s: self.convergence_seconds.labels(s) for s in shorts}
+        self.subscription_limit_by = {s: self.subscription_limit.labels(s) for s in shorts}
 
 
 _daemon: XdsMetrics | None = None

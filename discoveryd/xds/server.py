@@ -333,6 +333,8 @@ class XdsServer:
                     conn.written(type_url, len(body), queued_at)
                     del body
                     self.answered.set()
+            if conn.exhausted is not None:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, conn.exhausted)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -351,7 +353,10 @@ class XdsServer:
         except grpc.aio.AioRpcError as e:
             log.debug("xds %s: read ended: %s", conn.describe(), e.code())
         except Exception:
-            log.exception("xds %s: bad request; closing the stream", conn.describe())
+            if conn.closed:  # ended by the server (RESOURCE_EXHAUSTED): the read fails with it
+                log.debug("xds %s: read ended with the stream", conn.describe())
+            else:
+                log.exception("xds %s: bad request; closing the stream", conn.describe())
         finally:
             conn.close()
 
