@@ -85,7 +85,10 @@ def _status_json(st: ShardStatus) -> dict[str, Any]:
         "last_error": st.last_error,
         "last_error_time": st.last_error_time,
         "errors_total": st.errors_total,
-        "problems": [{"where": p.where, "field": p.field, "message": p.message} for p in st.problems],
+        "problems": [
+            {"where": p.where, "field": p.field, "message": p.message, "severity": p.severity.value}
+            for p in st.problems
+        ],
     }
 
 

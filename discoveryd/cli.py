@@ -21,6 +21,7 @@ from discoveryd import __version__, logs
 from discoveryd import config as config_mod
 from discoveryd.config import Config, ConfigError, split_hostport
 from discoveryd.logs import LogFormat
+from discoveryd.model import Severity
 from discoveryd.registry import OfflineChecker
 from discoveryd.supervisor import Supervisor, build_registry
 
@@ -77,6 +78,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     for warning in logs.insecure_permissions(cfg.path):
         print(f"warning: {warning}", file=sys.stderr)
     problems: list[str] = []
+    warnings: list[str] = []
     for reg_cfg in cfg.registries:
         try:
             registry = build_registry(reg_cfg, cfg)
@@ -84,12 +86,17 @@ def cmd_check(args: argparse.Namespace) -> int:
             problems.append(f"{cfg.path}: registry {reg_cfg.source}: {e}")
             continue
         if isinstance(registry, OfflineChecker):
-            problems.extend(str(p) for p in registry.check())
+            for p in registry.check():
+                (warnings if p.severity is Severity.WARNING else problems).append(str(p))
+    # Warnings (served as written, probably not what was meant) are shown but do not fail the check,
+    # as Istio's analyzer reports them without rejecting the configuration.
+    _print_problems(warnings)
+    noted = f", {len(warnings)} warning(s)" if warnings else ""
     if problems:
         _print_problems(problems)
-        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        print(f"{len(problems)} problem(s) found{noted}", file=sys.stderr)
         return 1
-    print(f"{cfg.path}: ok ({len(cfg.registries)} registries)")
+    print(f"{cfg.path}: ok ({len(cfg.registries)} registries{noted})")
     return 0
 
 

@@ -237,6 +237,17 @@ def is_ip(value: str) -> bool:
     return True
 
 
+class Severity(StrEnum):
+    """How bad an input problem is.
+
+    ERROR: the object (or the field's part of it) was rejected; the last good version is served.
+    WARNING: the object is served as written, but probably does not do what its author meant
+    (as Istio's analyzer warns: a route to a subset no rule defines, a duplicate subset)."""
+
+    ERROR = "error"
+    WARNING = "warning"
+
+
 @dataclass(frozen=True, slots=True)
 class Problem:
     """A problem with registry input: where it is and what is wrong.
@@ -248,11 +259,13 @@ class Problem:
     where: str
     message: str
     field: str = ""
+    severity: Severity = Severity.ERROR
 
     def __str__(self) -> str:
+        message = f"warning: {self.message}" if self.severity is Severity.WARNING else self.message
         if self.field:
-            return f"{self.where}: {self.field}: {self.message}"
-        return f"{self.where}: {self.message}"
+            return f"{self.where}: {self.field}: {message}"
+        return f"{self.where}: {message}"
 
 
 class ZoneFlavor(StrEnum):

@@ -59,7 +59,7 @@ from adapters.istio.locate import FieldPath, Locator
 from adapters.istio.objects import API_VERSIONS, Object, _Checker, _describe, read_object
 from adapters.istio.yamlread import FAST_LOADER, ChunkCache, Document, LoaderClass, read_documents
 from adapters.toolkit.names import is_dns1123_label
-from discoveryd.model import Hostname, Problem, hostname
+from discoveryd.model import Hostname, Problem, Severity, hostname
 from discoveryd.policy import (
     ClientTls,
     ConnectionPool,
@@ -989,9 +989,10 @@ def _merge_rules(
             problems.append(
                 Problem(
                     later.where,
-                    f"warning: subset {subset.name!r} of {first.host} is already defined by DestinationRule "
+                    f"subset {subset.name!r} of {first.host} is already defined by DestinationRule "
                     f"{earlier.namespace}/{earlier.name} at {earlier.where}; this one is ignored",
                     f"spec.subsets[{i}].name",
+                    Severity.WARNING,
                 )
             )
             continue
@@ -1004,9 +1005,10 @@ def _merge_rules(
         problems.append(
             Problem(
                 later.where,
-                f"warning: {first.host}: the trafficPolicy of DestinationRule {first.namespace}/{first.name} at "
+                f"{first.host}: the trafficPolicy of DestinationRule {first.namespace}/{first.name} at "
                 f"{first.where} applies; this one's is ignored (its subsets are merged)",
                 "spec.trafficPolicy",
+                Severity.WARNING,
             )
         )
     return dataclasses.replace(first, traffic_policy=policy, subsets=tuple(subsets))
@@ -1107,9 +1109,10 @@ class PolicySet:
                         problems.setdefault(claim.scope, []).append(
                             Problem(
                                 vs.where,
-                                f"warning: subset {dest.subset!r} of {dest.host} is not defined by "
+                                f"subset {dest.subset!r} of {dest.host} is not defined by "
                                 "any DestinationRule (requests routed to it fail)",
                                 f"spec.http[{i}].route[{j}].destination.subset",
+                                Severity.WARNING,
                             )
                         )
         for claim in rules.values():
@@ -1154,9 +1157,9 @@ def _failover_without_outlier_detection(rule: DestinationRule) -> list[Problem]:
                 out.append(
                     Problem(
                         rule.where,
-                        "warning: locality failover is applied only to clusters with outlierDetection, "
-                        "and this level sets none",
+                        "locality failover is applied only to clusters with outlierDetection, and this level sets none",
                         f"{where}.loadBalancer.localityLbSetting",
+                        Severity.WARNING,
                     )
                 )
     return out

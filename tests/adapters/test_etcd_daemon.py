@@ -125,5 +125,7 @@ def test_bad_value_shows_in_registryz_by_key(daemon: _Daemon, etcd: EtcdServer) 
         timeout=30,
     )
     problems = wait_sync(lambda: daemon.registry()["problems"], timeout=15, what="problem in /debug/registryz")
-    assert problems == [{"where": key, "field": "Addr", "message": "expected ip:port, got 'nowhere'"}]
+    assert problems == [
+        {"where": key, "field": "Addr", "message": "expected ip:port, got 'nowhere'", "severity": "error"}
+    ]
     assert daemon.registry()["synced"] and not daemon.registry()["stale"]

@@ -135,6 +135,31 @@ def test_check_reports_file_and_line_of_every_problem(tmp_path: Path) -> None:
     assert "ports[0].name" in out.stderr
 
 
+def test_check_shows_warnings_but_fails_only_on_errors(tmp_path: Path) -> None:
+    """A route to a subset no DestinationRule defines is served as written (Istio's analyzer warns about
+    it): `check` prints it as a warning and passes; an error next to it fails the check."""
+    (tmp_path / "se").mkdir()
+    (tmp_path / "se" / "vs.yaml").write_text(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: shop}\n"
+        "spec:\n  hosts: [web.shop.example]\n  http:\n"
+        "    - route:\n        - destination: {host: web.shop.example, subset: v9}\n"
+    )
+    cfg = tmp_path / "discoveryd.yaml"
+    cfg.write_text("registries:\n  - {kind: files, name: local, paths: [se/]}\n")
+    out = cli("check", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "warning: subset 'v9' of web.shop.example is not defined" in out.stderr
+    assert "1 warning(s)" in out.stdout
+    (tmp_path / "se" / "bad.yaml").write_text(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: bad}\nspec:\n"
+        "  hosts: [bad.example]\n  ports:\n    - {number: 80, name: Not_DNS, protocol: HTTP}\n"
+    )
+    out = cli("check", "--config", str(cfg))
+    assert out.returncode == 1
+    assert "warning: subset 'v9'" in out.stderr and "ports[0].name" in out.stderr
+    assert "1 problem(s) found, 1 warning(s)" in out.stderr
+
+
 def test_check_reports_config_errors(tmp_path: Path) -> None:
     cfg = tmp_path / "discoveryd.yaml"
     cfg.write_text("dns:\n  ttl: later\n")

@@ -97,7 +97,12 @@ async def test_debug_pages(admin: tuple[Index, str]) -> None:
         async with session.get(base + "/debug/extra") as resp:
             extra = await resp.json()
     assert reg["registries"]["files/a"]["problems"] == [
-        {"where": "f.yaml:7", "field": "spec.ports[0].name", "message": "port name must be DNS-1123"}
+        {
+            "where": "f.yaml:7",
+            "field": "spec.ports[0].name",
+            "message": "port name must be DNS-1123",
+            "severity": "error",
+        }
     ]
     assert reg["conflicts"]["a.example"] == {
         "winner": "files/a",

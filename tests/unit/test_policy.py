@@ -21,7 +21,7 @@ from adapters.files import FilesConfig, FilesRegistry
 from adapters.files.registry import FileSet
 from adapters.istio.policy import PolicySet, read_yaml_all, resolve_host
 from discoveryd.index import Index, diff
-from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Problem, Service, SourceId
+from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Problem, Service, Severity, SourceId
 from discoveryd.policy import DestinationRule, HostPolicy, Subset, TrafficPolicy
 from discoveryd.registry import AdapterContext
 from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ENDPOINT, LISTENER, ROUTE, Builder, BuildOptions
@@ -179,7 +179,7 @@ def test_unknown_subset_is_warned_at_the_route() -> None:
     assert len(found) == 1
     assert found[0].where.startswith("p.yaml:")
     assert found[0].field == "spec.http[1].route[0].destination.subset"
-    assert "'v9'" in found[0].message and "warning" in found[0].message
+    assert "'v9'" in found[0].message and found[0].severity is Severity.WARNING
 
 
 def test_rules_of_other_namespaces_are_kept_and_selected_per_client_namespace() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from adapters.istio.policy import PolicySet, read_yaml_all
-from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
+from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service, Severity
 from discoveryd.policy import SimpleLb
 from discoveryd.xds.resources import CLUSTER, Builder, BuildOptions
 
@@ -54,7 +54,7 @@ def test_rules_of_one_namespace_merge_subsets_and_the_first_traffic_policy_wins(
     duplicate, policy = policies.problems()["b.yaml"]
     assert duplicate.where == "b.yaml:3" and duplicate.field == "spec.subsets[1].name"
     assert "'v1'" in duplicate.message and "shop/cart-v1 at a.yaml:3" in duplicate.message
-    assert duplicate.message.startswith("warning:")
+    assert duplicate.severity is Severity.WARNING and str(duplicate).count("warning: ") == 1
     assert policy.field == "spec.trafficPolicy" and "shop/cart-v1 at a.yaml:3" in policy.message
     assert "a.yaml" not in policies.problems()
 

@@ -9,7 +9,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_pb2
 
 from adapters.istio.policy import PolicySet, read_yaml_all
-from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Problem, Service
+from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Problem, Service, Severity
 from discoveryd.policy import HostPolicy
 from discoveryd.xds.resources import ROUTE, Builder, BuildOptions
 
@@ -44,7 +44,7 @@ def read(http: str) -> tuple[HostPolicy | None, list[Problem]]:
 
 def routes(http: str) -> list[object]:
     policy, problems = read(http)
-    assert [p for p in problems if not p.message.startswith("warning:")] == [] and policy is not None
+    assert [p for p in problems if p.severity is not Severity.WARNING] == [] and policy is not None
     out = {(t, n): m for t, n, m in Builder(BuildOptions()).build(SERVICE, policy)}
     rc = out[(ROUTE, f"{HOST}:8080")]
     assert isinstance(rc, route_pb2.RouteConfiguration)

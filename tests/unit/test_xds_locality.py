@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from adapters.istio.policy import PolicySet, read_yaml_all
 from discoveryd import state
 from discoveryd.index import Index, Snapshot
-from discoveryd.model import Endpoint, Hostname, Locality, Port, PortProtocol, Problem, Service, SourceId
+from discoveryd.model import Endpoint, Hostname, Locality, Port, PortProtocol, Problem, Service, Severity, SourceId
 from discoveryd.policy import HostPolicy, LocalityDistribute, LocalityLb
 from discoveryd.xds.connection import Connection
 from discoveryd.xds.locality import Client, client_of
@@ -160,7 +160,7 @@ def test_unknown_fields_and_wrong_types() -> None:
 def test_failover_without_outlier_detection_is_a_warning_and_the_rule_is_kept() -> None:
     text = rule("failover: [{from: us, to: eu}]\n", od=False)
     p = only(text)
-    assert p.message.startswith("warning:") and p.field == "spec.trafficPolicy.loadBalancer.localityLbSetting"
+    assert p.severity is Severity.WARNING and p.field == "spec.trafficPolicy.loadBalancer.localityLbSetting"
     assert policy_of(text).destination_rule is not None
 
 
