@@ -14,8 +14,10 @@ parts of the registries still configured; the supervisor restores them into
 the index (`Index.restore`): served at once, marked stale and `restored`
 (which counts for readiness), until each registry's first sync replaces them.
 A missing file is a cold start. A file that cannot be read, decoded, or was
-written by another format version is logged (naming the file and the
-reason) and ignored: never a crash, and the next save replaces it.
+written by another format version, or that holds a value of another type or
+range than the model's (a checksum that matches proves no damage, not
+truth), is logged (naming the file and the reason) and ignored as a whole:
+never a crash, never part of a world, and the next save replaces it.
 
 With it go the xDS resources served (`SavedXds`: the serialized resources of
 every hostname without a traffic policy whose service is the very object the
@@ -38,14 +40,17 @@ import dataclasses
 import functools
 import gc
 import hashlib
+import itertools
 import logging
+import operator
 import os
+import re
 import tempfile
 import threading
 import time
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -413,7 +418,8 @@ class _Rows:
 
     def services(self, rows: list[Any]) -> tuple[Service, ...]:
         if not self.fast:
-            return tuple(self._service_by_name(r) for r in rows)
+            return _checked(tuple(self._service_by_name(r) for r in rows))
+        _check_rows(rows, len(self.maps), len(self.localities), len(self.sources), self.maps)
         maps, locs, srcs = self.maps, self.localities, self.sources
         health, protocol, resolution, location = _HEALTH, _PROTOCOL, _RESOLUTION, _LOCATION
         ep_cls, port_cls = Endpoint, Port
@@ -460,6 +466,15 @@ class _Rows:
 
     # By name: a file from a model with other fields.
 
+    def _map(self, i: Any) -> dict[str, Any]:
+        return self.maps[_ref(i, len(self.maps), "maps")]
+
+    def _locality(self, i: Any) -> Locality:
+        return self.localities[_ref(i, len(self.localities), "localities")]
+
+    def _source(self, i: Any) -> SourceId:
+        return self.sources[_ref(i, len(self.sources), "sources")]
+
     def _named(self, cls: type[Any], names: tuple[str, ...], row: list[Any], convert: Mapping[str, Any]) -> Any:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
@@ -471,11 +486,11 @@ class _Rows:
 
     def _endpoint_by_name(self, row: list[Any]) -> Endpoint:
         convert = {
-            "ports": self.maps.__getitem__,
-            "labels": self.maps.__getitem__,
-            "locality": self.localities.__getitem__,
+            "ports": self._map,
+            "labels": self._map,
+            "locality": self._locality,
             "health": _HEALTH.__getitem__,
-            "source": self.sources.__getitem__,
+            "source": self._source,
             "tags": tuple,
         }
         return self._named(Endpoint, self.endpoint_fields, row, convert)  # type: ignore[no-any-return]
@@ -484,19 +499,170 @@ class _Rows:
         return self._named(Port, self.port_fields, row, {"protocol": _PROTOCOL.__getitem__})  # type: ignore[no-any-return]
 
     def _service_by_name(self, row: list[Any]) -> Service:
-        convert = {
+        convert: dict[str, Callable[[Any], Any]] = {
             "ports": lambda v: tuple(self._port_by_name(p) for p in v),
             "addresses": tuple,
             "resolution": _RESOLUTION.__getitem__,
             "location": _LOCATION.__getitem__,
-            "labels": self.maps.__getitem__,
-            "source": self.sources.__getitem__,
+            "labels": self._map,
+            "source": self._source,
             "endpoints": lambda v: tuple(self._endpoint_by_name(e) for e in v),
             "export_to": tuple,
             "subject_alt_names": tuple,
             "aliases": tuple,
         }
         return self._named(Service, self.service_fields, row, convert)  # type: ignore[no-any-return]
+
+
+# -- checks -----------------------------------------------------------------------------
+#
+# The checksum finds damage, not lies: a file written by a bug, by hand or by anyone who can write
+# the state directory has a valid one. Every value is checked for the type and range the model and
+# the servers rely on before anything is built from it (a service with an int hostname, a label map
+# with an int value or a negative table position would otherwise be served, or crash a server on every
+# start). By column, with `map(type, ...)` and `min`/`max`: a few percent of the decode.
+
+_HOST = re.compile(r"(?:[^.\sA-Z/]{1,63}\.)*[^.\sA-Z/]{1,63}")
+"""A normalised name (lower case, no trailing dot, no empty label), as adapters write them."""
+_MAX_INT = 2**32 - 1
+"""Weights and priorities are 32-bit unsigned on the wire."""
+
+
+def _fail(what: str) -> typing.NoReturn:
+    raise StateError(what)
+
+
+def _ref(i: Any, size: int, table: str) -> int:
+    if type(i) is not int or not 0 <= i < size:
+        _fail(f"a reference {i!r} outside the table {table} ({size} entries)")
+    return i
+
+
+def _types(column: Iterable[Any], allowed: set[type], what: str) -> None:
+    extra = set(map(type, column)) - allowed
+    if extra:
+        _fail(f"{what}: a value of type {next(iter(extra)).__name__}")
+
+
+def _ints(column: Iterable[Any], low: int, high: int, what: str, optional: bool = False) -> None:
+    values = [v for v in column if v is not None] if optional else list(column)
+    _types(values, {int}, what)
+    if values and (min(values) < low or max(values) > high):
+        _fail(f"{what}: a value outside {low}..{high}")
+
+
+def _refs(column: Iterable[Any], size: int, what: str) -> None:
+    values = list(column)
+    _types(values, {int}, what)
+    if values and (min(values) < 0 or max(values) >= size):
+        _fail(f"{what}: a reference outside its table ({size} entries)")
+
+
+def _strs(column: Iterable[Any], what: str) -> None:
+    _types(column, {str}, what)
+
+
+def _members(column: Iterable[Any], allowed: Mapping[str, Any], what: str) -> None:
+    values = set(column)
+    _strs(values, what)
+    unknown = values - allowed.keys()
+    if unknown:
+        _fail(f"{what}: unknown value {next(iter(unknown))!r}")
+
+
+def _hosts(column: Iterable[Any], what: str) -> None:
+    values = list(column)
+    _strs(values, what)
+    bad = next((h for h in values if len(h) > 253 or _HOST.fullmatch(h) is None), None)
+    if bad is not None:
+        _fail(f"{what}: {bad!r} is not a hostname")
+
+
+def _shapes(rows: list[Any], shapes: set[tuple[type, ...]], what: str, names: tuple[str, ...]) -> None:
+    """Every row a list whose items have the types of one of `shapes` (one C-level pass: `map(type, row)`)."""
+    _types(rows, {list}, what)
+    found = set(map(tuple, map(map, itertools.repeat(type), rows)))
+    wrong = found - shapes
+    if wrong:
+        got = next(iter(wrong))
+        if len(got) != len(names):
+            _fail(f"{what}: a row of {len(got)} fields, not {len(names)}")
+        i = next(i for i, t in enumerate(got) if all(shape[i] is not t for shape in shapes))
+        want = " or ".join(sorted({shape[i].__name__ for shape in shapes}))
+        _fail(f"{what}: {names[i]} is a {got[i].__name__}, not {want}")
+
+
+def _items(rows: list[Any], i: int) -> list[Any]:
+    """The items of the lists in column `i` (`_shapes` checked that they are lists), flattened."""
+    return list(itertools.chain.from_iterable(map(operator.itemgetter(i), rows)))
+
+
+_SERVICE_SHAPE: tuple[type, ...] = (str, str, list, list, str, str, int, int, list, str, list, list, list)
+_ENDPOINT_SHAPE: tuple[type, ...] = (str, int, int, int, int, str, str, str, str, int, int, list, str, str)
+_PORT_SHAPES: set[tuple[type, ...]] = {(int, str, str, int), (int, str, str, type(None))}
+
+
+def _check_rows(rows: Any, maps: int, localities: int, sources: int, tables: Sequence[Any]) -> None:
+    """Every value of a part's service rows as the fast decoder will use it; StateError naming the first bad one."""
+    if type(rows) is not list:
+        _fail("services: not a list")
+    _shapes(rows, {_SERVICE_SHAPE}, "service", _SERVICE_FIELDS)
+    col = operator.itemgetter
+    _hosts(map(col(0), rows), "service hostname")
+    ports = _items(rows, 2)
+    _shapes(ports, _PORT_SHAPES, "port", _PORT_FIELDS)
+    _ints(map(col(0), ports), 0, 65535, "port number")
+    _members(map(col(2), ports), _PROTOCOL, "port protocol")
+    _ints(map(col(3), ports), 0, 65535, "port target_port", optional=True)
+    _strs(_items(rows, 3), "service addresses")
+    _members(map(col(4), rows), _RESOLUTION, "service resolution")
+    _members(map(col(5), rows), _LOCATION, "service location")
+    _refs(map(col(6), rows), maps, "service labels")
+    _refs(map(col(7), rows), sources, "service source")
+    _strs(_items(rows, 10), "service export_to")
+    _strs(_items(rows, 11), "service subject_alt_names")
+    _hosts(_items(rows, 12), "service aliases")
+    endpoints = _items(rows, 8)
+    _shapes(endpoints, {_ENDPOINT_SHAPE}, "endpoint", _ENDPOINT_FIELDS)
+    _refs(map(col(1), endpoints), maps, "endpoint ports")
+    _refs(map(col(2), endpoints), maps, "endpoint labels")
+    _refs(map(col(3), endpoints), localities, "endpoint locality")
+    _ints(map(col(4), endpoints), 0, _MAX_INT, "endpoint weight")
+    _members(map(col(5), endpoints), _HEALTH, "endpoint health")
+    _ints(map(col(9), endpoints), 0, _MAX_INT, "endpoint priority")
+    _refs(map(col(10), endpoints), sources, "endpoint source")
+    _strs(_items(endpoints, 11), "endpoint tags")
+    for i in {*map(col(6), rows), *map(col(2), endpoints)}:
+        _check_map(tables[i], str, "labels")
+    for i in set(map(col(1), endpoints)):
+        _check_map(tables[i], int, "endpoint ports")
+
+
+def _check_map(value: Any, kind: type, what: str) -> None:
+    if type(value) is not dict:
+        _fail(f"{what}: a {type(value).__name__}, not a mapping")
+    _strs(list(value), f"{what} keys")
+    if kind is int:
+        _ints(list(value.values()), 0, 65535, f"{what} values")
+    else:
+        _strs(list(value.values()), f"{what} values")
+
+
+def _checked(services: tuple[Service, ...]) -> tuple[Service, ...]:
+    """The services of a file read by name, checked as `_check_rows` checks rows (the rare, slow path)."""
+    for s in services:
+        _hosts([s.hostname, *s.aliases], "service hostname")
+        _strs([s.namespace, s.name, *s.addresses, *s.export_to, *s.subject_alt_names], "service fields")
+        _ints([p.number for p in s.ports], 0, 65535, "port number")
+        _ints([p.target_port for p in s.ports], 0, 65535, "port target_port", optional=True)
+        _strs([p.name for p in s.ports], "port name")
+        _check_map(s.labels, str, "labels")
+        for e in s.endpoints:
+            _strs([e.address, e.network, e.service_account, e.hostname, e.node_name, e.target_ref, *e.tags], "endpoint")
+            _ints([e.weight, e.priority], 0, _MAX_INT, "endpoint weight/priority")
+            _check_map(e.labels, str, "labels")
+            _check_map(e.ports, int, "endpoint ports")
+    return services
 
 
 def _from_json(tp: Any, value: Any, where: str) -> Any:
@@ -546,7 +712,8 @@ def _policies(raw: Any, where: str) -> tuple[tuple[Hostname, HostPolicy], ...]:
     out = []
     for i, item in enumerate(raw):
         host, policy = item
-        out.append((Hostname(str(host)), _from_json(HostPolicy, policy, f"{where}[{i}]")))
+        _strs([host], f"{where}[{i}] host")
+        out.append((Hostname(host), _from_json(HostPolicy, policy, f"{where}[{i}]")))
     return tuple(out)
 
 
@@ -589,10 +756,17 @@ def decode(data: bytes, where: str) -> LoadResult:
                         _policies(p.get("policies", []), "policies"),
                     )
                 )
-            except (KeyError, TypeError, ValueError, IndexError, AttributeError, StateError) as e:
+            except StateError as e:
+                raise StateError(f"{where}: parts[{i}]: {e}") from e
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
                 raise StateError(f"{where}: parts[{i}]: {e!r}") from e
         written = float(doc["written"])
-        xds = _saved_xds(doc.get("xds"), blob)
+        try:
+            xds = _saved_xds(doc.get("xds"), blob)
+        except StateError as e:
+            raise StateError(f"{where}: {e}") from e
+    except StateError:
+        raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise StateError(f"{where}: malformed state file ({e!r})") from e
     return LoadResult(tuple(parts), written, xds)
@@ -602,15 +776,21 @@ def _saved_xds(raw: Any, blob: bytes) -> SavedXds | None:
     if raw is None:
         return None
     types = [str(t) for t in raw["types"]]
+    unknown = set(types) - set(TYPES)
+    if unknown:
+        _fail(f"xds: unknown resource type {next(iter(unknown))!r}")
     data = memoryview(blob)
     at = 0
     resources: dict[Hostname, Prebuilt] = {}
     for host, entries in raw["hosts"]:
+        _hosts([host], "xds hostname")
         items = []
         for type_id, name, size in entries:
-            if not isinstance(size, int) or size < 0 or at + size > len(data):
+            _ref(type_id, len(types), "xds types")
+            _strs([name], "xds resource name")
+            if type(size) is not int or size < 0 or at + size > len(data):
                 raise ValueError(f"xds: resource {name!r} runs past the end of the file")
-            items.append((types[type_id], str(name), bytes(data[at : at + size])))
+            items.append((types[type_id], name, bytes(data[at : at + size])))
             at += size
         resources[Hostname(str(host))] = tuple(items)
     if at != len(data):

@@ -509,3 +509,120 @@ def test_a_format_1_file_is_removed_at_load(tmp_path: Path, caplog: pytest.LogCa
         assert state.load(tmp_path, [A]) is None  # no current file: a cold start
     assert not (tmp_path / state.LEGACY_FILE_NAME).exists()
     assert "format version 1" in caplog.text
+
+
+def _endpoint_row(**fields: Any) -> list[Any]:
+    row: list[Any] = ["10.0.0.1", 0, 0, 0, 1, "HEALTHY", "", "", "", 0, 0, [], "", ""]
+    for name, value in fields.items():
+        row[state._ENDPOINT_FIELDS.index(name)] = value
+    return row
+
+
+def _service_row(endpoints: list[Any] | None = None, **fields: Any) -> list[Any]:
+    row: list[Any] = ["a.example", "ns", [[80, "http", "HTTP", None]], [], "STATIC", "MESH_INTERNAL", 0, 0]
+    row += [[_endpoint_row()] if endpoints is None else endpoints, "", [], [], []]
+    for name, value in fields.items():
+        row[state._SERVICE_FIELDS.index(name)] = value
+    return row
+
+
+def _lying(*services: list[Any], maps: list[Any] | None = None, xds: Any = None, blob: bytes = b"") -> bytes:
+    """A state file with a valid checksum around `services` (the checksum finds damage, not lies)."""
+    doc = {
+        **_HEAD,
+        "maps": [{}, {"http": 8080}] if maps is None else maps,
+        "xds": xds,
+        "parts": [{"source": A, "part": "", "services": list(services), "policies": []}],
+    }
+    body = orjson.dumps(doc) + b"\n" + blob
+    return f"{state.FORMAT} {state.VERSION} {hashlib.blake2b(body, digest_size=16).hexdigest()}\n".encode() + body
+
+
+def test_a_well_formed_lying_file_loads() -> None:
+    """The baseline of the next test: its rows are read when nothing in them lies."""
+    loaded = state.decode(_lying(_service_row([_endpoint_row(ports=1)])), "f")
+    assert [s.hostname for p in loaded.parts for s in p.services] == ["a.example"]
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        pytest.param(_lying(_service_row(hostname=5)), "service: hostname is a int, not str", id="int-hostname"),
+        pytest.param(_lying(_service_row(hostname="a..b")), "'a..b' is not a hostname", id="empty-label"),
+        pytest.param(_lying(_service_row(hostname="A.example")), "is not a hostname", id="not-normalised"),
+        pytest.param(_lying(_service_row(aliases=["x y"])), "service aliases", id="bad-alias"),
+        pytest.param(_lying(_service_row(labels=-1)), "service labels: a reference outside", id="negative-ref"),
+        pytest.param(_lying(_service_row(labels=True)), "service: labels is a bool, not int", id="bool-ref"),
+        pytest.param(_lying(_service_row(source=7)), "service source: a reference outside", id="source-ref"),
+        pytest.param(_lying(_service_row([_endpoint_row(locality=3)])), "endpoint locality", id="locality-ref"),
+        pytest.param(_lying(_service_row([_endpoint_row(source=-1)])), "endpoint source", id="endpoint-source"),
+        pytest.param(
+            _lying(_service_row(addresses="10.0.0.1")), "service: addresses is a str, not list", id="str-for-list"
+        ),
+        pytest.param(_lying(_service_row(addresses=[1])), "service addresses: a value of type int", id="int-vip"),
+        pytest.param(
+            _lying(_service_row(ports=[["80", "http", "HTTP", None]])), "port: number is a str, not int", id="str-port"
+        ),
+        pytest.param(_lying(_service_row(ports=[[80, "http", "HTTP", 70000]])), "target_port", id="port-range"),
+        pytest.param(_lying(_service_row(ports=[[80, "http", "BOGUS", None]])), "'BOGUS'", id="protocol"),
+        pytest.param(_lying(_service_row([_endpoint_row(weight=2**40)])), "endpoint weight", id="huge-weight"),
+        pytest.param(
+            _lying(_service_row([_endpoint_row(weight="1")])), "endpoint: weight is a str, not int", id="str-weight"
+        ),
+        pytest.param(_lying(_service_row([_endpoint_row(health="FINE")])), "endpoint health", id="health"),
+        pytest.param(
+            _lying(_service_row([_endpoint_row(tags="abc")])), "endpoint: tags is a str, not list", id="str-tags"
+        ),
+        pytest.param(
+            _lying(_service_row([_endpoint_row()[:5]])), "endpoint: a row of 5 fields, not 14", id="short-row"
+        ),
+        pytest.param(_lying(_service_row(labels=1)), "labels values: a value of type int", id="ports-as-labels"),
+        pytest.param(_lying(_service_row([_endpoint_row(ports=0)]), maps=[{"a": "b"}]), "ports", id="labels-as-ports"),
+        pytest.param(_lying(_service_row(), maps=[["a"]]), "labels: a list, not a mapping", id="map-not-a-dict"),
+        pytest.param(
+            _lying(_service_row(), xds={"fingerprint": "f", "order": [A], "types": ["bogus"], "hosts": []}),
+            "unknown resource type",
+            id="xds-type",
+        ),
+        pytest.param(
+            _lying(
+                _service_row(),
+                xds={
+                    "fingerprint": "f",
+                    "order": [A],
+                    "types": list(state.TYPES),
+                    "hosts": [["a.example", [[-1, "c", 1]]]],
+                },
+                blob=b"x",
+            ),
+            "xds types",
+            id="xds-negative-type",
+        ),
+    ],
+)
+def test_a_file_whose_checksum_matches_but_whose_content_lies_is_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: bytes, reason: str
+) -> None:
+    """Values of the wrong type, references outside their tables (negative ones included: Python would
+    index from the end), out-of-range numbers, unknown enum values: rejected before anything is served."""
+    (tmp_path / state.FILE_NAME).write_bytes(content)
+    with caplog.at_level(logging.ERROR, logger="discoveryd.state"):
+        assert state.load(tmp_path, [A]) is None
+    assert reason in caplog.text and str(tmp_path / state.FILE_NAME) in caplog.text
+    assert caplog.text.count(str(tmp_path / state.FILE_NAME)) == 1  # named once, then the reason
+
+
+@pytest.mark.parametrize(
+    ("at", "value", "reason"),
+    [
+        pytest.param(2, -1, "outside the table maps", id="negative-ref"),
+        pytest.param(4, "heavy", "endpoint weight", id="str-weight"),
+        pytest.param(0, None, "endpoint", id="no-address"),
+    ],
+)
+def test_a_file_read_by_name_is_checked_too(at: int, value: Any, reason: str) -> None:
+    doc = orjson.loads(state.encode([_capture(rich_service("z.example"))], 0.0).partition(b"\n")[2])
+    doc["fields"]["Endpoint"][-1] = "from_the_future"  # another model: read by name
+    doc["parts"][0]["services"][0][8][0][at] = value
+    with pytest.raises(state.StateError, match=reason):
+        state.decode(_file(doc), "mem")
