@@ -33,7 +33,7 @@ from adapters.istio.policy import PolicyObject, PolicySet, read_policy_object
 from adapters.kubernetes.api import Obj
 from adapters.kubernetes.mapping import meta_key
 from discoveryd.model import Hostname, Problem
-from discoveryd.registry import PolicyWriter, ShardWriter
+from discoveryd.registry import PolicyWriter, ShardWriter, SteppedWriter
 
 log = logging.getLogger("discoveryd.adapters.kubernetes")
 
@@ -164,20 +164,30 @@ class IstioView:
                 self._shard.set_problems(scope, problems)
         self._reported = now
 
-    def flush(self) -> None:
-        """Publish what changed as one index version (the coalescer's task calls this)."""
+    async def flush(self) -> None:
+        """Publish what changed as one index version (the coalescer's task calls this).
+
+        The first publication replaces the part in steps that yield to the loop when the writer offers it
+        (`SteppedWriter`); the batch still applies it, the rules and the problems as one version.
+        """
         if not self.expected or not self.expected <= self.listed:
             return
         shard = self._shard
         back = self.stale and self.expected <= self.watching
         if not self.published:
             self._translation.build()
+            self.stale, self._dirty = False, False  # objects changed from here on are flushed next time
             with shard.batch():
-                shard.replace(self._translation.services.values())
+                built = list(self._translation.services.values())  # as built: events meanwhile build anew
+                if isinstance(shard, SteppedWriter):
+                    await shard.replace_in_steps(built)
+                else:
+                    shard.replace(built)
                 self._write_policies()
                 self._report()
-                shard.mark_synced()
-            self.published, self.stale, self._dirty = True, False, False
+                if not self.stale:  # a session that failed meanwhile marked the part failing: it stays so
+                    shard.mark_synced()
+            self.published = True
             return
         if not self._dirty and not self._policy_dirty and not back:
             return

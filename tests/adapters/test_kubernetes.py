@@ -21,7 +21,7 @@ from discoveryd.index import Index, Snapshot
 from discoveryd.model import Health, Hostname, PortProtocol, Resolution, SourceId
 from discoveryd.testing import AdapterContract
 from tests.fakes.kubernetes import FakeApiServer, endpoint, endpoint_slice, kubeconfig, service
-from tests.helpers import eventually
+from tests.helpers import eventually, watching_the_loop
 
 WEB = Hostname("web.shop.svc.cluster.local")
 
@@ -747,3 +747,82 @@ async def test_forbidden_rules_do_not_stop_the_service_entries(
         assert _policy(index, "e.example.com") is None and not index.snapshot.shards[source].stale
         fake.forbidden.clear()
         await eventually(lambda: _policy(index, "e.example.com") is not None, what="readable later")
+
+
+async def test_the_first_publication_of_a_large_cluster_keeps_the_loop_serving(index: Index) -> None:
+    # The sync path alone (the view fed as the reflectors feed it, then the coalescer's flush): a one-shot
+    # replace of 60k Services holds the loop for 0.2 s or more of CPU; the stepwise one aims at 2 ms steps.
+    from adapters.kubernetes.registry import SERVICES_PART, _ServiceView
+
+    config = KubernetesConfig.model_validate({"kind": "kubernetes", "name": "big"})
+    view = _ServiceView(config, index.writer(config.source).part(SERVICES_PART))
+    n = 60_000
+    view.expected = {"services", "endpointslices"}
+    view.services_replace(None, [service(f"s{i}", f"ns{i % 50}") for i in range(n)])
+    view.slices_replace(
+        None,
+        [
+            endpoint_slice(f"s{i}", [endpoint(f"10.{i >> 16}.{i >> 8 & 255}.{i & 255}")], namespace=f"ns{i % 50}")
+            for i in range(n)
+        ],
+    )
+    view.listed = set(view.expected)
+    async with watching_the_loop(index) as watch:
+        await view.flush()
+    assert watch.longest < 0.1, f"the loop was held for {watch.longest * 1000:.0f} ms of CPU"
+    assert len(watch.gaps) > 20, "the flush never yielded to the loop"
+    # One world: readers saw the empty part, then every Service at once, synced.
+    assert [len(s.services) for s in watch.seen] == [0, n]
+    assert watch.seen[1].version == watch.seen[0].version + 1 and watch.seen[1].ready
+    svc = index.snapshot.services[Hostname("s7.ns7.svc.cluster.local")]
+    assert [ep.address for ep in svc.endpoints] == ["10.0.0.7"]
+
+
+async def test_the_first_publication_of_many_service_entries_keeps_the_loop_serving(index: Index) -> None:
+    # 2000 ServiceEntries of 50 hosts: 100k services that the `istio` part's first flush replaces in steps.
+    # The translation is built before: its build is a step of its own (per namespace), not the replace's.
+    from adapters.kubernetes.crds import ISTIO_PART, IstioView
+
+    view = IstioView(index.writer(SourceId("kubernetes/big")).part(ISTIO_PART))
+    view.expected = {"serviceentries"}
+    spec = {"ports": [{"number": 80, "name": "http", "protocol": "HTTP"}], "resolution": "DNS"}
+    n, hosts = 2000, 50
+    entries = [
+        _entry(f"e{i}", f"ns{i % 50}", spec | {"hosts": [f"h{i}-{k}.example.com" for k in range(hosts)]})
+        for i in range(n)
+    ]
+    view.replace(
+        "serviceentries", None, [{"kind": "ServiceEntry", "apiVersion": "networking.istio.io/v1"} | e for e in entries]
+    )
+    view.listed = set(view.expected)
+    assert len(view._translation.build()) == n * hosts
+    async with watching_the_loop(index) as watch:
+        await view.flush()
+    assert watch.longest < 0.1, f"the loop was held for {watch.longest * 1000:.0f} ms of CPU"
+    assert len(watch.gaps) > 20, "the flush never yielded to the loop"
+    assert [len(s.services) for s in watch.seen] == [0, n * hosts]
+    assert watch.seen[1].version == watch.seen[0].version + 1 and watch.seen[1].ready
+
+
+async def test_a_session_lost_during_a_stepwise_first_publication_leaves_the_part_failing(index: Index) -> None:
+    # What a session's end does (KubernetesRegistry._failing, then the session loop's mark_failing) while the
+    # coalescer's flush is between two steps: the content is published, the part is not marked synced.
+    from adapters.kubernetes.registry import SERVICES_PART, _ServiceView
+
+    config = KubernetesConfig.model_validate({"kind": "kubernetes", "name": "big"})
+    shard = index.writer(config.source).part(SERVICES_PART)
+    view = _ServiceView(config, shard)
+    n = 20_000
+    view.expected = {"services"}
+    view.services_replace(None, [service(f"s{i}", "ns") for i in range(n)])
+    view.listed = set(view.expected)
+    flush = asyncio.create_task(view.flush())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not flush.done(), "the flush did not yield"
+    view.stale = True
+    shard.mark_failing("connection lost")
+    await flush
+    part = index.snapshot.shards[config.source].parts[SERVICES_PART]
+    assert part.services == n and part.failed and not part.synced and part.last_error == "connection lost"
+    assert view.stale  # the watches coming back mark it synced (flush's `back`)
