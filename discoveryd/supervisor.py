@@ -164,6 +164,9 @@ class Supervisor:
                     self.index.writer(reg_cfg.source)  # each counted (not ready) before xDS serves
                 self._start_servers(self.config, ("xds",))
                 await self._xds_first()
+                if self._stop.is_set():  # stopped while xDS started: start nothing more
+                    log.info("stopping")
+                    raise _Shutdown
                 if self.config.state_dir is not None:
                     saver = StateSaver(
                         self.index, self.config.state_dir, configs=self._config_fingerprints, xds=self._xds_served
@@ -203,15 +206,22 @@ class Supervisor:
         world before the registries, the DNS table build and the admin server (their imports
         included) take the event loop. A server that cannot bind ends the TaskGroup, which cancels
         this wait. On a cold start nothing can be answered yet: the rest starts as soon as xDS listens.
+        A stop signal ends the wait at once (the caller then starts nothing more).
         """
         xds = self._xds
         assert xds is not None
-        await xds.started.wait()
-        if not xds.serving:
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_FIRST_ANSWER_GRACE):
-                await xds.answered.wait()
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            started = asyncio.ensure_future(xds.started.wait())
+            await asyncio.wait({started, stop}, return_when=asyncio.FIRST_COMPLETED)
+            started.cancel()
+            if self._stop.is_set() or not xds.serving:
+                return
+            answered = asyncio.ensure_future(xds.answered.wait())
+            await asyncio.wait({answered, stop}, timeout=_FIRST_ANSWER_GRACE, return_when=asyncio.FIRST_COMPLETED)
+            answered.cancel()
+        finally:
+            stop.cancel()
 
     # -- registries -----------------------------------------------------------------------
 
