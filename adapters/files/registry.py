@@ -20,7 +20,8 @@ translation (`adapters.istio.Translation`, one scope per file) rebuilds only
 the namespaces whose objects changed; `take_changed()` names the hostnames
 to write.
 
-`FilesRegistry.run()` does one full refresh, publishes it and marks the shard
+`FilesRegistry.run()` does one full refresh, publishes it (a `replace`, in
+steps that yield to the loop with the index's writers) and marks the shard
 synced, then watches with watchfiles (inotify): configured directories
 recursively; the parent directory of a configured file, and the nearest
 existing ancestor of a path that does not exist yet, non-recursively. Watch
@@ -56,7 +57,7 @@ from adapters.istio.policy import DEFAULT_DOMAIN, AnyObject, PolicySet, read_yam
 from adapters.istio.yamlread import collector_paused
 from discoveryd.model import Hostname, Problem, Service, SourceId
 from discoveryd.policy import HostPolicy
-from discoveryd.registry import AdapterContext, PolicyWriter, RegistryConfig, ShardWriter
+from discoveryd.registry import AdapterContext, PolicyWriter, RegistryConfig, ShardWriter, SteppedWriter
 from discoveryd.session import Backoff, SessionState, run_sessions
 
 log = logging.getLogger("discoveryd.adapters.files")
@@ -563,10 +564,13 @@ class _Publisher:
         """Refresh the files (in a worker thread) and publish; returns when to refresh again unprompted."""
         refreshed = await asyncio.to_thread(self.files.refresh, named)
         if refreshed.changed or not self._published:
-            self.publish()
+            await self.publish()
         return refreshed.recheck_in
 
-    def publish(self) -> None:
+    async def publish(self) -> None:
+        """The changes as one version; the first time, everything, compared and merged by the index in steps
+        that yield to the loop when the writer offers it (`SteppedWriter`): 100k services in one `replace`
+        would hold DNS and xDS for a quarter of a second or more."""
         changed = self.files.take_changed()
         services = self.files.services
         problems = self.files.problems()
@@ -576,7 +580,10 @@ class _Publisher:
                 for host in sorted(policy_changed):
                     self.shard.set_policy(host, self.files.policies.get(host))
             if not self._published:
-                self.shard.replace(services.values())
+                if isinstance(self.shard, SteppedWriter):
+                    await self.shard.replace_in_steps(list(services.values()))
+                else:
+                    self.shard.replace(services.values())
                 self._published = True
             else:
                 for host in changed:

@@ -21,7 +21,7 @@ from discoveryd.index import Index
 from discoveryd.model import Hostname, Problem, SourceId
 from discoveryd.registry import AdapterContext
 from discoveryd.testing import AdapterContract
-from tests.helpers import eventually
+from tests.helpers import eventually, watching_the_loop
 
 LANDS_WITHIN = 5.0
 """A deadline, not an expectation: changes land in well under a second; the rest is room for a loaded machine."""
@@ -363,3 +363,33 @@ async def test_a_watched_file_writable_by_others_is_warned_about_once(
     path.chmod(0o644)
     files.refresh()
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+async def test_the_first_publication_of_many_services_keeps_the_loop_serving(tmp_path: Path) -> None:
+    # 1000 ServiceEntries of 100 hosts (100k services): the files are read and translated as the registry
+    # does it (in a worker thread), then the first publication replaces the shard in steps.
+    from adapters.files.registry import _Publisher
+
+    directory = tmp_path / "se"
+    directory.mkdir()
+    n, hosts = 1000, 100
+    for f in range(10):
+        docs = []
+        for i in range(f * n // 10, (f + 1) * n // 10):
+            names = ", ".join(f"h{i}-{k}.test.internal" for k in range(hosts))
+            docs.append(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n"
+                f"metadata: {{name: e{i}, namespace: ns{i % 20}}}\n"
+                f"spec: {{hosts: [{names}], ports: [{{number: 80, name: http, protocol: HTTP}}], resolution: DNS}}\n"
+            )
+        (directory / f"f{f}.yaml").write_text("---\n".join(docs))
+    index = Index([SOURCE])
+    files = FileSet((directory,), "default")
+    files.refresh()
+    publisher = _Publisher(index.writer(SOURCE), files)
+    async with watching_the_loop(index) as watch:
+        await publisher.publish()
+    assert watch.longest < 0.1, f"the loop was held for {watch.longest * 1000:.0f} ms of CPU"
+    assert len(watch.gaps) > 20, "the publication never yielded to the loop"
+    assert [len(s.services) for s in watch.seen] == [0, n * hosts]
+    assert watch.seen[1].version == watch.seen[0].version + 1
