@@ -275,7 +275,7 @@ class XdsServer:
         if not changes:
             return
         self._view = view
-        self.unsupported.refresh(view)
+        self.unsupported.refresh(view, changes)
         stamp = origin if origin is not None else snap.created
         for conn in self._connections.values():
             conn.notify(view, changes, stamp)

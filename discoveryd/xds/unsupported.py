@@ -15,7 +15,8 @@ resources it writes to `UnsupportedFields.sent`, which keeps one report per
   hosts currently have that field reported (not labelled per host or client,
   to keep its cardinality bounded).
 
-A report is dropped (`refresh`, on each new view) once no resource that
+A report is dropped (`refresh`, on each new view, looking only at the resources
+that changed in it) once no resource that
 carried the field carries it any more.
 
 Everything here runs on the event loop thread.
@@ -26,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -81,6 +82,8 @@ class UnsupportedFields:
         self._gauge = gauge
         self._log_interval = log_interval
         self._reports: dict[tuple[str, Hostname, str], Report] = {}
+        self._by_resource: dict[tuple[str, str], set[tuple[str, Hostname, str]]] = {}
+        """(type URL, name) → the keys of the reports whose `resources` hold it (what `refresh` revisits)."""
         self._logged_at: float | None = None
         self._unlogged = 0
 
@@ -101,7 +104,9 @@ class UnsupportedFields:
                     report = self._reports[key] = Report(kind, host, name_of_field, detail, node, time.time())
                     self._gauge.labels(kind, name_of_field).inc()
                     self._log(report)
-                report.resources.add((type_url, name))
+                if (type_url, name) not in report.resources:
+                    report.resources.add((type_url, name))
+                    self._by_resource.setdefault((type_url, name), set()).add(key)
 
     def sent_all(self, kind: str, node: str, view: View, type_url: str, namespace: str | None) -> None:
         """`sent` for a wildcard response: every resource of `type_url` the client's namespace sees."""
@@ -110,24 +115,38 @@ class UnsupportedFields:
         names = [n for t, n in view.grpc_ignored if t == type_url and view.visible(n, namespace)]
         self.sent(kind, node, view, type_url, names)
 
-    def refresh(self, view: View) -> None:
-        """Drop what no resource of `view` carries any more (the policy changed or the service went away)."""
+    def refresh(self, view: View, changes: Mapping[str, Iterable[str]]) -> None:
+        """Drop what no resource of `view` carries any more (the policy changed or the service went away).
+
+        Only the resources in `changes` (type URL → names changed since the previous view) are looked at: a
+        resource whose bytes did not change carries the same fields. O(changes), not O(reports): a `*` rule
+        reported for every host must not cost each push of one endpoint a walk over all of them."""
         ignored = view.grpc_ignored
-        for key, report in list(self._reports.items()):
-            report.resources = {
-                r
-                for r in report.resources
-                if (got := ignored.get(r)) is not None and any(f == report.field for f, _ in got[1])
-            }
-            if not report.resources:
-                del self._reports[key]
-                self._gauge.labels(report.client_type, report.field).dec()
+        for type_url, names in changes.items():
+            for name in names:
+                resource = (type_url, name)
+                keys = self._by_resource.get(resource)
+                if keys is None:
+                    continue
+                got = ignored.get(resource)
+                for key in list(keys):
+                    report = self._reports[key]
+                    if got is not None and any(f == report.field for f, _ in got[1]):
+                        continue
+                    keys.discard(key)
+                    report.resources.discard(resource)
+                    if not report.resources:
+                        del self._reports[key]
+                        self._gauge.labels(report.client_type, report.field).dec()
+                if not keys:
+                    del self._by_resource[resource]
 
     def clear(self) -> None:
         """Forget every report (the server stops)."""
         for report in self._reports.values():
             self._gauge.labels(report.client_type, report.field).dec()
         self._reports.clear()
+        self._by_resource.clear()
 
     def _log(self, report: Report) -> None:
         now = time.monotonic()

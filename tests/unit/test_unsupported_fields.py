@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from envoy.config.core.v3 import base_pb2
 from prometheus_client import CollectorRegistry
@@ -12,7 +14,7 @@ from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service, So
 from discoveryd.xds import status
 from discoveryd.xds.metrics import XdsMetrics
 from discoveryd.xds.policy import grpc_ignored_by_cluster, grpc_ignored_by_routes
-from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ROUTE, Builder, BuildOptions, View
+from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ENDPOINT, ROUTE, Builder, BuildOptions, View
 from discoveryd.xds.unsupported import UnsupportedFields, client_type
 
 HOST = Hostname("cart.shop.internal")
@@ -139,8 +141,39 @@ def test_reports_are_once_per_client_type_host_and_field_and_go_with_the_field()
     (report,) = reports.syncz()
     assert report["node"] == "g1" and report["resources"] == [cluster] and gauge() == 1
     assert "connectionPool.tcp.maxConnections" in status.render({"connections": [], "unsupported": reports.syncz()})
-    reports.refresh(view_of(RULE.replace("tcp: {maxConnections: 1}", "http: {http2MaxRequests: 1}")))
+    reports.refresh(view_of(RULE), {CLUSTER: frozenset({cluster})})  # same fields: kept
+    assert len(reports.syncz()) == 1 and gauge() == 1
+    reports.refresh(view_of(RULE.replace("tcp: {maxConnections: 1}", "http: {http2MaxRequests: 1}")), {})
+    assert len(reports.syncz()) == 1  # the resource did not change: nothing to look at
+    reports.refresh(
+        view_of(RULE.replace("tcp: {maxConnections: 1}", "http: {http2MaxRequests: 1}")),
+        {CLUSTER: frozenset({cluster})},
+    )
     assert reports.syncz() == [] and gauge() == 0
     reports.sent("grpc", "g1", view, CLUSTER, [cluster])
     reports.clear()
     assert reports.syncz() == [] and gauge() == 0
+
+
+class _Counted(dict[tuple[str, str], tuple[Hostname, tuple[tuple[str, str], ...]]]):
+    lookups = 0
+
+    def get(self, key: object, default: object = None) -> object:  # type: ignore[override]
+        _Counted.lookups += 1
+        return super().get(key, default)  # type: ignore[call-overload]
+
+
+def test_refresh_looks_only_at_the_changed_resources() -> None:
+    """A `*` rule carrying an unsupported field is reported for every host a gRPC client is sent; each later
+    push (one endpoint changing) walked every report to check it still holds."""
+    ignored = _Counted({(CLUSTER, f"c{i}"): (Hostname(f"h{i}.test"), (("f", "d"),)) for i in range(500)})
+    view = dataclasses.replace(EMPTY_VIEW, grpc_ignored=ignored)  # type: ignore[arg-type]
+    reports = UnsupportedFields(XdsMetrics(CollectorRegistry()).unsupported_fields)
+    reports.sent("grpc", "g", view, CLUSTER, [f"c{i}" for i in range(500)])
+    assert len(reports.syncz()) == 500
+    _Counted.lookups = 0
+    reports.refresh(view, {ENDPOINT: frozenset({"c1"}), CLUSTER: frozenset({"c2", "unrelated"})})
+    assert _Counted.lookups <= 2 and len(reports.syncz()) == 500
+    gone = _Counted({k: v for k, v in ignored.items() if k != (CLUSTER, "c2")})
+    reports.refresh(dataclasses.replace(EMPTY_VIEW, grpc_ignored=gone), {CLUSTER: frozenset({"c2"})})  # type: ignore[arg-type]
+    assert {r["host"] for r in reports.syncz()} == {f"h{i}.test" for i in range(500)} - {"h2.test"}
