@@ -423,28 +423,41 @@ class Connection:
 
     # -- pushes ---------------------------------------------------------------------------
 
-    def notify(self, view: View, changes: Changes, origin: float) -> None:
+    def notify(self, view: View, changes: Changes, origin: float, news: News | None = None) -> None:
         """A new view; `changes` are the names added, changed or removed since the previous one.
 
         Names the client may see neither in the old view nor in the new one are
         no news to it (exportTo), nor are names it sees in the same version in
         both (another namespace's variant changed): they cost it no push.
+        `news`: what is news to the clients of each namespace, shared by every
+        connection notified of the same change (built once per namespace, not
+        once per client).
         """
         old, self.view = self.view, view
         scoped = bool(view.audiences or old.audiences or view.overrides or old.overrides)
         ns = self.namespace
+        if news is None:
+            news = News()
+
+        def seen(type_url: str, names: frozenset[str]) -> frozenset[str]:
+            key = (type_url, ns, id(old))
+            got = news.get(key)
+            if got is None:
+                got = news[key] = (frozenset(n for n in names if _news(type_url, n, old, view, ns)), old)
+            return got[0]
+
         clusters = changes.get(CLUSTER)
         if clusters and scoped:  # only clusters that changed for this client warm again
-            clusters = frozenset(n for n in clusters if _news(CLUSTER, n, old, view, ns))
+            clusters = seen(CLUSTER, clusters)
         if clusters:
             self._rewarm(clusters, origin)
         for type_url, names in changes.items():
             st = self.types[type_url]
             if not st.requested:
                 continue
+            if scoped:
+                names = seen(type_url, names)
             relevant = names if st.wildcard else names & st.names
-            if relevant and scoped:
-                relevant = frozenset(n for n in relevant if _news(type_url, n, old, view, ns))
             if not relevant:
                 continue
             if st.type_url in FULL_STATE and not self.delta:
@@ -659,6 +672,11 @@ class Connection:
             "held": self.held,
             "types": types,
         }
+
+
+class News(dict[tuple[str, str | None, int], tuple[frozenset[str], View]]):
+    """(type URL, client namespace, id of the client's previous view) → the changed names that are news to
+    such a client, with that view (kept so its id is not reused while the memo lives). One per push."""
 
 
 def _news(type_url: str, name: str, old: View, new: View, namespace: str | None) -> bool:

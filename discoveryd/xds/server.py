@@ -50,7 +50,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from discoveryd.config import TlsConfig, XdsConfig, split_hostport
 from discoveryd.index import Snapshot, SnapshotSource, diff
 from discoveryd.model import Hostname
-from discoveryd.xds.connection import Connection
+from discoveryd.xds.connection import Connection, News
 from discoveryd.xds.metrics import XdsMetrics, daemon_metrics
 from discoveryd.xds.resources import (
     CLUSTER,
@@ -277,8 +277,9 @@ class XdsServer:
         self._view = view
         self.unsupported.refresh(view, changes)
         stamp = origin if origin is not None else snap.created
+        news = News()
         for conn in self._connections.values():
-            conn.notify(view, changes, stamp)
+            conn.notify(view, changes, stamp, news)
 
     # -- streams ----------------------------------------------------------------------------
 

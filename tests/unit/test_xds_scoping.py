@@ -207,3 +207,38 @@ async def test_the_scope_is_fixed_by_the_first_node_of_the_stream(xds: RunningXd
     r = await s.recv()
     assert names(r) == [cluster(SHOP)]
     await s.close()
+
+
+async def test_what_is_news_to_a_namespace_is_worked_out_once_per_push(
+    xds: RunningXds, channel: grpc.aio.Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With exportTo in use, each client's push was filtered name by name against both views: a change of
+    every service cost clients x names lookups. Clients of one namespace share the result."""
+    from discoveryd.model import PortProtocol
+    from discoveryd.xds import connection
+
+    xds.put(*world())
+    streams = []
+    for _ in range(12):
+        s = Stream(channel)
+        s.node = NODES["web"]
+        await s.send(CLUSTER)
+        await s.ack(await s.recv())
+        streams.append(s)
+    calls = 0
+    news = connection._news
+
+    def counted(*args: Any) -> bool:
+        nonlocal calls
+        calls += 1
+        return news(*args)
+
+    monkeypatch.setattr(connection, "_news", counted)
+    xds.put(*[service(w.hostname, "10.0.0.9", protocol=PortProtocol.GRPC, namespace=w.namespace,
+                      export_to=w.export_to) for w in world()])  # fmt: skip
+    for s in streams:
+        assert cluster(PUB) in names(await s.recv())
+    changed = len(world()) * 2  # each cluster and its assignment
+    assert calls <= changed, f"{calls} lookups for {changed} changed names and 12 clients of one namespace"
+    for s in streams:
+        await s.close()
