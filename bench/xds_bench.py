@@ -10,6 +10,9 @@ the shared build, the variants of 3 client localities over every service, 1000 c
 variant cache, and one changed assignment (see `_measure_locality`).
 `python -m bench xds --rule-change [--clients=100,1000] [--services=100]`: convergence of SotW and delta
 clients after one DestinationRule change, against a floor writing the same responses (see `_measure_rule_change`).
+`python -m bench xds --wildcard [--services=100000]`: a `*.example.com` DestinationRule over every service: the
+rebuild when it appears, changes and goes, a small wildcard rule flipping, the name tree's memory (see
+`_measure_wildcard`).
 
 The daemon's `XdsServer` runs in this process on a loopback port with an index
 of `--services` services of `--endpoints` endpoints each. A client subprocess
@@ -572,6 +575,111 @@ def _main_rebuild(args: argparse.Namespace, argv: list[str]) -> None:
     write_results("xds_rebuild", figures, ("python -m bench xds " + " ".join(argv)).strip())
 
 
+# -- wildcard rule hosts ----------------------------------------------------------------------------------
+
+
+def _wild_service(i: int, domain: str = "example.com", generation: int = 0) -> Service:
+    return Service(
+        hostname=Hostname(f"svc{i}.{domain}"),
+        ports=(Port(8080, "http", PortProtocol.HTTP),),
+        endpoints=(Endpoint(f"10.{i // 62500 % 250}.{i // 250 % 250}.{i % 250 + 1}", weight=1 + generation),),
+    )
+
+
+def _wild_rule(host: str, generation: int) -> HostPolicy:
+    traffic = TrafficPolicy(outlier_detection=OutlierDetection(consecutive_5xx=5 + generation, interval=10.0))
+    return HostPolicy(DestinationRule(Hostname(host), "default", "wild", traffic))
+
+
+def _measure_wildcard(services: int, flips: int) -> dict[str, Any]:
+    """`Builder.update` when a `*.example.com` DestinationRule (in the services' namespace) appears, changes and
+    goes, with `services` matching services and 10 others; then a `*.other.org` rule matching those 10 flipping
+    on and off (the name tree is built when the first wildcard rule appears and dropped with the last); and
+    the memory of the name tree (tracemalloc) over every hostname. In-process, no clients."""
+    import gc
+    import tracemalloc
+
+    from discoveryd.policy import HostTree
+
+    index = Index()
+    shard: Shard = index.writer(SourceId("bench/b"))
+    with shard.batch():
+        shard.replace([_wild_service(i) for i in range(services)] + [_wild_service(i, "other.org") for i in range(10)])
+    shard.mark_synced()
+    builder = Builder(BuildOptions())
+    out: dict[str, Any] = {"services": services, "load_average": os.getloadavg()}
+    cpu, wall = _cpu(), time.perf_counter()
+    view, _ = builder.update(EMPTY_VIEW, index.snapshot, None)
+    out["full_build"] = {"cpu_s": _cpu() - cpu, "wall_s": time.perf_counter() - wall}
+
+    def step(change: Any) -> dict[str, Any]:
+        nonlocal view
+        before = index.snapshot.version
+        change()
+        changed = index.changed_between(before, index.snapshot.version)
+        cpu, wall = _cpu(), time.perf_counter()
+        view, touched = builder.update(view, index.snapshot, changed)
+        return {
+            "cpu_s": _cpu() - cpu,
+            "wall_s": time.perf_counter() - wall,
+            "resources_changed": sum(len(n) for n in touched.values()),
+        }
+
+    wild = Hostname("*.example.com")
+    out["add_wildcard_rule"] = step(lambda: shard.set_policy(wild, _wild_rule(wild, 0)))
+    out["change_wildcard_rule"] = step(lambda: shard.set_policy(wild, _wild_rule(wild, 1)))
+    out["one_service_changes_under_the_rule"] = step(lambda: shard.upsert(_wild_service(5, "example.com", 1)))
+    out["remove_wildcard_rule"] = step(lambda: shard.set_policy(wild, None))
+    small = Hostname("*.other.org")
+    adds, removes = [], []
+    for k in range(flips):
+        adds.append(step(lambda k=k: shard.set_policy(small, _wild_rule(small, k))))
+        removes.append(step(lambda: shard.set_policy(small, None)))
+    out["small_rule_add_cpu_s_median"] = median([a["cpu_s"] for a in adds])
+    out["small_rule_remove_cpu_s_median"] = median([r["cpu_s"] for r in removes])
+    names = list(index.snapshot.services)
+    gc.collect()
+    tracemalloc.start()
+    cpu = _cpu()
+    tree = HostTree(names)
+    out["tree_build_cpu_s"] = _cpu() - cpu
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    out["tree_bytes"] = held
+    out["tree_bytes_per_name"] = held / len(names)
+    cpu = _cpu()
+    matched = len(tree.matching(wild))
+    out["tree_matching_cpu_s"] = _cpu() - cpu
+    out["tree_matched"] = matched
+    return out
+
+
+def _main_wildcard(args: argparse.Namespace, argv: list[str]) -> None:
+    f = _measure_wildcard(args.services, 5)
+    rows = [
+        [what, f"{f[key]['cpu_s']:.2f}", f"{f[key]['wall_s']:.2f}", f[key].get("resources_changed", "")]
+        for what, key in (
+            ("full build, no rule", "full_build"),
+            ("*.example.com rule added", "add_wildcard_rule"),
+            ("*.example.com rule changed", "change_wildcard_rule"),
+            ("one service under it changed", "one_service_changes_under_the_rule"),
+            ("*.example.com rule removed", "remove_wildcard_rule"),
+        )
+    ]
+    print(f"{f['services']} services under example.com; load average {f['load_average']}")
+    print(table(rows, ["Builder.update", "cpu s", "wall s", "resources changed"]))
+    print(
+        f"*.other.org (10 hosts) on/off: add {f['small_rule_add_cpu_s_median'] * 1e3:.1f} ms, "
+        f"remove {f['small_rule_remove_cpu_s_median'] * 1e3:.1f} ms CPU (median of 5)"
+    )
+    print(
+        f"name tree: {f['tree_bytes'] / 1e6:.1f} MB ({f['tree_bytes_per_name']:.0f} B/name), built in "
+        f"{f['tree_build_cpu_s'] * 1e3:.0f} ms CPU; *.example.com matched {f['tree_matched']} in "
+        f"{f['tree_matching_cpu_s'] * 1e3:.1f} ms CPU"
+    )
+    write_results("xds_wildcard", f, ("python -m bench xds " + " ".join(argv)).strip())
+
+
 # -- traffic policy: subsets and routes ---------------------------------------------------------------
 
 SUBSETS = ("v0", "v1", "v2")
@@ -1114,10 +1222,16 @@ def main(argv: list[str]) -> None:
         "--rule-change", action="store_true", help="convergence after a DestinationRule change, SotW and delta"
     )
     parser.add_argument("--rebuild", action="store_true", help="Builder.update cost by index size (--sizes)")
+    parser.add_argument(
+        "--wildcard", action="store_true", help="a *.example.com DestinationRule over --services hosts; the name tree"
+    )
     parser.add_argument("--sizes", default="1000,10000,100000", type=lambda s: [int(x) for x in s.split(",")])
     args = parser.parse_args(argv)
     if args.rebuild:
         _main_rebuild(args, argv)
+        return
+    if args.wildcard:
+        _main_wildcard(args, argv)
         return
     if args.policy and args.locality:
         _main_locality(args, argv)
