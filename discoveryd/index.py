@@ -293,6 +293,11 @@ class Index:
         self._shards_gone = True
         self._publish()
 
+    @property
+    def order(self) -> tuple[SourceId, ...]:
+        """The registries in precedence order, as the current merges use it (`set_order`)."""
+        return tuple(sorted(self._order, key=self._order.__getitem__))
+
     def set_order(self, order: Sequence[SourceId]) -> None:
         """Registry precedence changed (config reload): re-merge every shared hostname."""
         new = {s: i for i, s in enumerate(order)}

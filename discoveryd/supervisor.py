@@ -226,13 +226,18 @@ class Supervisor:
     # -- registries -----------------------------------------------------------------------
 
     def _xds_served(self) -> tuple[str, tuple[SourceId, ...], View, Snapshot] | None:
-        """For the state saver: what xDS serves, and how it was built."""
-        xds = self._xds
-        built = xds.built() if xds is not None and "xds" in self._servers else None
+        """For the state saver: what xDS serves, and how it was built: the section the running server
+        was made with and the precedence the index merges with. Not `self.config`'s: during a reload
+        it is the new config before the xDS server is restarted and the index re-ranked, and resources
+        built the old way would be saved as the new way's (and taken as such at the next start)."""
+        xds, entry = self._xds, self._servers.get("xds")
+        if xds is None or entry is None or entry.server is not xds:
+            return None
+        built = xds.built()
         if built is None:
             return None
-        order = tuple(r.source for r in self.config.registries)
-        return state.xds_fingerprint(self.config.xds), order, *built
+        assert isinstance(entry.section, config_mod.XdsConfig)
+        return state.xds_fingerprint(entry.section), self.index.order, *built
 
     def _config_fingerprints(self) -> dict[SourceId, str]:
         return {r.source: state.config_fingerprint(r) for r in self.config.registries}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,3 +57,78 @@ async def test_a_stop_while_xds_waits_for_its_first_client_exits_at_once_and_sta
     finally:
         run.cancel()
         await asyncio.gather(run, return_exceptions=True)
+
+
+SE = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web.shop.example]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.9.0.1}]
+"""
+
+
+def _two_registries(tmp_path: Path, order: tuple[str, str], connect_timeout: str, a_dir: str = "a") -> Path:
+    path = tmp_path / "discoveryd.yaml"
+    regs = {"a": f"  - {{kind: files, name: a, paths: [{a_dir}/]}}\n", "b": "  - {kind: files, name: b, paths: [b/]}\n"}
+    path.write_text(
+        "registries:\n" + "".join(regs[name] for name in order) + f"state_dir: {tmp_path / 'state'}\n"
+        f"xds:\n  listen: 127.0.0.1:{_XDS_PORT}\n  connect_timeout: {connect_timeout}\n"
+        f"dns:\n  listen: [127.0.0.1:{_DNS_PORT}]\n"
+        f"admin:\n  listen: 127.0.0.1:{_ADMIN_PORT}\n"
+    )
+    return path
+
+
+_XDS_PORT, _DNS_PORT, _ADMIN_PORT = free_port(), free_port(), free_port()
+
+
+async def test_a_reload_half_applied_never_labels_resources_with_the_new_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload that re-ranks the registries and changes the xDS section: until the xDS server is
+    restarted and the index re-ranked, what the state saver is told about the served resources is how
+    they were built (the old section, the old order), never the new config's; a next start with the
+    new config would otherwise take resources merged and built the old way as its own."""
+    for name in ("a", "a2", "b"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "a" / "web.yaml").write_text(SE)
+    (tmp_path / "b" / "web.yaml").write_text(SE.replace("10.9.0.1", "10.9.0.2"))
+    sup = supervisor.Supervisor(config_mod.load(_two_registries(tmp_path, ("a", "b"), "5s")))
+    old = sup.config
+    run = asyncio.create_task(sup.run())
+    gate = asyncio.Event()
+    held = asyncio.Event()
+    stop_registry = supervisor.Supervisor._stop_registry
+
+    async def slow_stop(self: supervisor.Supervisor, source: Any) -> None:  # apply() held half-way
+        held.set()
+        await gate.wait()
+        await stop_registry(self, source)
+
+    try:
+        await eventually(lambda: sup._xds_served() is not None, what="xds serving")
+        before = sup._xds_served()
+        assert before is not None and before[:2] == (
+            state.xds_fingerprint(old.xds),
+            (old.registries[0].source, old.registries[1].source),
+        )
+        monkeypatch.setattr(supervisor.Supervisor, "_stop_registry", slow_stop)
+        new = config_mod.load(_two_registries(tmp_path, ("b", "a"), "7s", a_dir="a2"))
+        applying = asyncio.create_task(sup.apply(new))
+        await asyncio.wait_for(held.wait(), 5.0)
+        during = sup._xds_served()
+        assert during is None or during[:2] == before[:2]
+        gate.set()
+        await asyncio.wait_for(applying, 10.0)
+        await eventually(lambda: (sup._xds_served() or ("",))[0] == state.xds_fingerprint(new.xds), what="new xds")
+        after = sup._xds_served()
+        assert after is not None and after[1] == (new.registries[0].source, new.registries[1].source)
+    finally:
+        gate.set()
+        sup.stop()
+        async with asyncio.timeout(10.0):
+            await asyncio.gather(run, return_exceptions=True)
