@@ -73,7 +73,7 @@ from discoveryd.model import (
     Service,
     SourceId,
 )
-from discoveryd.policy import HostPolicy
+from discoveryd.policy import HostPolicy, is_wildcard, wildcard_keys
 from discoveryd.registry import RegistryConfig
 from discoveryd.xds.resources import ENDPOINT, TYPES, Prebuilt, View
 
@@ -169,16 +169,20 @@ def served_resources(view: View, built_from: Snapshot, snapshot: Snapshot) -> di
     """The resources of `view` (built from `built_from`) that hold for `snapshot`: the hostnames whose
     service is the very same object in both (the index keeps unchanged values) and that have no
     traffic policy (the hosts with one, few, are built at start with their namespace variants,
-    locality plans and gRPC notes). Reads immutable values only: runs in a thread."""
+    locality plans and gRPC notes), their own or a wildcard rule host's that matches them (in either
+    snapshot: one removed since the build would leave its shape in the saved bytes). Reads immutable values only: runs in a thread."""
     out: dict[Hostname, Prebuilt] = {}
     services, policies = snapshot.services, snapshot.policies
     built_services, built_policies = built_from.services, built_from.policies
     localized, tables, ignored = view.localized, view.resources, view.grpc_ignored
+    wild = {h for h in (*policies, *built_policies) if is_wildcard(h)}  # rules of hosts such as *.example.com
     for host, keys in view.by_host.items():
         service = services.get(host)
         if service is None or built_services.get(host) is not service:
             continue
         if host in policies or host in built_policies or host in view.variant_keys:
+            continue
+        if wild and any(k in wild for k in wildcard_keys(host)):
             continue
         if any((type_url == ENDPOINT and name in localized) or (type_url, name) in ignored for type_url, name in keys):
             continue
