@@ -170,7 +170,8 @@ def served_resources(view: View, built_from: Snapshot, snapshot: Snapshot) -> di
     service is the very same object in both (the index keeps unchanged values) and that have no
     traffic policy (the hosts with one, few, are built at start with their namespace variants,
     locality plans and gRPC notes), their own or a wildcard rule host's that matches them (in either
-    snapshot: one removed since the build would leave its shape in the saved bytes). Reads immutable values only: runs in a thread."""
+    snapshot: one removed since the build would leave its shape in the saved bytes).
+    Reads immutable values only: runs in a thread."""
     out: dict[Hostname, Prebuilt] = {}
     services, policies = snapshot.services, snapshot.policies
     built_services, built_policies = built_from.services, built_from.policies
