@@ -643,6 +643,12 @@ class _Pace:
         self._since = time.perf_counter()
 
 
+def _same(merged: object, conflicts: object, base: tuple[object, object]) -> bool:
+    """Whether the index's maps are still the very objects a stepwise replace started from (by
+    identity: comparing two maps of 100k entries by content would cost a full pass)."""
+    return merged is base[0] and conflicts is base[1]
+
+
 def _set_merge(
     merged_map: immutables.MapMutation[Hostname, Service],
     conflict_map: immutables.MapMutation[Hostname, Conflict],
@@ -862,6 +868,7 @@ class Shard:
             return
         watch: set[Hostname] = set()
         index._watchers.append(watch)
+        order = index._order  # `set_order` puts a new dict: the merges made so far would rank otherwise
         try:
             merged_map, conflict_map = index._merged.mutate(), index._conflicts.mutate()
             changed: set[Hostname] = set()
@@ -872,11 +879,11 @@ class Shard:
                     changed.add(host)
                 if pace.due():
                     await pace.pause()
-                    if st.writes != writes or st.closed:
+                    if st.writes != writes or st.closed or index._order is not order:
                         break
         finally:
             index._watchers.remove(watch)
-        if st.writes != writes or st.closed:
+        if st.writes != writes or st.closed or index._order is not order:
             self._write(lambda: self._replace(new))
             return
         for host in watch:
@@ -884,7 +891,7 @@ class Shard:
         base = (index._merged, index._conflicts)
 
         def apply() -> None:
-            if st.writes != writes or (index._merged, index._conflicts) != base:
+            if st.writes != writes or index._order is not order or not _same(index._merged, index._conflicts, base):
                 self._replace(new)  # written or published since (inside a batch): apply at once
                 return
             if st.restored_hosts is not None:

@@ -507,3 +507,26 @@ async def test_a_write_to_the_part_during_a_stepwise_replace_is_replaced_like_an
     await task
     assert Hostname("late.example") not in index.snapshot.services
     assert len(index.snapshot.services) == 50_000 and index.snapshot.shards[A].services == 50_000
+
+
+async def test_a_precedence_change_during_a_stepwise_replace_ranks_every_merge_it_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reload re-ranks the registries while a stepwise replace is merging: a hostname the replace
+    brings that another registry already has (not a conflict yet, so `set_order` does not re-merge it)
+    was merged under the old ranking; it must come out as the new ranking merges it."""
+    from discoveryd import index as index_mod
+
+    monkeypatch.setattr(index_mod, "_STEP", 0.0)  # yield at every chance
+    index = Index([A, B])
+    shard, other = index.writer(A), index.writer(B)
+    other.replace([Service(Hostname("s0.mesh.local"), namespace="from-b", endpoints=(Endpoint("10.9.9.9"),))])
+    replace = asyncio.create_task(shard.replace_in_steps(_world(20_000, 2)))
+    while not index._watchers and not replace.done():  # the merge step has begun
+        await asyncio.sleep(0)
+    assert not replace.done()
+    index.set_order([B, A])
+    await replace
+    merged = index.snapshot.services[Hostname("s0.mesh.local")]
+    assert merged.namespace == "from-b"  # B ranks first now: its attributes win
+    assert index.snapshot.conflicts[Hostname("s0.mesh.local")].sources == (B, A)
