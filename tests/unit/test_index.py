@@ -522,7 +522,9 @@ async def test_a_precedence_change_during_a_stepwise_replace_ranks_every_merge_i
     shard, other = index.writer(A), index.writer(B)
     other.replace([Service(Hostname("s0.mesh.local"), namespace="from-b", endpoints=(Endpoint("10.9.9.9"),))])
     replace = asyncio.create_task(shard.replace_in_steps(_world(20_000, 2)))
-    while not index._watchers and not replace.done():  # the merge step has begun
+    for _ in range(1_000_000):  # one loop turn at a time, until the merge step has begun
+        if index._watchers or replace.done():
+            break
         await asyncio.sleep(0)
     assert not replace.done()
     index.set_order([B, A])
