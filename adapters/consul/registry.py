@@ -11,7 +11,9 @@ Data flow, all in the registry's task (`run`) and the tasks of its TaskGroups:
    `/v1/catalog/services`. The first answer starts one health watch per
    service (at most `initial_concurrency` first reads at once) and, when
    every one has read once, `replace`s the part with the result in one
-   staged batch and marks it synced. Later answers start watches for new
+   staged batch (compared and merged in steps that yield to the loop, with
+   the index's writers; answers meanwhile are written after it in the same
+   batch) and marks it synced. Later answers start watches for new
    services and stop (cancel) those of services gone, deleting their
    hostnames.
 3. A health watch runs a blocking query on `/v1/health/service/<svc>`,
@@ -57,7 +59,7 @@ from adapters.consul.client import ConsulClient, ConsulError, ConsulHTTPError, C
 from adapters.consul.config import ConsulConfig
 from adapters.consul.mapping import Naming, build, names
 from discoveryd.model import Problem, Service, SourceId, Zone, ZoneFlavor, hostname
-from discoveryd.registry import RegistryConfig, ShardWriter
+from discoveryd.registry import RegistryConfig, ShardWriter, SteppedWriter
 from discoveryd.session import Backoff, SessionState, run_sessions
 
 log = logging.getLogger("discoveryd.adapters.consul")
@@ -266,7 +268,20 @@ class _Datacenter:
             for watch in started:
                 await watch.first.wait()
             with self._part.batch():
-                self._part.replace(w.built for w in self._watches.values() if w.built is not None)
+                listed = [(w, w.built) for w in self._watches.values()]
+                services = [built for _, built in listed if built is not None]
+                if isinstance(self._part, SteppedWriter):
+                    # In steps that yield to the loop: health answers meanwhile only update their watch
+                    # (not synced yet), and are written after the replace, below, in the same batch.
+                    await self._part.replace_in_steps(services)
+                else:
+                    self._part.replace(services)
+                for w, built in listed:
+                    if w.built is not built:
+                        if w.built is not None:
+                            self._part.upsert(w.built)
+                        elif built is not None:
+                            self._part.delete(built.hostname)
                 for w in self._watches.values():
                     if w.problems:
                         self._part.set_problems(self._scope(w.name), w.problems)

@@ -26,7 +26,7 @@ from discoveryd.model import Health, Hostname, PortProtocol, Problem, Service, S
 from discoveryd.testing import AdapterContract
 from tests.fakes.consul import FakeConsul
 from tests.fakes.etcd import make_certs
-from tests.helpers import eventually
+from tests.helpers import eventually, watching_the_loop
 
 SOURCE = SourceId("consul/test")
 
@@ -591,3 +591,49 @@ async def test_an_answer_that_is_not_consuls_is_retried_with_backoff(fake: FakeC
         assert r.service("web") is not None and r.part().stale
         fake.clear_faults()
         await eventually(lambda: r.service("api"), timeout=10, what="followed again after the bad answers")
+
+
+async def test_the_first_sync_of_many_services_keeps_the_loop_serving(tmp_path: Path) -> None:
+    # A datacenter's sync path once every health watch has read: 100k services replace the part in steps.
+    # An answer that comes while the replace yields is written after it, in the same version.
+    import dataclasses
+
+    from adapters.consul.mapping import Naming
+    from adapters.consul.registry import _Datacenter, _Watch
+    from discoveryd.index import Index
+    from discoveryd.model import Endpoint, Port
+
+    config = ConsulConfig.model_validate({"kind": "consul", "name": "test", "address": "127.0.0.1:1"})
+    index = Index([SOURCE])
+    dc = _Datacenter(
+        ConsulRegistry(config, tmp_path), "dc1", index.writer(SOURCE).part("dc1"), Naming(SOURCE, "consul", "dc1")
+    )
+    n = 100_000
+    port = (Port(80, "http", PortProtocol.HTTP),)
+    for i in range(n):
+        watch = dc._watches[f"s{i}"] = _Watch(f"s{i}")
+        ep = Endpoint(f"10.{i >> 16}.{i >> 8 & 255}.{i & 255}", ports={"http": 8080}, source=SOURCE)
+        svc = Service(hostname=Hostname(f"s{i}.service.dc1.consul"), ports=port, endpoints=(ep,), source=SOURCE)
+        watch.built = svc
+        watch.first.set()
+    dc._tg = asyncio.TaskGroup()  # no watch is started: every service has one
+    moved = dc._watches["s5"]
+    gone = dc._watches["s6"]
+    moved_to = dataclasses.replace(moved.built, endpoints=(Endpoint("10.99.0.5", ports={"http": 8080}, source=SOURCE),))  # type: ignore[arg-type]
+
+    async def answers() -> None:  # what _apply does before the sync: the watch alone is updated
+        for _ in range(5):
+            await asyncio.sleep(0)
+        moved.built, gone.built = moved_to, None
+
+    task = asyncio.create_task(answers())
+    async with watching_the_loop(index) as watch:
+        await dc._reconcile(frozenset(dc._watches))
+    await task
+    assert watch.longest < 0.1, f"the loop was held for {watch.longest * 1000:.0f} ms of CPU"
+    assert len(watch.gaps) > 20, "the sync never yielded to the loop"
+    assert [len(s.services) for s in watch.seen] == [0, n - 1]
+    snap = watch.seen[1]
+    assert snap.version == watch.seen[0].version + 1 and snap.ready
+    assert snap.services[Hostname("s5.service.dc1.consul")].endpoints[0].address == "10.99.0.5"
+    assert Hostname("s6.service.dc1.consul") not in snap.services
