@@ -365,6 +365,12 @@ class VariantCache:
             self._lru.popitem(last=False)
         return found
 
+    def resize(self, capacity: int) -> None:
+        """Hold at most `capacity` variants from now on (the least recently used go first)."""
+        self.capacity = capacity
+        while len(self._lru) > capacity:
+            self._lru.popitem(last=False)
+
 
 _NO_OVERRIDES: immutables.Map[tuple[str, str], Resource | None] = immutables.Map()
 _NO_PLANS: immutables.Map[str, Plan] = immutables.Map()
@@ -388,9 +394,17 @@ class BuildOptions:
     connect_timeout: float = 10.0
     lb_policy: LbPolicy = LbPolicy.ROUND_ROBIN
     locality_variants: int = 4096
-    """How many client variants of locality-aware assignments are kept (least recently used out)."""
+    """How many client variants of locality-aware assignments are kept at least (least recently used out);
+    the cache grows to `VARIANTS_PER_PLAN` per located assignment when there are more of those."""
     root_namespace: str = "istio-system"
     """Istio's mesh root namespace: its DestinationRules apply after the client's and the service's own."""
+
+
+VARIANTS_PER_PLAN = 8
+"""Variants the cache keeps room for per located assignment. A plan has one key per distinct endpoint
+locality (and failover region, distribute entry, label value prefix) a client can match, whatever clients
+send, so this bounds memory by the configuration; a cache smaller than the variants in use would miss on
+every lookup once clients of several localities take turns (LRU under a cyclic scan)."""
 
 
 class Builder:
@@ -571,6 +585,8 @@ class Builder:
         )
         for type_url, names in seeded.items():
             touched[type_url] |= names
+        located = len(view.localized) + sum(len(plans) for plans in view.localized_over.values())
+        self.variants.resize(max(self._options.locality_variants, VARIANTS_PER_PLAN * located))
         return view, {t: frozenset(names) for t, names in touched.items() if names}
 
     def _seed(

@@ -21,7 +21,7 @@ from discoveryd.policy import HostPolicy, LocalityDistribute, LocalityLb
 from discoveryd.xds.connection import Connection
 from discoveryd.xds.locality import Client, client_of
 from discoveryd.xds.metrics import XdsMetrics
-from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ENDPOINT, Builder, BuildOptions, View
+from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ENDPOINT, VARIANTS_PER_PLAN, Builder, BuildOptions, View
 
 HOST = Hostname("cart.shop.internal")
 NAME = "outbound|8080||cart.shop.internal"
@@ -352,6 +352,8 @@ def test_a_client_cannot_grow_the_cache_with_made_up_localities() -> None:
 def test_the_cache_is_bounded_least_recently_used_out() -> None:
     builder = Builder(BuildOptions(locality_variants=2))
     view = view_of(policy_of(rule("enabled: true\n")), builder=builder)
+    assert builder.variants.capacity == VARIANTS_PER_PLAN  # room for the variants of its one plan
+    builder.variants.resize(2)
     base = view.resources[ENDPOINT][NAME]
     for c in (Client("us", "a", "1"), Client("us", "b"), Client("eu", "x"), Client("us", "a", "1")):
         view.localize(base, c)
@@ -545,3 +547,38 @@ def test_a_located_client_of_the_namespace_is_pushed_its_new_variant() -> None:
     assert out is not None
     second = discovery_pb2.DiscoveryResponse.FromString(out[1])
     assert priorities(endpoint_pb2.ClusterLoadAssignment.FromString(second.resources[0].value))["10.0.0.5"] == 4
+
+
+def test_the_variant_cache_holds_every_variant_in_use_when_located_assignments_outnumber_it() -> None:
+    """5 located assignments x 3 client zones = 15 variants with room for 10: clients of the zones taking
+    turns evicted each other's variants, so every lookup built one again (with 2000 assignments and 3 zones
+    past the default 4096, 1000 reconnecting clients cost 2M builds). The cache grows with the plans."""
+    from discoveryd.policy import DestinationRule, LoadBalancer, OutlierDetection, TrafficPolicy
+
+    zones = ("a", "b", "c")
+    index = Index()
+    shard = index.writer(SourceId("files/t"))
+    traffic = TrafficPolicy(
+        load_balancer=LoadBalancer(locality=LocalityLb(enabled=True)),
+        outlier_detection=OutlierDetection(consecutive_5xx=5, interval=10.0),
+    )
+    with shard.batch():
+        hosts = [Hostname(f"s{i}.test") for i in range(5)]
+        shard.replace(
+            [
+                Service(h, ports=(Port(8080, "http", PortProtocol.HTTP),), endpoints=tuple(
+                    Endpoint(f"10.0.{i}.{e + 1}", locality=Locality("r1", zones[e])) for e in range(3)))
+                for i, h in enumerate(hosts)
+            ]
+        )  # fmt: skip
+        for h in hosts:
+            shard.set_policy(h, HostPolicy(DestinationRule(h, "default", "r", traffic)))
+    shard.mark_synced()
+    builder = Builder(BuildOptions(locality_variants=10))
+    view, _ = builder.update(EMPTY_VIEW, index.snapshot, None)
+    assert len(view.localized) == 5
+    for _ in range(3):
+        for zone in zones:
+            for r in view.resources[ENDPOINT].values():
+                view.localize(r, Client("r1", zone))
+    assert builder.variants is not None and builder.variants.builds == 15
