@@ -589,8 +589,9 @@ class DnsServer:
         return _Forward(qname, qtype, qclass, edns, qid, rd)
 
     def _maybe_ours(self, qname: Sequence[bytes]) -> bool:
-        """Before the first build: could the table hold `qname` once built? A reverse name, or a host
-        of the index (exactly or under a wildcard host). O(labels)."""
+        """Before the first build: could the table hold `qname` once built? A reverse name, a host of
+        the index or a name under one (its SRV names `_port._proto.<host>`, its per-endpoint names
+        `<endpoint>.<host>`), or a name under a wildcard host. O(labels)."""
         name = b".".join(qname).decode("ascii", "replace").lower().rstrip(".")
         if name.endswith((".in-addr.arpa", ".ip6.arpa")):
             return True
@@ -600,7 +601,7 @@ class DnsServer:
         rest = name
         while rest:
             _, _, rest = rest.partition(".")
-            if f"*.{rest}" in services:
+            if rest in services or f"*.{rest}" in services:
                 return True
         return False
 

@@ -16,7 +16,7 @@ import dns.rcode
 from discoveryd.config import DnsConfig
 from discoveryd.dns import DnsServer
 from discoveryd.index import Index
-from discoveryd.model import Endpoint, Hostname, Service, SourceId, Zone, ZoneFlavor
+from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service, SourceId, Zone, ZoneFlavor
 from discoveryd.supervisor import zones_for
 from tests.helpers import eventually
 
@@ -121,6 +121,46 @@ async def test_the_server_listens_and_answers_servfail_while_its_first_table_is_
         assert reply.rcode() == dns.rcode.NXDOMAIN
         reply = await dns.asyncquery.udp(dns.message.make_query("api.example.com.", "A"), host, port=port, timeout=5)
         assert reply.rcode() == dns.rcode.NOERROR and reply.answer
+    finally:
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+
+
+async def test_names_under_a_host_outside_every_zone_are_servfail_before_the_first_build() -> None:
+    """A host outside every zone has records at names under it too (`_http._tcp.<host>` SRV, the
+    per-endpoint `<address>.<host>`): before the first build they are not forwarded (an upstream
+    "no such name" would be cached by the client) but SERVFAIL, like the host itself."""
+    index = Index([SourceId("files/local")])
+    files = index.writer(SourceId("files/local"))
+    files.upsert(
+        Service(
+            Hostname("api.example.com"), ports=(Port(80, "http", PortProtocol.HTTP),), endpoints=(Endpoint("10.0.0.2"),)
+        )
+    )
+    files.mark_synced()
+    server = DnsServer(DnsConfig(listen=["127.0.0.1:0"]), index, [MESH])
+    gate = asyncio.Event()
+    build = server.sync
+
+    async def held_build() -> None:
+        await gate.wait()
+        await build()
+
+    server.sync = held_build  # type: ignore[method-assign]
+    serving = asyncio.create_task(server.serve())
+    names = [("_http._tcp.api.example.com.", "SRV"), ("10-0-0-2.api.example.com.", "A")]
+    try:
+        await eventually(lambda: bool(server.addresses), timeout=10, what="listening before the first build")
+        host, port = server.addresses[0]
+        for name, rdtype in names:
+            reply = await dns.asyncquery.udp(dns.message.make_query(name, rdtype), host, port=port, timeout=5)
+            assert reply.rcode() == dns.rcode.SERVFAIL, name
+        gate.set()
+        await asyncio.wait_for(server.started.wait(), 30)
+        for name, rdtype in names:  # the names are the table's indeed
+            reply = await dns.asyncquery.udp(dns.message.make_query(name, rdtype), host, port=port, timeout=5)
+            assert reply.rcode() == dns.rcode.NOERROR and reply.answer, name
     finally:
         serving.cancel()
         with contextlib.suppress(asyncio.CancelledError):
