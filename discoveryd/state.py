@@ -38,7 +38,6 @@ import collections.abc
 import contextlib
 import dataclasses
 import functools
-import gc
 import hashlib
 import itertools
 import logging
@@ -50,7 +49,7 @@ import threading
 import time
 import types
 import typing
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -58,7 +57,7 @@ from typing import Any
 
 import orjson
 
-from discoveryd import __version__
+from discoveryd import __version__, gcpause
 from discoveryd.config import XdsConfig
 from discoveryd.index import Index, PartCapture, Snapshot
 from discoveryd.model import (
@@ -827,18 +826,6 @@ def write_atomically(directory: Path, data: bytes) -> None:
         os.close(dfd)
 
 
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Decoding allocates millions of objects and no cyclic garbage: the collector would only rescan them."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
 def _remove_leftovers(directory: Path) -> None:
     """Temporary files of a write that never finished (the process was killed mid-write), and the file
     of format version 1 (it cannot be read any more; the next save writes the current format)."""
@@ -871,7 +858,7 @@ def load(directory: Path, sources: Mapping[SourceId, str] | Sequence[SourceId]) 
         log.error("state: cannot read %s (%s); starting without it", path, e.strerror or e)
         return None
     try:
-        with _collector_paused():
+        with gcpause.paused():  # decoding makes millions of objects and no cyclic garbage
             result = decode(data, str(path))
     except StateError as e:
         log.error("state: %s; ignoring it, starting cold (it is replaced at the next save)", e)
@@ -899,7 +886,7 @@ def load(directory: Path, sources: Mapping[SourceId, str] | Sequence[SourceId]) 
 def restore(index: Index, result: LoadResult) -> int:
     """Put restored parts into the index as one version; the number of services restored."""
     count = 0
-    with _collector_paused(), index.batch():
+    with gcpause.paused(), index.batch():
         for part in result.parts:
             index.restore(part.source, part.part, part.services, part.resume_point, part.policies)
             count += len(part.services)
