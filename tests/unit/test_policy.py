@@ -15,91 +15,17 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
-from google.protobuf.message import Message
 
 from adapters.files import FilesConfig, FilesRegistry
 from adapters.files.registry import FileSet
 from adapters.istio.policy import PolicySet, read_yaml_all, resolve_host
 from discoveryd.index import Index, diff
-from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Problem, Service, Severity, SourceId
+from discoveryd.model import Hostname, Problem, Severity, SourceId
 from discoveryd.policy import DestinationRule, HostPolicy, Subset, TrafficPolicy
 from discoveryd.registry import AdapterContext
 from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ENDPOINT, LISTENER, ROUTE, Builder, BuildOptions
+from tests.fakes.policy import DR, HOST, SERVICE, VS, built, policy_of
 from tests.helpers import eventually
-
-HOST = Hostname("cart.shop.internal")
-
-DR = """\
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: cart, namespace: shop}
-spec:
-  host: cart.shop.internal
-  trafficPolicy:
-    loadBalancer: {simple: LEAST_REQUEST}
-    outlierDetection:
-      consecutive5xxErrors: 3
-      consecutiveGatewayErrors: 2
-      interval: 2s
-      baseEjectionTime: 30s
-      maxEjectionPercent: 50
-      minHealthPercent: 20
-    connectionPool:
-      tcp: {maxConnections: 7, connectTimeout: 250ms, tcpKeepalive: {probes: 3, time: 60s, interval: 10s}}
-      http: {http1MaxPendingRequests: 11, http2MaxRequests: 13, maxRequestsPerConnection: 5, maxRetries: 2,
-             idleTimeout: 90s}
-    portLevelSettings:
-    - port: {number: 9090}
-      tls: {mode: MUTUAL, clientCertificate: /certs/c.pem, privateKey: /certs/k.pem,
-            caCertificates: /certs/ca.pem, sni: cart.example, subjectAltNames: [cart.example]}
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - name: v2
-    labels: {version: v2}
-    trafficPolicy:
-      loadBalancer: {consistentHash: {httpHeaderName: x-user, maglev: {tableSize: 65537}}}
-"""
-
-VS = """\
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: cart, namespace: shop}
-spec:
-  hosts: [cart.shop.internal]
-  http:
-  - match:
-    - uri: {exact: /a}
-      method: {exact: POST}
-    - headers: {x-canary: {regex: "y.*"}}
-    route: [{destination: {host: cart.shop.internal, subset: v2}}]
-    timeout: 3s
-    retries: {attempts: 4, perTryTimeout: 1s, retryOn: unavailable}
-    fault: {delay: {fixedDelay: 5ms, percentage: {value: 10}}}
-  - route:
-    - {destination: {host: cart.shop.internal, subset: v1}, weight: 80}
-    - {destination: {host: cart.shop.internal, subset: v2}, weight: 20}
-"""
-
-SERVICE = Service(
-    hostname=HOST,
-    namespace="shop",
-    ports=(Port(8080, "grpc", PortProtocol.GRPC), Port(9090, "http", PortProtocol.HTTP)),
-    endpoints=(
-        Endpoint("10.0.0.1", labels={"version": "v1"}),
-        Endpoint("10.0.0.2", labels={"version": "v2"}),
-        Endpoint("10.0.0.3", labels={"version": "v1"}),
-    ),
-)
-
-
-def policy_of(text: str) -> HostPolicy:
-    objects, problems = read_yaml_all("p.yaml", text, "default")
-    assert problems == []
-    policies = PolicySet()
-    policies.update("p.yaml", objects)
-    policies.build()
-    assert policies.problems() == {}
-    return policies.policies[HOST]
 
 
 def problems_of(text: str) -> list[Problem]:
@@ -110,10 +36,6 @@ def problems_of(text: str) -> list[Problem]:
     policies.update("p.yaml", objects)
     policies.build()
     return [p for ps in policies.problems().values() for p in ps]
-
-
-def built(policy: HostPolicy | None) -> dict[tuple[str, str], Message]:
-    return {(t, n): m for t, n, m in Builder(BuildOptions()).build(SERVICE, policy)}
 
 
 # -- validation --------------------------------------------------------------------------------------

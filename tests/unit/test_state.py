@@ -354,7 +354,7 @@ def test_a_part_that_never_synced_is_not_saved(tmp_path: Path) -> None:
 
 
 def test_policies_are_saved_and_restored_with_their_part(tmp_path: Path) -> None:
-    from tests.unit.test_policy import DR, HOST, SERVICE, VS, built, policy_of
+    from tests.fakes.policy import DR, HOST, SERVICE, VS, built, policy_of
 
     policy = policy_of(DR + "---\n" + VS)
     other = Hostname("gone.shop.internal")
@@ -390,7 +390,7 @@ def test_policies_are_saved_and_restored_with_their_part(tmp_path: Path) -> None
 
 
 def _saved_xds_round_trip(tmp_path: Path) -> tuple[Index, state.LoadResult, dict[str, Any]]:
-    from tests.unit.test_policy import DR, HOST, SERVICE, policy_of
+    from tests.fakes.policy import DR, HOST, SERVICE, policy_of
 
     index = Index([A, B])
     shard = index.writer(A)
@@ -416,7 +416,7 @@ def _saved_xds_round_trip(tmp_path: Path) -> tuple[Index, state.LoadResult, dict
 def test_saved_xds_resources_make_the_first_build_after_a_restart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.unit.test_policy import HOST
+    from tests.fakes.policy import HOST
 
     before, loaded, bodies = _saved_xds_round_trip(tmp_path)
     # Every host but the one with a policy (built at start, with its namespace variants).
