@@ -855,8 +855,9 @@ class _PolicyChecker(_Checker):
         except re.error as e:
             self.fail(path, f"invalid regular expression: {e}")
             return False
-        if _NOT_RE2.search(text):
-            self.fail(path, "lookaround and backreferences are not RE2 (Envoy and gRPC reject them)")
+        unsupported = _not_re2(text)
+        if unsupported is not None:
+            self.fail(path, f"not RE2 ({unsupported}): Envoy and gRPC reject it")
             return False
         return True
 
@@ -923,8 +924,24 @@ class _PolicyChecker(_Checker):
         return Fault(fixed, delay_pct, status, grpc_status, abort_pct)
 
 
-_NOT_RE2 = re.compile(r"\(\?<?[=!]|\\[1-9]")
-"""Lookahead, lookbehind, backreferences: valid for Python's `re`, rejected by RE2."""
+_ESCAPE = re.compile(r"\\.", re.S)
+_CLASS = re.compile(r"\[\^?\]?[^\]]*\]")
+_NOT_RE2_SYNTAX = re.compile(r"\(\?(?:<?[=!]|>|\(|P=)|[*+?}]\+")
+"""Lookaround, named backreferences, atomic groups, conditionals, possessive quantifiers (outside escapes
+and classes)."""
+
+
+def _not_re2(text: str) -> str | None:
+    """What of `text` Python's `re` accepts and RE2 (Envoy, gRPC, Istio's validation) rejects, or None."""
+    escapes = _ESCAPE.findall(text)  # left to right: `\\1` is an escaped backslash, then 1
+    if any(e[1] in "123456789" for e in escapes):
+        return "a backreference"
+    if "\\Z" in escapes:
+        return "\\Z: RE2 writes it \\z"
+    if _NOT_RE2_SYNTAX.search(_CLASS.sub("", _ESCAPE.sub("", text))):
+        return "lookaround, a named backreference, an atomic group, a conditional or a possessive quantifier"
+    return None
+
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """An HTTP header name (RFC 9110 token)."""

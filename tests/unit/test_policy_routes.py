@@ -67,6 +67,16 @@ ROUTE_TO = "route: [{destination: {host: cart.shop.internal}}]\n"
          "spec.http[0].rewrite.uriRegexRewrite", "needs both match and rewrite"),
         ("- rewrite: {uriRegexRewrite: {match: '(?=a)', rewrite: /b}}\n  " + ROUTE_TO,
          "spec.http[0].rewrite.uriRegexRewrite.match", "RE2"),
+        ("- rewrite: {uriRegexRewrite: {match: '^/(?>a|ab)c', rewrite: /b}}\n  " + ROUTE_TO,
+         "spec.http[0].rewrite.uriRegexRewrite.match", "not RE2 (lookaround, a named backreference, an atomic"),
+        ("- rewrite: {uriRegexRewrite: {match: '^/a*+', rewrite: /b}}\n  " + ROUTE_TO,
+         "spec.http[0].rewrite.uriRegexRewrite.match", "possessive"),
+        ("- rewrite: {uriRegexRewrite: {match: '^/(a)?(?(1)b|c)', rewrite: /b}}\n  " + ROUTE_TO,
+         "spec.http[0].rewrite.uriRegexRewrite.match", "conditional"),
+        ("- rewrite: {uriRegexRewrite: {match: '^/(?P<v>a)(?P=v)', rewrite: /b}}\n  " + ROUTE_TO,
+         "spec.http[0].rewrite.uriRegexRewrite.match", "named backreference"),
+        ("- rewrite: {uriRegexRewrite: {match: '^/x\\Z', rewrite: /b}}\n  " + ROUTE_TO,
+         "spec.http[0].rewrite.uriRegexRewrite.match", "RE2 writes it \\z"),
         ("- headers: {request: {set: {':path': /x}}}\n  " + ROUTE_TO,
          'spec.http[0].headers.request.set[":path"]', "pseudo-headers"),
         ("- headers: {response: {set: {host: x}}}\n  " + ROUTE_TO,
@@ -95,6 +105,12 @@ def test_rewrite_and_header_problems_are_located(http: str, field: str, message:
     assert found[0].field == field, found
     assert message in found[0].message, found
     assert found[0].where.startswith("vs.yaml:")
+
+
+@pytest.mark.parametrize("regex", [r"^/api/(v[0-9]+)/(.*)$", r"[a*+(?=]x", r"\\Z", r"\\1", r"a*?b+?"])
+def test_re2_regexes_pass(regex: str) -> None:
+    _, found = read(f"- rewrite: {{uriRegexRewrite: {{match: '{regex}', rewrite: /b}}}}\n  " + ROUTE_TO)
+    assert found == []
 
 
 def test_valid_header_values_pass() -> None:
