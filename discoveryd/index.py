@@ -298,6 +298,18 @@ class Index:
         """The registries in precedence order, as the current merges use it (`set_order`)."""
         return tuple(sorted(self._order, key=self._order.__getitem__))
 
+    def forget_resume_points(self, source: SourceId) -> None:
+        """The registry's adapter is restarted with another config: the resume points of its parts
+        (an etcd revision of another prefix or cluster) no longer describe what it reads. Content and
+        status stay as they are, until the new adapter's first sync replaces the content."""
+        for st in self._registries.get(source, {}).values():
+            if st.resume_point is not None:
+                st.resume_point, st.resumed = None, False
+                st.touch()
+                self._status_dirty.add(source)
+                self._state_dirty = True
+        self._publish()
+
     def set_order(self, order: Sequence[SourceId]) -> None:
         """Registry precedence changed (config reload): re-merge every shared hostname."""
         new = {s: i for i, s in enumerate(order)}

@@ -409,6 +409,10 @@ class Supervisor:
                 self._start_registry(reg_cfg)
             elif old_regs[source] != reg_cfg or old.base_dir != new.base_dir:
                 await self._stop_registry(source)
+                if old_regs[source] != reg_cfg:
+                    # Kept content is served until the new instance syncs, but a resume point (restored or
+                    # not) was read under the old config: the new instance must not resume from it.
+                    self.index.forget_resume_points(source)
                 self._start_registry(reg_cfg)
                 log.info("registry %s restarted with its new config", source)
         self.index.set_order([r.source for r in new.registries])

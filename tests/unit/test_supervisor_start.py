@@ -132,3 +132,43 @@ async def test_a_reload_half_applied_never_labels_resources_with_the_new_config(
         sup.stop()
         async with asyncio.timeout(10.0):
             await asyncio.gather(run, return_exceptions=True)
+
+
+async def test_a_registry_restarted_with_another_config_does_not_resume_from_the_old_configs_point(
+    tmp_path: Path,
+) -> None:
+    """A SIGHUP right after a warm start changes a registry's config (another etcd prefix): the restored
+    content is served until the new instance syncs, but its resume point (an etcd revision of the old
+    prefix) would have the new instance take the old prefix's content as current."""
+    cfg = _warm_config(tmp_path)
+    reg = cfg.registries[0]
+    saved = Service(Hostname("web.example"), ports=(Port(80, "http"),), endpoints=(Endpoint("10.0.0.1"),))
+    data = state.encode(
+        [PartCapture(reg.source, "", (saved,), "1a:42")], time.time(), {reg.source: state.config_fingerprint(reg)}
+    )
+    state.write_atomically(tmp_path / "state", data)
+    (tmp_path / "se2").mkdir()
+    sup = supervisor.Supervisor(cfg)
+    seen: list[str | None] = []
+    build = supervisor.build_registry
+
+    def spying_build(reg_cfg: Any, base: Any) -> Any:
+        registry = build(reg_cfg, base)
+        seen.append(sup.index.writer(reg_cfg.source).resume_point)  # what the instance would read at start
+        return registry
+
+    run = asyncio.create_task(sup.run())
+    try:
+        await eventually(lambda: sup.started.is_set(), what="started")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(supervisor, "build_registry", spying_build)
+            assert sup.index.writer(reg.source).resume_point == "1a:42"
+            text = cfg.path.read_text().replace("paths: [se/]", "paths: [se2/]")
+            cfg.path.write_text(text)
+            await sup.apply(config_mod.load(cfg.path))
+        assert seen == [None]
+        assert sup.index.writer(reg.source).resume_point is None
+    finally:
+        sup.stop()
+        async with asyncio.timeout(10.0):
+            await asyncio.gather(run, return_exceptions=True)
