@@ -37,6 +37,7 @@ import asyncio
 import collections.abc
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import itertools
@@ -44,6 +45,7 @@ import logging
 import operator
 import os
 import re
+import stat
 import tempfile
 import threading
 import time
@@ -840,6 +842,20 @@ def _remove_leftovers(directory: Path) -> None:
                     log.info("state: removed %s, left by an interrupted write", entry.path)
 
 
+def _read_regular(path: Path) -> bytes:
+    """The bytes of `path` if it is a regular file. A FIFO would block the start until someone wrote to
+    it, a device (/dev/zero) would be read until memory ran out: OSError for anything else."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
 def load(directory: Path, sources: Mapping[SourceId, str] | Sequence[SourceId]) -> LoadResult | None:
     """The saved parts of the registries in `sources`; None on a cold start or an unusable file (logged).
 
@@ -850,7 +866,7 @@ def load(directory: Path, sources: Mapping[SourceId, str] | Sequence[SourceId]) 
     path = directory / FILE_NAME
     _remove_leftovers(directory)
     try:
-        data = path.read_bytes()
+        data = _read_regular(path)
     except FileNotFoundError:
         log.info("state: no %s yet; cold start", path)
         return None

@@ -626,3 +626,28 @@ def test_a_file_read_by_name_is_checked_too(at: int, value: Any, reason: str) ->
     doc["parts"][0]["services"][0][8][0][at] = value
     with pytest.raises(state.StateError, match=reason):
         state.decode(_file(doc), "mem")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+async def test_a_state_file_that_is_not_a_regular_file_is_ignored_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    """A FIFO at the state file's path blocked the start until something wrote to it; a link to a
+    device (/dev/zero) was read until memory ran out."""
+    path = tmp_path / state.FILE_NAME
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    loading = asyncio.create_task(asyncio.to_thread(state.load, tmp_path, [A]))
+    try:
+        with caplog.at_level(logging.ERROR, logger="discoveryd.state"):
+            done, _ = await asyncio.wait({loading}, timeout=5.0)
+            assert done, "the load did not return"
+            assert loading.result() is None
+        assert "not a regular file" in caplog.text and str(path) in caplog.text
+    finally:
+        if not loading.done() and kind == "fifo":  # release a reader blocked in open() (before the fix)
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            os.close(fd)
+        await asyncio.wait({loading}, timeout=5.0)
