@@ -169,7 +169,7 @@ class Supervisor:
                     raise _Shutdown
                 if self.config.state_dir is not None:
                     saver = StateSaver(
-                        self.index, self.config.state_dir, configs=self._config_fingerprints, xds=self._xds_served
+                        self.index, self.config.state_dir, configs=self._running_fingerprints, xds=self._xds_served
                     )
                     tg.create_task(saver.run(), name="state-saver")
                 for reg_cfg in self.config.registries:
@@ -241,6 +241,13 @@ class Supervisor:
 
     def _config_fingerprints(self) -> dict[SourceId, str]:
         return {r.source: state.config_fingerprint(r) for r in self.config.registries}
+
+    def _running_fingerprints(self) -> dict[SourceId, str]:
+        """For the state saver: the config each registry's content was read under, that of its running
+        instance. Not `self.config`'s: during a reload it is the new config while the old instance is
+        still being stopped, and content read under the old one would be saved as the new one's (and
+        restored as such by the next start). A registry between two instances gets none: not restored."""
+        return {source: state.config_fingerprint(entry.config) for source, entry in self._registries.items()}
 
     def _restore_state(self, directory: Path) -> None:
         started = time.monotonic()

@@ -86,17 +86,26 @@ def _two_registries(tmp_path: Path, order: tuple[str, str], connect_timeout: str
 _XDS_PORT, _DNS_PORT, _ADMIN_PORT = free_port(), free_port(), free_port()
 
 
-async def test_a_reload_half_applied_never_labels_resources_with_the_new_config(
+async def test_a_reload_half_applied_never_labels_what_is_saved_with_the_new_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A reload that re-ranks the registries and changes the xDS section: until the xDS server is
-    restarted and the index re-ranked, what the state saver is told about the served resources is how
-    they were built (the old section, the old order), never the new config's; a next start with the
-    new config would otherwise take resources merged and built the old way as its own."""
+    """A reload that re-ranks the registries, changes the xDS section and one registry's config: until
+    the xDS server is restarted and the index re-ranked, what the state saver is told about the served
+    resources is how they were built (the old section, the old order), and a registry's content is
+    saved under the config it was read with, never the new config's; a next start with the new config
+    would otherwise take resources merged and built the old way, or the old config's content, as its own."""
     for name in ("a", "a2", "b"):
         (tmp_path / name).mkdir()
     (tmp_path / "a" / "web.yaml").write_text(SE)
     (tmp_path / "b" / "web.yaml").write_text(SE.replace("10.9.0.1", "10.9.0.2"))
+    savers: list[state.StateSaver] = []
+
+    class Saver(state.StateSaver):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            savers.append(self)
+
+    monkeypatch.setattr(supervisor, "StateSaver", Saver)
     sup = supervisor.Supervisor(config_mod.load(_two_registries(tmp_path, ("a", "b"), "5s")))
     old = sup.config
     run = asyncio.create_task(sup.run())
@@ -122,6 +131,10 @@ async def test_a_reload_half_applied_never_labels_resources_with_the_new_config(
         await asyncio.wait_for(held.wait(), 5.0)
         during = sup._xds_served()
         assert during is None or during[:2] == before[:2]
+        # The registry being restarted: its content was read under the old config, whatever is saved now.
+        a = old.registries[0]
+        (saver,) = savers
+        assert saver._configs().get(a.source) in (None, state.config_fingerprint(a))
         gate.set()
         await asyncio.wait_for(applying, 10.0)
         await eventually(lambda: (sup._xds_served() or ("",))[0] == state.xds_fingerprint(new.xds), what="new xds")
