@@ -701,7 +701,7 @@ def _from_json(tp: Any, value: Any, where: str) -> Any:
         return tp(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if isinstance(tp, type) and not isinstance(value, tp):
+    if isinstance(tp, type) and (not isinstance(value, tp) or (tp is not bool and isinstance(value, bool))):
         raise StateError(f"{where}: expected {tp.__name__}, got {type(value).__name__}")
     return value
 

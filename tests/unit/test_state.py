@@ -651,3 +651,21 @@ async def test_a_state_file_that_is_not_a_regular_file_is_ignored_at_once(
             fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
             os.close(fd)
         await asyncio.wait({loading}, timeout=5.0)
+
+
+def test_a_policy_with_a_boolean_for_a_number_is_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """JSON's true is an int to isinstance(): a DestinationRule's maxConnections of `true` was restored."""
+    from tests.fakes.policy import DR, HOST, SERVICE, policy_of
+
+    data = state.encode(
+        [PartCapture(A, "", (dataclasses.replace(SERVICE, source=A),), None, ((HOST, policy_of(DR)),))], 1.0
+    )
+    doc, _, blob = data.partition(b"\n")[2].partition(b"\n")
+    assert b'"max_connections":7' in doc
+    body = doc.replace(b'"max_connections":7', b'"max_connections":true') + b"\n" + blob
+    (tmp_path / state.FILE_NAME).write_bytes(
+        f"{state.FORMAT} {state.VERSION} {hashlib.blake2b(body, digest_size=16).hexdigest()}\n".encode() + body
+    )
+    with caplog.at_level(logging.ERROR, logger="discoveryd.state"):
+        assert state.load(tmp_path, [A]) is None
+    assert "max_connections: expected int, got bool" in caplog.text
