@@ -254,7 +254,14 @@ class Supervisor:
         result = state.load(directory, self._config_fingerprints())
         if result is None:
             return
-        count = state.restore(self.index, result)
+        try:
+            count = state.restore(self.index, result)
+        except Exception:
+            # Nothing serves yet: take out whatever was restored, so that no partial world is ever served.
+            log.exception("state: restoring %s failed; starting cold", directory / state.FILE_NAME)
+            for source in dict.fromkeys(p.source for p in result.parts):
+                self.index.drop(source)
+            return
         order = [r.source for r in self.config.registries]
         if result.xds is not None and result.xds.usable(state.xds_fingerprint(self.config.xds), order):
             self._prebuilt = result.xds.resources

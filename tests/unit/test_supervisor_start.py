@@ -185,3 +185,31 @@ async def test_a_registry_restarted_with_another_config_does_not_resume_from_the
         sup.stop()
         async with asyncio.timeout(10.0):
             await asyncio.gather(run, return_exceptions=True)
+
+
+async def test_a_restore_that_fails_half_way_starts_cold_instead_of_ending_the_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever a state file does to the restore (a bug on a value the checks let through), the daemon
+    starts cold and serves none of it: a crash would repeat on every restart with the same file."""
+    from discoveryd.index import Index
+
+    cfg = _warm_config(tmp_path)
+    source = cfg.registries[0].source
+
+    def failing(self: Index, *args: Any, **kwargs: Any) -> None:
+        raise ValueError("unexpected value")
+
+    monkeypatch.setattr(Index, "restore", failing)
+    sup = supervisor.Supervisor(cfg)
+    run = asyncio.create_task(sup.run())
+    try:
+        await eventually(lambda: sup.started.is_set() or run.done(), what="started")
+        assert not run.done()
+        assert "restoring" in caplog.text and "starting cold" in caplog.text
+        status = sup.index.snapshot.shards[source]
+        assert not status.restored and not sup.index.snapshot.services
+    finally:
+        sup.stop()
+        async with asyncio.timeout(10.0):
+            await asyncio.gather(run, return_exceptions=True)
