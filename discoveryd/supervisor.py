@@ -211,17 +211,16 @@ class Supervisor:
         xds = self._xds
         assert xds is not None
         stop = asyncio.ensure_future(self._stop.wait())
+        started = asyncio.ensure_future(xds.started.wait())
+        answered = asyncio.ensure_future(xds.answered.wait())
         try:
-            started = asyncio.ensure_future(xds.started.wait())
             await asyncio.wait({started, stop}, return_when=asyncio.FIRST_COMPLETED)
-            started.cancel()
             if self._stop.is_set() or not xds.serving:
                 return
-            answered = asyncio.ensure_future(xds.answered.wait())
             await asyncio.wait({answered, stop}, timeout=_FIRST_ANSWER_GRACE, return_when=asyncio.FIRST_COMPLETED)
-            answered.cancel()
-        finally:
-            stop.cancel()
+        finally:  # also when a server that cannot bind cancels this wait
+            for waiter in (stop, started, answered):
+                waiter.cancel()
 
     # -- registries -----------------------------------------------------------------------
 
