@@ -565,7 +565,7 @@ class Connection:
             if shared:
                 self._unsupported.sent_all(self.client_type, self.node_id, view, st.type_url, ns)
             else:
-                self._unsupported.sent(self.client_type, self.node_id, view, st.type_url, (r.name for r in picked))
+                self._unsupported.sent(self.client_type, self.node_id, view, st.type_url, (r.name for r in picked), ns)
         version = str(self.view.version)
         nonce = self._sent(st, version)
         head = discovery_pb2.DiscoveryResponse(
@@ -609,7 +609,7 @@ class Connection:
         if outdated and st.type_url == CLUSTER:
             self._resume_rewarm(outdated)
         if self._unsupported is not None and self.client_type == GRPC and st.type_url in _REPORTED:
-            self._unsupported.sent(self.client_type, self.node_id, view, st.type_url, (r.name for r in picked))
+            self._unsupported.sent(self.client_type, self.node_id, view, st.type_url, (r.name for r in picked), ns)
         version = str(self.view.version)
         nonce = self._sent(st, version)
         head = discovery_pb2.DeltaDiscoveryResponse(

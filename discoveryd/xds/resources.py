@@ -211,6 +211,10 @@ class View:
     localized_over: immutables.Map[str, immutables.Map[str, Plan]] = field(default_factory=immutables.Map)
     """Client namespace → assignment name → the locality plan of that namespace's own assignment (an entry
     of `overrides`), where its effective localityLbSetting is active. Built and bounded like `localized`."""
+    grpc_ignored_over: immutables.Map[str, immutables.Map[tuple[str, str], tuple[Hostname, traffic.Ignored]]] = field(
+        default_factory=immutables.Map
+    )
+    """Client namespace → `grpc_ignored` of that namespace's own variants (`overrides`), where they differ."""
     _bodies: dict[tuple[str, str | None], bytes] = field(default_factory=dict, compare=False, repr=False)
     _counts: dict[tuple[str, str | None], int] = field(default_factory=dict, compare=False, repr=False)
 
@@ -232,6 +236,16 @@ class View:
         if r is None or not self.visible(name, namespace):
             return None
         return r
+
+    def ignored(self, type_url: str, name: str, namespace: str | None) -> tuple[Hostname, traffic.Ignored] | None:
+        """The host and the fields gRPC does not honour of resource `name` as a client in `namespace` gets it
+        (its namespace's variant, else the shared resource); None: none."""
+        if namespace is not None and self.overrides:
+            over = self.overrides.get(namespace)
+            if over is not None and (type_url, name) in over:
+                own = self.grpc_ignored_over.get(namespace)
+                return own.get((type_url, name)) if own is not None else None
+        return self.grpc_ignored.get((type_url, name))
 
     def names(self, type_url: str, namespace: str | None) -> set[str]:
         """Every name of `type_url` that may exist for a client in `namespace` (a superset: check with `get`)."""
@@ -374,6 +388,7 @@ class VariantCache:
 
 _NO_OVERRIDES: immutables.Map[tuple[str, str], Resource | None] = immutables.Map()
 _NO_PLANS: immutables.Map[str, Plan] = immutables.Map()
+_NO_IGNORED: immutables.Map[tuple[str, str], tuple[Hostname, traffic.Ignored]] = immutables.Map()
 
 
 def _digest(plan: Plan | None) -> str | None:
@@ -458,6 +473,7 @@ class Builder:
         overrides = old.overrides.mutate()
         variant_keys = old.variant_keys.mutate()
         localized_over = old.localized_over.mutate()
+        ignored_over = old.grpc_ignored_over.mutate()
         touched: dict[str, set[str]] = {t: set() for t in TYPES}
         for host in hosts:
             keys_before: tuple[tuple[str, str], ...] = by_host.pop(host, ())
@@ -522,6 +538,13 @@ class Builder:
                         overrides[ns] = rest
                     else:
                         del overrides[ns]
+                held_ignored = ignored_over.get(ns)
+                if held_ignored is not None and (type_url, name) in held_ignored:
+                    rest_ignored = held_ignored.delete((type_url, name))
+                    if len(rest_ignored):
+                        ignored_over[ns] = rest_ignored
+                    else:
+                        del ignored_over[ns]
                 held_plans = localized_over.get(ns) if type_url == ENDPOINT else None
                 if held_plans is not None and name in held_plans:
                     before_plans[(ns, name)] = held_plans[name]
@@ -532,11 +555,14 @@ class Builder:
                         del localized_over[ns]
             now_over: dict[tuple[str, str, str], Resource | None] = {}
             now_plans: dict[tuple[str, str], Plan] = {}
+            now_ignored: dict[tuple[str, str, str], traffic.Ignored] = {}
             if service is not None:
                 for selection, namespaces in scoped:
                     self._plans.clear()
+                    self._ignored.clear()
                     own = {(t, n): _pack(t, m) for t, n, m in self._build_or_skip(service, selection)}
                     own_plans = dict(self._plans)
+                    own_ignored = dict(self._ignored)
                     for key in bodies.keys() | own.keys():
                         variant = own.get(key)
                         type_url, name = key
@@ -550,11 +576,17 @@ class Builder:
                             mine = tables[type_url][name]
                         else:
                             mine = Resource(name, _version(variant), variant)
+                        own_fields = own_ignored.get(key) if mine is not None else None
                         for ns in namespaces:
                             now_over[(ns, type_url, name)] = mine
                             if own_plan is not None and mine is not None:
                                 now_plans[(ns, name)] = own_plan
+                            if own_fields:
+                                now_ignored[(ns, type_url, name)] = own_fields
                 self._plans.clear()
+                self._ignored.clear()
+            for (ns, type_url, name), fields in now_ignored.items():
+                ignored_over[ns] = ignored_over.get(ns, _NO_IGNORED).set((type_url, name), (host, fields))
             for (ns, type_url, name), variant_r in now_over.items():
                 overrides[ns] = overrides.get(ns, _NO_OVERRIDES).set((type_url, name), variant_r)
             for (ns, name), plan in now_plans.items():
@@ -582,6 +614,7 @@ class Builder:
             overrides.finish(),
             variant_keys.finish(),
             localized_over.finish(),
+            ignored_over.finish(),
         )
         for type_url, names in seeded.items():
             touched[type_url] |= names

@@ -3,7 +3,8 @@
 Envoy honours every field discoveryd serves; proxyless gRPC honours a subset
 (gRFCs A27, A28, A31, A32, A33, A42, A44, A50; the table is in
 discoveryd/xds/README.md). The builder records, per cluster and route
-configuration, the fields gRPC does not honour (`View.grpc_ignored`); a
+configuration, the fields gRPC does not honour (`View.grpc_ignored`; for a
+namespace's own variants, `View.grpc_ignored_over`); a
 connection whose client is gRPC (`client_type`) hands the names of the
 resources it writes to `UnsupportedFields.sent`, which keeps one report per
 (client type, host, field):
@@ -71,8 +72,8 @@ class Report:
     """The first client of that type sent it."""
     since: float
     """Wall-clock time of the first sending."""
-    resources: set[tuple[str, str]] = dataclasses.field(default_factory=set)
-    """(type URL, name) of the resources sent that carry the field."""
+    resources: set[tuple[str | None, str, str]] = dataclasses.field(default_factory=set)
+    """(client namespace, type URL, name) of the resources sent that carry the field (None: no namespace)."""
 
 
 class UnsupportedFields:
@@ -82,18 +83,23 @@ class UnsupportedFields:
         self._gauge = gauge
         self._log_interval = log_interval
         self._reports: dict[tuple[str, Hostname, str], Report] = {}
-        self._by_resource: dict[tuple[str, str], set[tuple[str, Hostname, str]]] = {}
-        """(type URL, name) → the keys of the reports whose `resources` hold it (what `refresh` revisits)."""
+        self._by_resource: dict[tuple[str, str], set[tuple[tuple[str, Hostname, str], str | None]]] = {}
+        """(type URL, name) → (report key, client namespace) of the reports whose `resources` hold it (what
+        `refresh` revisits)."""
         self._logged_at: float | None = None
         self._unlogged = 0
 
-    def sent(self, kind: str, node: str, view: View, type_url: str, names: Iterable[str]) -> None:
-        """A client of type `kind` (node id `node`) was sent the resources `names` of `type_url` from `view`."""
-        ignored = view.grpc_ignored
-        if kind != GRPC or not ignored:
+    def sent(
+        self, kind: str, node: str, view: View, type_url: str, names: Iterable[str], namespace: str | None = None
+    ) -> None:
+        """A client of type `kind` (node id `node`) in `namespace` was sent the resources `names` of `type_url`
+        from `view` (its namespace's variants where there are some)."""
+        if kind != GRPC or not (view.grpc_ignored or view.grpc_ignored_over):
             return
+        if namespace is not None and namespace not in view.overrides:
+            namespace = None  # it sees the shared resources: one entry per resource, whatever the namespace
         for name in names:
-            got = ignored.get((type_url, name))
+            got = view.ignored(type_url, name, namespace)
             if got is None:
                 continue
             host, fields = got
@@ -104,16 +110,19 @@ class UnsupportedFields:
                     report = self._reports[key] = Report(kind, host, name_of_field, detail, node, time.time())
                     self._gauge.labels(kind, name_of_field).inc()
                     self._log(report)
-                if (type_url, name) not in report.resources:
-                    report.resources.add((type_url, name))
-                    self._by_resource.setdefault((type_url, name), set()).add(key)
+                if (namespace, type_url, name) not in report.resources:
+                    report.resources.add((namespace, type_url, name))
+                    self._by_resource.setdefault((type_url, name), set()).add((key, namespace))
 
     def sent_all(self, kind: str, node: str, view: View, type_url: str, namespace: str | None) -> None:
         """`sent` for a wildcard response: every resource of `type_url` the client's namespace sees."""
-        if kind != GRPC or not view.grpc_ignored:
+        if kind != GRPC or not (view.grpc_ignored or view.grpc_ignored_over):
             return
-        names = [n for t, n in view.grpc_ignored if t == type_url and view.visible(n, namespace)]
-        self.sent(kind, node, view, type_url, names)
+        names = {n for t, n in view.grpc_ignored if t == type_url and view.visible(n, namespace)}
+        own = view.grpc_ignored_over.get(namespace) if namespace is not None else None
+        if own is not None:
+            names.update(n for t, n in own if t == type_url)
+        self.sent(kind, node, view, type_url, names, namespace)
 
     def refresh(self, view: View, changes: Mapping[str, Iterable[str]]) -> None:
         """Drop what no resource of `view` carries any more (the policy changed or the service went away).
@@ -121,20 +130,19 @@ class UnsupportedFields:
         Only the resources in `changes` (type URL → names changed since the previous view) are looked at: a
         resource whose bytes did not change carries the same fields. O(changes), not O(reports): a `*` rule
         reported for every host must not cost each push of one endpoint a walk over all of them."""
-        ignored = view.grpc_ignored
         for type_url, names in changes.items():
             for name in names:
                 resource = (type_url, name)
                 keys = self._by_resource.get(resource)
                 if keys is None:
                     continue
-                got = ignored.get(resource)
-                for key in list(keys):
+                for key, namespace in list(keys):
                     report = self._reports[key]
+                    got = view.ignored(type_url, name, namespace)
                     if got is not None and any(f == report.field for f, _ in got[1]):
                         continue
-                    keys.discard(key)
-                    report.resources.discard(resource)
+                    keys.discard((key, namespace))
+                    report.resources.discard((namespace, type_url, name))
                     if not report.resources:
                         del self._reports[key]
                         self._gauge.labels(report.client_type, report.field).dec()
@@ -174,7 +182,7 @@ class UnsupportedFields:
                 "detail": r.detail,
                 "node": r.node,
                 "since": r.since,
-                "resources": sorted(name for _, name in r.resources),
+                "resources": sorted({name for _, _, name in r.resources}),
             }
             for r in sorted(self._reports.values(), key=lambda r: (r.client_type, r.host, r.field))
         ]

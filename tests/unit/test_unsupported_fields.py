@@ -177,3 +177,40 @@ def test_refresh_looks_only_at_the_changed_resources() -> None:
     gone = _Counted({k: v for k, v in ignored.items() if k != (CLUSTER, "c2")})
     reports.refresh(dataclasses.replace(EMPTY_VIEW, grpc_ignored=gone), {CLUSTER: frozenset({"c2"})})  # type: ignore[arg-type]
     assert {r["host"] for r in reports.syncz()} == {f"h{i}.test" for i in range(500)} - {"h2.test"}
+
+
+def test_a_namespace_variant_is_reported_to_the_grpc_clients_of_that_namespace() -> None:
+    """A DestinationRule only one namespace's clients see (a rule in their namespace) shapes their own variant of
+    the cluster; its fields gRPC does not honour went unreported, since only the shared build was recorded."""
+    web_rule = RULE.replace("namespace: shop", "namespace: web")
+    index = Index()
+    shard = index.writer(SourceId("files/test"))
+    with shard.batch():
+        shard.set_policy(HOST, policies(web_rule).policies[HOST])
+        shard.upsert(Service(HOST, namespace="shop", ports=(Port(8080, "grpc", PortProtocol.GRPC),),
+                             endpoints=(Endpoint("10.0.0.1"),)))  # fmt: skip
+    builder = Builder(BuildOptions())
+    view, _ = builder.update(EMPTY_VIEW, index.snapshot, None)
+    cluster = f"outbound|8080||{HOST}"
+    assert (CLUSTER, cluster) not in view.grpc_ignored  # the shared cluster carries no rule
+    reports = UnsupportedFields(XdsMetrics(CollectorRegistry()).unsupported_fields)
+    reports.sent("grpc", "plain", view, CLUSTER, [cluster], None)
+    reports.sent("grpc", "other", view, CLUSTER, [cluster], "other")
+    assert reports.syncz() == []
+    reports.sent("grpc", "in-web", view, CLUSTER, [cluster], "web")
+    (report,) = reports.syncz()
+    assert (report["field"], report["node"], report["resources"]) == (
+        "connectionPool.tcp.maxConnections",
+        "in-web",
+        [cluster],
+    )
+    reports.sent_all("grpc", "in-web-2", view, CLUSTER, "web")
+    assert len(reports.syncz()) == 1
+    reports.refresh(view, {CLUSTER: frozenset({cluster})})  # still carried by the web variant
+    assert len(reports.syncz()) == 1
+    before = index.snapshot.version
+    shard.set_policy(HOST, None)
+    gone, changes = builder.update(view, index.snapshot, index.changed_between(before, index.snapshot.version))
+    assert not gone.grpc_ignored_over
+    reports.refresh(gone, changes)
+    assert reports.syncz() == []
