@@ -826,3 +826,30 @@ async def test_a_session_lost_during_a_stepwise_first_publication_leaves_the_par
     part = index.snapshot.shards[config.source].parts[SERVICES_PART]
     assert part.services == n and part.failed and not part.synced and part.last_error == "connection lost"
     assert view.stale  # the watches coming back mark it synced (flush's `back`)
+
+
+async def test_a_session_lost_during_the_istio_parts_stepwise_first_publication_leaves_it_failing(
+    index: Index,
+) -> None:
+    from adapters.kubernetes.crds import ISTIO_PART, IstioView
+
+    shard = index.writer(SourceId("kubernetes/big")).part(ISTIO_PART)
+    view = IstioView(shard)
+    view.expected = {"serviceentries"}
+    spec = {"ports": [{"number": 80, "name": "http", "protocol": "HTTP"}], "resolution": "DNS"}
+    typed = {"kind": "ServiceEntry", "apiVersion": "networking.istio.io/v1"}
+    entries = [
+        typed | _entry(f"e{i}", "ns", spec | {"hosts": [f"h{i}-{k}.example.com" for k in range(50)]})
+        for i in range(400)
+    ]
+    view.replace("serviceentries", None, entries)
+    view.listed = set(view.expected)
+    flush = asyncio.create_task(view.flush())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not flush.done(), "the flush did not yield"
+    view.stale = True  # what KubernetesRegistry._failing does, with mark_failing, when a session ends
+    shard.mark_failing("connection lost")
+    await flush
+    part = index.snapshot.shards[SourceId("kubernetes/big")].parts[ISTIO_PART]
+    assert part.services == 20_000 and part.failed and not part.synced and view.stale
