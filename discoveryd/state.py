@@ -584,39 +584,38 @@ def _hosts(column: Iterable[Any], what: str) -> None:
         _fail(f"{what}: {bad!r} is not a hostname")
 
 
-def _shapes(rows: list[Any], shapes: set[tuple[type, ...]], what: str, names: tuple[str, ...]) -> None:
-    """Every row a list whose items have the types of one of `shapes` (one C-level pass: `map(type, row)`)."""
+def _shape(rows: list[Any], width: int, columns: Mapping[int, type], what: str, names: tuple[str, ...]) -> None:
+    """Every row a list of `width` items, those at `columns` of their type (one pass per column; the
+    other columns are checked with their ranges or allowed values)."""
     _types(rows, {list}, what)
-    found = set(map(tuple, map(map, itertools.repeat(type), rows)))
-    wrong = found - shapes
-    if wrong:
-        got = next(iter(wrong))
-        if len(got) != len(names):
-            _fail(f"{what}: a row of {len(got)} fields, not {len(names)}")
-        i = next(i for i, t in enumerate(got) if all(shape[i] is not t for shape in shapes))
-        want = " or ".join(sorted({shape[i].__name__ for shape in shapes}))
-        _fail(f"{what}: {names[i]} is a {got[i].__name__}, not {want}")
+    lengths = set(map(len, rows)) - {width}
+    if lengths:
+        _fail(f"{what}: a row of {lengths.pop()} fields, not {width}")
+    for i, kind in columns.items():
+        found = set(map(type, map(operator.itemgetter(i), rows))) - {kind}
+        if found:
+            _fail(f"{what}: {names[i]} is a {found.pop().__name__}, not {kind.__name__}")
 
 
 def _items(rows: list[Any], i: int) -> list[Any]:
-    """The items of the lists in column `i` (`_shapes` checked that they are lists), flattened."""
+    """The items of the lists in column `i` (`_shape` checked that they are lists), flattened."""
     return list(itertools.chain.from_iterable(map(operator.itemgetter(i), rows)))
 
 
-_SERVICE_SHAPE: tuple[type, ...] = (str, str, list, list, str, str, int, int, list, str, list, list, list)
-_ENDPOINT_SHAPE: tuple[type, ...] = (str, int, int, int, int, str, str, str, str, int, int, list, str, str)
-_PORT_SHAPES: set[tuple[type, ...]] = {(int, str, str, int), (int, str, str, type(None))}
+_SERVICE_COLUMNS = {1: str, 2: list, 3: list, 8: list, 9: str, 10: list, 11: list, 12: list}
+_ENDPOINT_COLUMNS = {0: str, 6: str, 7: str, 8: str, 11: list, 12: str, 13: str}
+_PORT_COLUMNS = {1: str}
 
 
 def _check_rows(rows: Any, maps: int, localities: int, sources: int, tables: Sequence[Any]) -> None:
     """Every value of a part's service rows as the fast decoder will use it; StateError naming the first bad one."""
     if type(rows) is not list:
         _fail("services: not a list")
-    _shapes(rows, {_SERVICE_SHAPE}, "service", _SERVICE_FIELDS)
+    _shape(rows, len(_SERVICE_FIELDS), _SERVICE_COLUMNS, "service", _SERVICE_FIELDS)
     col = operator.itemgetter
     _hosts(map(col(0), rows), "service hostname")
     ports = _items(rows, 2)
-    _shapes(ports, _PORT_SHAPES, "port", _PORT_FIELDS)
+    _shape(ports, len(_PORT_FIELDS), _PORT_COLUMNS, "port", _PORT_FIELDS)
     _ints(map(col(0), ports), 0, 65535, "port number")
     _members(map(col(2), ports), _PROTOCOL, "port protocol")
     _ints(map(col(3), ports), 0, 65535, "port target_port", optional=True)
@@ -629,7 +628,7 @@ def _check_rows(rows: Any, maps: int, localities: int, sources: int, tables: Seq
     _strs(_items(rows, 11), "service subject_alt_names")
     _hosts(_items(rows, 12), "service aliases")
     endpoints = _items(rows, 8)
-    _shapes(endpoints, {_ENDPOINT_SHAPE}, "endpoint", _ENDPOINT_FIELDS)
+    _shape(endpoints, len(_ENDPOINT_FIELDS), _ENDPOINT_COLUMNS, "endpoint", _ENDPOINT_FIELDS)
     _refs(map(col(1), endpoints), maps, "endpoint ports")
     _refs(map(col(2), endpoints), maps, "endpoint labels")
     _refs(map(col(3), endpoints), localities, "endpoint locality")
@@ -638,20 +637,19 @@ def _check_rows(rows: Any, maps: int, localities: int, sources: int, tables: Seq
     _ints(map(col(9), endpoints), 0, _MAX_INT, "endpoint priority")
     _refs(map(col(10), endpoints), sources, "endpoint source")
     _strs(_items(endpoints, 11), "endpoint tags")
-    for i in {*map(col(6), rows), *map(col(2), endpoints)}:
-        _check_map(tables[i], str, "labels")
-    for i in set(map(col(1), endpoints)):
-        _check_map(tables[i], int, "endpoint ports")
+    _check_maps([tables[i] for i in {*map(col(6), rows), *map(col(2), endpoints)}], str, "labels")
+    _check_maps([tables[i] for i in set(map(col(1), endpoints))], int, "endpoint ports")
 
 
-def _check_map(value: Any, kind: type, what: str) -> None:
-    if type(value) is not dict:
-        _fail(f"{what}: a {type(value).__name__}, not a mapping")
-    _strs(list(value), f"{what} keys")
+def _check_maps(maps: list[Any], kind: type, what: str) -> None:
+    """Mappings of strings to `kind` (str, or int port numbers), checked together."""
+    _types(maps, {dict}, what)
+    _strs(itertools.chain.from_iterable(maps), f"{what} keys")
+    values = list(itertools.chain.from_iterable(map(dict.values, maps)))
     if kind is int:
-        _ints(list(value.values()), 0, 65535, f"{what} values")
+        _ints(values, 0, 65535, f"{what} values")
     else:
-        _strs(list(value.values()), f"{what} values")
+        _strs(values, f"{what} values")
 
 
 def _checked(services: tuple[Service, ...]) -> tuple[Service, ...]:
@@ -662,12 +660,12 @@ def _checked(services: tuple[Service, ...]) -> tuple[Service, ...]:
         _ints([p.number for p in s.ports], 0, 65535, "port number")
         _ints([p.target_port for p in s.ports], 0, 65535, "port target_port", optional=True)
         _strs([p.name for p in s.ports], "port name")
-        _check_map(s.labels, str, "labels")
+        _check_maps([s.labels], str, "labels")
         for e in s.endpoints:
             _strs([e.address, e.network, e.service_account, e.hostname, e.node_name, e.target_ref, *e.tags], "endpoint")
             _ints([e.weight, e.priority], 0, _MAX_INT, "endpoint weight/priority")
-            _check_map(e.labels, str, "labels")
-            _check_map(e.ports, int, "endpoint ports")
+            _check_maps([e.labels], str, "labels")
+            _check_maps([e.ports], int, "endpoint ports")
     return services
 
 

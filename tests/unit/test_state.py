@@ -547,12 +547,12 @@ def test_a_well_formed_lying_file_loads() -> None:
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
-        pytest.param(_lying(_service_row(hostname=5)), "service: hostname is a int, not str", id="int-hostname"),
+        pytest.param(_lying(_service_row(hostname=5)), "service hostname: a value of type int", id="int-hostname"),
         pytest.param(_lying(_service_row(hostname="a..b")), "'a..b' is not a hostname", id="empty-label"),
         pytest.param(_lying(_service_row(hostname="A.example")), "is not a hostname", id="not-normalised"),
         pytest.param(_lying(_service_row(aliases=["x y"])), "service aliases", id="bad-alias"),
         pytest.param(_lying(_service_row(labels=-1)), "service labels: a reference outside", id="negative-ref"),
-        pytest.param(_lying(_service_row(labels=True)), "service: labels is a bool, not int", id="bool-ref"),
+        pytest.param(_lying(_service_row(labels=True)), "service labels: a value of type bool", id="bool-ref"),
         pytest.param(_lying(_service_row(source=7)), "service source: a reference outside", id="source-ref"),
         pytest.param(_lying(_service_row([_endpoint_row(locality=3)])), "endpoint locality", id="locality-ref"),
         pytest.param(_lying(_service_row([_endpoint_row(source=-1)])), "endpoint source", id="endpoint-source"),
@@ -561,13 +561,15 @@ def test_a_well_formed_lying_file_loads() -> None:
         ),
         pytest.param(_lying(_service_row(addresses=[1])), "service addresses: a value of type int", id="int-vip"),
         pytest.param(
-            _lying(_service_row(ports=[["80", "http", "HTTP", None]])), "port: number is a str, not int", id="str-port"
+            _lying(_service_row(ports=[["80", "http", "HTTP", None]])),
+            "port number: a value of type str",
+            id="str-port",
         ),
         pytest.param(_lying(_service_row(ports=[[80, "http", "HTTP", 70000]])), "target_port", id="port-range"),
         pytest.param(_lying(_service_row(ports=[[80, "http", "BOGUS", None]])), "'BOGUS'", id="protocol"),
         pytest.param(_lying(_service_row([_endpoint_row(weight=2**40)])), "endpoint weight", id="huge-weight"),
         pytest.param(
-            _lying(_service_row([_endpoint_row(weight="1")])), "endpoint: weight is a str, not int", id="str-weight"
+            _lying(_service_row([_endpoint_row(weight="1")])), "endpoint weight: a value of type str", id="str-weight"
         ),
         pytest.param(_lying(_service_row([_endpoint_row(health="FINE")])), "endpoint health", id="health"),
         pytest.param(
@@ -578,7 +580,7 @@ def test_a_well_formed_lying_file_loads() -> None:
         ),
         pytest.param(_lying(_service_row(labels=1)), "labels values: a value of type int", id="ports-as-labels"),
         pytest.param(_lying(_service_row([_endpoint_row(ports=0)]), maps=[{"a": "b"}]), "ports", id="labels-as-ports"),
-        pytest.param(_lying(_service_row(), maps=[["a"]]), "labels: a list, not a mapping", id="map-not-a-dict"),
+        pytest.param(_lying(_service_row(), maps=[["a"]]), "labels: a value of type list", id="map-not-a-dict"),
         pytest.param(
             _lying(_service_row(), xds={"fingerprint": "f", "order": [A], "types": ["bogus"], "hosts": []}),
             "unknown resource type",
