@@ -909,6 +909,10 @@ def restore(index: Index, result: LoadResult) -> int:
 
 _Capture = tuple[list[PartCapture], Snapshot, "tuple[str, tuple[SourceId, ...], View, Snapshot] | None"]
 
+_RETRY_MAX = 60.0
+"""After failed writes (a full disk), retries back off from `interval` up to this many seconds: each
+try encodes the whole index first (most of a second of CPU at 100k endpoints)."""
+
 _COST_FACTOR = 10
 """A write starts no sooner than this many times the previous write's duration after it ended:
 saving costs at most about a tenth of a core whatever the index size."""
@@ -944,6 +948,9 @@ class StateSaver:
         """One write at a time: a stop-time write waits for one still running in the worker thread."""
         self.writes = 0
         self.last_write_seconds = 0.0
+        self._failures = 0
+        """Writes failed in a row; the next try waits `interval` doubled as many times (`_RETRY_MAX`)."""
+        self._retry_at = 0.0
         self._xds_behind = False
         """The last write lacked xDS resources of the saved version (xDS had not built it yet)."""
 
@@ -992,20 +999,42 @@ class StateSaver:
                     continue
                 # Paced by cost too: under steady churn a big index (1.2 s to encode at 100k
                 # endpoints) would otherwise keep a worker thread, and the GIL, busy for good.
-                delay = last + max(self._interval, _COST_FACTOR * self.last_write_seconds) - time.monotonic()
+                due = max(last + max(self._interval, _COST_FACTOR * self.last_write_seconds), self._retry_at)
+                delay = due - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 version, capture = self._capture()
                 try:
                     await asyncio.to_thread(self._write, capture)
                 except OSError as e:
-                    log.error("state: cannot write %s: %s", self._directory / FILE_NAME, e)
+                    self._failed(e)
                 else:
                     self._saved_version = version
+                    self._recovered()
                 last = time.monotonic()
         finally:
             if self._changed():
                 self.save_now()
+
+    def _failed(self, error: OSError) -> None:
+        """Back off, and log the first failure and then each time the count doubles: a disk full for
+        hours is a few lines, not one a second."""
+        self._failures += 1
+        retry = min(_RETRY_MAX, self._interval * 2 ** min(self._failures, 16))
+        self._retry_at = time.monotonic() + retry
+        if self._failures & (self._failures - 1) == 0:
+            log.error(
+                "state: cannot write %s: %s (%d failed in a row; next try in %.0fs)",
+                self._directory / FILE_NAME,
+                error,
+                self._failures,
+                retry,
+            )
+
+    def _recovered(self) -> None:
+        if self._failures:
+            log.info("state: %s written again after %d failed writes", self._directory / FILE_NAME, self._failures)
+        self._failures, self._retry_at = 0, 0.0
 
     def save_now(self) -> None:
         """Capture and write at once, blocking the caller (at stop)."""
@@ -1016,3 +1045,4 @@ class StateSaver:
             log.error("state: cannot write %s: %s", self._directory / FILE_NAME, e)
         else:
             self._saved_version = version
+            self._recovered()

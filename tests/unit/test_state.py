@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -671,3 +672,46 @@ def test_a_policy_with_a_boolean_for_a_number_is_ignored(tmp_path: Path, caplog:
     with caplog.at_level(logging.ERROR, logger="discoveryd.state"):
         assert state.load(tmp_path, [A]) is None
     assert "max_connections: expected int, got bool" in caplog.text
+
+
+async def test_a_saver_that_cannot_write_backs_off_and_logs_a_few_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk: each try encodes the whole index (most of a second of CPU at 100k endpoints) and
+    logged an ERROR, once per interval for as long as the disk stayed full."""
+    import errno
+
+    monkeypatch.setattr(state, "_RETRY_MAX", 0.3, raising=False)
+    tries: list[float] = []
+    full = True
+    write = state.write_atomically
+
+    def writing(directory: Path, data: bytes) -> None:
+        tries.append(time.monotonic())
+        if full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(directory, data)
+
+    monkeypatch.setattr(state, "write_atomically", writing)
+    index = Index([A])
+    shard = index.writer(A)
+    shard.replace([svc("a.example", "10.0.0.1")])
+    shard.mark_synced()
+    saver = StateSaver(index, tmp_path, interval=0.01)
+    task = asyncio.create_task(saver.run())
+    try:
+        await asyncio.sleep(0)  # the saver takes the current version as saved
+        shard.upsert(svc("b.example", "10.0.0.2"))
+        with caplog.at_level(logging.INFO, logger="discoveryd.state"):
+            await eventually(lambda: len(tries) >= 6, timeout=10, what="retries")
+            # 0.01 s apart at first, then doubling: a 0.01 s interval without backoff makes 6 tries in 0.06 s.
+            assert tries[5] - tries[0] >= 0.01 * (2 + 4 + 8 + 16 + 32) * 0.9
+            errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+            assert len(errors) <= 3  # tries 1, 2 and 4 (then 8, 16, ...)
+            assert "No space left on device" in errors[0].getMessage()
+            full = False
+            await eventually(lambda: saver.writes >= 1, timeout=10, what="written once the disk has room")
+            assert "written again after" in caplog.text
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
