@@ -342,6 +342,7 @@ class Index:
         services: Iterable[Service],
         resume_point: str | None,
         policies: Iterable[tuple[Hostname, HostPolicy]] = (),
+        last_sync: float | None = None,
     ) -> None:
         """Load one part's content from the state directory: served at once, stale and `restored`.
 
@@ -362,6 +363,7 @@ class Index:
         state.live = False
         state.stale = True
         state.resume_point = resume_point
+        state.last_sync = last_sync  # how old the content is, across restarts (shown in the status)
         state.touch()
         self._status_dirty.add(source)
         self._publish()
@@ -376,7 +378,14 @@ class Index:
         """
         self._state_dirty = False
         return [
-            PartCapture(key.source, key.part, tuple(st.services.values()), st.resume_point, tuple(st.policies.items()))
+            PartCapture(
+                key.source,
+                key.part,
+                tuple(st.services.values()),
+                st.resume_point,
+                tuple(st.policies.items()),
+                st.last_sync,
+            )
             for key, st in self._parts.items()
             if st.synced or st.restored  # never synced: no known world, restoring it would fake readiness
         ]
@@ -716,6 +725,8 @@ class PartCapture:
     services: tuple[Service, ...]
     resume_point: str | None
     policies: tuple[tuple[Hostname, HostPolicy], ...] = ()
+    last_sync: float | None = None
+    """Wall-clock time of the content's last sync (in this run or, for restored content, an earlier one)."""
 
 
 _Op = Callable[[], None]

@@ -102,6 +102,8 @@ class RestoredPart:
     """The fingerprint of the registry's config when it was saved (`config_fingerprint`)."""
     policies: tuple[tuple[Hostname, HostPolicy], ...] = ()
     """The part's traffic policies (DestinationRule, VirtualService) per host."""
+    last_sync: float | None = None
+    """Wall-clock time of the content's last sync, in whichever run it was (None: not in the file)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,6 +353,7 @@ def encode(
                 "resume_point": part.resume_point,
                 "config": (configs or {}).get(part.source),
                 "policies": [[host, policy] for host, policy in part.policies],
+                "last_sync": part.last_sync,
             },
             default=_default,
         )
@@ -749,7 +752,8 @@ def decode(data: bytes, where: str) -> LoadResult:
         rows = _Rows(doc)
         for i, p in enumerate(doc["parts"]):
             try:
-                resume, config = p.get("resume_point"), p.get("config")
+                resume, config, synced = p.get("resume_point"), p.get("config"), p.get("last_sync")
+                _types([synced], {int, float, type(None)}, "last_sync")
                 parts.append(
                     RestoredPart(
                         SourceId(str(p["source"])),
@@ -758,6 +762,7 @@ def decode(data: bytes, where: str) -> LoadResult:
                         None if resume is None else str(resume),
                         None if config is None else str(config),
                         _policies(p.get("policies", []), "policies"),
+                        None if synced is None else float(synced),
                     )
                 )
             except StateError as e:
@@ -902,7 +907,7 @@ def restore(index: Index, result: LoadResult) -> int:
     count = 0
     with gcpause.paused(), index.batch():
         for part in result.parts:
-            index.restore(part.source, part.part, part.services, part.resume_point, part.policies)
+            index.restore(part.source, part.part, part.services, part.resume_point, part.policies, part.last_sync)
             count += len(part.services)
     return count
 

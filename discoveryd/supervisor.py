@@ -268,13 +268,15 @@ class Supervisor:
             log.info(
                 "state: the saved xDS resources were built otherwise (code, xds config or registry order); rebuilt"
             )
+        syncs = [p.last_sync for p in result.parts if p.last_sync is not None]
         log.info(
-            "state: restored %d services in %d parts%s from %s (saved %.0fs ago) in %.0f ms; stale until resynced",
+            "state: restored %d services in %d parts%s from %s (saved %.0fs ago%s) in %.0f ms; stale until resynced",
             count,
             len(result.parts),
             f" and the xDS resources of {len(self._prebuilt)}" if self._prebuilt is not None else "",
             directory / state.FILE_NAME,
             max(0.0, time.time() - result.written),
+            f", the oldest part last synced {max(0.0, time.time() - min(syncs)):.0f}s ago" if syncs else "",
             (time.monotonic() - started) * 1e3,
         )
 

@@ -715,3 +715,23 @@ async def test_a_saver_that_cannot_write_backs_off_and_logs_a_few_lines(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def test_restored_content_keeps_the_time_of_its_last_sync_across_restarts(tmp_path: Path) -> None:
+    """A registry down for days across several restarts: each start saved the restored content again,
+    and its status said nothing of when it was last synced. The time of the last sync is saved with
+    each part and restored into its status (/debug/registryz, metrics), however often it is re-saved."""
+    index = Index([A])
+    shard = index.writer(A)
+    shard.replace([svc("a.example", "10.0.0.1")])
+    shard.mark_synced()
+    synced = index.snapshot.shards[A].last_sync
+    assert synced is not None
+    for _ in range(2):  # two restarts without a sync: restored, saved again, restored
+        state.write_atomically(tmp_path, state.encode(index.capture(), synced + 3600.0))
+        loaded = state.load(tmp_path, [A])
+        assert loaded is not None
+        index = Index([A])
+        state.restore(index, loaded)
+        status = index.snapshot.shards[A]
+        assert status.restored and status.last_sync == synced
