@@ -16,8 +16,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from adapters.toolkit.backoff import check_backoff
 from adapters.toolkit.hostport import split_url
-from adapters.toolkit.names import is_dns_label, is_dns_name
+from adapters.toolkit.names import domain_name, is_dns_label
 from adapters.toolkit.tls import ClientTls
 from discoveryd.registry import Duration, RegistryConfig
 
@@ -102,10 +103,7 @@ class ConsulConfig(RegistryConfig):
     @field_validator("domain")
     @classmethod
     def _domain(cls, value: str) -> str:
-        name = value.strip().rstrip(".").lower()
-        if not is_dns_name(name):
-            raise ValueError(f"{value!r} is not a DNS name")
-        return name
+        return domain_name(value)
 
     @field_validator("datacenters")
     @classmethod
@@ -126,8 +124,7 @@ class ConsulConfig(RegistryConfig):
             raise ValueError("tls: set, but the address is http:// (use an https:// address)")
         if not 0 < self.wait <= _MAX_WAIT:
             raise ValueError("wait: must be more than 0 and at most 10m (Consul's limit)")
-        if self.backoff_initial <= 0 or self.backoff_max < self.backoff_initial:
-            raise ValueError("backoff_initial must be > 0 and at most backoff_max")
+        check_backoff(self.backoff_initial, self.backoff_max)
         if self.acl_retry <= 0 or self.connect_timeout <= 0 or self.request_timeout <= 0:
             raise ValueError("acl_retry, connect_timeout and request_timeout must be > 0")
         return self

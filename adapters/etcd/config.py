@@ -13,8 +13,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 
-from adapters.etcd.formats import FORMATS, valid_dns_name
+from adapters.etcd.formats import FORMATS
+from adapters.toolkit.backoff import check_backoff
 from adapters.toolkit.hostport import split_url
+from adapters.toolkit.names import domain_name
 from adapters.toolkit.tls import ClientTls
 from discoveryd.registry import Duration, RegistryConfig
 
@@ -91,10 +93,7 @@ class EtcdConfig(RegistryConfig):
     @field_validator("domain")
     @classmethod
     def _domain(cls, value: str) -> str:
-        name = value.strip().rstrip(".").lower()
-        if not valid_dns_name(name):
-            raise ValueError(f"{value!r} is not a DNS name")
-        return name
+        return domain_name(value, underscore=True)
 
     @model_validator(mode="after")
     def _check(self) -> EtcdConfig:
@@ -110,8 +109,7 @@ class EtcdConfig(RegistryConfig):
             raise ValueError("username: required with a password")
         if self.username is not None and not has_password:
             raise ValueError("password or password_file: required with a username")
-        if self.backoff_initial <= 0 or self.backoff_max < self.backoff_initial:
-            raise ValueError("backoff_initial must be > 0 and at most backoff_max")
+        check_backoff(self.backoff_initial, self.backoff_max)
         return self
 
     @property

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from adapters.toolkit.names import is_dns1123_label, is_dns_name
+from adapters.toolkit.names import domain_name, is_dns1123_label
 from discoveryd.registry import RegistryConfig
 
 
@@ -48,10 +48,7 @@ class FilesConfig(RegistryConfig):
     @field_validator("domain")
     @classmethod
     def _domain(cls, value: str) -> str:
-        name = value.strip().rstrip(".").lower()
-        if not is_dns_name(name):
-            raise ValueError(f"{value!r} is not a DNS name")
-        return name
+        return domain_name(value)
 
     def resolved_paths(self, base_dir: Path) -> tuple[Path, ...]:
         """`paths` as absolute paths: `~` expanded, relative ones joined to `base_dir`."""

@@ -15,7 +15,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from adapters.toolkit.names import is_dns1123_label, is_dns_name
+from adapters.toolkit.backoff import check_backoff
+from adapters.toolkit.names import domain_name, is_dns1123_label
 from discoveryd.registry import Duration, RegistryConfig
 
 _SELECTOR_WORD = re.compile(r"^[A-Za-z0-9_./!=(), -]*$")
@@ -65,10 +66,7 @@ class KubernetesConfig(RegistryConfig):
     @field_validator("domain")
     @classmethod
     def _domain(cls, value: str) -> str:
-        name = value.strip().rstrip(".").lower()
-        if not is_dns_name(name):
-            raise ValueError(f"{value!r} is not a DNS name")
-        return name
+        return domain_name(value)
 
     @field_validator("namespaces")
     @classmethod
@@ -94,8 +92,7 @@ class KubernetesConfig(RegistryConfig):
 
     @model_validator(mode="after")
     def _check(self) -> KubernetesConfig:
-        if self.backoff_initial <= 0 or self.backoff_max < self.backoff_initial:
-            raise ValueError("backoff_initial must be > 0 and at most backoff_max")
+        check_backoff(self.backoff_initial, self.backoff_max)
         if self.watch_timeout < 1:
             raise ValueError("watch_timeout must be at least 1s")
         if self.request_timeout <= 0:

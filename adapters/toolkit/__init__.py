@@ -4,6 +4,7 @@
   variations registries need: case, `_`, a trailing dot).
 - `hostport`: `host:port`, `[v6]:port` and `scheme://host:port` parsing.
 - `location`: field paths (`spec.ports[1].name`) and YAML node → line.
+- `backoff`: the one rule for the `backoff_initial`/`backoff_max` keys.
 
 The session loop (connect → sync → follow with backoff) is
 `discoveryd.session`, shared with the supervisor. Pure functions; no I/O.

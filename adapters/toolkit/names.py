@@ -62,3 +62,12 @@ def is_dns1123_subdomain(value: str) -> bool:
     As Kubernetes' IsDNS1123Subdomain: no limit per label.
     """
     return 0 < len(value) <= 253 and _SUBDOMAIN.match(value) is not None
+
+
+def domain_name(value: str, *, underscore: bool = False) -> str:
+    """A configured registry domain, as the daemon uses it: trimmed, lower case, without a trailing
+    dot. ValueError (for the config's error message) when it is not a DNS name."""
+    name = value.strip().rstrip(".").lower()
+    if not is_dns_name(name, underscore=underscore):
+        raise ValueError(f"{value!r} is not a DNS name")
+    return name
