@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 
 import grpc
@@ -48,8 +51,12 @@ async def grpc_backend(name: str) -> AsyncIterator[int]:
         await server.stop(None)
 
 
-def bootstrap(xds_port: int, namespace: str | None = None) -> str:
-    node: dict[str, object] = {"id": "grpc-client", "cluster": "integration"}
+def bootstrap(
+    xds_port: int, namespace: str | None = None, node_id: str = "grpc-client", locality: dict[str, str] | None = None
+) -> str:
+    node: dict[str, object] = {"id": node_id, "cluster": "integration"}
+    if locality is not None:
+        node["locality"] = locality
     if namespace is not None:
         node["metadata"] = {"NAMESPACE": namespace}
     return json.dumps(
@@ -64,3 +71,35 @@ def bootstrap(xds_port: int, namespace: str | None = None) -> str:
             "node": node,
         }
     )
+
+
+async def run_grpc_client(xds_bootstrap: str, code: str, *args: str, timeout: float = 120) -> bytes:
+    """Run `code` in a Python subprocess with grpcio's xDS bootstrap `xds_bootstrap` and `args` as its argv;
+    asserts it exits 0 within `timeout` seconds (killed otherwise) and returns its stdout."""
+    env = {**os.environ, "GRPC_XDS_BOOTSTRAP_CONFIG": xds_bootstrap}
+    env.pop("GRPC_XDS_BOOTSTRAP", None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    return out
+
+
+async def count_calls(
+    xds_bootstrap: str, target: str, method: str, count: int, metadata: dict[str, str], timeout: float = 120
+) -> dict[str, int]:
+    """`count` calls of `method` on xds:///`target` with `metadata` from grpcio's xDS client (COUNTING_CLIENT
+    in a subprocess): how many each backend answered, and `status:<code>` counts of failed calls."""
+    out = await run_grpc_client(
+        xds_bootstrap, COUNTING_CLIENT, target, method, str(count), json.dumps(metadata), timeout=timeout
+    )
+    seen: dict[str, int] = json.loads(out)
+    return seen

@@ -6,7 +6,7 @@ from __future__ import annotations
 from google.protobuf.message import Message
 
 from adapters.istio.policy import PolicySet, read_yaml_all
-from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
+from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Problem, Service
 from discoveryd.policy import HostPolicy
 from discoveryd.xds.resources import Builder, BuildOptions
 
@@ -75,12 +75,30 @@ SERVICE = Service(
 )
 
 
-def policy_of(text: str) -> HostPolicy:
-    objects, problems = read_yaml_all("p.yaml", text, "default")
-    assert problems == []
+def read_policies(text: str, namespace: str = "default", file: str = "p.yaml") -> PolicySet:
+    """`text` read as the file `file` of a files registry (objects without a namespace in `namespace`) and
+    built; the file must read without problems."""
+    objects, problems = read_yaml_all(file, text, namespace)
+    assert not problems, problems
     policies = PolicySet()
-    policies.update("p.yaml", objects)
+    policies.update(file, objects)
     policies.build()
+    return policies
+
+
+def problems_of(text: str, namespace: str = "default", file: str = "p.yaml") -> list[Problem]:
+    """The problems of reading `text` as the file `file`, or when it reads, those of building its policies."""
+    objects, problems = read_yaml_all(file, text, namespace)
+    if problems:
+        return problems
+    policies = PolicySet()
+    policies.update(file, objects)
+    policies.build()
+    return [p for ps in policies.problems().values() for p in ps]
+
+
+def policy_of(text: str) -> HostPolicy:
+    policies = read_policies(text)
     assert policies.problems() == {}
     return policies.policies[HOST]
 

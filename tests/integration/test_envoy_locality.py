@@ -16,9 +16,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from adapters.istio.policy import PolicySet, read_yaml_all
 from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, PortProtocol, Service
 from discoveryd.policy import HostPolicy
+from tests.fakes.policy import read_policies
 from tests.fakes.xds import (  # noqa: F401
     RunningXds,
     assert_no_rejections,
@@ -53,12 +53,7 @@ NODE_IN_ZONE_A = {"id": "envoy-zone-a", "cluster": "integration", "locality": {"
 
 
 def policy() -> HostPolicy:
-    objects, problems = read_yaml_all("policy.yaml", POLICY, "default")
-    assert not problems, problems
-    policies = PolicySet()
-    policies.update("policy.yaml", objects)
-    policies.build()
-    return policies.policies[WEB]
+    return read_policies(POLICY, file="policy.yaml").policies[WEB]
 
 
 def web(a: int, b: int, a_health: Health = Health.HEALTHY) -> Service:

@@ -14,8 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from adapters.istio.policy import PolicySet, read_yaml_all
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
+from tests.fakes.policy import read_policies
 from tests.fakes.xds import (  # noqa: F401
     RunningXds,
     assert_no_rejections,
@@ -48,11 +48,7 @@ spec:
 
 async def test_envoy_routes_to_the_subset_only_and_ejects_the_failing_backend(xds: RunningXds, tmp_path: Path) -> None:
     before = nacks()
-    objects, problems = read_yaml_all("policy.yaml", POLICY, "default")
-    assert not problems, problems
-    policies = PolicySet()
-    policies.update("policy.yaml", objects)
-    policies.build()
+    policies = read_policies(POLICY, file="policy.yaml")
     async with http_backend("v1") as v1, http_backend("v2") as v2, failing_backend("bad") as bad:
         with xds.shard.batch():
             xds.shard.set_policy(WEB, policies.policies[WEB])

@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from adapters.istio.policy import PolicySet, read_yaml_all
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
+from tests.fakes.policy import read_policies
 from tests.fakes.xds import RunningXds, assert_no_rejections, nacks, run_envoy, xds  # noqa: F401
 from tests.helpers import eventually
 
@@ -70,11 +70,7 @@ async def recording_backend(seen: list[tuple[str, dict[str, str]]]) -> AsyncIter
 
 async def test_envoy_rewrites_the_prefix_and_sets_request_and_response_headers(xds: RunningXds, tmp_path: Path) -> None:
     before = nacks()
-    objects, problems = read_yaml_all("routes.yaml", POLICY, "default")
-    assert not problems, problems
-    policies = PolicySet()
-    policies.update("routes.yaml", objects)
-    policies.build()
+    policies = read_policies(POLICY, file="routes.yaml")
     seen: list[tuple[str, dict[str, str]]] = []
     async with recording_backend(seen) as port:
         with xds.shard.batch():

@@ -17,7 +17,7 @@ import pytest
 
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
 from discoveryd.xds.metrics import daemon_metrics
-from tests.fakes.grpc_backend import METHOD, bootstrap, grpc_backend
+from tests.fakes.grpc_backend import METHOD, bootstrap, grpc_backend, run_grpc_client
 from tests.fakes.xds import RunningXds, xds  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -137,21 +137,9 @@ async def test_grpc_xds_client_dials_only_what_is_exported_to_its_namespace(
                 endpoints=(Endpoint("127.0.0.1", ports={"grpc": shop}),),
             ),
         )
-        env = {**os.environ, "GRPC_XDS_BOOTSTRAP_CONFIG": bootstrap(xds.port, namespace)}
-        env.pop("GRPC_XDS_BOOTSTRAP", None)
         targets = [f"public.test:{PORT}", f"shop-only.test:{PORT}"]
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", PROBE, METHOD, *targets, env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        try:
-            async with asyncio.timeout(90):  # a name gRPC never saw is "does not exist" only after 15 s
-                out, err = await proc.communicate()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        assert proc.returncode == 0, err.decode()[-3000:]
+        # a name gRPC never saw is "does not exist" only after 15 s
+        out = await run_grpc_client(bootstrap(xds.port, namespace), PROBE, METHOD, *targets, timeout=90)
         result = json.loads(out)
         assert result[targets[0]] == "OK"
         assert result[targets[1]] == ("OK" if sees_shop else "UNAVAILABLE"), result

@@ -11,15 +11,12 @@ zone a is served by zone b.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import sys
 
 import pytest
 
-from adapters.istio.policy import PolicySet, read_yaml_all
 from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, PortProtocol, Service
-from tests.fakes.grpc_backend import COUNTING_CLIENT, METHOD, grpc_backend
+from tests.fakes.grpc_backend import METHOD, bootstrap, count_calls, grpc_backend
+from tests.fakes.policy import read_policies
 from tests.fakes.xds import RunningXds, nacks, xds  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -39,33 +36,11 @@ spec:
 """
 
 
-def bootstrap(xds_port: int, zone: str) -> str:
-    node = {"id": f"grpc-{zone}", "cluster": "integration", "locality": {"region": "r1", "zone": zone}}
-    server = {
-        "server_uri": f"127.0.0.1:{xds_port}",
-        "channel_creds": [{"type": "insecure"}],
-        "server_features": ["xds_v3"],
-    }
-    return json.dumps({"xds_servers": [server], "node": node})
-
-
 async def run_client(xds: RunningXds, zone: str) -> dict[str, int]:
-    env = {**os.environ, "GRPC_XDS_BOOTSTRAP_CONFIG": bootstrap(xds.port, zone)}
-    env.pop("GRPC_XDS_BOOTSTRAP", None)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", COUNTING_CLIENT, f"{HOST}:{PORT}", METHOD, str(CALLS), "{}", env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        async with asyncio.timeout(120):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, err.decode()[-3000:]
-    seen: dict[str, int] = json.loads(out)
-    return seen
+    locality = {"region": "r1", "zone": zone}
+    return await count_calls(
+        bootstrap(xds.port, node_id=f"grpc-{zone}", locality=locality), f"{HOST}:{PORT}", METHOD, CALLS, {}
+    )
 
 
 def service(a: int, b: int, a_health: Health = Health.HEALTHY) -> Service:
@@ -82,11 +57,7 @@ def service(a: int, b: int, a_health: Health = Health.HEALTHY) -> Service:
 
 async def test_grpc_clients_stay_in_their_zone_and_fail_over(xds: RunningXds) -> None:
     before = nacks()
-    objects, problems = read_yaml_all("policy.yaml", POLICY, "shop")
-    assert not problems, problems
-    policies = PolicySet()
-    policies.update("policy.yaml", objects)
-    policies.build()
+    policies = read_policies(POLICY, "shop", "policy.yaml")
     async with grpc_backend("zone-a") as a, grpc_backend("zone-b") as b:
         with xds.shard.batch():
             xds.shard.set_policy(Hostname(HOST), policies.policies[Hostname(HOST)])

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
-import sys
 from collections.abc import AsyncIterator
 
 import grpc
@@ -21,7 +18,7 @@ import pytest
 
 from adapters.istio.policy import PolicySet, read_yaml_all
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
-from tests.fakes.grpc_backend import COUNTING_CLIENT, METHOD, bootstrap, grpc_backend
+from tests.fakes.grpc_backend import METHOD, bootstrap, count_calls, grpc_backend
 from tests.fakes.xds import RunningXds, nacks, xds  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -128,22 +125,7 @@ async def flaky_backend(name: str) -> AsyncIterator[int]:
 
 
 async def run_client(xds: RunningXds, method: str, count: int, metadata: dict[str, str]) -> dict[str, int]:
-    env = {**os.environ, "GRPC_XDS_BOOTSTRAP_CONFIG": bootstrap(xds.port, "shop")}
-    env.pop("GRPC_XDS_BOOTSTRAP", None)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", COUNTING_CLIENT, f"{HOST}:{PORT}", method, str(count), json.dumps(metadata), env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        async with asyncio.timeout(120):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, err.decode()[-3000:]
-    seen: dict[str, int] = json.loads(out)
-    return seen
+    return await count_calls(bootstrap(xds.port, "shop"), f"{HOST}:{PORT}", method, count, metadata)
 
 
 async def test_weighted_split_between_subsets_is_80_20(xds: RunningXds) -> None:

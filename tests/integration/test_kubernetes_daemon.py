@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.fakes.grpc_backend import COUNTING_CLIENT, METHOD, bootstrap, grpc_backend
+from tests.fakes.grpc_backend import METHOD, bootstrap, count_calls, grpc_backend
 from tests.fakes.kubernetes import FakeApiServer, endpoint, endpoint_slice, kubeconfig, service
 from tests.fakes.xds import cluster, http_backend, run_envoy
 from tests.helpers import eventually, free_port
@@ -179,22 +178,7 @@ CART = "cart.shop.internal"
 
 async def _count_calls(xds_port: int, namespace: str, count: int = 20) -> dict[str, int]:
     """`count` calls from grpcio's xDS client (a subprocess) in `namespace` to xds:///cart:8080; answers by backend."""
-    env = {**os.environ, "GRPC_XDS_BOOTSTRAP_CONFIG": bootstrap(xds_port, namespace)}
-    env.pop("GRPC_XDS_BOOTSTRAP", None)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", COUNTING_CLIENT, f"{CART}:8080", METHOD, str(count), "{}", env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        async with asyncio.timeout(60):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, err.decode()[-3000:]
-    seen: dict[str, int] = json.loads(out)
-    return seen
+    return await count_calls(bootstrap(xds_port, namespace), f"{CART}:8080", METHOD, count, {}, timeout=60)
 
 
 async def test_destination_rules_from_the_cluster_shape_grpc_clients_per_namespace(tmp_path: Path) -> None:

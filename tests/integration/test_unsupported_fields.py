@@ -10,24 +10,21 @@ retryOn condition, that report goes away.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from adapters.istio.policy import PolicySet, read_yaml_all
 from discoveryd.index import Index
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service, SourceId
 from discoveryd.policy import HostPolicy
 from discoveryd.xds import status
 from discoveryd.xds.metrics import XdsMetrics
-from tests.fakes.grpc_backend import METHOD, bootstrap, grpc_backend
+from tests.fakes.grpc_backend import METHOD, bootstrap, grpc_backend, run_grpc_client
+from tests.fakes.policy import read_policies
 from tests.fakes.xds import RunningXds, run_envoy, start_xds, stop
 from tests.helpers import eventually
 
@@ -66,12 +63,7 @@ with grpc.insecure_channel(f"xds:///{sys.argv[1]}") as channel:
 
 
 def policy(text: str) -> HostPolicy:
-    objects, problems = read_yaml_all("policy.yaml", text, "shop")
-    assert not problems, problems
-    policies = PolicySet()
-    policies.update("policy.yaml", objects)
-    policies.build()
-    return policies.policies[HOST]
+    return read_policies(text, "shop", "policy.yaml").policies[HOST]
 
 
 @pytest.fixture
@@ -95,20 +87,7 @@ def gauge(metrics: XdsMetrics, client_type: str, field: str) -> float:
 
 
 async def call_once(port: int) -> str:
-    env = {**os.environ, "GRPC_XDS_BOOTSTRAP_CONFIG": bootstrap(port, "shop")}
-    env.pop("GRPC_XDS_BOOTSTRAP", None)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CLIENT, ROUTES, METHOD, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        async with asyncio.timeout(60):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, err.decode()[-3000:]
+    out = await run_grpc_client(bootstrap(port, "shop"), CLIENT, ROUTES, METHOD, timeout=60)
     return out.decode().strip()
 
 

@@ -18,24 +18,19 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from adapters.files import FilesConfig, FilesRegistry
 from adapters.files.registry import FileSet
-from adapters.istio.policy import PolicySet, read_yaml_all, resolve_host
+from adapters.istio.policy import read_yaml_all, resolve_host
 from discoveryd.index import Index, diff
 from discoveryd.model import Hostname, Problem, Severity, SourceId
 from discoveryd.policy import DestinationRule, HostPolicy, Subset, TrafficPolicy
 from discoveryd.registry import AdapterContext
 from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ENDPOINT, LISTENER, ROUTE, Builder, BuildOptions
-from tests.fakes.policy import DR, HOST, SERVICE, VS, built, policy_of
+from tests.fakes.policy import DR, HOST, SERVICE, VS, built, policy_of, read_policies
+from tests.fakes.policy import problems_of as read_problems
 from tests.helpers import eventually
 
 
 def problems_of(text: str) -> list[Problem]:
-    objects, problems = read_yaml_all("p.yaml", textwrap.dedent(text), "default")
-    if problems:
-        return problems
-    policies = PolicySet()
-    policies.update("p.yaml", objects)
-    policies.build()
-    return [p for ps in policies.problems().values() for p in ps]
+    return read_problems(textwrap.dedent(text))
 
 
 # -- validation --------------------------------------------------------------------------------------
@@ -110,11 +105,7 @@ def test_rules_of_other_namespaces_are_kept_and_selected_per_client_namespace() 
     other = DR.replace("name: cart, namespace: shop", "name: cart2, namespace: other").replace(
         "LEAST_REQUEST", "RANDOM"
     )
-    objects, problems = read_yaml_all("p.yaml", DR + "---\n" + other, "default")
-    assert problems == []
-    policies = PolicySet()
-    policies.update("p.yaml", objects)
-    policies.build()
+    policies = read_policies(DR + "---\n" + other)
     assert policies.problems() == {}
     policy = policies.policies[HOST]
     assert [r.name for r in policy.rules] == ["cart", "cart2"]

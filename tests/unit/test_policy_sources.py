@@ -7,11 +7,11 @@ from __future__ import annotations
 from envoy.config.cluster.v3 import cluster_pb2
 from google.protobuf import any_pb2
 
-from adapters.istio.policy import PolicySet, read_yaml_all
 from discoveryd.index import Index
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service, SourceId
 from discoveryd.policy import HostPolicy
 from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, Builder, BuildOptions, View
+from tests.fakes.policy import read_policies
 
 HOST = Hostname("cart.shop.internal")
 NAME = "outbound|8080||cart.shop.internal"
@@ -29,12 +29,7 @@ spec:
   {f"exportTo: {export_to}" if export_to else ""}
   trafficPolicy: {{loadBalancer: {{simple: {lb}}}}}
 """
-    objects, problems = read_yaml_all(f"{name}.yaml", text, "default")
-    assert not problems, problems
-    policies = PolicySet()
-    policies.update(f"{name}.yaml", objects)
-    policies.build()
-    return policies.policies[HOST]
+    return read_policies(text, file=f"{name}.yaml").policies[HOST]
 
 
 def two_sources() -> Index:

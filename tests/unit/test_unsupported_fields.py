@@ -8,7 +8,7 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from prometheus_client import CollectorRegistry
 
-from adapters.istio.policy import PolicySet, read_yaml_all
+from adapters.istio.policy import PolicySet
 from discoveryd.index import Index
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service, SourceId
 from discoveryd.xds import status
@@ -16,18 +16,14 @@ from discoveryd.xds.metrics import XdsMetrics
 from discoveryd.xds.policy import grpc_ignored_by_cluster, grpc_ignored_by_routes
 from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ENDPOINT, ROUTE, Builder, BuildOptions, View
 from discoveryd.xds.unsupported import UnsupportedFields, client_type
+from tests.fakes.policy import read_policies
 
 HOST = Hostname("cart.shop.internal")
 HEAD = "apiVersion: networking.istio.io/v1\nmetadata: {name: cart, namespace: shop}\n"
 
 
 def policies(text: str) -> PolicySet:
-    objects, problems = read_yaml_all("p.yaml", text, "shop")
-    assert problems == []
-    out = PolicySet()
-    out.update("p.yaml", objects)
-    out.build()
-    return out
+    return read_policies(text, "shop")
 
 
 def rule_fields(traffic_policy: str) -> set[str]:

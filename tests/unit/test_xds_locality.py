@@ -22,6 +22,7 @@ from discoveryd.xds.connection import Connection
 from discoveryd.xds.locality import Client, client_of
 from discoveryd.xds.metrics import XdsMetrics
 from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ENDPOINT, VARIANTS_PER_PLAN, Builder, BuildOptions, View
+from tests.fakes.policy import problems_of, read_policies
 
 HOST = Hostname("cart.shop.internal")
 NAME = "outbound|8080||cart.shop.internal"
@@ -43,23 +44,8 @@ def rule(locality: str, od: bool = True) -> str:
     )
 
 
-def problems_of(text: str) -> list[Problem]:
-    objects, problems = read_yaml_all("p.yaml", text, "default")
-    if problems:
-        return problems
-    policies = PolicySet()
-    policies.update("p.yaml", objects)
-    policies.build()
-    return [p for ps in policies.problems().values() for p in ps]
-
-
 def policy_of(text: str) -> HostPolicy:
-    objects, problems = read_yaml_all("p.yaml", text, "default")
-    assert not problems, problems
-    policies = PolicySet()
-    policies.update("p.yaml", objects)
-    policies.build()
-    return policies.policies[HOST]
+    return read_policies(text).policies[HOST]
 
 
 # -- validation: one test per rule ---------------------------------------------------------------

@@ -18,10 +18,10 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.route.v3 import route_pb2
 from google.protobuf import any_pb2
 
-from adapters.istio.policy import PolicySet, read_yaml_all
 from discoveryd.model import Hostname
 from discoveryd.policy import DestinationRule, HostPolicy, VirtualService
 from discoveryd.xds.resources import CLUSTER, ENDPOINT, ROUTE
+from tests.fakes.policy import read_policies
 from tests.fakes.xds import (  # noqa: F401 - fixtures
     RunningXds,
     Stream,
@@ -63,11 +63,7 @@ spec:
 
 
 def policy(*docs: str) -> HostPolicy:
-    objects, problems = read_yaml_all("p.yaml", "\n---\n".join(docs), "default")
-    assert not problems, problems
-    policies = PolicySet()
-    policies.update("p.yaml", objects)
-    policies.build()
+    policies = read_policies("\n---\n".join(docs))
     assert not policies.problems(), policies.problems()
     return policies.policies[Hostname(HOST)]
 
