@@ -11,7 +11,7 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -399,12 +399,8 @@ async def run_envoy(
 
 
 @contextlib.asynccontextmanager
-async def http_backend(name: str) -> AsyncIterator[int]:
-    """A loopback HTTP server answering every GET with `name`; yields its port."""
-
-    async def handle(_: web.Request) -> web.Response:
-        return web.Response(text=name)
-
+async def serving(handle: Callable[[web.Request], Awaitable[web.Response]]) -> AsyncIterator[int]:
+    """A loopback HTTP server answering every GET with `handle`; yields its port."""
     app = web.Application()
     app.router.add_get("/{tail:.*}", handle)
     runner = web.AppRunner(app, access_log=None)
@@ -419,23 +415,25 @@ async def http_backend(name: str) -> AsyncIterator[int]:
 
 
 @contextlib.asynccontextmanager
+async def http_backend(name: str) -> AsyncIterator[int]:
+    """A loopback HTTP server answering every GET with `name`; yields its port."""
+
+    async def handle(_: web.Request) -> web.Response:
+        return web.Response(text=name)
+
+    async with serving(handle) as port:
+        yield port
+
+
+@contextlib.asynccontextmanager
 async def failing_backend(name: str) -> AsyncIterator[int]:
     """A loopback HTTP server answering every GET with 503 and `name`; yields its port."""
 
     async def handle(_: web.Request) -> web.Response:
         return web.Response(status=503, text=name)
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
-        yield int(sockets[0].getsockname()[1])
-    finally:
-        await runner.cleanup()
+    async with serving(handle) as port:
+        yield port
 
 
 def nacks() -> float:

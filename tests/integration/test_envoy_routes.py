@@ -18,7 +18,7 @@ from aiohttp import web
 
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
 from tests.fakes.policy import read_policies
-from tests.fakes.xds import RunningXds, assert_no_rejections, nacks, run_envoy, xds  # noqa: F401
+from tests.fakes.xds import RunningXds, assert_no_rejections, nacks, run_envoy, serving, xds  # noqa: F401
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -55,17 +55,8 @@ async def recording_backend(seen: list[tuple[str, dict[str, str]]]) -> AsyncIter
         seen.append((request.path, headers))
         return web.Response(text="ok")
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
-        yield int(sockets[0].getsockname()[1])
-    finally:
-        await runner.cleanup()
+    async with serving(handle) as port:
+        yield port
 
 
 async def test_envoy_rewrites_the_prefix_and_sets_request_and_response_headers(xds: RunningXds, tmp_path: Path) -> None:

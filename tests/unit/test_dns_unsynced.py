@@ -83,6 +83,19 @@ def test_zones_name_the_registries_that_fill_them() -> None:
     assert zones == [Zone(Hostname("consul"), ZoneFlavor.CONSUL, sources=(SourceId("consul/a"), SourceId("consul/b")))]
 
 
+def hold_builds(server: DnsServer) -> asyncio.Event:
+    """Make `server`'s table builds wait until the returned event is set."""
+    gate = asyncio.Event()
+    build = server.sync
+
+    async def held_build() -> None:
+        await gate.wait()
+        await build()
+
+    server.sync = held_build  # type: ignore[method-assign]
+    return gate
+
+
 async def test_the_server_listens_and_answers_servfail_while_its_first_table_is_built() -> None:
     """After a restart the first build takes seconds at 100k names: a resolver that does not listen
     meanwhile fails every lookup, forwarded names included. Listening comes first; names under our
@@ -93,14 +106,7 @@ async def test_the_server_listens_and_answers_servfail_while_its_first_table_is_
     files.upsert(Service(Hostname("api.example.com"), endpoints=(Endpoint("10.0.0.2"),)))  # in no zone
     files.mark_synced()
     server = DnsServer(DnsConfig(listen=["127.0.0.1:0"]), index, [MESH])
-    gate = asyncio.Event()
-    build = server.sync
-
-    async def held_build() -> None:
-        await gate.wait()
-        await build()
-
-    server.sync = held_build  # type: ignore[method-assign]
+    gate = hold_builds(server)
     serving = asyncio.create_task(server.serve())
     try:
         await eventually(lambda: bool(server.addresses), timeout=10, what="listening before the first build")
@@ -140,14 +146,7 @@ async def test_names_under_a_host_outside_every_zone_are_servfail_before_the_fir
     )
     files.mark_synced()
     server = DnsServer(DnsConfig(listen=["127.0.0.1:0"]), index, [MESH])
-    gate = asyncio.Event()
-    build = server.sync
-
-    async def held_build() -> None:
-        await gate.wait()
-        await build()
-
-    server.sync = held_build  # type: ignore[method-assign]
+    gate = hold_builds(server)
     serving = asyncio.create_task(server.serve())
     names = [("_http._tcp.api.example.com.", "SRV"), ("10-0-0-2.api.example.com.", "A")]
     try:
