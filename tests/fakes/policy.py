@@ -12,12 +12,25 @@ from discoveryd.xds.resources import Builder, BuildOptions
 
 HOST = Hostname("cart.shop.internal")
 
-DR = """\
+# The first lines of a DestinationRule and of a VirtualService named cart in namespace shop, for HOST.
+DR_HEAD = """\
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: cart, namespace: shop}
 spec:
   host: cart.shop.internal
+"""
+VS_HEAD = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: cart, namespace: shop}
+spec:
+  hosts: [cart.shop.internal]
+"""
+
+DR = (
+    DR_HEAD
+    + """\
   trafficPolicy:
     loadBalancer: {simple: LEAST_REQUEST}
     outlierDetection:
@@ -42,13 +55,11 @@ spec:
     trafficPolicy:
       loadBalancer: {consistentHash: {httpHeaderName: x-user, maglev: {tableSize: 65537}}}
 """
+)
 
-VS = """\
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: cart, namespace: shop}
-spec:
-  hosts: [cart.shop.internal]
+VS = (
+    VS_HEAD
+    + """\
   http:
   - match:
     - uri: {exact: /a}
@@ -62,6 +73,7 @@ spec:
     - {destination: {host: cart.shop.internal, subset: v1}, weight: 80}
     - {destination: {host: cart.shop.internal, subset: v2}, weight: 20}
 """
+)
 
 SERVICE = Service(
     hostname=HOST,
@@ -73,6 +85,23 @@ SERVICE = Service(
         Endpoint("10.0.0.3", labels={"version": "v1"}),
     ),
 )
+
+
+def rule_text(name: str, namespace: str, lb: str, export_to: str = "", subset: str = "") -> str:
+    """A DestinationRule `name` of `namespace` for HOST with the simple load balancer `lb`; with an exportTo
+    list when `export_to` is given, and one subset `subset` (labels version: `subset`) when that is."""
+    text = f"""
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  host: {HOST}
+  {f"exportTo: {export_to}" if export_to else ""}
+  trafficPolicy: {{loadBalancer: {{simple: {lb}}}}}
+"""
+    if subset:
+        text += f"  subsets: [{{name: {subset}, labels: {{version: {subset}}}}}]\n"
+    return text
 
 
 def read_policies(text: str, namespace: str = "default", file: str = "p.yaml") -> PolicySet:

@@ -16,7 +16,7 @@ import pytest
 
 from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, PortProtocol, Service
 from tests.fakes.grpc_backend import METHOD, bootstrap, count_calls, grpc_backend
-from tests.fakes.policy import read_policies
+from tests.fakes.policy import DR_HEAD, read_policies
 from tests.fakes.xds import RunningXds, nacks, xds  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -24,16 +24,15 @@ pytestmark = pytest.mark.integration
 HOST, PORT = "cart.shop.internal", 8080
 CALLS = 30
 
-POLICY = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: cart, namespace: shop}
-spec:
-  host: cart.shop.internal
+POLICY = (
+    "\n"
+    + DR_HEAD
+    + """\
   trafficPolicy:
     outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 30s}
     loadBalancer: {localityLbSetting: {enabled: true}}
 """
+)
 
 
 async def run_client(xds: RunningXds, zone: str) -> dict[str, int]:

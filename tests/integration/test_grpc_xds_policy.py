@@ -19,6 +19,7 @@ import pytest
 from adapters.istio.policy import PolicySet, read_yaml_all
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
 from tests.fakes.grpc_backend import METHOD, bootstrap, count_calls, grpc_backend
+from tests.fakes.policy import DR_HEAD, VS_HEAD
 from tests.fakes.xds import RunningXds, nacks, xds  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -26,21 +27,17 @@ pytestmark = pytest.mark.integration
 HOST, PORT = "cart.shop.internal", 8080
 CALLS = 600
 
-POLICY = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: cart, namespace: shop}
-spec:
-  host: cart.shop.internal
+POLICY = (
+    "\n"
+    + DR_HEAD
+    + """\
   subsets:
   - {name: v1, labels: {version: v1}}
   - {name: v2, labels: {version: v2}}
 ---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: cart, namespace: shop}
-spec:
-  hosts: [cart.shop.internal]
+"""
+    + VS_HEAD
+    + """\
   http:
   - name: canary-header
     match: [{headers: {x-canary: {exact: "yes"}}}]
@@ -62,6 +59,7 @@ spec:
     - {destination: {host: cart.shop.internal, subset: v1}, weight: 80}
     - {destination: {host: cart.shop.internal, subset: v2}, weight: 20}
 """
+)
 
 
 @contextlib.asynccontextmanager

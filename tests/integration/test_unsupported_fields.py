@@ -24,7 +24,7 @@ from discoveryd.policy import HostPolicy
 from discoveryd.xds import status
 from discoveryd.xds.metrics import XdsMetrics
 from tests.fakes.grpc_backend import METHOD, bootstrap, grpc_backend, run_grpc_client
-from tests.fakes.policy import read_policies
+from tests.fakes.policy import DR_HEAD, VS_HEAD, read_policies
 from tests.fakes.xds import RunningXds, run_envoy, start_xds, stop
 from tests.helpers import eventually
 
@@ -33,25 +33,22 @@ pytestmark = pytest.mark.integration
 HOST, PORT = Hostname("cart.shop.internal"), 8080
 ROUTES = f"{HOST}:{PORT}"
 
-POLICY = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: cart, namespace: shop}
-spec:
-  host: cart.shop.internal
+POLICY = (
+    "\n"
+    + DR_HEAD
+    + """\
   trafficPolicy:
     connectionPool: {tcp: {maxConnections: 100}, http: {http2MaxRequests: 1000}}
 ---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: cart, namespace: shop}
-spec:
-  hosts: [cart.shop.internal]
+"""
+    + VS_HEAD
+    + """\
   http:
   - headers: {request: {set: {x-env: staging}}}
     retries: {attempts: 2, retryOn: "5xx,unavailable"}
     route: [{destination: {host: cart.shop.internal}}]
 """
+)
 
 CLIENT = """
 import sys

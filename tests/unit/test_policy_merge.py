@@ -6,6 +6,7 @@ from adapters.istio.policy import PolicySet, read_yaml_all
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service, Severity
 from discoveryd.policy import SimpleLb
 from discoveryd.xds.resources import CLUSTER, Builder, BuildOptions
+from tests.fakes.policy import VS_HEAD
 
 HOST = Hostname("cart.shop.internal")
 
@@ -78,15 +79,7 @@ def test_a_later_rule_s_traffic_policy_applies_when_the_first_has_none() -> None
 
 
 def test_a_route_may_name_a_subset_of_the_later_rule() -> None:
-    vs = """\
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: cart, namespace: shop}
-spec:
-  hosts: [cart.shop.internal]
-  http:
-  - route: [{destination: {host: cart.shop.internal, subset: v2}}]
-"""
+    vs = VS_HEAD + "  http:\n  - route: [{destination: {host: cart.shop.internal, subset: v2}}]\n"
     second = SECOND.replace("host: cart\n", "host: cart.shop.internal\n")
     policies = merged({"a.yaml": FIRST, "b.yaml": second, "c.yaml": vs})
     assert "c.yaml" not in policies.problems()

@@ -12,6 +12,7 @@ from adapters.istio.policy import PolicySet, read_yaml_all
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Problem, Service, Severity
 from discoveryd.policy import HostPolicy
 from discoveryd.xds.resources import ROUTE, Builder, BuildOptions
+from tests.fakes.policy import VS_HEAD
 
 HOST = Hostname("cart.shop.internal")
 SERVICE = Service(
@@ -20,14 +21,7 @@ SERVICE = Service(
     ports=(Port(8080, "http", PortProtocol.HTTP),),
     endpoints=(Endpoint("10.0.0.1", labels={"version": "v1"}), Endpoint("10.0.0.2", labels={"version": "v2"})),
 )
-HEAD = """\
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: cart, namespace: shop}
-spec:
-  hosts: [cart.shop.internal]
-  http:
-"""
+HEAD = VS_HEAD + "  http:\n"
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
 

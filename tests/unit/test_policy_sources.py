@@ -11,7 +11,7 @@ from discoveryd.index import Index
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service, SourceId
 from discoveryd.policy import HostPolicy
 from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, Builder, BuildOptions, View
-from tests.fakes.policy import read_policies
+from tests.fakes.policy import read_policies, rule_text
 
 HOST = Hostname("cart.shop.internal")
 NAME = "outbound|8080||cart.shop.internal"
@@ -20,16 +20,7 @@ RR, LR, RANDOM = cluster_pb2.Cluster.ROUND_ROBIN, cluster_pb2.Cluster.LEAST_REQU
 
 
 def rule(name: str, namespace: str, lb: str, export_to: str = "") -> HostPolicy:
-    text = f"""
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: {name}, namespace: {namespace}}}
-spec:
-  host: {HOST}
-  {f"exportTo: {export_to}" if export_to else ""}
-  trafficPolicy: {{loadBalancer: {{simple: {lb}}}}}
-"""
-    return read_policies(text, file=f"{name}.yaml").policies[HOST]
+    return read_policies(rule_text(name, namespace, lb, export_to), file=f"{name}.yaml").policies[HOST]
 
 
 def two_sources() -> Index:

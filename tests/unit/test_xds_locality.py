@@ -22,19 +22,12 @@ from discoveryd.xds.connection import Connection
 from discoveryd.xds.locality import Client, client_of
 from discoveryd.xds.metrics import XdsMetrics
 from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ENDPOINT, VARIANTS_PER_PLAN, Builder, BuildOptions, View
-from tests.fakes.policy import problems_of, read_policies
+from tests.fakes.policy import DR_HEAD, problems_of, read_policies
 
 HOST = Hostname("cart.shop.internal")
 NAME = "outbound|8080||cart.shop.internal"
 
-HEAD = """\
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: cart, namespace: shop}
-spec:
-  host: cart.shop.internal
-  trafficPolicy:
-"""
+HEAD = DR_HEAD + "  trafficPolicy:\n"
 OD = "    outlierDetection: {consecutive5xxErrors: 1}\n"
 
 

@@ -21,7 +21,7 @@ from google.protobuf import any_pb2
 from discoveryd.model import Hostname
 from discoveryd.policy import DestinationRule, HostPolicy, VirtualService
 from discoveryd.xds.resources import CLUSTER, ENDPOINT, ROUTE
-from tests.fakes.policy import read_policies
+from tests.fakes.policy import read_policies, rule_text
 from tests.fakes.xds import (  # noqa: F401 - fixtures
     RunningXds,
     Stream,
@@ -38,16 +38,7 @@ LISTENER_NAME = f"{HOST}:8080"
 
 
 def rule(name: str, namespace: str, lb: str, subset: str, export_to: str = "") -> str:
-    return f"""
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: {name}, namespace: {namespace}}}
-spec:
-  host: {HOST}
-  {f"exportTo: {export_to}" if export_to else ""}
-  trafficPolicy: {{loadBalancer: {{simple: {lb}}}}}
-  subsets: [{{name: {subset}, labels: {{version: {subset}}}}}]
-"""
+    return rule_text(name, namespace, lb, export_to, subset)
 
 
 def route(name: str, namespace: str, timeout: str, export_to: str = "") -> str:
