@@ -412,6 +412,14 @@ class Supervisor:
     async def apply(self, new: Config) -> None:
         """Move the running daemon to `new`, touching only what changed."""
         old = self.config
+        if new.state_dir != old.state_dir:
+            log.warning(
+                "reload: state_dir %s -> %s takes effect at the next start; the index is still saved to %s",
+                old.state_dir,
+                new.state_dir,
+                old.state_dir,
+            )
+            new = dataclasses.replace(new, state_dir=old.state_dir)  # what runs, as /debug/configz shows
         self.config = new
         old_regs = {r.source: r for r in old.registries}
         new_regs = {r.source: r for r in new.registries}

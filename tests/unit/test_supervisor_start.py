@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,27 @@ async def test_a_restore_that_fails_half_way_starts_cold_instead_of_ending_the_d
         assert "restoring" in caplog.text and "starting cold" in caplog.text
         status = sup.index.snapshot.shards[source]
         assert not status.restored and not sup.index.snapshot.services
+    finally:
+        sup.stop()
+        async with asyncio.timeout(10.0):
+            await asyncio.gather(run, return_exceptions=True)
+
+
+async def test_a_reload_that_moves_state_dir_says_it_takes_effect_at_the_next_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The saver writes where it started; a reload that names another state_dir changed nothing and said
+    nothing, and the next start read the new (empty) directory: a cold start nobody expected."""
+    cfg = _warm_config(tmp_path)
+    sup = supervisor.Supervisor(cfg)
+    run = asyncio.create_task(sup.run())
+    try:
+        await eventually(lambda: sup.started.is_set(), what="started")
+        cfg.path.write_text(cfg.path.read_text().replace(f"state_dir: {tmp_path / 'state'}", "state_dir: elsewhere"))
+        with caplog.at_level(logging.WARNING, logger="discoveryd.supervisor"):
+            await sup.apply(config_mod.load(cfg.path))
+        assert "takes effect at the next start" in caplog.text
+        assert sup.config.state_dir == tmp_path / "state"  # what runs
     finally:
         sup.stop()
         async with asyncio.timeout(10.0):
