@@ -33,22 +33,29 @@ print(json.dumps(seen), flush=True)
 
 
 @contextlib.asynccontextmanager
-async def grpc_backend(name: str) -> AsyncIterator[int]:
-    """A loopback gRPC server whose one method answers with `name`; yields its port."""
-
-    async def handle(_: bytes, __: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-        return name.encode()
-
+async def grpc_server(handlers: list[grpc.GenericRpcHandler]) -> AsyncIterator[int]:
+    """A loopback gRPC server with `handlers`; yields its port."""
     server = grpc.aio.server()
-    handler = grpc.unary_unary_rpc_method_handler(handle)
-    service, method = METHOD.strip("/").split("/")
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {method: handler})])
+    server.add_generic_rpc_handlers(handlers)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         yield port
     finally:
         await server.stop(None)
+
+
+@contextlib.asynccontextmanager
+async def grpc_backend(name: str) -> AsyncIterator[int]:
+    """A loopback gRPC server whose one method answers with `name`; yields its port."""
+
+    async def handle(_: bytes, __: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        return name.encode()
+
+    handler = grpc.unary_unary_rpc_method_handler(handle)
+    service, method = METHOD.strip("/").split("/")
+    async with grpc_server([grpc.method_handlers_generic_handler(service, {method: handler})]) as port:
+        yield port
 
 
 def bootstrap(

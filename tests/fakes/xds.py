@@ -6,6 +6,7 @@ Import the fixtures into a test module with `from tests.fakes.xds import xds, in
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import shutil
@@ -434,6 +435,18 @@ async def failing_backend(name: str) -> AsyncIterator[int]:
 
     async with serving(handle) as port:
         yield port
+
+
+async def answers(
+    session: aiohttp.ClientSession, url: str, n: int, seen: collections.Counter[str] | None = None
+) -> collections.Counter[str]:
+    """GET `url`/ `n` times: how many times each "<status> <body>" came back, added to `seen` if given."""
+    if seen is None:
+        seen = collections.Counter()
+    for _ in range(n):
+        async with session.get(url + "/") as r:
+            seen[f"{r.status} {await r.text()}"] += 1
+    return seen
 
 
 def nacks() -> float:

@@ -10,7 +10,6 @@ detection after a 503) traffic moves to zone B.
 
 from __future__ import annotations
 
-import collections
 from pathlib import Path
 
 import aiohttp
@@ -21,6 +20,7 @@ from discoveryd.policy import HostPolicy
 from tests.fakes.policy import read_policies
 from tests.fakes.xds import (  # noqa: F401
     RunningXds,
+    answers,
     assert_no_rejections,
     failing_backend,
     http_backend,
@@ -75,14 +75,6 @@ async def priorities(envoy: object) -> dict[str, str]:
         if len(parts) == 4 and parts[0] == CLUSTER and parts[2] == "priority":
             out[parts[1]] = parts[3]
     return out
-
-
-async def answers(session: aiohttp.ClientSession, url: str, n: int) -> collections.Counter[str]:
-    seen: collections.Counter[str] = collections.Counter()
-    for _ in range(n):
-        async with session.get(url + "/") as r:
-            seen[f"{r.status} {await r.text()}"] += 1
-    return seen
 
 
 @pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC"])

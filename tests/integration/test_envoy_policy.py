@@ -18,6 +18,7 @@ from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
 from tests.fakes.policy import read_policies
 from tests.fakes.xds import (  # noqa: F401
     RunningXds,
+    answers,
     assert_no_rejections,
     failing_backend,
     http_backend,
@@ -83,19 +84,14 @@ async def test_envoy_routes_to_the_subset_only_and_ejects_the_failing_backend(xd
             async with aiohttp.ClientSession() as session:
 
                 async def only_v2_answers() -> bool:
-                    for _ in range(10):
-                        async with session.get(envoy.listener + "/") as r:
-                            seen[f"{r.status} {await r.text()}"] += 1
+                    await answers(session, envoy.listener, 10, seen)
                     text = await envoy.get("/clusters")
                     return f"{V2}::127.0.0.1:{bad}::health_flags::/failed_outlier_check" in text
 
                 await eventually(only_v2_answers, timeout=20, interval=0.1, what="the 503 backend ejected")
                 assert set(seen) <= {"200 v2", "503 bad"}, seen
                 assert seen["503 bad"] >= 2, seen
-                after: collections.Counter[str] = collections.Counter()
-                for _ in range(20):
-                    async with session.get(envoy.listener + "/") as r:
-                        after[f"{r.status} {await r.text()}"] += 1
+                after = await answers(session, envoy.listener, 20)
             assert after == {"200 v2": 20}, after
             assert await envoy.stat(f"cluster.{V2}.outlier_detection.ejections_enforced_consecutive_5xx") >= 1
             await assert_no_rejections(envoy, before)

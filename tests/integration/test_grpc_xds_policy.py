@@ -18,7 +18,7 @@ import pytest
 
 from adapters.istio.policy import PolicySet, read_yaml_all
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
-from tests.fakes.grpc_backend import METHOD, bootstrap, count_calls, grpc_backend
+from tests.fakes.grpc_backend import METHOD, bootstrap, count_calls, grpc_backend, grpc_server
 from tests.fakes.policy import DR_HEAD, VS_HEAD
 from tests.fakes.xds import RunningXds, nacks, xds  # noqa: F401
 
@@ -103,23 +103,16 @@ async def flaky_backend(name: str) -> AsyncIterator[int]:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "odd call")
         return name.encode()
 
-    server = grpc.aio.server()
     who_service, who_method = METHOD.strip("/").split("/")
-    server.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(who_service, {who_method: grpc.unary_unary_rpc_method_handler(who)}),
-            grpc.method_handlers_generic_handler(
-                "test.Flaky",
-                {m: grpc.unary_unary_rpc_method_handler(flaky) for m in ("Name", "NoRetry")},
-            ),
-        ]
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
+    handlers = [
+        grpc.method_handlers_generic_handler(who_service, {who_method: grpc.unary_unary_rpc_method_handler(who)}),
+        grpc.method_handlers_generic_handler(
+            "test.Flaky",
+            {m: grpc.unary_unary_rpc_method_handler(flaky) for m in ("Name", "NoRetry")},
+        ),
+    ]
+    async with grpc_server(handlers) as port:
         yield port
-    finally:
-        await server.stop(None)
 
 
 async def run_client(xds: RunningXds, method: str, count: int, metadata: dict[str, str]) -> dict[str, int]:
