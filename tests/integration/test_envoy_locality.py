@@ -10,6 +10,8 @@ detection after a 503) traffic moves to zone B.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -19,6 +21,7 @@ from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, PortPro
 from discoveryd.policy import HostPolicy
 from tests.fakes.policy import read_policies
 from tests.fakes.xds import (  # noqa: F401
+    Envoy,
     RunningXds,
     answers,
     assert_no_rejections,
@@ -77,65 +80,70 @@ async def priorities(envoy: object) -> dict[str, str]:
     return out
 
 
+@contextlib.asynccontextmanager
+async def envoy_in_zone_a(xds: RunningXds, tmp_path: Path, api_type: str, a: int, b: int) -> AsyncIterator[Envoy]:
+    """Serve web (port `a` in zone A, `b` in zone B) under the locality policy; a real Envoy in zone A,
+    once it has zone A at priority 0 and zone B at 1."""
+    with xds.shard.batch():
+        xds.shard.set_policy(WEB, policy())
+        xds.put(web(a, b))
+    async with run_envoy(tmp_path, xds.port, api_type, route_to=CLUSTER, node=NODE_IN_ZONE_A) as envoy:
+        expected = {f"127.0.0.1:{a}": "0", f"127.0.0.1:{b}": "1"}
+
+        async def zone_b_is_next() -> bool:
+            return await priorities(envoy) == expected
+
+        await eventually(zone_b_is_next, timeout=20, what="zone A at priority 0, zone B at 1 in envoy")
+        yield envoy
+
+
 @pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC"])
 async def test_traffic_stays_in_the_clients_zone_and_fails_over_when_it_goes_unhealthy(
     xds: RunningXds, tmp_path: Path, api_type: str
 ) -> None:
     before = nacks()
-    async with http_backend("zone-a") as a, http_backend("zone-b") as b:
-        with xds.shard.batch():
-            xds.shard.set_policy(WEB, policy())
-            xds.put(web(a, b))
-        async with run_envoy(tmp_path, xds.port, api_type, route_to=CLUSTER, node=NODE_IN_ZONE_A) as envoy:
-            expected = {f"127.0.0.1:{a}": "0", f"127.0.0.1:{b}": "1"}
+    async with (
+        http_backend("zone-a") as a,
+        http_backend("zone-b") as b,
+        envoy_in_zone_a(xds, tmp_path, api_type, a, b) as envoy,
+    ):
+        dump = await envoy.get_json("/config_dump?resource=dynamic_active_clusters")
+        (found,) = [c["cluster"] for c in dump["configs"] if c["cluster"]["name"] == CLUSTER]
+        assert "locality_weighted_lb_config" in found["common_lb_config"]
 
-            async def zone_b_is_next() -> bool:
-                return await priorities(envoy) == expected
+        async with aiohttp.ClientSession() as session:
+            assert await answers(session, envoy.listener, 20) == {"200 zone-a": 20}
 
-            await eventually(zone_b_is_next, timeout=20, what="zone A at priority 0, zone B at 1 in envoy")
-            dump = await envoy.get_json("/config_dump?resource=dynamic_active_clusters")
-            (found,) = [c["cluster"] for c in dump["configs"] if c["cluster"]["name"] == CLUSTER]
-            assert "locality_weighted_lb_config" in found["common_lb_config"]
+            xds.put(web(a, b, a_health=Health.UNHEALTHY))  # the registry marks zone A's endpoint down
 
-            async with aiohttp.ClientSession() as session:
-                assert await answers(session, envoy.listener, 20) == {"200 zone-a": 20}
+            async def moved() -> bool:
+                return await answers(session, envoy.listener, 5) == {"200 zone-b": 5}
 
-                xds.put(web(a, b, a_health=Health.UNHEALTHY))  # the registry marks zone A's endpoint down
+            await eventually(moved, timeout=20, interval=0.1, what="traffic moved to zone B")
+            assert await answers(session, envoy.listener, 20) == {"200 zone-b": 20}
 
-                async def moved() -> bool:
-                    return await answers(session, envoy.listener, 5) == {"200 zone-b": 5}
+            xds.put(web(a, b))  # healthy again: back to zone A
 
-                await eventually(moved, timeout=20, interval=0.1, what="traffic moved to zone B")
-                assert await answers(session, envoy.listener, 20) == {"200 zone-b": 20}
+            async def back() -> bool:
+                return await answers(session, envoy.listener, 5) == {"200 zone-a": 5}
 
-                xds.put(web(a, b))  # healthy again: back to zone A
-
-                async def back() -> bool:
-                    return await answers(session, envoy.listener, 5) == {"200 zone-a": 5}
-
-                await eventually(back, timeout=20, interval=0.1, what="traffic back in zone A")
-            await assert_no_rejections(envoy, before)
+            await eventually(back, timeout=20, interval=0.1, what="traffic back in zone A")
+        await assert_no_rejections(envoy, before)
 
 
 async def test_outlier_ejection_in_the_clients_zone_moves_traffic_to_the_next_zone(
     xds: RunningXds, tmp_path: Path
 ) -> None:
     before = nacks()
-    async with failing_backend("zone-a") as a, http_backend("zone-b") as b:
-        with xds.shard.batch():
-            xds.shard.set_policy(WEB, policy())
-            xds.put(web(a, b))
-        async with run_envoy(tmp_path, xds.port, "GRPC", route_to=CLUSTER, node=NODE_IN_ZONE_A) as envoy:
-            expected = {f"127.0.0.1:{a}": "0", f"127.0.0.1:{b}": "1"}
-
-            async def zone_b_is_next() -> bool:
-                return await priorities(envoy) == expected
-
-            await eventually(zone_b_is_next, timeout=20, what="zone A at priority 0, zone B at 1 in envoy")
-            async with aiohttp.ClientSession() as session:
-                first = await answers(session, envoy.listener, 1)
-                assert first == {"503 zone-a": 1}  # zone A first, while it is healthy
-                after = await answers(session, envoy.listener, 20)
-            assert after == {"200 zone-b": 20}, after
-            assert await envoy.stat(f"cluster.{CLUSTER}.outlier_detection.ejections_enforced_consecutive_5xx") == 1
-            await assert_no_rejections(envoy, before)
+    async with (
+        failing_backend("zone-a") as a,
+        http_backend("zone-b") as b,
+        envoy_in_zone_a(xds, tmp_path, "GRPC", a, b) as envoy,
+    ):
+        async with aiohttp.ClientSession() as session:
+            first = await answers(session, envoy.listener, 1)
+            assert first == {"503 zone-a": 1}  # zone A first, while it is healthy
+            after = await answers(session, envoy.listener, 20)
+        assert after == {"200 zone-b": 20}, after
+        assert await envoy.stat(f"cluster.{CLUSTER}.outlier_detection.ejections_enforced_consecutive_5xx") == 1
+        await assert_no_rejections(envoy, before)
