@@ -74,6 +74,7 @@ from discoveryd.xds.locality import Client
 from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ENDPOINT, ROUTE, SHORT, Builder, BuildOptions
 
 ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+DELTA_ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 
 
 def _service(i: int, endpoints: int, generation: int = 0) -> Service:
@@ -130,11 +131,11 @@ async def _client_main(target: str, streams: int, services: int) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _clients(target: str, streams: int, services: int) -> AsyncIterator[asyncio.subprocess.Process]:
+async def _clients(*argv: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """The client subprocess: `python -m bench.xds_bench <argv>` (`--client TARGET STREAMS SERVICES`, ...)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.xds_bench", "--client", target, str(streams), str(services),
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable, "-m", "bench.xds_bench", *argv, stdout=asyncio.subprocess.PIPE
+    )
     try:
         yield proc
     finally:
@@ -179,7 +180,7 @@ async def _measure_discoveryd(clients: int, pushes: int, services: int, endpoint
     rss_before = rss_bytes()
     target = f"127.0.0.1:{server.ports[0]}"
     try:
-        async with _clients(target, clients, services):
+        async with _clients("--client", target, str(clients), str(services)):
             t_connect = time.monotonic()
 
             def synced() -> bool:
@@ -248,13 +249,15 @@ def _push_response(server: XdsServer, name: str) -> bytes:
 
 
 class _Floor:
-    """A grpc.aio server that writes one pre-serialized response to every open stream on `push()`."""
+    """A grpc.aio server that writes pre-serialized responses to every open stream on `push()` and
+    counts the ACKs (requests carrying a response nonce) each stream sends back."""
 
-    def __init__(self, body: bytes) -> None:
-        self.body = body
+    def __init__(self, bodies: list[bytes]) -> None:
+        self.bodies = bodies
         self.streams: dict[int, asyncio.Queue[bytes | None]] = {}
         self.acks: dict[int, float] = {}
-        self.generation = 0
+        """Stream → time of its latest ACK since the last push."""
+        self.acked: dict[int, int] = {}
 
     async def handle(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, bytes]) -> None:
         key = id(context)
@@ -264,6 +267,7 @@ class _Floor:
         async def read() -> None:
             async for request in requests:
                 if request.response_nonce:
+                    self.acked[key] = self.acked.get(key, 0) + 1
                     self.acks[key] = time.monotonic()
 
         reader = asyncio.create_task(read())
@@ -276,8 +280,15 @@ class _Floor:
 
     def push(self) -> None:
         self.acks.clear()
+        self.acked.clear()
         for queue in self.streams.values():
-            queue.put_nowait(self.body)
+            for body in self.bodies:
+                queue.put_nowait(body)
+
+    def done(self, clients: int) -> bool:
+        """Every one of `clients` streams has ACKed every response of the push."""
+        n = len(self.bodies)
+        return len(self.acked) == clients and all(v >= n for v in self.acked.values())
 
     def close(self) -> None:
         """End every stream (the handlers return)."""
@@ -285,27 +296,32 @@ class _Floor:
             queue.put_nowait(None)
 
 
-async def _measure_floor(clients: int, pushes: int, services: int, body: bytes) -> dict[str, Any]:
-    floor = _Floor(body)
-    server = grpc.aio.server()
+async def _measure_floor(
+    clients: int, pushes: int, bodies: list[bytes], client: tuple[str, ...], *, delta: bool = False
+) -> dict[str, Any]:
+    """The floor's convergence: `bodies` written to each of `clients` streams of the client subprocess
+    (`client`: its mode and arguments; the target is put after the mode), until every one is ACKed."""
+    floor = _Floor(bodies)
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", -1)])
+    request = discovery_pb2.DeltaDiscoveryRequest if delta else discovery_pb2.DiscoveryRequest
     handler = grpc.stream_stream_rpc_method_handler(
-        floor.handle, request_deserializer=discovery_pb2.DiscoveryRequest.FromString, response_serializer=bytes
+        floor.handle, request_deserializer=request.FromString, response_serializer=bytes
     )
-    service, method = ADS.strip("/").split("/")
+    service, method = (DELTA_ADS if delta else ADS).strip("/").split("/")
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {method: handler})])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     results: list[float] = []
     cpu: list[float] = []
     try:
-        async with _clients(f"127.0.0.1:{port}", clients, services):
+        async with _clients(client[0], f"127.0.0.1:{port}", *client[1:]):
             await _wait(lambda: len(floor.streams) == clients, 600, "floor clients connected")
             await asyncio.sleep(0.5)  # their initial requests (unanswered here) have arrived
             for _ in range(pushes):
                 cpu0 = _cpu()
                 t0 = time.monotonic()
                 floor.push()
-                await _wait(lambda: len(floor.acks) == clients, 120, "floor push")
+                await _wait(lambda: floor.done(clients), 300, "floor push")
                 results.append(max(floor.acks.values()) - t0)
                 cpu.append(_cpu() - cpu0)
                 await asyncio.sleep(0.02)
@@ -688,6 +704,7 @@ SUBSETS = ("v0", "v1", "v2")
 def _policy_service(i: int, endpoints: int) -> Service:
     return Service(
         hostname=Hostname(f"svc{i}.bench.local"),
+        namespace="bench",  # the rules' namespace: they apply to every client (Istio's lookup)
         ports=(Port(8080, "grpc", PortProtocol.GRPC),),
         endpoints=tuple(
             Endpoint(f"10.{i // 250 % 250}.{i % 250}.{e + 1}", labels={"version": SUBSETS[e % len(SUBSETS)]})
@@ -780,6 +797,7 @@ ZONES = ("a", "b", "c")
 def _located_service(i: int, endpoints: int, generation: int = 0) -> Service:
     return Service(
         hostname=Hostname(f"svc{i}.bench.local"),
+        namespace="bench",  # the rules' namespace: they apply to every client (Istio's lookup)
         ports=(Port(8080, "grpc", PortProtocol.GRPC),),
         endpoints=tuple(
             Endpoint(
@@ -911,8 +929,6 @@ def _main_locality(args: argparse.Namespace, argv: list[str]) -> None:
 
 # -- convergence after a DestinationRule change ------------------------------------------------------
 
-DELTA_ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
-
 
 def _policy_cluster_names(services: int) -> list[str]:
     return [f"outbound|8080|{s}|svc{i}.bench.local" for i in range(services) for s in ("", *SUBSETS)]
@@ -946,88 +962,6 @@ async def _rule_client_main(target: str, streams: int, services: int, delta: boo
         if i % 50 == 49:
             await asyncio.sleep(0.05)  # do not open a thousand TCP connections in one burst
     await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class _SequenceFloor(_Floor):
-    """The floor for a push of several responses per stream: each is written, and every one ACKed."""
-
-    def __init__(self, bodies: list[bytes]) -> None:
-        super().__init__(b"")
-        self.bodies = bodies
-        self.acked: dict[int, int] = {}
-
-    async def handle(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, bytes]) -> None:
-        key = id(context)
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.streams[key] = queue
-
-        async def read() -> None:
-            async for request in requests:
-                if request.response_nonce:
-                    self.acked[key] = self.acked.get(key, 0) + 1
-                    self.acks[key] = time.monotonic()
-
-        reader = asyncio.create_task(read())
-        try:
-            while (body := await queue.get()) is not None:
-                await context.write(body)
-        finally:
-            reader.cancel()
-            self.streams.pop(key, None)
-
-    def push(self) -> None:
-        self.acks.clear()
-        self.acked.clear()
-        for queue in self.streams.values():
-            for body in self.bodies:
-                queue.put_nowait(body)
-
-    def done(self, clients: int) -> bool:
-        n = len(self.bodies)
-        return len(self.acked) == clients and all(v >= n for v in self.acked.values())
-
-
-async def _measure_rule_floor(
-    clients: int, pushes: int, services: int, bodies: list[bytes], delta: bool
-) -> dict[str, Any]:
-    floor = _SequenceFloor(bodies)
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", -1)])
-    request = discovery_pb2.DeltaDiscoveryRequest if delta else discovery_pb2.DiscoveryRequest
-    handler = grpc.stream_stream_rpc_method_handler(
-        floor.handle, request_deserializer=request.FromString, response_serializer=bytes
-    )
-    service, method = (DELTA_ADS if delta else ADS).strip("/").split("/")
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {method: handler})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.xds_bench", "--rule-client", f"127.0.0.1:{port}", str(clients), str(services),
-        "1" if delta else "0",
-    )  # fmt: skip
-    results: list[float] = []
-    cpu: list[float] = []
-    try:
-        await _wait(lambda: len(floor.streams) == clients, 600, "floor clients connected")
-        await asyncio.sleep(0.5)  # their initial requests (unanswered here) have arrived
-        for _ in range(pushes):
-            cpu0 = _cpu()
-            t0 = time.monotonic()
-            floor.push()
-            await _wait(lambda: floor.done(clients), 300, "floor push")
-            results.append(max(floor.acks.values()) - t0)
-            cpu.append(_cpu() - cpu0)
-            await asyncio.sleep(0.02)
-    finally:
-        floor.close()
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
-        await server.stop(1.0)
-    return {
-        "convergence_median_s": median(results),
-        "convergence_p99_s": percentile(results, 99),
-        "cpu_s_per_push": median(cpu),
-    }
 
 
 async def _measure_rule_change(clients: int, pushes: int, services: int, endpoints: int, delta: bool) -> dict[str, Any]:
@@ -1097,7 +1031,8 @@ async def _measure_rule_change(clients: int, pushes: int, services: int, endpoin
         serving.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await serving
-    floor = await _measure_rule_floor(clients, pushes, services, bodies, delta)
+    rule_client = ("--rule-client", str(clients), str(services), "1" if delta else "0")
+    floor = await _measure_floor(clients, pushes, bodies, rule_client, delta=delta)
     return {
         "clients": clients,
         "delta": delta,
@@ -1184,7 +1119,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         pushes = args.pushes if clients < 1000 else max(10, args.pushes // 2)
         ours = await _measure_discoveryd(clients, pushes, args.services, args.endpoints)
         body = ours.pop("push_response")
-        floor = await _measure_floor(clients, pushes, args.services, body)
+        floor = await _measure_floor(clients, pushes, [body], ("--client", str(clients), str(args.services)))
         ours["floor"] = floor
         ours["pushes"] = pushes
         ours["ratio_median"] = ours["convergence_median_s"] / floor["convergence_median_s"]
