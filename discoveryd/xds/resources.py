@@ -66,11 +66,13 @@ built with the service, in `discoveryd.xds.policy`:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import MappingProxyType
@@ -87,6 +89,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from discoveryd import gcpause
 from discoveryd.config import LbPolicy
 from discoveryd.index import Snapshot
 from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, Resolution, Service
@@ -422,6 +425,10 @@ send, so this bounds memory by the configuration; a cache smaller than the varia
 every lookup once clients of several localities take turns (LRU under a cyclic scan)."""
 
 
+BUILD_STEP = 0.002
+"""Seconds of building between two yields to the event loop (`Builder.update_in_steps`)."""
+
+
 class Builder:
     """Turns snapshots into views. Owned by the push loop; not shared."""
 
@@ -438,6 +445,8 @@ class Builder:
         """The policies of wildcard hosts (`*.example.com`, `*`) in the snapshot last built."""
         self._tree: HostTree | None = None
         """The service hostnames of that snapshot by domain, kept only while there are wildcard policies."""
+        self._halfway = False
+        """Whether an update started and did not finish (cancelled or failed between two steps)."""
 
     def update(
         self,
@@ -446,7 +455,57 @@ class Builder:
         changed: Iterable[Hostname] | None,
         prebuilt: Mapping[Hostname, Prebuilt] | None = None,
     ) -> tuple[View, Changes]:
-        """The view of `snapshot`, rebuilding only `changed` hostnames (all of them when None).
+        """The view of `snapshot`, rebuilding only `changed` hostnames (all of them when None), in one call.
+
+        See `_update_steps`; `update_in_steps` is the same build in steps, for the event loop.
+        """
+        steps = self._update_steps(old, snapshot, changed, prebuilt)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                result: tuple[View, Changes] = done.value
+                return result
+
+    async def update_in_steps(
+        self,
+        old: View,
+        snapshot: Snapshot,
+        changed: Iterable[Hostname] | None,
+        prebuilt: Mapping[Hostname, Prebuilt] | None = None,
+        step: float = BUILD_STEP,
+    ) -> tuple[View, Changes]:
+        """`update`, yielding to the event loop whenever `step` seconds (wall) of building have passed.
+
+        The old view stays whole and usable meanwhile (connections read it, `View.localize` fills the shared
+        `VariantCache`); the new one exists only once this returns. Cancelled or failed halfway, the next
+        update of this builder rebuilds every hostname (its wildcard state had moved on).
+
+        The cyclic garbage collector is paused meanwhile (`gcpause`): the build makes no reference cycles,
+        and a full collection among the objects of 100k services and their resources is 2-3 s of CPU in one step.
+        """
+        with gcpause.paused():
+            steps = self._update_steps(old, snapshot, changed, prebuilt)
+            started = time.perf_counter()
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    result: tuple[View, Changes] = done.value
+                    return result
+                if time.perf_counter() - started >= step:
+                    await asyncio.sleep(0)
+                    started = time.perf_counter()
+
+    def _update_steps(
+        self,
+        old: View,
+        snapshot: Snapshot,
+        changed: Iterable[Hostname] | None,
+        prebuilt: Mapping[Hostname, Prebuilt] | None = None,
+    ) -> Generator[None, None, tuple[View, Changes]]:
+        """The view of `snapshot`, rebuilding only `changed` hostnames (all of them when None); yields after
+        each hostname built (a point where the caller may let others run), returns (view, changes).
 
         O(changed): the tables are persistent maps, so an update touches only
         the entries of the changed hostnames, whatever the size of the view.
@@ -457,6 +516,9 @@ class Builder:
         `prebuilt`: serialized resources of hostnames without a policy, known to be what `build`
         makes of their service in `snapshot` (a warm start's saved resources): taken as they are.
         """
+        if self._halfway:  # the last build stopped partway: its wildcard state is of another snapshot
+            changed = None
+        self._halfway = True
         hosts = set(snapshot.services) | set(old.by_host) if changed is None else set(changed)
         hosts |= self._track_wildcards(snapshot, None if changed is None else hosts)
         seeded: dict[str, set[str]] = {}
@@ -602,6 +664,7 @@ class Builder:
                     or _digest(before_plans.get(plan_key)) != _digest(now_plans.get(plan_key))
                 ):
                     touched[entry[1]].add(entry[2])
+            yield
         view = View(
             snapshot.version,
             MappingProxyType({t: tables[t].finish() for t in TYPES}),
@@ -620,6 +683,7 @@ class Builder:
             touched[type_url] |= names
         located = len(view.localized) + sum(len(plans) for plans in view.localized_over.values())
         self.variants.resize(max(self._options.locality_variants, VARIANTS_PER_PLAN * located))
+        self._halfway = False
         return view, {t: frozenset(names) for t, names in touched.items() if names}
 
     def _seed(

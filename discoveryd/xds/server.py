@@ -4,7 +4,9 @@ Data flow: `serve()` builds the first `View` from the index, binds the
 listeners and then runs the push loop: wait for a newer snapshot, debounce
 (`debounce_after` of quiet, at most `debounce_max` after the first change),
 diff once against the snapshot of the current view, rebuild only the changed
-hostnames (`resources.Builder`) and hand the new view and its changed names to
+hostnames (`resources.Builder`, in steps of a few milliseconds so that the
+streams, DNS and the admin API sharing the event loop are answered meanwhile,
+from the old view) and hand the new view, whole, and its changed names to
 every open `Connection`. Each stream runs two tasks: its reader applies
 requests to the connection, its writer (the gRPC handler itself) drains the
 connection's responses. The push loop only marks state; a stream that cannot
@@ -161,7 +163,7 @@ class XdsServer:
         return list(self._connections.values())
 
     async def serve(self) -> None:
-        self._rebuild(self._index.snapshot, None, prebuilt=self._prebuilt)
+        await self._rebuild(self._index.snapshot, None, prebuilt=self._prebuilt)
         self._prebuilt = None
         self._serving = self._built_from.ready
         if not self._serving:
@@ -240,12 +242,12 @@ class XdsServer:
             if not self._serving and snap.ready:  # readiness came during the debounce: no need to wait longer
                 await self._release()
                 continue
-            self._rebuild(snap, self._index.changed_between(self._built_from.version, snap.version), origin)
+            await self._rebuild(snap, self._index.changed_between(self._built_from.version, snap.version), origin)
 
     async def _release(self) -> None:
         """The index became ready: build its newest snapshot at once (no debounce) and start writing."""
         snap = self._index.snapshot
-        self._rebuild(snap, self._index.changed_between(self._built_from.version, snap.version))
+        await self._rebuild(snap, self._index.changed_between(self._built_from.version, snap.version))
         self._serving = True
         log.info("xds: index ready at version %d; serving %d streams", snap.version, len(self._connections))
         for conn in self._connections.values():
@@ -259,17 +261,20 @@ class XdsServer:
         for service in ("", *(s[0] for s in _SERVICES)):
             await self._healthz.set(service, status)
 
-    def _rebuild(
+    async def _rebuild(
         self,
         snap: Snapshot,
         changed: frozenset[Any] | None,
         origin: float | None = None,
         prebuilt: Mapping[Hostname, Prebuilt] | None = None,
     ) -> None:
+        """Build the view of `snap` and hand it to every connection. Push loop task only (and `serve`
+        before it): the build yields to the event loop every few milliseconds, and streams, DNS and the
+        admin API run meanwhile on the old view; the new one replaces it whole once built."""
         if changed is None:
             changed = diff(self._built_from, snap)
         started = time.monotonic()
-        view, changes = self._builder.update(self._view, snap, changed, prebuilt)
+        view, changes = await self._builder.update_in_steps(self._view, snap, changed, prebuilt)
         self.metrics.build_seconds.observe(time.monotonic() - started)
         self._built_from = snap
         if not changes:
