@@ -11,8 +11,8 @@ variant cache, and one changed assignment (see `_measure_locality`).
 `python -m bench xds --rule-change [--clients=100,1000] [--services=100]`: convergence of SotW and delta
 clients after one DestinationRule change, against a floor writing the same responses (see `_measure_rule_change`).
 `python -m bench xds --wildcard [--services=100000]`: a `*.example.com` DestinationRule over every service: the
-rebuild when it appears, changes and goes, a small wildcard rule flipping, the name tree's memory (see
-`_measure_wildcard`).
+rebuild when it appears, changes and goes (built in steps, as the server does: CPU, wall, and the longest the
+event loop went unserved), a small wildcard rule flipping, the name tree's memory (see `_measure_wildcard`).
 
 The daemon's `XdsServer` runs in this process on a loopback port with an index
 of `--services` services of `--endpoints` endpoints each. A client subprocess
@@ -42,7 +42,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
@@ -50,7 +50,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from bench.common import median, percentile, rss_bytes, table, write_results
 from discoveryd.config import XdsConfig
-from discoveryd.index import Index, Shard
+from discoveryd.index import Index, Shard, Snapshot
 from discoveryd.model import Endpoint, Hostname, Locality, Port, PortProtocol, Service, SourceId
 from discoveryd.policy import (
     DestinationRule,
@@ -71,7 +71,17 @@ from discoveryd.policy import (
 from discoveryd.xds import XdsServer
 from discoveryd.xds.connection import varint
 from discoveryd.xds.locality import Client
-from discoveryd.xds.resources import CLUSTER, EMPTY_VIEW, ENDPOINT, ROUTE, SHORT, Builder, BuildOptions
+from discoveryd.xds.resources import (
+    CLUSTER,
+    EMPTY_VIEW,
+    ENDPOINT,
+    ROUTE,
+    SHORT,
+    Builder,
+    BuildOptions,
+    Changes,
+    View,
+)
 
 ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 DELTA_ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
@@ -607,6 +617,56 @@ def _wild_rule(host: str, generation: int) -> HostPolicy:
     return HostPolicy(DestinationRule(Hostname(host), "default", "wild", traffic))
 
 
+def _build_in_steps(
+    loop: asyncio.AbstractEventLoop,
+    builder: Builder,
+    view: View,
+    snapshot: Snapshot,
+    changed: Iterable[Hostname] | None,
+) -> tuple[View, Changes, dict[str, float]]:
+    """`Builder.update_in_steps` on `loop` with a ticker task, as the xDS server runs it: the view, its changes,
+    and its CPU, wall and the longest the loop went without a tick (CPU seconds of this thread).
+
+    The cyclic collector is off from a collection before to the end of the ticker (the build pauses it
+    itself; this keeps a collection the ticker's own allocations would start right after out of the
+    figure): `gc_after_cpu_s` is the full collection that follows, a cost of the heap's size, not of the build.
+    """
+    import gc
+
+    async def run() -> tuple[View, Changes, dict[str, float]]:
+        longest, done = 0.0, False
+
+        async def ticker() -> None:
+            nonlocal longest
+            last = time.thread_time()
+            while not done:
+                await asyncio.sleep(0)
+                now = time.thread_time()
+                longest = max(longest, now - last)
+                last = now
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        cpu, wall = _cpu(), time.perf_counter()
+        try:
+            new, changes = await builder.update_in_steps(view, snapshot, changed)
+        finally:
+            figures = {"cpu_s": _cpu() - cpu, "wall_s": time.perf_counter() - wall}
+            done = True
+            await task
+        return new, changes, figures | {"longest_stall_cpu_s": longest}
+
+    gc.collect()
+    gc.disable()
+    try:
+        new, changes, figures = loop.run_until_complete(run())
+    finally:
+        gc.enable()
+    cpu = _cpu()
+    gc.collect()
+    return new, changes, figures | {"gc_after_cpu_s": _cpu() - cpu}
+
+
 def _measure_wildcard(services: int, flips: int) -> dict[str, Any]:
     """`Builder.update` when a `*.example.com` DestinationRule (in the services' namespace) appears, changes and
     goes, with `services` matching services and 10 others; then a `*.other.org` rule matching those 10 flipping
@@ -624,22 +684,16 @@ def _measure_wildcard(services: int, flips: int) -> dict[str, Any]:
     shard.mark_synced()
     builder = Builder(BuildOptions())
     out: dict[str, Any] = {"services": services, "load_average": os.getloadavg()}
-    cpu, wall = _cpu(), time.perf_counter()
-    view, _ = builder.update(EMPTY_VIEW, index.snapshot, None)
-    out["full_build"] = {"cpu_s": _cpu() - cpu, "wall_s": time.perf_counter() - wall}
+    loop = asyncio.new_event_loop()
+    view, _, out["full_build"] = _build_in_steps(loop, builder, EMPTY_VIEW, index.snapshot, None)
 
     def step(change: Any) -> dict[str, Any]:
         nonlocal view
         before = index.snapshot.version
         change()
         changed = index.changed_between(before, index.snapshot.version)
-        cpu, wall = _cpu(), time.perf_counter()
-        view, touched = builder.update(view, index.snapshot, changed)
-        return {
-            "cpu_s": _cpu() - cpu,
-            "wall_s": time.perf_counter() - wall,
-            "resources_changed": sum(len(n) for n in touched.values()),
-        }
+        view, touched, figures = _build_in_steps(loop, builder, view, index.snapshot, changed)
+        return figures | {"resources_changed": sum(len(n) for n in touched.values())}
 
     wild = Hostname("*.example.com")
     out["add_wildcard_rule"] = step(lambda: shard.set_policy(wild, _wild_rule(wild, 0)))
@@ -653,6 +707,7 @@ def _measure_wildcard(services: int, flips: int) -> dict[str, Any]:
         removes.append(step(lambda: shard.set_policy(small, None)))
     out["small_rule_add_cpu_s_median"] = median([a["cpu_s"] for a in adds])
     out["small_rule_remove_cpu_s_median"] = median([r["cpu_s"] for r in removes])
+    loop.close()
     names = list(index.snapshot.services)
     gc.collect()
     tracemalloc.start()
@@ -673,7 +728,14 @@ def _measure_wildcard(services: int, flips: int) -> dict[str, Any]:
 def _main_wildcard(args: argparse.Namespace, argv: list[str]) -> None:
     f = _measure_wildcard(args.services, 5)
     rows = [
-        [what, f"{f[key]['cpu_s']:.2f}", f"{f[key]['wall_s']:.2f}", f[key].get("resources_changed", "")]
+        [
+            what,
+            f"{f[key]['cpu_s']:.2f}",
+            f"{f[key]['wall_s']:.2f}",
+            f"{f[key]['longest_stall_cpu_s'] * 1e3:.1f}",
+            f"{f[key]['gc_after_cpu_s']:.2f}",
+            f[key].get("resources_changed", ""),
+        ]
         for what, key in (
             ("full build, no rule", "full_build"),
             ("*.example.com rule added", "add_wildcard_rule"),
@@ -683,7 +745,12 @@ def _main_wildcard(args: argparse.Namespace, argv: list[str]) -> None:
         )
     ]
     print(f"{f['services']} services under example.com; load average {f['load_average']}")
-    print(table(rows, ["Builder.update", "cpu s", "wall s", "resources changed"]))
+    print(
+        table(
+            rows,
+            ["Builder.update_in_steps", "cpu s", "wall s", "longest stall ms CPU", "gc after s", "resources changed"],
+        )
+    )
     print(
         f"*.other.org (10 hosts) on/off: add {f['small_rule_add_cpu_s_median'] * 1e3:.1f} ms, "
         f"remove {f['small_rule_remove_cpu_s_median'] * 1e3:.1f} ms CPU (median of 5)"
