@@ -140,10 +140,16 @@ async def test_outlier_ejection_in_the_clients_zone_moves_traffic_to_the_next_zo
         http_backend("zone-b") as b,
         envoy_in_zone_a(xds, tmp_path, "GRPC", a, b) as envoy,
     ):
+        ejections = f"cluster.{CLUSTER}.outlier_detection.ejections_enforced_consecutive_5xx"
         async with aiohttp.ClientSession() as session:
             first = await answers(session, envoy.listener, 1)
             assert first == {"503 zone-a": 1}  # zone A first, while it is healthy
-            after = await answers(session, envoy.listener, 20)
-        assert after == {"200 zone-b": 20}, after
-        assert await envoy.stat(f"cluster.{CLUSTER}.outlier_detection.ejections_enforced_consecutive_5xx") == 1
+            # Envoy ejects on its main thread, then tells the worker: a request in between may still reach A.
+            await eventually(lambda: envoy.stat(ejections), timeout=10, interval=0.05, what="zone A ejected")
+
+            async def moved() -> bool:
+                return await answers(session, envoy.listener, 20) == {"200 zone-b": 20}
+
+            await eventually(moved, timeout=10, interval=0.1, what="every request in zone B after the ejection")
+        assert await envoy.stat(ejections) == 1  # one ejection (baseEjectionTime 5m): B serves because A is out
         await assert_no_rejections(envoy, before)
