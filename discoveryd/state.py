@@ -1003,8 +1003,13 @@ class StateSaver:
                             await self._index.wait(self._index.snapshot.version)
                     continue
                 # Paced by cost too: under steady churn a big index (1.2 s to encode at 100k
-                # endpoints) would otherwise keep a worker thread, and the GIL, busy for good.
-                due = max(last + max(self._interval, _COST_FACTOR * self.last_write_seconds), self._retry_at)
+                # endpoints) would otherwise keep a worker thread, and the GIL, busy for good. Not
+                # the one write that only adds the xDS resources of the version already saved (the
+                # first save after a sync comes before xDS has built it): a kill -9 in between would
+                # make the next start build every resource before its first response.
+                catch_up = self._index.snapshot.version == self._saved_version and not self._index.state_dirty
+                pace = self._interval if catch_up else max(self._interval, _COST_FACTOR * self.last_write_seconds)
+                due = max(last + pace, self._retry_at)
                 delay = due - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
