@@ -167,6 +167,18 @@ async def _wait(check: Any, timeout: float, what: str) -> None:
         await asyncio.sleep(0.002)
 
 
+def _all_acked(server: XdsServer, clients: int, types: tuple[str, ...] = (CLUSTER, ENDPOINT)) -> Any:
+    """A check: `clients` streams are connected and each has ACKed its latest response of every type."""
+
+    def check() -> bool:
+        conns = server.connections
+        return len(conns) == clients and all(
+            c.types[t].acked_nonce and c.types[t].acked_nonce == c.types[t].nonce for c in conns for t in types
+        )
+
+    return check
+
+
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -193,15 +205,7 @@ async def _measure_discoveryd(clients: int, pushes: int, services: int, endpoint
         async with _clients("--client", target, str(clients), str(services)):
             t_connect = time.monotonic()
 
-            def synced() -> bool:
-                conns = server.connections
-                return len(conns) == clients and all(
-                    c.types[ENDPOINT].acked_nonce and c.types[ENDPOINT].acked_nonce == c.types[ENDPOINT].nonce
-                    and c.types[CLUSTER].acked_nonce == c.types[CLUSTER].nonce
-                    for c in conns
-                )  # fmt: skip
-
-            await _wait(synced, 600, "initial sync of every client")
+            await _wait(_all_acked(server, clients), 600, "initial sync of every client")
             initial_sync = time.monotonic() - t_connect
             rss_after = rss_bytes()
             results: list[float] = []
@@ -453,16 +457,7 @@ async def _measure_scoped(
     build_s: list[float] = []
     body_s: list[float] = []
     try:
-
-        def synced() -> bool:
-            conns = server.connections
-            return len(conns) == clients and all(
-                c.types[t].acked_nonce and c.types[t].acked_nonce == c.types[t].nonce
-                for c in conns
-                for t in (CLUSTER, ENDPOINT)
-            )
-
-        await _wait(synced, 600, "initial sync of every client")
+        await _wait(_all_acked(server, clients), 600, "initial sync of every client")
         for p in range(1, pushes + 1):
             i = (2 * p) % services  # even: exported to every namespace
             conns = server.connections
@@ -1057,17 +1052,8 @@ async def _measure_rule_change(clients: int, pushes: int, services: int, endpoin
     sent: list[float] = []
     bodies: list[bytes] = []
     try:
-
-        def synced() -> bool:
-            conns = server.connections
-            return len(conns) == clients and all(
-                c.types[t].acked_nonce and c.types[t].acked_nonce == c.types[t].nonce
-                for c in conns
-                for t in (CLUSTER, ENDPOINT)
-            )
-
         t_connect = time.monotonic()
-        await _wait(synced, 600, "initial sync of every client")
+        await _wait(_all_acked(server, clients), 600, "initial sync of every client")
         initial_sync = time.monotonic() - t_connect
         rss_after = rss_bytes()
         for p in range(1, pushes + 1):
