@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gzip
 import hashlib
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -476,6 +478,27 @@ def test_a_capture_missing_a_part_with_content_is_incomplete() -> None:
     assert not index.capture_is_complete()
 
 
+@contextlib.asynccontextmanager
+async def _running_saver_with_xds(
+    index: Index, directory: Path, built: list[tuple[Any, Snapshot]]
+) -> AsyncIterator[StateSaver]:
+    """A running saver whose xDS side reports `built[-1]` as the last (view, snapshot) it built."""
+    saver = StateSaver(index, directory, interval=0.05, xds=lambda: ("fp", (A,), *built[-1]))
+    task = asyncio.create_task(saver.run())
+    await asyncio.sleep(0)  # the saver runs: what the index holds now counts as saved
+    try:
+        yield saver
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _xds_catches_up(index: Index, built: list[tuple[Any, Snapshot]]) -> None:
+    """xDS builds the index's current snapshot."""
+    snap = index.snapshot
+    built.append((Builder(BuildOptions()).update(EMPTY_VIEW, snap, None)[0], snap))
+
+
 async def test_saver_writes_again_once_xds_has_built_the_saved_version(tmp_path: Path) -> None:
     index = Index([A])
     shard = index.writer(A)
@@ -484,22 +507,15 @@ async def test_saver_writes_again_once_xds_has_built_the_saved_version(tmp_path:
     old_snap = index.snapshot
     old_view, _ = Builder(BuildOptions()).update(EMPTY_VIEW, old_snap, None)
     built: list[tuple[Any, Snapshot]] = [(old_view, old_snap)]
-    saver = StateSaver(index, tmp_path, interval=0.05, xds=lambda: ("fp", (A,), *built[-1]))
-    task = asyncio.create_task(saver.run())
-    await asyncio.sleep(0)  # the saver runs: what the index holds now counts as saved
-    try:
+    async with _running_saver_with_xds(index, tmp_path, built) as saver:
         shard.upsert(svc("b.example", "10.0.0.3"))  # xDS has not built this version yet
         await eventually(lambda: saver.writes >= 1, timeout=10, what="first write")
         first = state.load(tmp_path, [A])
         assert first is not None and first.xds is not None and set(first.xds.resources) == {"a.example"}
         await asyncio.sleep(0.2)
         assert saver.writes == 1  # nothing new: no write
-        snap = index.snapshot
-        built.append((Builder(BuildOptions()).update(EMPTY_VIEW, snap, None)[0], snap))  # xDS catches up
+        _xds_catches_up(index, built)
         await eventually(lambda: saver.writes >= 2, timeout=10, what="a write with the caught-up resources")
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
     again = state.load(tmp_path, [A])
     assert again is not None and again.xds is not None and set(again.xds.resources) == {"a.example", "b.example"}
 
@@ -522,20 +538,13 @@ async def test_the_write_that_adds_xds_resources_to_the_saved_version_is_not_pac
         write(directory, data)
 
     monkeypatch.setattr(state, "write_atomically", slow_write)
-    saver = StateSaver(index, tmp_path, interval=0.05, xds=lambda: ("fp", (A,), *built[-1]))
-    task = asyncio.create_task(saver.run())
-    await asyncio.sleep(0)
-    try:
+    async with _running_saver_with_xds(index, tmp_path, built) as saver:
         shard.upsert(svc("b.example", "10.0.0.2"))  # synced; xDS has not built it yet
         await eventually(lambda: saver.writes >= 1, timeout=10, what="first write")
         first = state.load(tmp_path, [A])
         assert first is not None and (first.xds is None or "b.example" not in first.xds.resources)
-        snap = index.snapshot
-        built.append((Builder(BuildOptions()).update(EMPTY_VIEW, snap, None)[0], snap))  # xDS catches up
+        _xds_catches_up(index, built)
         await eventually(lambda: saver.writes >= 2, timeout=5, what="the catch-up write, well before 10 s")
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
     again = state.load(tmp_path, [A])
     assert again is not None and again.xds is not None and set(again.xds.resources) == {"a.example", "b.example"}
 
