@@ -475,10 +475,6 @@ class Index:
 
     def _merge(self, host: Hostname) -> tuple[Service | None, Conflict | None]:
         found = [(st.key, st.services[host]) for st in self._parts.values() if host in st.services]
-        if not found:
-            return None, None
-        if len(found) == 1:
-            return found[0][1], None
         return self._merge_found(host, found)
 
     def _merge_with(
@@ -490,15 +486,16 @@ class Index:
             svc = (content if st is part else st.services).get(host)
             if svc is not None:
                 found.append((st.key, svc))
-        if not found:
-            return None, None
-        if len(found) == 1:
-            return found[0][1], None
         return self._merge_found(host, found)
 
     def _merge_found(
         self, host: Hostname, found: list[tuple[ShardKey, Service]]
     ) -> tuple[Service | None, Conflict | None]:
+        """`host`'s merged service and conflict from the shards' services `found` for it."""
+        if not found:
+            return None, None
+        if len(found) == 1:
+            return found[0][1], None
         found.sort(key=lambda pair: self._rank(pair[0]))
         winner = found[0][1]
         vips = next((svc.addresses for _, svc in found if svc.addresses), ())
