@@ -70,6 +70,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
@@ -429,6 +430,19 @@ BUILD_STEP = 0.002
 """Seconds of building between two yields to the event loop (`Builder.update_in_steps`)."""
 
 
+def _run(steps: Generator[None, None, tuple[View, Changes]], seconds: float) -> tuple[View, Changes] | None:
+    """Advances `steps` for about `seconds` (wall; checked after each step): its result, or None if unfinished."""
+    started = time.perf_counter()
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            result: tuple[View, Changes] = done.value
+            return result
+        if time.perf_counter() - started >= seconds:
+            return None
+
+
 class Builder:
     """Turns snapshots into views. Owned by the push loop; not shared."""
 
@@ -459,13 +473,9 @@ class Builder:
 
         See `_update_steps`; `update_in_steps` is the same build in steps, for the event loop.
         """
-        steps = self._update_steps(old, snapshot, changed, prebuilt)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                result: tuple[View, Changes] = done.value
-                return result
+        result = _run(self._update_steps(old, snapshot, changed, prebuilt), math.inf)
+        assert result is not None
+        return result
 
     async def update_in_steps(
         self,
@@ -486,16 +496,11 @@ class Builder:
         """
         with gcpause.paused():
             steps = self._update_steps(old, snapshot, changed, prebuilt)
-            started = time.perf_counter()
             while True:
-                try:
-                    next(steps)
-                except StopIteration as done:
-                    result: tuple[View, Changes] = done.value
+                result = _run(steps, step)
+                if result is not None:
                     return result
-                if time.perf_counter() - started >= step:
-                    await asyncio.sleep(0)
-                    started = time.perf_counter()
+                await asyncio.sleep(0)
 
     def _update_steps(
         self,
