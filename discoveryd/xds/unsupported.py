@@ -88,6 +88,9 @@ class UnsupportedFields:
         `refresh` revisits)."""
         self._logged_at: float | None = None
         self._unlogged = 0
+        self._all_sent: tuple[View | None, set[tuple[str, str | None]]] = (None, set())
+        """The view of the last `sent_all`, and the (type URL, namespace) it was done for in that view: done
+        again for the same view, it would add nothing (each wildcard response of a gRPC client calls it)."""
 
     def sent(
         self, kind: str, node: str, view: View, type_url: str, names: Iterable[str], namespace: str | None = None
@@ -118,6 +121,13 @@ class UnsupportedFields:
         """`sent` for a wildcard response: every resource of `type_url` the client's namespace sees."""
         if kind != GRPC or not (view.grpc_ignored or view.grpc_ignored_over):
             return
+        seen, done = self._all_sent
+        if seen is not view:
+            done = set()
+            self._all_sent = (view, done)
+        if (type_url, namespace) in done:
+            return
+        done.add((type_url, namespace))
         names = {n for t, n in view.grpc_ignored if t == type_url and view.visible(n, namespace)}
         own = view.grpc_ignored_over.get(namespace) if namespace is not None else None
         if own is not None:
@@ -130,6 +140,7 @@ class UnsupportedFields:
         Only the resources in `changes` (type URL → names changed since the previous view) are looked at: a
         resource whose bytes did not change carries the same fields. O(changes), not O(reports): a `*` rule
         reported for every host must not cost each push of one endpoint a walk over all of them."""
+        self._all_sent = (None, set())  # not to keep the old view alive
         for type_url, names in changes.items():
             for name in names:
                 resource = (type_url, name)
@@ -155,6 +166,7 @@ class UnsupportedFields:
             self._gauge.labels(report.client_type, report.field).dec()
         self._reports.clear()
         self._by_resource.clear()
+        self._all_sent = (None, set())
 
     def _log(self, report: Report) -> None:
         now = time.monotonic()

@@ -210,3 +210,23 @@ def test_a_namespace_variant_is_reported_to_the_grpc_clients_of_that_namespace()
     assert not gone.grpc_ignored_over
     reports.refresh(gone, changes)
     assert reports.syncz() == []
+
+
+def test_a_wildcard_response_of_the_same_view_is_looked_at_once() -> None:
+    """Every wildcard response to a gRPC client walked every resource carrying an unsupported field; for the
+    same view and namespace it can report nothing new. A new view (refresh) or `clear` looks again."""
+    ignored = _Counted({(CLUSTER, f"c{i}"): (Hostname(f"h{i}.test"), (("f", "d"),)) for i in range(50)})
+    view = dataclasses.replace(EMPTY_VIEW, grpc_ignored=ignored)  # type: ignore[arg-type]
+    reports = UnsupportedFields(XdsMetrics(CollectorRegistry()).unsupported_fields)
+    reports.sent_all("grpc", "g1", view, CLUSTER, None)
+    assert len(reports.syncz()) == 50
+    _Counted.lookups = 0
+    reports.sent_all("grpc", "g2", view, CLUSTER, None)
+    assert _Counted.lookups == 0
+    reports.clear()
+    reports.sent_all("grpc", "g2", view, CLUSTER, None)
+    assert len(reports.syncz()) == 50 and {r["node"] for r in reports.syncz()} == {"g2"}
+    reports.refresh(view, {})
+    reports.clear()
+    reports.sent_all("grpc", "g3", view, CLUSTER, None)
+    assert {r["node"] for r in reports.syncz()} == {"g3"}
