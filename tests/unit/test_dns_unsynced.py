@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
 import dns.asyncquery
 import dns.message
@@ -96,6 +97,23 @@ def hold_builds(server: DnsServer) -> asyncio.Event:
     return gate
 
 
+@contextlib.asynccontextmanager
+async def serving_unbuilt(index: Index) -> AsyncIterator[tuple[DnsServer, asyncio.Event, str, int]]:
+    """A server on the mesh zone that listens with its first table build held: (server, the gate
+    that lets the build go on, host, port)."""
+    server = DnsServer(DnsConfig(listen=["127.0.0.1:0"]), index, [MESH])
+    gate = hold_builds(server)
+    serving = asyncio.create_task(server.serve())
+    try:
+        await eventually(lambda: bool(server.addresses), timeout=10, what="listening before the first build")
+        host, port = server.addresses[0]
+        yield server, gate, host, port
+    finally:
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+
+
 async def test_the_server_listens_and_answers_servfail_while_its_first_table_is_built() -> None:
     """After a restart the first build takes seconds at 100k names: a resolver that does not listen
     meanwhile fails every lookup, forwarded names included. Listening comes first; names under our
@@ -105,12 +123,7 @@ async def test_the_server_listens_and_answers_servfail_while_its_first_table_is_
     files.upsert(Service(Hostname("web.mesh.local"), endpoints=(Endpoint("10.0.0.1"),)))
     files.upsert(Service(Hostname("api.example.com"), endpoints=(Endpoint("10.0.0.2"),)))  # in no zone
     files.mark_synced()
-    server = DnsServer(DnsConfig(listen=["127.0.0.1:0"]), index, [MESH])
-    gate = hold_builds(server)
-    serving = asyncio.create_task(server.serve())
-    try:
-        await eventually(lambda: bool(server.addresses), timeout=10, what="listening before the first build")
-        host, port = server.addresses[0]
+    async with serving_unbuilt(index) as (server, gate, host, port):
         for name in ("web.mesh.local.", "nope.mesh.local.", "API.example.com.", "1.0.0.10.in-addr.arpa."):
             rdtype = "PTR" if name.endswith("arpa.") else "A"
             reply = await dns.asyncquery.udp(dns.message.make_query(name, rdtype), host, port=port, timeout=5)
@@ -127,10 +140,6 @@ async def test_the_server_listens_and_answers_servfail_while_its_first_table_is_
         assert reply.rcode() == dns.rcode.NXDOMAIN
         reply = await dns.asyncquery.udp(dns.message.make_query("api.example.com.", "A"), host, port=port, timeout=5)
         assert reply.rcode() == dns.rcode.NOERROR and reply.answer
-    finally:
-        serving.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await serving
 
 
 async def test_names_under_a_host_outside_every_zone_are_servfail_before_the_first_build() -> None:
@@ -145,13 +154,8 @@ async def test_names_under_a_host_outside_every_zone_are_servfail_before_the_fir
         )
     )
     files.mark_synced()
-    server = DnsServer(DnsConfig(listen=["127.0.0.1:0"]), index, [MESH])
-    gate = hold_builds(server)
-    serving = asyncio.create_task(server.serve())
     names = [("_http._tcp.api.example.com.", "SRV"), ("10-0-0-2.api.example.com.", "A")]
-    try:
-        await eventually(lambda: bool(server.addresses), timeout=10, what="listening before the first build")
-        host, port = server.addresses[0]
+    async with serving_unbuilt(index) as (server, gate, host, port):
         for name, rdtype in names:
             reply = await dns.asyncquery.udp(dns.message.make_query(name, rdtype), host, port=port, timeout=5)
             assert reply.rcode() == dns.rcode.SERVFAIL, name
@@ -160,7 +164,3 @@ async def test_names_under_a_host_outside_every_zone_are_servfail_before_the_fir
         for name, rdtype in names:  # the names are the table's indeed
             reply = await dns.asyncquery.udp(dns.message.make_query(name, rdtype), host, port=port, timeout=5)
             assert reply.rcode() == dns.rcode.NOERROR and reply.answer, name
-    finally:
-        serving.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await serving
