@@ -17,7 +17,7 @@ from discoveryd.model import Endpoint, Hostname, Port, Service
 from tests.helpers import eventually, free_port
 
 
-def _warm_config(tmp_path: Path) -> config_mod.Config:
+def _warm_config(tmp_path: Path, resume_point: str | None = None) -> config_mod.Config:
     (tmp_path / "se").mkdir()
     path = tmp_path / "discoveryd.yaml"
     path.write_text(
@@ -32,7 +32,7 @@ def _warm_config(tmp_path: Path) -> config_mod.Config:
     reg = cfg.registries[0]
     saved = Service(Hostname("web.example"), ports=(Port(80, "http"),), endpoints=(Endpoint("10.0.0.1"),))
     data = state.encode(
-        [PartCapture(reg.source, "", (saved,), None)], time.time(), {reg.source: state.config_fingerprint(reg)}
+        [PartCapture(reg.source, "", (saved,), resume_point)], time.time(), {reg.source: state.config_fingerprint(reg)}
     )
     state.write_atomically(tmp_path / "state", data)
     return cfg
@@ -154,13 +154,8 @@ async def test_a_registry_restarted_with_another_config_does_not_resume_from_the
     """A SIGHUP right after a warm start changes a registry's config (another etcd prefix): the restored
     content is served until the new instance syncs, but its resume point (an etcd revision of the old
     prefix) would have the new instance take the old prefix's content as current."""
-    cfg = _warm_config(tmp_path)
+    cfg = _warm_config(tmp_path, resume_point="1a:42")
     reg = cfg.registries[0]
-    saved = Service(Hostname("web.example"), ports=(Port(80, "http"),), endpoints=(Endpoint("10.0.0.1"),))
-    data = state.encode(
-        [PartCapture(reg.source, "", (saved,), "1a:42")], time.time(), {reg.source: state.config_fingerprint(reg)}
-    )
-    state.write_atomically(tmp_path / "state", data)
     (tmp_path / "se2").mkdir()
     sup = supervisor.Supervisor(cfg)
     seen: list[str | None] = []
