@@ -5,16 +5,11 @@ Used by the config (listen and upstream addresses) and, through `adapters.toolki
 
 from __future__ import annotations
 
-import ipaddress
 from urllib.parse import urlsplit
 
+from discoveryd.model import is_ip
 
-def is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
+__all__ = ["is_ip", "split_hostport", "split_url"]
 
 
 def split_hostport(
