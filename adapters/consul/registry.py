@@ -58,8 +58,9 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from adapters.consul.client import ConsulClient, ConsulError, ConsulHTTPError, ConsulUnavailable, Reply, read_token
 from adapters.consul.config import ConsulConfig
 from adapters.consul.mapping import Naming, build, names
+from adapters.toolkit.sync import replace_all
 from discoveryd.model import Problem, Service, SourceId, Zone, ZoneFlavor, hostname
-from discoveryd.registry import RegistryConfig, ShardWriter, SteppedWriter
+from discoveryd.registry import RegistryConfig, ShardWriter
 from discoveryd.session import Backoff, SessionState, run_sessions
 
 log = logging.getLogger("discoveryd.adapters.consul")
@@ -270,12 +271,9 @@ class _Datacenter:
             with self._part.batch():
                 listed = [(w, w.built) for w in self._watches.values()]
                 services = [built for _, built in listed if built is not None]
-                if isinstance(self._part, SteppedWriter):
-                    # In steps that yield to the loop: health answers meanwhile only update their watch
-                    # (not synced yet), and are written after the replace, below, in the same batch.
-                    await self._part.replace_in_steps(services)
-                else:
-                    self._part.replace(services)
+                # In steps that yield to the loop: health answers meanwhile only update their watch
+                # (not synced yet), and are written after the replace, below, in the same batch.
+                await replace_all(self._part, services)
                 for w, built in listed:
                     if w.built is not built:
                         if w.built is not None:

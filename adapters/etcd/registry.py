@@ -52,8 +52,9 @@ from aetcd import rpc
 
 from adapters.etcd.config import EtcdConfig, split_endpoint
 from adapters.etcd.formats import FORMATS, Format, FormatError, Member, assemble
+from adapters.toolkit.sync import replace_all
 from discoveryd.model import Hostname, Problem, SourceId, Zone, ZoneFlavor, hostname
-from discoveryd.registry import RegistryConfig, ShardWriter, SteppedWriter
+from discoveryd.registry import RegistryConfig, ShardWriter
 from discoveryd.session import Backoff, SessionState, run_sessions
 
 log = logging.getLogger("discoveryd.adapters.etcd")
@@ -197,10 +198,7 @@ class _View:
             for m in members:
                 self._hosts.setdefault(m.service, {})[key] = m
         services = (assemble(h, sorted(ms.items()), self._source) for h, ms in self._hosts.items())
-        if isinstance(self._shard, SteppedWriter):
-            await self._shard.replace_in_steps(s for s in services if s is not None)
-        else:
-            self._shard.replace(s for s in services if s is not None)
+        await replace_all(self._shard, (s for s in services if s is not None))
         self.revision = revision
         self.restored = None
         self.save_point()

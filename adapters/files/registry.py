@@ -55,9 +55,10 @@ from adapters.files.config import FilesConfig
 from adapters.istio import ChunkCache, Object, ServiceEntry, Translation, WorkloadEntry
 from adapters.istio.policy import DEFAULT_DOMAIN, AnyObject, PolicySet, read_yaml_all
 from adapters.istio.yamlread import collector_paused
+from adapters.toolkit.sync import replace_all
 from discoveryd.model import Hostname, Problem, Service, SourceId
 from discoveryd.policy import HostPolicy
-from discoveryd.registry import AdapterContext, PolicyWriter, RegistryConfig, ShardWriter, SteppedWriter
+from discoveryd.registry import AdapterContext, PolicyWriter, RegistryConfig, ShardWriter
 from discoveryd.session import Backoff, SessionState, run_sessions
 
 log = logging.getLogger("discoveryd.adapters.files")
@@ -580,10 +581,7 @@ class _Publisher:
                 for host in sorted(policy_changed):
                     self.shard.set_policy(host, self.files.policies.get(host))
             if not self._published:
-                if isinstance(self.shard, SteppedWriter):
-                    await self.shard.replace_in_steps(list(services.values()))
-                else:
-                    self.shard.replace(services.values())
+                await replace_all(self.shard, list(services.values()))
                 self._published = True
             else:
                 for host in changed:

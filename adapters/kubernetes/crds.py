@@ -32,8 +32,9 @@ from adapters.istio.objects import Object
 from adapters.istio.policy import PolicyObject, PolicySet, read_policy_object
 from adapters.kubernetes.api import Obj
 from adapters.kubernetes.mapping import meta_key
+from adapters.toolkit.sync import replace_all
 from discoveryd.model import Hostname, Problem
-from discoveryd.registry import PolicyWriter, ShardWriter, SteppedWriter
+from discoveryd.registry import PolicyWriter, ShardWriter
 
 log = logging.getLogger("discoveryd.adapters.kubernetes")
 
@@ -179,10 +180,7 @@ class IstioView:
             self.stale, self._dirty = False, False  # objects changed from here on are flushed next time
             with shard.batch():
                 built = list(self._translation.services.values())  # as built: events meanwhile build anew
-                if isinstance(shard, SteppedWriter):
-                    await shard.replace_in_steps(built)
-                else:
-                    shard.replace(built)
+                await replace_all(shard, built)
                 self._write_policies()
                 self._report()
                 if not self.stale:  # a session that failed meanwhile marked the part failing: it stays so
