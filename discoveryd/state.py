@@ -128,8 +128,11 @@ class SavedXds:
         ]
 
 
-XdsSource = Callable[[], "tuple[str, tuple[SourceId, ...], View, Snapshot] | None"]
-"""What the saver asks for the xDS resources: (fingerprint, registry order, view served, its snapshot)."""
+XdsServed = tuple[str, tuple[SourceId, ...], View, Snapshot]
+"""What xDS serves, for the saver: (fingerprint, registry order, view served, its snapshot)."""
+
+XdsSource = Callable[[], "XdsServed | None"]
+"""What the saver asks for the xDS resources (None: not serving yet)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -912,7 +915,7 @@ def restore(index: Index, result: LoadResult) -> int:
     return count
 
 
-_Capture = tuple[list[PartCapture], Snapshot, "tuple[str, tuple[SourceId, ...], View, Snapshot] | None"]
+_Capture = tuple[list[PartCapture], Snapshot, "XdsServed | None"]
 
 _RETRY_MAX = 60.0
 """After failed writes (a full disk), retries back off from `interval` up to this many seconds: each

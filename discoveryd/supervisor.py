@@ -55,14 +55,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 from discoveryd import config as config_mod
 from discoveryd import state
 from discoveryd.config import Config, ConfigError
-from discoveryd.index import Index, Snapshot
+from discoveryd.index import Index
 from discoveryd.model import Hostname, SourceId, Zone, ZoneFlavor
 from discoveryd.registry import AdapterContext, Registry, RegistryConfig, ShardWriter, ZoneProvider
 from discoveryd.sdnotify import Notifier
 from discoveryd.session import Backoff, SessionEnded, SessionState, run_sessions
 from discoveryd.state import StateSaver
 from discoveryd.xds import XdsServer
-from discoveryd.xds.resources import Prebuilt, View
+from discoveryd.xds.resources import Prebuilt
 
 if TYPE_CHECKING:
     from discoveryd.dns import DnsServer
@@ -224,7 +224,7 @@ class Supervisor:
 
     # -- registries -----------------------------------------------------------------------
 
-    def _xds_served(self) -> tuple[str, tuple[SourceId, ...], View, Snapshot] | None:
+    def _xds_served(self) -> state.XdsServed | None:
         """For the state saver: what xDS serves, and how it was built: the section the running server
         was made with and the precedence the index merges with. Not `self.config`'s: during a reload
         it is the new config before the xDS server is restarted and the index re-ranked, and resources
