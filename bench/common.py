@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -11,6 +12,34 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+
+
+class LoopTicker:
+    """A task that yields to the event loop over and over and records the gaps between its turns: the
+    longest gap is how long something else held the loop (wall clock, and this thread's CPU time)."""
+
+    def __init__(self) -> None:
+        self.gaps_wall: list[float] = []
+        self.gaps_cpu: list[float] = []
+        self._done = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        self._done = True
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        while not self._done:
+            await asyncio.sleep(0)
+            w, c = time.perf_counter(), time.thread_time()
+            self.gaps_wall.append(w - wall)
+            self.gaps_cpu.append(c - cpu)
+            wall, cpu = w, c
 
 
 def percentile(values: list[float], p: float) -> float:

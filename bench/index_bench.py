@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from bench.common import median, percentile, table, write_results
+from bench.common import LoopTicker, median, percentile, table, write_results
 
 SIZES = (1_000, 10_000)
 PUBLISH_SIZES = (1_000, 10_000, 100_000, 1_000_000)
@@ -198,20 +198,8 @@ def _stall(n: int, stepwise: bool) -> dict[str, float]:
         ]
 
     async def measure(shard: object, services: list[Service]) -> dict[str, float]:
-        gaps_wall: list[float] = []
-        gaps_cpu: list[float] = []
-        done = False
-
-        async def ticker() -> None:
-            wall, cpu = time.perf_counter(), time.thread_time()
-            while not done:
-                await asyncio.sleep(0)
-                w, c = time.perf_counter(), time.thread_time()
-                gaps_wall.append(w - wall)
-                gaps_cpu.append(c - cpu)
-                wall, cpu = w, c
-
-        task = asyncio.create_task(ticker())
+        ticker = LoopTicker()
+        ticker.start()
         await asyncio.sleep(0)
         w0, c0 = time.perf_counter(), time.process_time()
         if stepwise:
@@ -220,14 +208,13 @@ def _stall(n: int, stepwise: bool) -> dict[str, float]:
             shard.replace(services)  # type: ignore[attr-defined]
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
         await asyncio.sleep(0)
-        done = True
-        await task
+        await ticker.stop()
         return {
             "wall_s": wall,
             "cpu_s": cpu,
-            "max_stall_wall_ms": max(gaps_wall) * 1e3,
-            "max_stall_cpu_ms": max(gaps_cpu) * 1e3,
-            "yields": float(len(gaps_wall)),
+            "max_stall_wall_ms": max(ticker.gaps_wall) * 1e3,
+            "max_stall_cpu_ms": max(ticker.gaps_cpu) * 1e3,
+            "yields": float(len(ticker.gaps_wall)),
         }
 
     async def run() -> dict[str, float]:

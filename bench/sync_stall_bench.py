@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import table, write_results
+from bench.common import LoopTicker, table, write_results
 
 ADAPTERS = ("kubernetes", "kubernetes-istio", "files", "consul")
 HOSTS_PER_ENTRY = 50
@@ -60,11 +60,7 @@ class _OneCall:
 
 async def _timed(index: Any, work: Any) -> dict[str, float]:
     """Run `work()` (a coroutine function) with a ticker on the loop; the longest gaps and the totals."""
-    gaps_wall: list[float] = []
-    gaps_cpu: list[float] = []
     full: list[float] = []
-    done = False
-
     passes: list[tuple[int, float]] = []  # (generation, CPU seconds) of each collection
     began = [0.0]
 
@@ -76,17 +72,9 @@ async def _timed(index: Any, work: Any) -> dict[str, float]:
             if info["generation"] == 2:
                 full.append(1.0)
 
-    async def ticker() -> None:
-        wall, cpu = time.perf_counter(), time.thread_time()
-        while not done:
-            await asyncio.sleep(0)
-            w, c = time.perf_counter(), time.thread_time()
-            gaps_wall.append(w - wall)
-            gaps_cpu.append(c - cpu)
-            wall, cpu = w, c
-
     version = index.snapshot.version
-    task = asyncio.create_task(ticker())
+    ticker = LoopTicker()
+    ticker.start()
     await asyncio.sleep(0)
     gc.callbacks.append(on_gc)
     w0, c0 = time.perf_counter(), time.process_time()
@@ -96,14 +84,13 @@ async def _timed(index: Any, work: Any) -> dict[str, float]:
         await asyncio.sleep(0)
     finally:
         gc.callbacks.remove(on_gc)
-        done = True
-        await task
+        await ticker.stop()
     return {
-        "max_stall_wall_ms": max(gaps_wall) * 1e3,
-        "max_stall_cpu_ms": max(gaps_cpu) * 1e3,
+        "max_stall_wall_ms": max(ticker.gaps_wall) * 1e3,
+        "max_stall_cpu_ms": max(ticker.gaps_cpu) * 1e3,
         "sync_wall_s": wall,
         "sync_cpu_s": cpu,
-        "yields": float(len(gaps_wall)),
+        "yields": float(len(ticker.gaps_wall)),
         "full_collections": float(len(full)),
         "longest_collection_ms": max((t for _, t in passes), default=0.0) * 1e3,
         "longest_collection_generation": float(max(passes, key=lambda p: p[1])[0]) if passes else -1.0,
