@@ -229,10 +229,7 @@ async def test_saver_writes_throttled_and_on_stop(tmp_path: Path) -> None:
         for i in range(20):
             shard.upsert(svc(f"s{i}.example", "10.0.0.1"))
             await asyncio.sleep(0.01)
-        for _ in range(300):
-            if saver.writes:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: saver.writes, timeout=3, what="a first write")
         assert 1 <= saver.writes <= 3  # 20 versions in ~0.2 s: throttled
         shard.upsert(svc("last.example", "10.0.0.9"))
     finally:
