@@ -191,11 +191,27 @@ def _sent_bytes(server: XdsServer) -> float:
 # -- discoveryd --------------------------------------------------------------------------------
 
 
-async def _measure_discoveryd(clients: int, pushes: int, services: int, endpoints: int) -> dict[str, Any]:
+def _filled(services: Iterable[Service], policies: Iterable[tuple[Hostname, HostPolicy]] = ()) -> tuple[Index, Shard]:
+    """An index with one synced shard holding `services` and the hosts' `policies`, written as one version."""
     index = Index()
     shard: Shard = index.writer(SourceId("bench/b"))
-    shard.replace([_service(i, endpoints) for i in range(services)])
+    with shard.batch():
+        shard.replace(services)
+        for host, policy in policies:
+            shard.set_policy(host, policy)
     shard.mark_synced()
+    return index, shard
+
+
+def _changed_by(index: Index, change: Any, *args: Any) -> set[Hostname]:
+    """The hostnames `change(*args)` changed in `index`."""
+    before = index.snapshot.version
+    change(*args)
+    return index.changed_between(before, index.snapshot.version)
+
+
+async def _measure_discoveryd(clients: int, pushes: int, services: int, endpoints: int) -> dict[str, Any]:
+    index, shard = _filled([_service(i, endpoints) for i in range(services)])
     server = XdsServer(XdsConfig(listen="127.0.0.1:0", debounce_after=0.0, debounce_max=0.0), index)
     serving = asyncio.create_task(server.serve())
     await server.started.wait()
@@ -435,13 +451,10 @@ async def _measure_scoped(
     `restrict`, half the services are exported to their own namespace only,
     so each namespace sees a different cluster set.
     """
-    index = Index()
-    shard: Shard = index.writer(SourceId("bench/b"))
-    shard.replace([_scoped_service(i, namespaces, endpoints, restrict=restrict) for i in range(services)])
-    if rules:
-        for host, host_policy in _namespace_rules(services, namespaces).items():
-            shard.set_policy(host, host_policy)
-    shard.mark_synced()
+    index, shard = _filled(
+        [_scoped_service(i, namespaces, endpoints, restrict=restrict) for i in range(services)],
+        _namespace_rules(services, namespaces).items() if rules else (),
+    )
     server = XdsServer(XdsConfig(listen="127.0.0.1:0", debounce_after=0.0, debounce_max=0.0), index)
     serving = asyncio.create_task(server.serve())
     await server.started.wait()
@@ -567,17 +580,12 @@ def _measure_rebuild(sizes: list[int], changes: int) -> dict[str, Any]:
     """`Builder.update` for one changed service, at each index size (in-process, no clients)."""
     runs = []
     for size in sizes:
-        index = Index()
-        shard: Shard = index.writer(SourceId("bench/b"))
-        shard.replace([_service(i, 2) for i in range(size)])
-        shard.mark_synced()
+        index, shard = _filled([_service(i, 2) for i in range(size)])
         builder = Builder(BuildOptions())
         view, _ = builder.update(EMPTY_VIEW, index.snapshot, None)
         times = []
         for p in range(1, changes + 1):
-            before = index.snapshot.version
-            shard.upsert(_service(p % size, 2, generation=p))
-            changed = index.changed_between(before, index.snapshot.version)
+            changed = _changed_by(index, shard.upsert, _service(p % size, 2, generation=p))
             t0 = time.perf_counter()
             view, _ = builder.update(view, index.snapshot, changed)
             times.append(time.perf_counter() - t0)
@@ -672,11 +680,9 @@ def _measure_wildcard(services: int, flips: int) -> dict[str, Any]:
 
     from discoveryd.policy import HostTree
 
-    index = Index()
-    shard: Shard = index.writer(SourceId("bench/b"))
-    with shard.batch():
-        shard.replace([_wild_service(i) for i in range(services)] + [_wild_service(i, "other.org") for i in range(10)])
-    shard.mark_synced()
+    index, shard = _filled(
+        [_wild_service(i) for i in range(services)] + [_wild_service(i, "other.org") for i in range(10)]
+    )
     builder = Builder(BuildOptions())
     out: dict[str, Any] = {"services": services, "load_average": os.getloadavg()}
     loop = asyncio.new_event_loop()
@@ -684,9 +690,7 @@ def _measure_wildcard(services: int, flips: int) -> dict[str, Any]:
 
     def step(change: Any) -> dict[str, Any]:
         nonlocal view
-        before = index.snapshot.version
-        change()
-        changed = index.changed_between(before, index.snapshot.version)
+        changed = _changed_by(index, change)
         view, touched, figures = _build_in_steps(loop, builder, view, index.snapshot, changed)
         return figures | {"resources_changed": sum(len(n) for n in touched.values())}
 
@@ -796,14 +800,10 @@ def _measure_policy(services: int, endpoints: int, changes: int) -> dict[str, An
     """Full build and per-type bytes without/with policies, then one DestinationRule change (in-process)."""
     out: dict[str, Any] = {"services": services, "endpoints_per_service": endpoints, "subsets": len(SUBSETS)}
     for with_policy in (False, True):
-        index = Index()
-        shard: Shard = index.writer(SourceId("bench/b"))
-        with shard.batch():
-            shard.replace([_policy_service(i, endpoints) for i in range(services)])
-            if with_policy:
-                for i in range(services):
-                    shard.set_policy(Hostname(f"svc{i}.bench.local"), _host_policy(i))
-        shard.mark_synced()
+        index, shard = _filled(
+            [_policy_service(i, endpoints) for i in range(services)],
+            ((Hostname(f"svc{i}.bench.local"), _host_policy(i)) for i in range(services if with_policy else 0)),
+        )
         builder = Builder(BuildOptions())
         t0 = time.perf_counter()
         view, _ = builder.update(EMPTY_VIEW, index.snapshot, None)
@@ -820,9 +820,8 @@ def _measure_policy(services: int, endpoints: int, changes: int) -> dict[str, An
         if with_policy:
             times = []
             for p in range(1, changes + 1):
-                before = index.snapshot.version
-                shard.set_policy(Hostname(f"svc{p % services}.bench.local"), _host_policy(p % services, p))
-                changed = index.changed_between(before, index.snapshot.version)
+                host = Hostname(f"svc{p % services}.bench.local")
+                changed = _changed_by(index, shard.set_policy, host, _host_policy(p % services, p))
                 t0 = time.perf_counter()
                 view, touched = builder.update(view, index.snapshot, changed)
                 times.append(time.perf_counter() - t0)
@@ -893,14 +892,10 @@ def _measure_locality(services: int, endpoints: int, changes: int) -> dict[str, 
     out: dict[str, Any] = {"services": services, "endpoints_per_service": endpoints, "zones": len(ZONES)}
     clients = [Client("r1", ZONES[c % len(ZONES)], f"node-{c}") for c in range(1000)]
     for located in (False, True):
-        index = Index()
-        shard: Shard = index.writer(SourceId("bench/b"))
-        with shard.batch():
-            shard.replace([_located_service(i, endpoints) for i in range(services)])
-            if located:
-                for i in range(services):
-                    shard.set_policy(Hostname(f"svc{i}.bench.local"), _located_policy(i))
-        shard.mark_synced()
+        index, shard = _filled(
+            [_located_service(i, endpoints) for i in range(services)],
+            ((Hostname(f"svc{i}.bench.local"), _located_policy(i)) for i in range(services if located else 0)),
+        )
         builder = Builder(BuildOptions(locality_variants=4 * services))
         w0, c0 = time.perf_counter(), time.process_time()
         view, _ = builder.update(EMPTY_VIEW, index.snapshot, None)
@@ -942,9 +937,7 @@ def _measure_locality(services: int, endpoints: int, changes: int) -> dict[str, 
         times, cpus, built = [], [], []
         for p in range(1, changes + 1):
             i = p % services
-            before = index.snapshot.version
-            shard.upsert(_located_service(i, endpoints, p))
-            changed = index.changed_between(before, index.snapshot.version)
+            changed = _changed_by(index, shard.upsert, _located_service(i, endpoints, p))
             b0 = builder.variants.builds
             w0, c0 = time.perf_counter(), time.process_time()
             view, touched = builder.update(view, index.snapshot, changed)
@@ -1031,13 +1024,10 @@ async def _measure_rule_change(clients: int, pushes: int, services: int, endpoin
     changes one host's DestinationRule (its outlier detection), so its 4 clusters change. Convergence runs
     from the index write to the last client's ACK of the new clusters and of the assignments re-sent
     after them."""
-    index = Index()
-    shard: Shard = index.writer(SourceId("bench/b"))
-    with shard.batch():
-        shard.replace([_policy_service(i, endpoints) for i in range(services)])
-        for i in range(services):
-            shard.set_policy(Hostname(f"svc{i}.bench.local"), _host_policy(i))
-    shard.mark_synced()
+    index, shard = _filled(
+        [_policy_service(i, endpoints) for i in range(services)],
+        ((Hostname(f"svc{i}.bench.local"), _host_policy(i)) for i in range(services)),
+    )
     server = XdsServer(XdsConfig(listen="127.0.0.1:0", debounce_after=0.0, debounce_max=0.0), index)
     serving = asyncio.create_task(server.serve())
     await server.started.wait()
