@@ -48,6 +48,8 @@ KINDS = {
 }
 POLICY_PLURALS = ("destinationrules", "virtualservices")
 """Kinds that feed the `PolicySet`, not the `Translation`."""
+_POLICY_SCOPES = tuple(KINDS[p] + " " for p in POLICY_PLURALS)
+"""How the scopes of `POLICY_PLURALS` objects begin (`<Kind> ns/name`)."""
 
 
 class IstioView:
@@ -58,9 +60,9 @@ class IstioView:
     ) -> None:
         self._shard = shard
         self._api_version = api_version
+        """What a list item without `apiVersion` is taken to be (the version the reflectors read)."""
         self._domain = domain
         """The cluster domain: a rule's short host `<name>` is `<name>.<namespace>.svc.<domain>`."""
-        """What a list item without `apiVersion` is taken to be (the version the reflectors read)."""
         self._translation = Translation()
         self._policies = PolicySet()
         self._policy_dirty = False
@@ -127,7 +129,7 @@ class IstioView:
             self._invalid.discard(scope)
             self._shard.set_problems(scope, ())
         if self._objects.pop(scope, None) is not None:
-            if scope.startswith(("DestinationRule ", "VirtualService ")):
+            if scope.startswith(_POLICY_SCOPES):
                 self._policies.remove(scope)
                 self._policy_dirty = True
             else:
