@@ -712,8 +712,7 @@ class Builder:
                 tables[type_url][name] = Resource(name, _version(body), body)
                 if now is not None and name not in audiences:
                     audiences[name] = now
-                    for ns in now:
-                        granted[ns] = granted.get(ns, 0) + 1
+                    _count(granted, now, 1)
             by_host[host] = tuple((type_url, name) for type_url, name, _ in items)
         view = View(
             version,
@@ -1013,7 +1012,7 @@ def _pack(type_url: str, message: Message) -> bytes:
     return packed
 
 
-def _count(granted: immutables.MapMutation[str, int], allowed: Audience | None, delta: int) -> None:
+def _count(granted: immutables.MapMutation[str, int] | dict[str, int], allowed: Audience | None, delta: int) -> None:
     """Add `delta` to the number of restricted names each namespace of `allowed` may see."""
     for ns in allowed or ():
         left = granted.get(ns, 0) + delta
