@@ -299,8 +299,13 @@ async def test_kill_9_restart_serves_each_cluster_with_its_policy_from_the_first
         (web,) = [name for name in before if "web.shop.example" in name]
         assert before[web].lb_policy == cluster_pb2.Cluster.LEAST_REQUEST
         state_file = tmp_path / "state" / state.FILE_NAME
-        await eventually(lambda: state_file.exists(), timeout=10, what="state saved")
-        await asyncio.sleep(1.5)  # past the save throttle
+
+        def saved_with_policy() -> bool:
+            saved = state.decode(state_file.read_bytes(), str(state_file))
+            policies = {host for part in saved.parts for host, _ in part.policies}
+            return saved.xds is not None and "web.shop.example" in policies
+
+        await eventually(saved_with_policy, timeout=10, what="state saved with the policy and the xDS resources")
         d.kill()
         d.start()
         first = await eventually(lambda: _clusters(d.xds), timeout=20, what="first CDS after restart")
