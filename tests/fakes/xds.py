@@ -29,6 +29,7 @@ from google.protobuf import any_pb2
 from discoveryd.config import XdsConfig
 from discoveryd.index import Index, Shard
 from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Resolution, Service, SourceId
+from discoveryd.policy import HostPolicy
 from discoveryd.xds import XdsServer
 from discoveryd.xds.metrics import daemon_metrics
 from discoveryd.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
@@ -41,7 +42,7 @@ TYPE_URLS = {"CDS": CLUSTER, "EDS": ENDPOINT, "LDS": LISTENER, "RDS": ROUTE}
 
 def service(
     host: str,
-    *addresses: str,
+    *addresses: str | Endpoint,
     port: int = 8080,
     protocol: PortProtocol = PortProtocol.HTTP,
     resolution: Resolution = Resolution.STATIC,
@@ -55,7 +56,7 @@ def service(
         export_to=export_to,
         ports=(Port(port, protocol.value.lower(), protocol, target_port),),
         resolution=resolution,
-        endpoints=tuple(Endpoint(a) for a in addresses),
+        endpoints=tuple(a if isinstance(a, Endpoint) else Endpoint(a) for a in addresses),
     )
 
 
@@ -78,6 +79,12 @@ class RunningXds:
     def put(self, *services: Service) -> None:
         """Replace the test shard's content with `services`."""
         self.shard.replace(services)
+
+    def put_with_policy(self, policy: HostPolicy, service: Service) -> None:
+        """Replace the test shard's content with `service` and its host's traffic policy with `policy`, at once."""
+        with self.shard.batch():
+            self.shard.set_policy(service.hostname, policy)
+            self.put(service)
 
     def connection_states(self) -> list[dict[str, Any]]:
         return list(self.server.syncz()["connections"])
@@ -334,6 +341,15 @@ class Envoy:
         """One HTTP request through the static listener: (status, body)."""
         async with aiohttp.ClientSession() as session, session.get(self.listener + "/") as r:
             return r.status, await r.text()
+
+    async def host_stats(self, cluster: str, stat: str) -> dict[str, str]:
+        """The value of `stat` (`priority`, `health_flags`, ...) per "ip:port" host of `cluster`, from /clusters."""
+        out = {}
+        for line in (await self.get("/clusters")).splitlines():
+            parts = line.split("::")
+            if len(parts) == 4 and parts[0] == cluster and parts[2] == stat:
+                out[parts[1]] = parts[3]
+        return out
 
     async def stat(self, name: str) -> int:
         for line in (await self.get(f"/stats?filter=^{name}$")).splitlines():

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from discoveryd.model import Endpoint, Health, Hostname, Locality, Port, PortProtocol, Service
+from discoveryd.model import Endpoint, Health, Hostname, Locality, Service
 from discoveryd.policy import HostPolicy
 from tests.fakes.policy import read_policies
 from tests.fakes.xds import (  # noqa: F401
@@ -29,6 +29,7 @@ from tests.fakes.xds import (  # noqa: F401
     http_backend,
     nacks,
     run_envoy,
+    service,
     xds,
 )
 from tests.helpers import eventually
@@ -60,38 +61,23 @@ def policy() -> HostPolicy:
 
 
 def web(a: int, b: int, a_health: Health = Health.HEALTHY) -> Service:
-    return Service(
-        hostname=WEB,
-        ports=(Port(8080, "http", PortProtocol.HTTP),),
-        endpoints=(
-            Endpoint("127.0.0.1", ports={"http": a}, locality=Locality("r1", "a"), health=a_health),
-            Endpoint("127.0.0.1", ports={"http": b}, locality=Locality("r1", "b")),
-        ),
+    return service(
+        WEB,
+        Endpoint("127.0.0.1", ports={"http": a}, locality=Locality("r1", "a"), health=a_health),
+        Endpoint("127.0.0.1", ports={"http": b}, locality=Locality("r1", "b")),
     )
-
-
-async def priorities(envoy: object) -> dict[str, str]:
-    text = await envoy.get("/clusters")  # type: ignore[attr-defined]
-    out = {}
-    for line in text.splitlines():
-        parts = line.split("::")
-        if len(parts) == 4 and parts[0] == CLUSTER and parts[2] == "priority":
-            out[parts[1]] = parts[3]
-    return out
 
 
 @contextlib.asynccontextmanager
 async def envoy_in_zone_a(xds: RunningXds, tmp_path: Path, api_type: str, a: int, b: int) -> AsyncIterator[Envoy]:
     """Serve web (port `a` in zone A, `b` in zone B) under the locality policy; a real Envoy in zone A,
     once it has zone A at priority 0 and zone B at 1."""
-    with xds.shard.batch():
-        xds.shard.set_policy(WEB, policy())
-        xds.put(web(a, b))
+    xds.put_with_policy(policy(), web(a, b))
     async with run_envoy(tmp_path, xds.port, api_type, route_to=CLUSTER, node=NODE_IN_ZONE_A) as envoy:
         expected = {f"127.0.0.1:{a}": "0", f"127.0.0.1:{b}": "1"}
 
         async def zone_b_is_next() -> bool:
-            return await priorities(envoy) == expected
+            return await envoy.host_stats(CLUSTER, "priority") == expected
 
         await eventually(zone_b_is_next, timeout=20, what="zone A at priority 0, zone B at 1 in envoy")
         yield envoy

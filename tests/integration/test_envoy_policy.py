@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
+from discoveryd.model import Endpoint, Hostname
 from tests.fakes.policy import read_policies
 from tests.fakes.xds import (  # noqa: F401
     RunningXds,
@@ -24,6 +24,7 @@ from tests.fakes.xds import (  # noqa: F401
     http_backend,
     nacks,
     run_envoy,
+    service,
     xds,
 )
 from tests.helpers import eventually
@@ -51,27 +52,22 @@ async def test_envoy_routes_to_the_subset_only_and_ejects_the_failing_backend(xd
     before = nacks()
     policies = read_policies(POLICY, file="policy.yaml")
     async with http_backend("v1") as v1, http_backend("v2") as v2, failing_backend("bad") as bad:
-        with xds.shard.batch():
-            xds.shard.set_policy(WEB, policies.policies[WEB])
-            xds.put(
-                Service(
-                    hostname=WEB,
-                    ports=(Port(8080, "http", PortProtocol.HTTP),),
-                    endpoints=(
-                        Endpoint("127.0.0.1", ports={"http": v1}, labels={"version": "v1"}),
-                        Endpoint("127.0.0.1", ports={"http": v2}, labels={"version": "v2"}),
-                        Endpoint("127.0.0.1", ports={"http": bad}, labels={"version": "v2"}),
-                    ),
-                )
-            )
+        xds.put_with_policy(
+            policies.policies[WEB],
+            service(
+                WEB,
+                Endpoint("127.0.0.1", ports={"http": v1}, labels={"version": "v1"}),
+                Endpoint("127.0.0.1", ports={"http": v2}, labels={"version": "v2"}),
+                Endpoint("127.0.0.1", ports={"http": bad}, labels={"version": "v2"}),
+            ),
+        )
         async with run_envoy(tmp_path, xds.port, "GRPC", route_to=V2) as envoy:
-
-            async def subset_endpoints() -> set[str]:
-                text = await envoy.get("/clusters")
-                return {line.split("::")[1] for line in text.splitlines() if line.startswith(V2 + "::127.0.0.1:")}
-
             expected = {f"127.0.0.1:{v2}", f"127.0.0.1:{bad}"}
-            await eventually(lambda: _equals(subset_endpoints(), expected), timeout=20, what="v2 subset in envoy")
+
+            async def subset_in_envoy() -> bool:
+                return set(await envoy.host_stats(V2, "priority")) == expected
+
+            await eventually(subset_in_envoy, timeout=20, what="v2 subset in envoy")
 
             # Outlier detection as configured, in Envoy's own view of the cluster.
             dump = await envoy.get_json("/config_dump?resource=dynamic_active_clusters")
@@ -95,8 +91,3 @@ async def test_envoy_routes_to_the_subset_only_and_ejects_the_failing_backend(xd
             assert after == {"200 v2": 20}, after
             assert await envoy.stat(f"cluster.{V2}.outlier_detection.ejections_enforced_consecutive_5xx") >= 1
             await assert_no_rejections(envoy, before)
-
-
-async def _equals(probe: object, expected: set[str]) -> bool:
-    got = await probe  # type: ignore[misc]
-    return bool(got == expected)

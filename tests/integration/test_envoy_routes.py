@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from discoveryd.model import Endpoint, Hostname, Port, PortProtocol, Service
+from discoveryd.model import Endpoint, Hostname
 from tests.fakes.policy import read_policies
-from tests.fakes.xds import RunningXds, assert_no_rejections, nacks, run_envoy, serving, xds  # noqa: F401
+from tests.fakes.xds import RunningXds, assert_no_rejections, nacks, run_envoy, service, serving, xds  # noqa: F401
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -64,15 +64,7 @@ async def test_envoy_rewrites_the_prefix_and_sets_request_and_response_headers(x
     policies = read_policies(POLICY, file="routes.yaml")
     seen: list[tuple[str, dict[str, str]]] = []
     async with recording_backend(seen) as port:
-        with xds.shard.batch():
-            xds.shard.set_policy(WEB, policies.policies[WEB])
-            xds.put(
-                Service(
-                    hostname=WEB,
-                    ports=(Port(8080, "http", PortProtocol.HTTP),),
-                    endpoints=(Endpoint("127.0.0.1", ports={"http": port}),),
-                )
-            )
+        xds.put_with_policy(policies.policies[WEB], service(WEB, Endpoint("127.0.0.1", ports={"http": port})))
         async with run_envoy(tmp_path, xds.port, "GRPC", route_to="unused", rds=ROUTES) as envoy:
             async with aiohttp.ClientSession() as session:
                 answer: dict[str, str] = {}
