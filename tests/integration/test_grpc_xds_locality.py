@@ -58,9 +58,7 @@ async def test_grpc_clients_stay_in_their_zone_and_fail_over(xds: RunningXds) ->
     before = nacks()
     policies = read_policies(POLICY, "shop", "policy.yaml")
     async with grpc_backend("zone-a") as a, grpc_backend("zone-b") as b:
-        with xds.shard.batch():
-            xds.shard.set_policy(Hostname(HOST), policies.policies[Hostname(HOST)])
-            xds.put(service(a, b))
+        xds.put_with_policy(policies.policies[Hostname(HOST)], service(a, b))
         in_a, in_b = await asyncio.gather(run_client(xds, "a"), run_client(xds, "b"))
         assert in_a == {"zone-a": CALLS}, in_a
         assert in_b == {"zone-b": CALLS}, in_b

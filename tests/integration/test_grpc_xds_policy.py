@@ -71,20 +71,19 @@ async def policy_setup(xds: RunningXds) -> AsyncIterator[None]:
     assert policies.build() == {Hostname(HOST)}
     assert not policies.problems()
     async with grpc_backend("v1-a") as a, grpc_backend("v1-b") as b, flaky_backend("v2") as c:
-        with xds.shard.batch():
-            xds.shard.set_policy(Hostname(HOST), policies.policies[Hostname(HOST)])
-            xds.put(
-                Service(
-                    hostname=Hostname(HOST),
-                    namespace="shop",
-                    ports=(Port(PORT, "grpc", PortProtocol.GRPC),),
-                    endpoints=(
-                        Endpoint("127.0.0.1", ports={"grpc": a}, labels={"version": "v1"}),
-                        Endpoint("127.0.0.1", ports={"grpc": b}, labels={"version": "v1"}),
-                        Endpoint("127.0.0.1", ports={"grpc": c}, labels={"version": "v2"}),
-                    ),
-                )
-            )
+        xds.put_with_policy(
+            policies.policies[Hostname(HOST)],
+            Service(
+                hostname=Hostname(HOST),
+                namespace="shop",
+                ports=(Port(PORT, "grpc", PortProtocol.GRPC),),
+                endpoints=(
+                    Endpoint("127.0.0.1", ports={"grpc": a}, labels={"version": "v1"}),
+                    Endpoint("127.0.0.1", ports={"grpc": b}, labels={"version": "v1"}),
+                    Endpoint("127.0.0.1", ports={"grpc": c}, labels={"version": "v2"}),
+                ),
+            ),
+        )
         yield
 
 

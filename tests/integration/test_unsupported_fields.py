@@ -94,16 +94,15 @@ async def test_a_grpc_client_gets_the_unsupported_field_report_and_envoy_does_no
     running, metrics = xds
     caplog.set_level(logging.WARNING, logger="discoveryd.xds.unsupported")
     async with grpc_backend("cart") as backend:
-        with running.shard.batch():
-            running.shard.set_policy(HOST, policy(POLICY))
-            running.put(
-                Service(
-                    hostname=HOST,
-                    namespace="shop",
-                    ports=(Port(PORT, "grpc", PortProtocol.GRPC),),
-                    endpoints=(Endpoint("127.0.0.1", ports={"grpc": backend}),),
-                )
-            )
+        running.put_with_policy(
+            policy(POLICY),
+            Service(
+                hostname=HOST,
+                namespace="shop",
+                ports=(Port(PORT, "grpc", PortProtocol.GRPC),),
+                endpoints=(Endpoint("127.0.0.1", ports={"grpc": backend}),),
+            ),
+        )
 
         async with run_envoy(tmp_path, running.port, "GRPC", route_to="unused", rds=ROUTES):
 
